@@ -1,0 +1,56 @@
+"""Single-cell crops cut from boxes in smear fields.
+
+Crop geometry decides whether a classifier trained on one source works on
+another (a tight crop of a BCCD cell looks nothing like a PBC image, where the
+cell sits in the middle of ~2.6 times its width of context), so the scale is
+always an explicit argument, recorded with each model that uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from PIL import Image
+
+from leukodiff.data.records import Box, Cell, Field
+from leukodiff.imaging import load_image
+
+
+def square_window(box: Box, scale: float, image_size: tuple[int, int]) -> tuple[int, ...]:
+    """A square of side `scale` x the box's longer side, centred on the box.
+
+    Near a border the square is shifted to stay inside the image (keeping it
+    square and the cell whole); only a square wider than the image is clipped.
+    """
+    if scale <= 0:
+        raise ValueError(f"crop scale must be positive, got {scale}")
+    width, height = image_size
+    side = max(box.width, box.height) * scale
+    cx, cy = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
+    bounds = []
+    for centre, limit in ((cx, width), (cy, height)):
+        low = min(max(centre - side / 2, 0.0), max(limit - side, 0.0))
+        bounds.append((round(low), round(min(low + side, limit))))
+    (x0, x1), (y0, y1) = bounds
+    return x0, y0, x1, y1
+
+
+def crop_cell(image: Image.Image, box: Box, scale: float) -> Image.Image:
+    return image.crop(square_window(box, scale, image.size))
+
+
+def cells_from_fields(fields: Iterable[Field]) -> list[Cell]:
+    """One Cell per white-cell box whose type is known, keyed to its field."""
+    return [
+        Cell(field.image, field.source, box.cell_type, field.group_key, field.sha256,
+             box=box, subset=field.subset)
+        for field in fields
+        for box in field.wbc_boxes
+        if box.cell_type is not None
+    ]
+
+
+def load_cell_image(cell: Cell, crop_scale: float) -> Image.Image:
+    """The cell's RGB image: the whole file, or its box cropped at `crop_scale`."""
+    image = load_image(cell.image)
+    return image if cell.box is None else crop_cell(image, cell.box, crop_scale)

@@ -1,0 +1,42 @@
+"""KBC (Kaggle "Blood Cell Images", dataset2-master): augmented crops of ~350 BCCD cells.
+
+File names are `_<n>_<id>.jpeg`, where `<n>` numbers the source cell within a
+class and split folder; that is the group key, so a split never puts two
+augmented copies of one cell on both sides.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from leukodiff.data.records import Cell, Loaded, Skipped
+from leukodiff.data.scan import Track, no_progress
+from leukodiff.data.sources.generic import read_class_folders
+
+SOURCE = "kbc"
+SUBSETS = ("TRAIN", "TEST_SIMPLE")
+_NAME = re.compile(r"_(\d+)_(\d+)\.jpe?g$", re.IGNORECASE)
+
+
+def source_cell_key(path: Path) -> str:
+    """`kbc:TRAIN:EOSINOPHIL:12` for `TRAIN/EOSINOPHIL/_12_345.jpeg`."""
+    match = _NAME.search(path.name)
+    cell = match.group(1) if match else path.stem  # unknown naming: its own cell
+    return f"{SOURCE}:{path.parent.parent.name}:{path.parent.name}:{cell}"
+
+
+def read_kbc(root: Path, *, track: Track = no_progress) -> Loaded[Cell]:
+    """KBC crops from `root/images/TRAIN` and `root/images/TEST_SIMPLE` (subset = folder)."""
+    loaded: Loaded[Cell] = Loaded()
+    for subset in SUBSETS:
+        folder = root / "images" / subset
+        if not folder.is_dir():
+            loaded.skipped.append(Skipped(folder, "KBC subset folder missing"))
+            continue
+        loaded.extend(
+            read_class_folders(
+                folder, source=SOURCE, subset=subset, group_key=source_cell_key, track=track
+            )
+        )
+    return loaded

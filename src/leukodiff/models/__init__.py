@@ -1,0 +1,1 @@
+"""Networks: the MobileNetV1 classifiers (level 2), their ImageNet weights, the detector."""
