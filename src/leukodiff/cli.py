@@ -44,7 +44,8 @@ def data_summary(
     """Count every source x cell type, boxes per field, duplicates and skipped files."""
     from rich.table import Table
 
-    from leukodiff.data.root import DataNotFoundError, data_root as resolve_root
+    from leukodiff.data.root import DataNotFoundError
+    from leukodiff.data.root import data_root as resolve_root
     from leukodiff.data.summary import BOX_KINDS, CELL_COLUMNS, summarise_all
 
     try:

@@ -195,7 +195,8 @@ def read_coco(
                 Skipped(annotation_file, f"annotation {ann.get('id')}: unknown image {image_id}")
             )
             continue
-        objects[image_id].append((ann.get("id", len(objects[image_id])), name, [x, y, x + w, y + h]))
+        index = ann.get("id", len(objects[image_id]))
+        objects[image_id].append((index, name, [x, y, x + w, y + h]))
 
     paths = {i: images_dir / img["file_name"] for i, img in images.items()}
     infos, skipped = probe_all(list(paths.values()), track, f"Checking {source} images")

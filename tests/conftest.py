@@ -1,0 +1,44 @@
+"""Shared fixtures: the real data root, and small synthetic images built in temp dirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukodiff.data.root import DataNotFoundError, data_root
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data sets; tests that need them fail loudly (not skip) when absent."""
+    try:
+        return data_root()
+    except DataNotFoundError as error:
+        pytest.fail(f"shared data needed by this test: {error}")
+
+
+def smear_like(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
+    """A small RGB image with some texture (pinkish background, a purple blob)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.full((height, width, 3), (230, 200, 210), dtype=np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    blob = (xx - width / 2) ** 2 + (yy - height / 2) ** 2 < (min(width, height) / 4) ** 2
+    pixels[blob] = (110, 60, 150)
+    noise = rng.integers(0, 20, size=pixels.shape, dtype=np.uint8)
+    return Image.fromarray(pixels - noise // 2)
+
+
+@pytest.fixture
+def make_image(tmp_path: Path):
+    """Write a synthetic image to tmp_path/name and return its path."""
+
+    def make(name: str, width: int = 64, height: int = 48, seed: int = 0) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        smear_like(width, height, seed).save(path)
+        return path
+
+    return make

@@ -1,0 +1,30 @@
+from typer.testing import CliRunner
+
+from leukodiff.cli import app
+
+runner = CliRunner()
+
+
+def test_data_summary_prints_every_source_and_the_skipped_boxes(shared_data):
+    result = runner.invoke(app, ["data", "summary", "--data-root", str(shared_data)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for line in ("bccd", "kbc", "pbc", "bcd", "TEST_SIMPLE", "9957", "7144"):
+        assert line in out
+    assert "BloodImage_00338.xml" in out and "degenerate" in out
+    assert "pbc: 10 sets of exact-duplicate images" in out
+
+
+def test_missing_data_root_is_one_clear_message(tmp_path):
+    result = runner.invoke(app, ["data", "summary", "--data-root", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1
+    assert "data root not found" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_partial_data_root_reports_the_missing_sets(tmp_path, shared_data):
+    (tmp_path / "bcd").symlink_to(shared_data / "bcd")
+    result = runner.invoke(app, ["data", "summary", "--data-root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "data set 'pbc' not found" in result.output
+    assert "103" in result.output

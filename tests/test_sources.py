@@ -1,0 +1,225 @@
+"""Readers: real counts of every shared set, generic formats on tiny fixtures, bad input."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from leukodiff.data.crops import cells_from_fields, load_cell_image, square_window
+from leukodiff.data.records import Box
+from leukodiff.data.root import ENV_VAR, DataNotFoundError, data_root, dataset_dir
+from leukodiff.data.sources import (
+    load_cells,
+    load_fields,
+    read_class_folders,
+    read_coco,
+    read_voc,
+)
+from leukodiff.taxonomy import CellType, Group, ObjectKind
+
+# ---------------------------------------------------------------- shared sets
+
+
+@pytest.fixture(scope="module")
+def bccd(shared_data):
+    return load_fields("bccd", shared_data)
+
+
+def test_bccd_fields_join_labels_box_by_box_only_when_unambiguous(bccd):
+    fields = bccd.records
+    assert len(fields) == 364
+    shape = Counter(
+        (len(f.wbc_boxes), sum(b.cell_type is not None for b in f.wbc_boxes)) for f in fields
+    )
+    # 341 fields with one WBC box and one label, 6 without WBC, 14 with two boxes
+    assert shape[(1, 1)] == 341
+    assert shape[(0, 0)] == 6
+    assert sum(n for (boxes, _), n in shape.items() if boxes == 2) == 14
+    # two-label fields keep their boxes, unassigned, with the labels as candidates
+    unassigned = [b for f in fields for b in f.wbc_boxes if b.candidates]
+    assert unassigned and all(b.cell_type is None for b in unassigned)
+    mixed = [b for b in unassigned if len({str(t) for t in b.candidates}) > 1]
+    assert any(b.group is None for b in mixed)  # e.g. NEUTROPHIL, LYMPHOCYTE: group unknown
+    # RBC and platelet boxes are kept
+    kinds = Counter(b.kind for f in fields for b in f.boxes)
+    assert kinds[ObjectKind.RBC] == 4153 and kinds[ObjectKind.PLATELET] == 361
+
+
+def test_bccd_exposes_voc_lists_and_reports_the_zero_size_rbc_boxes(bccd):
+    assert Counter(f.subset for f in bccd.records) == {"train": 205, "val": 87, "test": 72}
+    reasons = {s.path.stem: s.reason for s in bccd.skipped}
+    assert set(reasons) == {"BloodImage_00338", "BloodImage_00343"}
+    assert all("degenerate" in r and "RBC" in r for r in reasons.values())
+
+
+def test_bccd_cells_and_crops(bccd):
+    cells = cells_from_fields(bccd.records)
+    counts = Counter(c.cell_type for c in cells)
+    assert counts[CellType.NEUTROPHIL] == 210 and counts[CellType.EOSINOPHIL] == 86
+    assert counts[CellType.LYMPHOCYTE] == 35 and counts[CellType.MONOCYTE] == 20
+    cell = cells[0]
+    crop = load_cell_image(cell, crop_scale=1.5)
+    assert crop.size[0] == crop.size[1]  # square
+    assert crop.size[0] == pytest.approx(1.5 * max(cell.box.width, cell.box.height), abs=1.5)
+
+
+def test_kbc_counts_and_source_cell_group_keys(shared_data):
+    kbc = load_cells("kbc", shared_data)
+    counts = Counter((c.subset, c.cell_type) for c in kbc.records)
+    assert counts[("TRAIN", CellType.EOSINOPHIL)] == 2497
+    assert counts[("TRAIN", CellType.LYMPHOCYTE)] == 2483
+    assert counts[("TRAIN", CellType.MONOCYTE)] == 2478
+    assert counts[("TRAIN", CellType.NEUTROPHIL)] == 2499
+    assert sum(n for (subset, _), n in counts.items() if subset == "TEST_SIMPLE") == 71
+    train_cells = Counter(
+        (c.cell_type, c.group_key) for c in kbc.records if c.subset == "TRAIN"
+    )
+    per_type = Counter(t for t, _ in train_cells)
+    assert per_type == {CellType.EOSINOPHIL: 75, CellType.LYMPHOCYTE: 27,
+                        CellType.MONOCYTE: 16, CellType.NEUTROPHIL: 159}
+    assert not kbc.skipped
+
+
+def test_pbc_counts(shared_data):
+    pbc = load_cells("pbc", shared_data)
+    assert Counter(c.cell_type for c in pbc.records) == {
+        CellType.BASOPHIL: 1218, CellType.LYMPHOCYTE: 1214, CellType.MONOCYTE: 1420,
+        CellType.NEUTROPHIL: 1646, CellType.EOSINOPHIL: 1646}
+    assert len({c.group_key for c in pbc.records}) == 7144
+
+
+def test_bcd_rgba_tiles_with_normalised_boxes(shared_data):
+    bcd = load_fields("bcd", shared_data)
+    assert len(bcd) == 100
+    kinds = Counter(b.kind for f in bcd.records for b in f.boxes)
+    assert kinds == {ObjectKind.WBC: 103, ObjectKind.RBC: 2236}
+    assert all((f.width, f.height) == (256, 256) for f in bcd.records)
+    wbc = [b for f in bcd.records for b in f.wbc_boxes]
+    assert all(b.cell_type is None and b.group is None for b in wbc)
+    assert max(b.width for b in wbc) > 40  # pixels, not 0-1 fractions
+
+
+# ---------------------------------------------------------------- data root
+
+
+def test_data_root_order_and_clear_errors(tmp_path, monkeypatch, shared_data):
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    assert data_root() == tmp_path.resolve()
+    assert data_root(shared_data) == shared_data
+    with pytest.raises(DataNotFoundError, match="--data-root") as info:
+        data_root(tmp_path / "absent")
+    assert str(tmp_path / "absent") in str(info.value)
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "gone"))
+    with pytest.raises(DataNotFoundError, match="LEUKODIFF_DATA"):
+        data_root()
+    with pytest.raises(DataNotFoundError, match="pbc"):
+        dataset_dir("pbc", tmp_path)
+    with pytest.raises(DataNotFoundError, match="bccd"):
+        load_fields("bccd", tmp_path)
+
+
+# ---------------------------------------------------------------- generic formats
+
+
+def _voc_xml(filename, objects, size=(64, 48)):
+    body = "".join(
+        f"<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+        f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+        for name, (x0, y0, x1, y1) in objects
+    )
+    return (f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width>"
+            f"<height>{size[1]}</height><depth>3</depth></size>{body}</annotation>")
+
+
+def test_voc_folder_as_labelimg_writes_it(tmp_path, make_image):
+    make_image("voc/a.jpg")
+    make_image("voc/b.png")
+    (tmp_path / "voc/a.xml").write_text(_voc_xml("a.jpg", [
+        ("lymphocyte", (10, 10, 30, 30)),
+        ("PMN", (30, 5, 60, 40)),
+        ("RBC", (0, 0, 5, 5)),
+        ("RBC", (20, 20, 20, 20)),          # zero size
+        ("WBC", (100, 100, 120, 120)),      # outside the 64x48 image
+        ("WBC", (50, 30, 80, 60)),          # pokes out: clipped
+        ("macrophage", (1, 1, 9, 9)),       # unknown label
+    ]))
+    (tmp_path / "voc/b.xml").write_text(_voc_xml("b.png", []))
+    (tmp_path / "voc/c.xml").write_text(_voc_xml("c.jpg", [("WBC", (1, 1, 9, 9))]))  # no image
+    (tmp_path / "voc/d.xml").write_text("<annotation><filename>")
+    loaded = read_voc(tmp_path / "voc", source="mylab")
+    fields = {f.image.name: f for f in loaded.records}
+    assert set(fields) == {"a.jpg", "b.png"}
+    a = fields["a.jpg"]
+    assert [b.label for b in a.boxes] == ["lymphocyte", "polymorphonuclear", "rbc", "wbc"]
+    assert a.boxes[1].group is Group.POLYMORPHONUCLEAR and a.boxes[1].cell_type is None
+    assert a.boxes[3].xyxy == (50, 30, 64, 48)
+    assert fields["b.png"].boxes == ()  # an empty field is a valid field
+    reasons = sorted(s.reason for s in loaded.skipped)
+    assert len(reasons) == 5
+    assert any("degenerate" in r for r in reasons)
+    assert any("outside" in r for r in reasons)
+    assert any("macrophage" in r for r in reasons)
+    assert any("image file was not found" in r for r in reasons)
+    assert any("malformed XML" in r for r in reasons)
+
+
+def test_voc_layout_with_annotations_and_jpegimages(tmp_path, make_image):
+    make_image("set/JPEGImages/f1.jpg")
+    (tmp_path / "set/Annotations").mkdir(parents=True)
+    (tmp_path / "set/Annotations/f1.xml").write_text(
+        _voc_xml("f1.jpg", [("EOSINOPHIL", (5, 5, 25, 25))]))
+    loaded = read_voc(tmp_path / "set")
+    assert [b.cell_type for b in loaded.records[0].boxes] == [CellType.EOSINOPHIL]
+    assert loaded.records[0].group_key == "voc:f1"
+
+
+def test_class_folders_with_bad_files(tmp_path, make_image):
+    make_image("crops/Lymphocyte/1.jpg")
+    make_image("crops/Lymphocyte/2.png", seed=1)
+    make_image("crops/SNE/3.jpg", seed=2)
+    make_image("crops/mystery/4.jpg")
+    (tmp_path / "crops/SNE/.DS_Store").write_bytes(b"\x00Bud1")
+    (tmp_path / "crops/SNE/notes.txt").write_text("hello")
+    (tmp_path / "crops/SNE/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    (tmp_path / "crops/readme.md").write_text("x")
+    loaded = read_class_folders(tmp_path / "crops", source="lab")
+    assert Counter(c.cell_type for c in loaded.records) == {
+        CellType.LYMPHOCYTE: 2, CellType.NEUTROPHIL: 1}
+    reasons = {s.path.name: s.reason for s in loaded.skipped}
+    assert set(reasons) == {"mystery", ".DS_Store", "notes.txt", "broken.jpg", "readme.md"}
+    assert "1 images left out" in reasons["mystery"]
+    assert all(c.source == "lab" for c in loaded.records)
+
+
+def test_coco_json(tmp_path, make_image):
+    make_image("coco/img1.jpg")
+    make_image("coco/img2.jpg", seed=3)
+    (tmp_path / "coco/ann.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "img1.jpg"}, {"id": 2, "file_name": "img2.jpg"},
+                   {"id": 3, "file_name": "missing.jpg"}],
+        "categories": [{"id": 1, "name": "monocyte"}, {"id": 2, "name": "rbc"},
+                       {"id": 3, "name": "unicorn"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [0, 0, 0, 5]},
+            {"id": 3, "image_id": 2, "category_id": 3, "bbox": [1, 1, 5, 5]},
+            {"id": 4, "image_id": 9, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        ],
+    }))
+    loaded = read_coco(tmp_path / "coco/ann.json")
+    fields = {f.image.name: f for f in loaded.records}
+    assert fields["img1.jpg"].boxes == (Box(10, 10, 30, 30, cell_type=CellType.MONOCYTE),)
+    assert fields["img2.jpg"].boxes == ()
+    assert len(loaded.skipped) == 4  # zero-size, unknown label, unknown image, missing file
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a COCO"):
+        read_coco(tmp_path / "bad.json")
+
+
+def test_square_crops_stay_inside_the_image():
+    box = Box(0, 0, 20, 10)
+    assert square_window(box, 2.0, (640, 480)) == (0, 0, 40, 40)  # shifted, still square
+    assert square_window(Box(300, 200, 340, 240), 1.5, (640, 480)) == (290, 190, 350, 250)
+    assert square_window(Box(0, 0, 100, 100), 3.0, (200, 150)) == (0, 0, 200, 150)  # clipped
+    with pytest.raises(ValueError):
+        square_window(box, 0, (10, 10))
