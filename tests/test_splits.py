@@ -7,7 +7,7 @@ import pytest
 
 from leukodiff.data.records import Cell
 from leukodiff.data.sources import load_cells, load_fields
-from leukodiff.data.splits import find_duplicates, leave_one_source_out, monte_carlo
+from leukodiff.data.splits import find_duplicates, holdout, leave_one_source_out, monte_carlo
 from leukodiff.taxonomy import CellType
 
 
@@ -108,3 +108,21 @@ def test_duplicates_link_groups_transitively():
 def test_bad_train_fraction_is_refused(pbc):
     with pytest.raises(ValueError, match="between 0 and 1"):
         monte_carlo(pbc[:10], train_fraction=1.0)
+
+
+def test_holdout_keeps_own_lists_and_splits_the_rest_by_group(shared_data, pbc, kbc):
+    bccd_cells = load_cells("bccd", shared_data).records
+    kbc_all = load_cells("kbc", shared_data).records
+    records = [*pbc, *bccd_cells, *kbc_all]
+    parts = holdout(records, seed=0)
+    assert sorted(i for p in parts.values() for i in p) == list(range(len(records)))
+    for index in parts["test"]:
+        r = records[index]
+        assert r.source == "pbc" or r.subset in ("test", "TEST_SIMPLE")
+    assert {records[i].subset for i in parts["val"] if records[i].source == "bccd"} == {"val"}
+    pbc_test = [i for i in parts["test"] if records[i].source == "pbc"]
+    assert len(pbc_test) == pytest.approx(0.2 * len(pbc), abs=5)
+    kbc_groups = {name: {records[i].group_key for i in p if records[i].source == "kbc"}
+                  for name, p in parts.items()}
+    assert not kbc_groups["train"] & kbc_groups["val"]
+    assert holdout(records, seed=0) == parts

@@ -11,6 +11,11 @@ app = typer.Typer(help="White-blood-cell differential counts from blood smear im
                   no_args_is_help=True)
 data_app = typer.Typer(help="Inspect the blood-smear data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(help="Train the level-1 detector or the level-2 classifiers.",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
+evaluate_app = typer.Typer(help="Measure a trained model on held-out data.", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
 console = Console()
 SHORT_NAMES = {"lymphocyte": "Lym", "monocyte": "Mono", "neutrophil": "Neut",
                "eosinophil": "Eos", "basophil": "Baso"}
@@ -100,16 +105,92 @@ def data_summary(
         raise typer.Exit(code=1)
 
 
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@train_app.command("classifier")
+def train_classifier_command(
+    task: str = typer.Option("mononuclear", help="mononuclear | polymorphonuclear | flat."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints, model.pt, manifest."),
+    sources: str = typer.Option("pbc,bccd", help="Comma-separated: data set names "
+                                "(pbc, kbc, bccd) or folders of class folders."),
+    classes: str = typer.Option("", help="Only these types of the task, e.g. "
+                                "'neutrophil,eosinophil' (the paper's 2-class setting)."),
+    mode: str = typer.Option("finetune", help="frozen (paper: base frozen, head only) "
+                             "| finetune (all layers)."),
+    epochs: int = typer.Option(12),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(1e-3, help="Adam learning rate (paper: 1e-3)."),
+    seed: int = typer.Option(0, help="Seed of the split, initialisation and augmentation."),
+    crop_scale: float = typer.Option(2.6, help="Square crop side / box side, for field cells."),
+    max_per_class: int = typer.Option(0, help="Cap cells per class and part (quick runs)."),
+    resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
+    data_root: Path | None = DataRoot,
+    weights_dir: Path | None = typer.Option(None, help="ImageNet TFLite weights folder "
+                                            "[default: $LEUKODIFF_WEIGHTS, ../shared/weights]."),
+) -> None:
+    """Train a level-2 MobileNet classifier; writes OUT/model.pt and its manifest."""
+    from leukodiff.training.classifier import ClassifierConfig, TrainingError, train_classifier
+
+    config = ClassifierConfig(task=task, classes=_split_list(classes),
+                              sources=_split_list(sources), mode=mode, epochs=epochs,
+                              batch_size=batch_size, lr=lr, seed=seed, crop_scale=crop_scale,
+                              max_per_class=max_per_class)
+    try:
+        manifest = train_classifier(config, out, data_root=data_root, weights_dir=weights_dir,
+                                    resume=resume, track=_track, log=console.print)
+    except (TrainingError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    test = manifest["metrics"].get("test", {})
+    for name, metrics in test.items():
+        console.print(f"test [{name}]: accuracy {metrics['accuracy']:.4f}, "
+                      f"macro-F1 {metrics['macro_f1']:.4f} (n={metrics['n']})")
+    console.print(f"wrote {out / 'model.pt'} and {out / 'model.json'}")
+
+
+@evaluate_app.command("classifier")
+def evaluate_classifier_command(
+    model: Path = typer.Option(..., help="A model.pt with its manifest (or a shipped name: "
+                               "mononuclear, polymorphonuclear)."),
+    sources: str = typer.Option("", help="Data to test on [default: the model's own sources]."),
+    part: str = typer.Option("test", help="train | val | test part of the model's split, "
+                             "or 'all' (e.g. a source the model never saw)."),
+    out: Path | None = typer.Option(None, help="Folder for the confusion-matrix PNG and JSON."),
+    data_root: Path | None = DataRoot,
+) -> None:
+    """Accuracy, precision, recall, F1 per class and the confusion matrix, per source."""
+    from leukodiff.evaluation.classifier import evaluate_classifier, metrics_table
+    from leukodiff.models.io import ModelFileError
+    from leukodiff.training.classifier import TrainingError
+
+    try:
+        results = evaluate_classifier(model, _split_list(sources) or None, part,
+                                      data_root=data_root, out_dir=out, track=_track)
+    except (ModelFileError, TrainingError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    for name, metrics in results.items():
+        console.print(metrics_table(metrics, title=f"{model} on {name} ({part})"))
+    if out:
+        console.print(f"confusion matrices and metrics.json in {out}")
+
+
 @app.command()
 def params(
     width: float = typer.Option(0.5, help="MobileNetV1 width multiplier."),
     input_size: int = typer.Option(128, help="Input side in pixels."),
     classes: int = typer.Option(2, help="Classes of the softmax head."),
+    frozen_base: bool = typer.Option(
+        True, "--frozen-base/--trainable-base",
+        help="Count trainable parameters with the ImageNet base frozen, as the paper does.",
+    ),
 ) -> None:
     """Print the paper's Table 2: the MobileNet classifier layer by layer, Keras-style counts."""
     from leukodiff.models.mobilenet import MobileNetClassifier, parameter_table
 
     model = MobileNetClassifier(num_classes=classes, width=width)
+    if frozen_base:
+        model.freeze_backbone()
     console.print(parameter_table(model, input_size=input_size))
 
 

@@ -54,3 +54,17 @@ def load_cell_image(cell: Cell, crop_scale: float) -> Image.Image:
     """The cell's RGB image: the whole file, or its box cropped at `crop_scale`."""
     image = load_image(cell.image)
     return image if cell.box is None else crop_cell(image, cell.box, crop_scale)
+
+
+def square_input(image: Image.Image, size: int) -> Image.Image:
+    """Centre square of a whole-cell image, resized to the network's input side."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    return square.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def cell_input(cell: Cell, crop_scale: float, size: int) -> Image.Image:
+    """The model's view of a cell: cropped (boxes) or centre-squared (whole images), resized."""
+    return square_input(load_cell_image(cell, crop_scale), size)

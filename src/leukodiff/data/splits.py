@@ -148,3 +148,50 @@ def leave_one_source_out(records: Sequence[Cell | Field]) -> list[Split]:
         ]
         splits.append(Split(f"without-{source}", tuple(train), tuple(test)))
     return splits
+
+
+# A source's own split lists win over random assignment (BCCD's VOC lists, KBC's folders).
+_OWN_PARTS = {"train": "train", "val": "val", "test": "test", "TEST_SIMPLE": "test"}
+
+
+def _grouped_cut(records, indices, fraction, seed):
+    """Split `indices` into (first, second) with ~`fraction` of records in first."""
+    subset = [records[i] for i in indices]
+    split = monte_carlo(subset, repeats=1, train_fraction=fraction, seed=seed, grouped=True)[0]
+    return [indices[i] for i in split.train], [indices[i] for i in split.test]
+
+
+def holdout(
+    records: Sequence[Cell | Field],
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, tuple[int, ...]]:
+    """A fixed train / val / test partition, grouped and stratified.
+
+    Records whose source ships its own split (BCCD's VOC train/val/test lists,
+    KBC's TEST_SIMPLE) keep it. The rest is split by group, per source: a source
+    that has its own test part gives only train/val, others give all three.
+    """
+    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    rest: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        part = _OWN_PARTS.get(record.subset or "")
+        if part:
+            parts[part].append(index)
+        else:
+            rest[record.source].append(index)
+    own_test = {records[i].source for i in parts["test"]}
+    for source, indices in sorted(rest.items()):
+        test_share = 0.0 if source in own_test else test_fraction
+        held = val_fraction + test_share
+        train, held_out = _grouped_cut(records, indices, 1 - held, seed)
+        parts["train"].extend(train)
+        if test_share:
+            val, test = _grouped_cut(records, held_out, val_fraction / held, seed)
+            parts["val"].extend(val)
+            parts["test"].extend(test)
+        else:
+            parts["val"].extend(held_out)
+    return {name: tuple(sorted(found)) for name, found in parts.items()}

@@ -1,0 +1,68 @@
+"""Classification metrics as the paper reports them, from scikit-learn.
+
+A leaf module (numpy, scikit-learn, matplotlib only) so that training can use
+it for validation without importing the rest of evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+
+def classification_metrics(
+    y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]
+) -> dict:
+    """Accuracy, macro-F1, and per class: one-vs-rest accuracy (the paper's Table 3),
+    precision, recall, F1, support; plus the confusion matrix (rows = truth)."""
+    labels = list(range(len(classes)))
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    per_class = {}
+    for i, name in enumerate(classes):
+        one_vs_rest = float(np.mean((y_true == i) == (y_pred == i))) if len(y_true) else 0.0
+        per_class[name] = {
+            "accuracy": one_vs_rest,
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+    present = [i for i in labels if support[i] > 0]
+    return {
+        "n": len(y_true),
+        "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        "macro_f1": float(np.mean(f1[present])) if present else 0.0,
+        "per_class": per_class,
+        "confusion": matrix.tolist(),
+        "classes": list(classes),
+    }
+
+
+def plot_confusion(metrics: dict, path: Path, title: str = "") -> Path:
+    """Save the confusion matrix (counts, rows = truth) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    classes = metrics["classes"]
+    figure, axes = plt.subplots(figsize=(1.6 + 1.1 * len(classes), 1.2 + 1.0 * len(classes)))
+    ConfusionMatrixDisplay(np.array(metrics["confusion"]), display_labels=classes).plot(
+        ax=axes, cmap="Blues", colorbar=False, values_format="d"
+    )
+    axes.set_title(title or f"accuracy {metrics['accuracy']:.3f}, macro-F1 "
+                   f"{metrics['macro_f1']:.3f} (n={metrics['n']})", fontsize=9)
+    plt.setp(axes.get_xticklabels(), rotation=30, ha="right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

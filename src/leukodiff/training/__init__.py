@@ -1,0 +1,1 @@
+"""Training loops: level-2 classifiers (and, later, the level-1 detector)."""

@@ -1,0 +1,371 @@
+"""Training a level-2 classifier: the paper's frozen-base mode, or full fine-tuning.
+
+    config = ClassifierConfig(task="mononuclear", sources=("pbc", "bccd"))
+    result = train_classifier(config, Path("runs/mono"))
+
+Data: any mix of shared sources and user folders, split once by
+`leukodiff.data.splits.holdout` (grouped; a source's own lists kept). Training
+sees only the train part, model selection only val; test is reported at the
+end and never used for a decision.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from leukodiff.data.records import Cell
+from leukodiff.data.scan import Track, no_progress
+from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, load_cells, read_class_folders
+from leukodiff.data.splits import holdout
+from leukodiff.evaluation.metrics import classification_metrics
+from leukodiff.models.io import save_classifier
+from leukodiff.models.mobilenet import MobileNetClassifier
+from leukodiff.models.tflite import load_imagenet_backbone
+from leukodiff.taxonomy import CELL_TYPES_OF, CellType, Group, parse_cell_type
+from leukodiff.training.cells import (
+    CellTensorDataset,
+    CropGeometry,
+    load_cell_tensors,
+    training_augmentation,
+)
+
+TASKS: dict[str, tuple[CellType, ...]] = {
+    "mononuclear": CELL_TYPES_OF[Group.MONONUCLEAR],
+    "polymorphonuclear": CELL_TYPES_OF[Group.POLYMORPHONUCLEAR],
+    "flat": tuple(CellType),
+}
+MODES = ("frozen", "finetune")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on (bad configuration, no data, occupied output folder)."""
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    task: str = "mononuclear"
+    classes: tuple[str, ...] = ()  # subset of the task's types; empty = all of them
+    sources: tuple[str, ...] = ("pbc", "bccd")  # shared set names or class-folder paths
+    mode: str = "finetune"
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 1e-3  # the paper's Adam: lr 1e-3, betas (0.9, 0.999), eps 1e-7
+    seed: int = 0
+    width: float = 0.5
+    input_size: int = 128
+    crop_scale: float = 2.6
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_per_class: int = 0  # > 0: cap each class per part (quick runs, tests)
+    balance: bool = True  # class-weighted loss
+
+    def class_names(self) -> tuple[str, ...]:
+        if self.task not in TASKS:
+            raise TrainingError(f"unknown task {self.task!r}; tasks: {', '.join(TASKS)}")
+        if self.mode not in MODES:
+            raise TrainingError(f"unknown mode {self.mode!r}; modes: {', '.join(MODES)}")
+        allowed = TASKS[self.task]
+        if not self.classes:
+            return tuple(str(t) for t in allowed)
+        chosen = tuple(parse_cell_type(c) for c in self.classes)
+        if not set(chosen) <= set(allowed) or len(set(chosen)) < 2:
+            raise TrainingError(f"classes {self.classes} must be two or more of "
+                                f"{[str(t) for t in allowed]} for task {self.task!r}")
+        return tuple(str(t) for t in allowed if t in chosen)
+
+    @property
+    def geometry(self) -> CropGeometry:
+        return CropGeometry(self.input_size, self.crop_scale)
+
+
+@dataclass
+class Prepared:
+    """Cells of one run, split, decoded, with integer targets."""
+
+    classes: tuple[str, ...]
+    cells: list[Cell]
+    parts: dict[str, tuple[int, ...]]
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    targets: torch.Tensor  # (N,) int64
+    skipped: list = field(default_factory=list)
+
+    def part(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(self.parts[name], dtype=torch.long)
+        return self.images[index], self.targets[index]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {
+            name: {c: int((self.targets[list(idx)] == i).sum()) if idx else 0
+                   for i, c in enumerate(self.classes)}
+            for name, idx in self.parts.items()
+        }
+
+
+def select_cells(sources: Sequence[str], classes: Sequence[str],
+                 data_root: str | Path | None = None, track: Track = no_progress
+                 ) -> tuple[list[Cell], list]:
+    """Cells of the wanted classes from shared sets (by name) or class-folder trees (by path)."""
+    cells: list[Cell] = []
+    skipped: list = []
+    for source in sources:
+        if source in CELL_SOURCES or source in FIELD_SOURCES:
+            loaded = load_cells(source, data_root, track)
+        elif Path(source).is_dir():
+            loaded = read_class_folders(Path(source), source=Path(source).name, track=track)
+        else:
+            raise TrainingError(f"source {source!r} is neither a data set "
+                                f"({', '.join([*CELL_SOURCES, *FIELD_SOURCES])}) nor a folder")
+        cells.extend(c for c in loaded.records if str(c.cell_type) in classes)
+        skipped.extend(loaded.skipped)
+    if not cells:
+        raise TrainingError(f"no cells of {list(classes)} in sources {list(sources)}")
+    return cells, skipped
+
+
+def _cap(parts: dict[str, tuple[int, ...]], cells: list[Cell], cap: int, seed: int):
+    rng = random.Random(seed)
+    capped = {}
+    for name, indices in parts.items():
+        by_class: dict[str, list[int]] = {}
+        for i in indices:
+            by_class.setdefault(str(cells[i].cell_type), []).append(i)
+        keep = [i for group in by_class.values()
+                for i in (rng.sample(group, cap) if len(group) > cap else group)]
+        capped[name] = tuple(sorted(keep))
+    return capped
+
+
+def prepare(config: ClassifierConfig, data_root: str | Path | None = None,
+            track: Track = no_progress) -> Prepared:
+    classes = config.class_names()
+    cells, skipped = select_cells(config.sources, classes, data_root, track)
+    parts = holdout(cells, val_fraction=config.val_fraction,
+                    test_fraction=config.test_fraction, seed=config.seed)
+    if config.max_per_class:
+        parts = _cap(parts, cells, config.max_per_class, config.seed)
+        used = sorted({i for idx in parts.values() for i in idx})
+        remap = {old: new for new, old in enumerate(used)}
+        cells = [cells[i] for i in used]
+        parts = {k: tuple(remap[i] for i in v) for k, v in parts.items()}
+    images = load_cell_tensors(cells, config.geometry, track)
+    targets = torch.tensor([classes.index(str(c.cell_type)) for c in cells])
+    return Prepared(classes, cells, parts, images, targets, skipped)
+
+
+def build_model(config: ClassifierConfig, weights_dir: str | Path | None = None
+                ) -> MobileNetClassifier:
+    """The paper's network with the ImageNet base; frozen or ready to fine-tune."""
+    model = MobileNetClassifier(num_classes=len(config.class_names()), width=config.width)
+    load_imagenet_backbone(model.backbone, weights_dir)
+    if config.mode == "frozen":
+        model.freeze_backbone()
+    else:
+        model.unfreeze_backbone(train_batchnorm=False)
+    return model.to(memory_format=torch.channels_last)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
+                   ) -> torch.Tensor:
+    """Logits for uint8 images (N, 3, S, S); the model's own normalisation applies."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].float().div_(255)
+        out.append(model(batch.contiguous(memory_format=torch.channels_last)))
+    return torch.cat(out) if out else torch.empty((0, 0))
+
+
+@torch.inference_mode()
+def _features(model: MobileNetClassifier, images: torch.Tensor, batch_size: int = 256
+              ) -> torch.Tensor:
+    model.eval()
+    return torch.cat([
+        model.features(images[s:s + batch_size].float().div_(255)
+                       .contiguous(memory_format=torch.channels_last))
+        for s in range(0, len(images), batch_size)
+    ])
+
+
+def _class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
+    counts = torch.bincount(targets, minlength=n_classes).clamp(min=1).float()
+    return counts.sum() / (n_classes * counts)
+
+
+def _optimizer(params, config: ClassifierConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-7)
+
+
+def train_classifier(
+    config: ClassifierConfig,
+    out_dir: Path,
+    *,
+    data_root: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    resume: bool = False,
+    track: Track = no_progress,
+    log: Callable[[str], None] = lambda message: None,
+    prepared: Prepared | None = None,
+) -> dict:
+    """Train, keep the best epoch on val, report test, write `model.pt` + manifest.
+
+    Checkpoints (`last.pt`) are written every epoch; `resume=True` continues an
+    interrupted run in the same folder. A folder holding another run is refused.
+    """
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / "last.pt"
+    if checkpoint_path.exists() and not resume:
+        raise TrainingError(f"{out_dir} already holds a run; pass --resume to continue it "
+                            "or choose another output folder")
+    if resume and not checkpoint_path.exists():
+        raise TrainingError(f"nothing to resume: {checkpoint_path} does not exist")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _seed_everything(config.seed)
+    started = time.perf_counter()
+    data = prepared or prepare(config, data_root, track)
+    log(f"cells per part: {json.dumps(data.counts())}")
+    model = build_model(config, weights_dir)
+    train_x, train_y = data.part("train")
+    val_x, val_y = data.part("val")
+    if not len(train_y) or not len(val_y):
+        raise TrainingError(f"empty train or val part: {data.counts()}")
+    weights = _class_weights(train_y, len(data.classes)) if config.balance else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+
+    if config.mode == "frozen":
+        # Paper mode: the base never changes, so compute its features once.
+        train_source = torch.utils.data.TensorDataset(_features(model, train_x), train_y)
+        val_features = _features(model, val_x)
+        trained = model.head
+        params = model.head.parameters()
+    else:
+        train_source = CellTensorDataset(train_x, train_y,
+                                         training_augmentation(config.input_size))
+        trained = model
+        params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(train_source, batch_size=config.batch_size, shuffle=True,
+                        generator=generator, drop_last=len(train_y) > config.batch_size)
+    optimizer = _optimizer(params, config)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, config.epochs * len(loader)))
+
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "history": []}
+    if resume:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if checkpoint["config"] != asdict(config):
+            raise TrainingError(f"{checkpoint_path} was made with another configuration")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        generator.set_state(checkpoint["generator"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        state = checkpoint["state"]
+        log(f"resumed after epoch {state['epoch']}")
+
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        trained.train()
+        epoch_start, total, seen = time.perf_counter(), 0.0, 0
+        for inputs, targets in track(loader, f"epoch {epoch}/{config.epochs}"):
+            if inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(trained(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(targets)
+            seen += len(targets)
+        if config.mode == "frozen":
+            with torch.inference_mode():
+                model.head.eval()
+                val_logits = model.head(val_features)
+        else:
+            val_logits = predict_logits(model, val_x)
+        val = classification_metrics(val_y.tolist(), val_logits.argmax(1).tolist(), data.classes)
+        seconds = time.perf_counter() - epoch_start
+        record = {"epoch": epoch, "loss": total / max(seen, 1), "val_accuracy": val["accuracy"],
+                  "val_macro_f1": val["macro_f1"], "seconds": seconds,
+                  "images_per_second": seen / seconds}
+        state["history"].append(record)
+        log(f"epoch {epoch}: loss {record['loss']:.4f}  val acc {val['accuracy']:.4f}  "
+            f"macro-F1 {val['macro_f1']:.4f}  {seconds:.1f}s "
+            f"({record['images_per_second']:.0f} img/s)")
+        if val["macro_f1"] > state["best_score"]:
+            state.update(best_score=val["macro_f1"], best_epoch=epoch)
+            torch.save(model.state_dict(), out_dir / "best.pt")
+        state["epoch"] = epoch
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "state": state,
+                    "config": asdict(config)}, checkpoint_path.with_suffix(".tmp"))
+        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # atomic: survives a kill
+
+    model.load_state_dict(torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True))
+    metrics = {}
+    for part in ("val", "test"):
+        x, y = data.part(part)
+        if len(y):
+            metrics[part] = evaluate_by_source(model, x, y, [data.cells[i] for i in
+                                                             data.parts[part]], data.classes)
+    manifest = {
+        "architecture": {"name": "mobilenet_v1", "width": config.width, "hidden": 512,
+                         "activation": "relu6"},
+        "task": config.task,
+        "classes": list(data.classes),
+        "input": {"size": config.input_size, "crop_scale": config.crop_scale,
+                  "whole_images": "centre square", "pixels": "RGB float in [0, 1]; the "
+                  "model normalises to (p*255 - 128) / 128 itself"},
+        "training": {**asdict(config), "cells": data.counts(),
+                     "best_epoch": state["best_epoch"], "history": state["history"],
+                     "minutes": (time.perf_counter() - started) / 60},
+        "split": "leukodiff.data.splits.holdout(seed, val_fraction, test_fraction); BCCD VOC "
+                 "lists and KBC TEST_SIMPLE kept as their own parts",
+        "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
+        else "",
+        "metrics": metrics,
+        "torch": torch.__version__,
+    }
+    return save_classifier(model, manifest, out_dir / "model.pt")
+
+
+def evaluate_by_source(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                       cells: Sequence[Cell], classes: Sequence[str]) -> dict:
+    """Metrics over all cells, and per source (held-out sources differ a lot)."""
+    predicted = predict_logits(model, images).argmax(1)
+    result = {"all": classification_metrics(targets.tolist(), predicted.tolist(), classes)}
+    sources = Counter(c.source for c in cells)
+    if len(sources) > 1:
+        for source in sorted(sources):
+            mask = torch.tensor([c.source == source for c in cells])
+            result[source] = classification_metrics(
+                targets[mask].tolist(), predicted[mask].tolist(), classes)
+    return result
+
+
+def epochs_done(out_dir: Path) -> int:
+    """How many epochs the checkpoint in `out_dir` holds (0 if none)."""
+    path = Path(out_dir) / "last.pt"
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=False)["state"]["epoch"])
+
