@@ -144,7 +144,7 @@ def train_classifier_command(
         raise _fail(str(error)) from None
     test = manifest["metrics"].get("test", {})
     for name, metrics in test.items():
-        console.print(f"test [{name}]: accuracy {metrics['accuracy']:.4f}, "
+        console.print(f"test, {name}: accuracy {metrics['accuracy']:.4f}, "
                       f"macro-F1 {metrics['macro_f1']:.4f} (n={metrics['n']})")
     console.print(f"wrote {out / 'model.pt'} and {out / 'model.json'}")
 

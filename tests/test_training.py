@@ -1,0 +1,132 @@
+"""Level-2 training on real PBC crops: loss goes down, runs resume exactly, nothing is overwritten."""
+
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from leukodiff.cli import app
+from leukodiff.data.sources import load_cells
+from leukodiff.models.io import ModelFileError, load_classifier
+from leukodiff.taxonomy import CellType
+from leukodiff.training.cells import CropGeometry, load_cell_tensors
+from leukodiff.training.classifier import (
+    ClassifierConfig,
+    TrainingError,
+    build_model,
+    train_classifier,
+)
+
+QUICK = dict(task="mononuclear", sources=("pbc",), mode="frozen", epochs=2, max_per_class=24,
+             batch_size=16)
+
+
+def test_fine_tuning_steps_lower_the_loss_on_real_pbc_cells(shared_data):
+    cells = [c for c in load_cells("pbc", shared_data).records
+             if c.cell_type in (CellType.LYMPHOCYTE, CellType.MONOCYTE)]
+    batch = cells[:16] + cells[-16:]
+    images = load_cell_tensors(batch, CropGeometry()).float().div(255)
+    targets = torch.tensor([0 if c.cell_type is CellType.LYMPHOCYTE else 1 for c in batch])
+    torch.manual_seed(0)
+    model = build_model(ClassifierConfig(mode="finetune"))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                 eps=1e-7)
+    losses = []
+    model.train()
+    for _ in range(6):
+        loss = torch.nn.functional.cross_entropy(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_frozen_mode_trains_only_the_head():
+    model = build_model(ClassifierConfig(mode="frozen"))
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head"}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_after_first_epoch(message: str) -> None:
+    if message.startswith("epoch 1:"):
+        raise Interrupt
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, shared_data):
+    config = ClassifierConfig(**QUICK)
+    whole = train_classifier(config, tmp_path / "whole", data_root=shared_data)
+    with pytest.raises(Interrupt):
+        train_classifier(config, tmp_path / "cut", data_root=shared_data,
+                         log=_stop_after_first_epoch)
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    resumed = train_classifier(config, tmp_path / "cut", data_root=shared_data, resume=True)
+    assert [h["loss"] for h in resumed["training"]["history"]] == pytest.approx(
+        [h["loss"] for h in whole["training"]["history"]])
+    a, _ = load_classifier(tmp_path / "whole" / "model.pt")
+    b, _ = load_classifier(tmp_path / "cut" / "model.pt")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_runs_are_never_overwritten_and_bad_configs_are_refused(tmp_path, shared_data):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"earlier work")
+    with pytest.raises(TrainingError, match="--resume"):
+        train_classifier(ClassifierConfig(**QUICK), tmp_path / "run", data_root=shared_data)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == b"earlier work"
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train_classifier(ClassifierConfig(**QUICK), tmp_path / "new", resume=True)
+    with pytest.raises(TrainingError, match="unknown task"):
+        ClassifierConfig(task="platelets").class_names()
+    with pytest.raises(TrainingError, match="two or more"):
+        ClassifierConfig(task="mononuclear", classes=("neutrophil", "lymphocyte")).class_names()
+    assert ClassifierConfig(task="polymorphonuclear",
+                            classes=("eosinophil", "SNE")).class_names() == (
+        "neutrophil", "eosinophil")
+
+
+def test_model_files_are_checked_against_their_manifest(tmp_path, shared_data):
+    manifest = train_classifier(ClassifierConfig(**{**QUICK, "epochs": 1}), tmp_path,
+                                data_root=shared_data)
+    assert manifest["classes"] == ["lymphocyte", "monocyte"]
+    assert manifest["input"]["crop_scale"] == 2.6
+    model, loaded = load_classifier(tmp_path / "model.pt")
+    assert loaded["sha256"] == manifest["sha256"]
+    with open(tmp_path / "model.pt", "ab") as handle:
+        handle.write(b"tampered")
+    with pytest.raises(ModelFileError, match="sha256"):
+        load_classifier(tmp_path / "model.pt")
+    with pytest.raises(ModelFileError, match="not found"):
+        load_classifier(tmp_path / "absent.pt")
+
+
+def test_cli_trains_then_evaluates_with_a_confusion_matrix_png(tmp_path, shared_data):
+    runner = CliRunner()
+    run = tmp_path / "cli-run"
+    result = runner.invoke(app, [
+        "train", "classifier", "--task", "polymorphonuclear", "--classes",
+        "neutrophil,eosinophil", "--mode", "frozen", "--epochs", "1", "--max-per-class", "16",
+        "--sources", "pbc", "--out", str(run), "--data-root", str(shared_data)])
+    assert result.exit_code == 0, result.output
+    assert (run / "model.pt").exists() and (run / "model.json").exists()
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["evaluate", "classifier", "--model", str(run / "model.pt"),
+                                 "--sources", "bccd", "--part", "all", "--out", str(out),
+                                 "--data-root", str(shared_data)])
+    assert result.exit_code == 0, result.output
+    assert "neutrophil" in result.output and "confusion matrix" in result.output
+    assert (out / "confusion_all_all.png").stat().st_size > 1000
+    result = runner.invoke(app, ["train", "classifier", "--out", str(run), "--mode", "frozen",
+                                 "--data-root", str(shared_data)])
+    assert result.exit_code == 1 and "--resume" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_source_is_a_clear_error(tmp_path):
+    with pytest.raises(TrainingError, match="neither a data set"):
+        train_classifier(ClassifierConfig(sources=("nowhere",)), tmp_path / "x")
