@@ -5,6 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+DATA ?= $(or $(LEUKODIFF_DATA),../shared/data)
+# Ten BCCD fields from the VOC test list (never used for training).
+DEMO_FIELDS := $(addprefix $(DATA)/bccd/BCCD/JPEGImages/BloodImage_,$(addsuffix .jpg,\
+	00007 00011 00015 00016 00018 00019 00021 00031 00033 00041))
+
 .PHONY: setup test lint demo clean
 
 setup: $(STAMP)
@@ -22,6 +27,10 @@ lint: setup
 
 test: setup lint
 	$(BIN)/pytest -q
+
+# The main job: analyse sample smear fields with the shipped models, write the report.
+demo: setup
+	$(BIN)/leukodiff analyze $(DEMO_FIELDS) --out out/demo --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache

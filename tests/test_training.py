@@ -1,4 +1,4 @@
-"""Level-2 training on real PBC crops: loss goes down, runs resume exactly, nothing is overwritten."""
+"""Level-2 training on real PBC crops: loss falls, runs resume exactly, nothing is overwritten."""
 
 
 import pytest
@@ -95,7 +95,7 @@ def test_model_files_are_checked_against_their_manifest(tmp_path, shared_data):
                                 data_root=shared_data)
     assert manifest["classes"] == ["lymphocyte", "monocyte"]
     assert manifest["input"]["crop_scale"] == 2.6
-    model, loaded = load_classifier(tmp_path / "model.pt")
+    _, loaded = load_classifier(tmp_path / "model.pt")
     assert loaded["sha256"] == manifest["sha256"]
     with open(tmp_path / "model.pt", "ab") as handle:
         handle.write(b"tampered")
@@ -130,3 +130,17 @@ def test_cli_trains_then_evaluates_with_a_confusion_matrix_png(tmp_path, shared_
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match="neither a data set"):
         train_classifier(ClassifierConfig(sources=("nowhere",)), tmp_path / "x")
+
+
+def test_confidence_calibration_keeps_the_target_accuracy():
+    import numpy as np
+
+    from leukodiff.evaluation.metrics import calibrate_confidence
+
+    # 8 confident right answers, then 2 unsure wrong ones: flag the unsure ones
+    probs = np.array([[0.99, 0.01]] * 8 + [[0.6, 0.4], [0.55, 0.45]])
+    targets = [0] * 8 + [1, 1]
+    result = calibrate_confidence(probs, targets, target_accuracy=0.99)
+    assert result["threshold"] == 0.99 and result["validation_coverage"] == 0.8
+    all_right = calibrate_confidence(probs, [0] * 10)
+    assert all_right["threshold"] == 0.55 and all_right["validation_coverage"] == 1.0

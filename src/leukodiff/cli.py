@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(help="White-blood-cell differential counts from blood smear images.",
                   no_args_is_help=True)
@@ -47,8 +48,6 @@ def data_summary(
     show_skipped: int = typer.Option(20, help="List at most this many skipped items per source."),
 ) -> None:
     """Count every source x cell type, boxes per field, duplicates and skipped files."""
-    from rich.table import Table
-
     from leukodiff.data.root import DataNotFoundError
     from leukodiff.data.root import data_root as resolve_root
     from leukodiff.data.summary import BOX_KINDS, CELL_COLUMNS, summarise_all
@@ -103,6 +102,46 @@ def data_summary(
                 console.print(f"  ... and {len(s.skipped) - show_skipped} more")
     if all(s.missing for s in summaries):
         raise typer.Exit(code=1)
+
+
+@app.command()
+def analyze(
+    paths: list[str] = typer.Argument(..., help="Smear images, folders of images, or globs."),
+    out: Path = typer.Option(..., help="Output folder (refused if it holds results)."),
+    overwrite: bool = typer.Option(False, help="Replace results already in --out."),
+    detector: str = typer.Option("detector", help="Level-1 model file or shipped name."),
+    mononuclear: str = typer.Option("mononuclear", help="Level-2 mononuclear model."),
+    polymorphonuclear: str = typer.Option("polymorphonuclear",
+                                          help="Level-2 polymorphonuclear model."),
+    min_confidence: float | None = typer.Option(
+        None, help="Call cells below this type confidence 'unidentified' "
+        "[default: each model's calibrated threshold]."),
+) -> None:
+    """Find, classify and count the white cells of smear images; write a report."""
+    from leukodiff.models.io import ModelFileError
+    from leukodiff.pipeline import Analyzer
+    from leukodiff.reports.run import OutputExistsError, analyze_to_folder
+
+    try:
+        analyzer = Analyzer.load(detector, mononuclear, polymorphonuclear,
+                                 min_confidence=min_confidence)
+        run = analyze_to_folder(analyzer, paths, out, overwrite=overwrite, track=_track)
+    except (ModelFileError, OutputExistsError) as error:
+        raise _fail(str(error)) from None
+    diff = run.differential
+    table = Table(title=f"Differential: {diff.fields} fields, {diff.total} white cells")
+    for column in ("type", "count", "% of identified"):
+        table.add_column(column, justify="left" if column == "type" else "right")
+    for label, count in diff.counts.items():
+        percent = diff.percentages.get(label)
+        table.add_row(label, str(count), "" if percent is None else f"{percent:.1f}")
+    console.print(table)
+    for name, reason in run.skipped:
+        console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
+    console.print(f"report: {out / 'report.html'}  (per field: {out / 'fields'}, "
+                  f"per cell: {out / 'cells.csv'}, counts: {out / 'differential.json'})")
+    if not run.results:
+        raise _fail("no image could be analysed")
 
 
 def _split_list(text: str) -> tuple[str, ...]:

@@ -66,3 +66,31 @@ def plot_confusion(metrics: dict, path: Path, title: str = "") -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def calibrate_confidence(
+    probabilities: np.ndarray, targets: Sequence[int], target_accuracy: float = 0.99
+) -> dict:
+    """The lowest top-class probability at which kept cells are still `target_accuracy` right.
+
+    Cells below it are reported as "unidentified" (as clinical analyzers flag
+    cells for review) and left out of the percentages. Calibrate on validation
+    data, never on the test part.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(targets)
+    order = np.argsort(-confidence, kind="stable")
+    running = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    good = np.flatnonzero(running >= target_accuracy)
+    kept = int(good.max()) + 1 if len(good) else 0
+    threshold = float(confidence[order][kept - 1]) if kept else 1.0
+    if kept == len(order):  # every validation cell qualifies: flag nothing it saw
+        threshold = float(confidence.min())
+    return {
+        "threshold": threshold,
+        "target_accuracy": target_accuracy,
+        "validation_cells": len(order),
+        "validation_coverage": kept / len(order) if len(order) else 0.0,
+        "validation_accuracy_kept": float(running[kept - 1]) if kept else 0.0,
+    }

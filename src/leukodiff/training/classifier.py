@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from leukodiff.data.records import Cell
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, load_cells, read_class_folders
 from leukodiff.data.splits import holdout
-from leukodiff.evaluation.metrics import classification_metrics
+from leukodiff.evaluation.metrics import calibrate_confidence, classification_metrics
 from leukodiff.models.io import save_classifier
 from leukodiff.models.mobilenet import MobileNetClassifier
 from leukodiff.models.tflite import load_imagenet_backbone
@@ -72,6 +73,9 @@ class ClassifierConfig:
     test_fraction: float = 0.2
     max_per_class: int = 0  # > 0: cap each class per part (quick runs, tests)
     balance: bool = True  # class-weighted loss
+    # Draw training cells with weight 1 / (cells of their source) ** source_balance, so a
+    # small source (BCCD's ~200 field crops beside PBC's thousands) is not drowned out.
+    source_balance: float = 0.5
 
     def class_names(self) -> tuple[str, ...]:
         if self.task not in TASKS:
@@ -212,6 +216,28 @@ def _class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
     return counts.sum() / (n_classes * counts)
 
 
+def _sampler(cells: Sequence[Cell], exponent: float, generator: torch.Generator
+             ) -> torch.utils.data.Sampler:
+    """Shuffle every cell once per epoch, or draw sources towards balance (exponent > 0)."""
+    if exponent == 0 or len({c.source for c in cells}) < 2:
+        return torch.utils.data.RandomSampler(cells, generator=generator)
+    per_source = Counter(c.source for c in cells)
+    weights = torch.tensor([per_source[c.source] ** -exponent for c in cells],
+                           dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(weights, len(cells), generator=generator)
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over the first epoch, then cosine decay to zero.
+
+    Full-network Adam at lr 1e-3 from ImageNet weights can collapse to a
+    constant output in its first steps; the warm-up prevents that.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
 def _optimizer(params, config: ClassifierConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-7)
 
@@ -264,11 +290,14 @@ def train_classifier(
         trained = model
         params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(train_source, batch_size=config.batch_size, shuffle=True,
-                        generator=generator, drop_last=len(train_y) > config.batch_size)
+    train_cells = [data.cells[i] for i in data.parts["train"]]
+    loader = DataLoader(train_source, batch_size=config.batch_size,
+                        sampler=_sampler(train_cells, config.source_balance, generator),
+                        drop_last=len(train_y) > config.batch_size)
     optimizer = _optimizer(params, config)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, config.epochs * len(loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(_warmup_cosine, warmup=len(loader),
+                           total=max(1, config.epochs * len(loader))))
 
     state = {"epoch": 0, "best_score": (-1.0, -math.inf), "best_epoch": 0, "history": []}
     if resume:
@@ -325,6 +354,10 @@ def train_classifier(
         checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # atomic: survives a kill
 
     model.load_state_dict(torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True))
+    calibration = calibrate_confidence(
+        predict_logits(model, val_x).softmax(1).numpy(), val_y.tolist())
+    log(f"unidentified below confidence {calibration['threshold']:.3f} "
+        f"({100 * calibration['validation_coverage']:.1f}% of val cells kept)")
     metrics = {}
     for part in ("val", "test"):
         x, y = data.part(part)
@@ -347,6 +380,7 @@ def train_classifier(
         "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
         else "",
         "metrics": metrics,
+        "calibration": calibration,
         "torch": torch.__version__,
     }
     return save_classifier(model, manifest, out_dir / "model.pt")

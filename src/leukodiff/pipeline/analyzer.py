@@ -1,0 +1,207 @@
+"""The multi-level pipeline: level 1 finds white cells and their group, level 2 names them.
+
+    analyzer = Analyzer.load()                 # shipped models
+    field = analyzer("BloodImage_00001.jpg")   # FieldResult: every cell, box + group + type
+    report = analyzer.differential([field, ...])
+
+Each box goes to the level-2 model of its group; all crops of one group go in
+one batch, and the two group models run concurrently (paper, section 4).
+Crop geometry and the "unidentified" threshold come from each model's manifest.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from leukodiff.data.crops import crop_cell, square_input
+from leukodiff.data.records import Box
+from leukodiff.imaging import load_image, to_rgb
+from leukodiff.models.detector import Detections, predict
+from leukodiff.models.io import load_classifier, load_detector, shipped
+from leukodiff.pipeline.tiling import detect_tiled
+from leukodiff.taxonomy import CellType, Group
+
+UNIDENTIFIED = "unidentified"
+# The smallest field that can hold a white cell (~12 um) at any useful magnification.
+MIN_SIDE = 32
+
+
+class AnalysisError(ValueError):
+    """An image that cannot be analysed, with the reason (reported, never a traceback)."""
+
+
+@dataclass(frozen=True)
+class CellCall:
+    """One white cell: where it is, its group (level 1) and its type (level 2)."""
+
+    box: tuple[float, float, float, float]
+    group: Group
+    group_confidence: float
+    cell_type: CellType | None  # None: below the confidence threshold, "unidentified"
+    type_confidence: float
+    probabilities: dict[str, float]
+
+    @property
+    def label(self) -> str:
+        return str(self.cell_type) if self.cell_type else UNIDENTIFIED
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "box": [round(v, 1) for v in self.box], "label": self.label,
+                "group": str(self.group),
+                "cell_type": str(self.cell_type) if self.cell_type else None}
+
+
+@dataclass
+class FieldResult:
+    """All white cells found in one image."""
+
+    image: str
+    width: int
+    height: int
+    cells: list[CellCall] = field(default_factory=list)
+
+    def counts(self) -> Counter:
+        return Counter(cell.label for cell in self.cells)
+
+    def to_dict(self) -> dict:
+        return {"image": self.image, "width": self.width, "height": self.height,
+                "cells": [c.to_dict() for c in self.cells], "counts": dict(self.counts())}
+
+
+@dataclass
+class Differential:
+    """Counts and percentages per cell type over many fields (one sample)."""
+
+    counts: dict[str, int]  # every cell type, plus "unidentified"
+    percentages: dict[str, float]  # of identified cells; unidentified cells are left out
+    total: int  # white cells found
+    identified: int
+    fields: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GroupClassifier:
+    """A level-2 model with the crop geometry and threshold its manifest records."""
+
+    def __init__(self, model: torch.nn.Module, manifest: dict, threshold: float | None = None):
+        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.manifest = manifest
+        self.classes = [CellType(c) for c in manifest["classes"]]
+        self.crop_scale = float(manifest["input"]["crop_scale"])
+        self.input_size = int(manifest["input"]["size"])
+        calibrated = manifest.get("calibration", {}).get("threshold", 0.0)
+        self.threshold = calibrated if threshold is None else threshold
+
+    def inputs(self, image: Image.Image, boxes: Sequence[Box]) -> torch.Tensor:
+        crops = [np.asarray(square_input(crop_cell(image, box, self.crop_scale),
+                                         self.input_size)) for box in boxes]
+        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255)
+        return batch.contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, image: Image.Image, boxes: Sequence[Box]) -> np.ndarray:
+        """Class probabilities (N, classes) of the cells in `boxes`."""
+        if not boxes:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return self.model(self.inputs(image, boxes)).softmax(1).numpy()
+
+
+class Analyzer:
+    """Level 1 (detector) + level 2 (one classifier per group), called on an image."""
+
+    def __init__(self, detector: torch.nn.Module, detector_manifest: dict,
+                 classifiers: dict[Group, GroupClassifier], *,
+                 detection_threshold: float | None = None) -> None:
+        self.detector = detector.eval()
+        self.detector_manifest = detector_manifest
+        self.classifiers = classifiers
+        inference = detector_manifest.get("inference", {})
+        self.detection_threshold = (inference.get("score_threshold", 0.5)
+                                    if detection_threshold is None else detection_threshold)
+        self.tile = tuple(inference.get("tile", (640, 480)))
+        self._pool = ThreadPoolExecutor(max_workers=len(classifiers))
+
+    @classmethod
+    def load(cls, detector: str | Path = "detector",
+             mononuclear: str | Path = "mononuclear",
+             polymorphonuclear: str | Path = "polymorphonuclear", *,
+             min_confidence: float | None = None,
+             detection_threshold: float | None = None) -> Analyzer:
+        """The shipped models, or the given model files (names of shipped ones also work).
+
+        `min_confidence` overrides each level-2 model's calibrated threshold.
+        """
+        detector_model, detector_manifest = load_detector(detector)
+        classifiers = {}
+        for group, name in ((Group.MONONUCLEAR, mononuclear),
+                            (Group.POLYMORPHONUCLEAR, polymorphonuclear)):
+            path = Path(name)
+            model, manifest = load_classifier(path if path.suffix == ".pt" else shipped(str(name)))
+            classifiers[group] = GroupClassifier(model, manifest, min_confidence)
+        return cls(detector_model, detector_manifest, classifiers,
+                   detection_threshold=detection_threshold)
+
+    def detect(self, image: Image.Image) -> Detections:
+        """Level 1 on the whole field, tiled with overlap when it is larger than a field."""
+        width, height = image.size
+        tile_w, tile_h = self.tile
+        if width <= 1.25 * tile_w and height <= 1.25 * tile_h:
+            return predict(self.detector, image, score_threshold=self.detection_threshold)[0]
+        return detect_tiled(
+            lambda tiles: predict(self.detector, tiles, score_threshold=self.detection_threshold),
+            image, self.tile)
+
+    def __call__(self, image: Image.Image | str | Path, name: str | None = None) -> FieldResult:
+        """Every white cell in one image; raises AnalysisError for images it cannot use."""
+        if isinstance(image, str | Path):
+            name = name or str(image)
+            image = load_image(image)
+        image = to_rgb(image)
+        width, height = image.size
+        if min(width, height) < MIN_SIDE:
+            raise AnalysisError(f"image is {width}x{height} pixels, too small to hold a "
+                                f"white cell (at least {MIN_SIDE} pixels a side)")
+        found = self.detect(image)
+        boxes = [Box(*(float(v) for v in b)) for b in found.boxes.tolist()]
+        groups = found.groups
+        routed = {g: [i for i, group in enumerate(groups) if group is g] for g in Group}
+        futures = {g: self._pool.submit(clf, image, [boxes[i] for i in routed[g]])
+                   for g, clf in self.classifiers.items() if routed[g]}
+        cells: list[CellCall | None] = [None] * len(boxes)
+        for group, future in futures.items():
+            clf = self.classifiers[group]
+            for i, probs in zip(routed[group], future.result(), strict=True):
+                best = int(probs.argmax())
+                confident = probs[best] >= clf.threshold
+                cells[i] = CellCall(
+                    box=boxes[i].xyxy, group=group,
+                    group_confidence=float(found.scores[i]),
+                    cell_type=clf.classes[best] if confident else None,
+                    type_confidence=float(probs[best]),
+                    probabilities={str(c): float(p) for c, p in zip(clf.classes, probs,
+                                                                     strict=True)})
+        return FieldResult(name or "image", width, height, [c for c in cells if c])
+
+    @staticmethod
+    def differential(results: Iterable[FieldResult]) -> Differential:
+        """Counts per type over all fields; percentages of identified cells only."""
+        results = list(results)
+        counts = Counter({str(t): 0 for t in CellType})
+        counts[UNIDENTIFIED] = 0
+        for result in results:
+            counts.update(result.counts())
+        identified = sum(n for label, n in counts.items() if label != UNIDENTIFIED)
+        percentages = {str(t): 100.0 * counts[str(t)] / identified if identified else 0.0
+                       for t in CellType}
+        return Differential(dict(counts), percentages, sum(counts.values()), identified,
+                            len(results))

@@ -1,0 +1,145 @@
+"""What `leukodiff analyze` writes: annotated fields, per-cell CSV, JSON, and an HTML report.
+
+The HTML report is one self-contained file (thumbnails embedded) with the
+counts, the percentages and a gallery of every cell grouped by type: the view
+a technologist checks before signing a differential off.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from leukodiff.pipeline.analyzer import UNIDENTIFIED, Differential, FieldResult
+from leukodiff.taxonomy import CellType
+
+COLOURS = {
+    "lymphocyte": (31, 119, 180),
+    "monocyte": (44, 160, 44),
+    "neutrophil": (255, 127, 14),
+    "eosinophil": (214, 39, 40),
+    "basophil": (148, 103, 189),
+    UNIDENTIFIED: (127, 127, 127),
+}
+ORDER = [*(str(t) for t in CellType), UNIDENTIFIED]
+CSV_COLUMNS = ["image", "cell", "x0", "y0", "x1", "y1", "group", "group_confidence", "label",
+               "type_confidence"]
+
+
+def annotate(image: Image.Image, result: FieldResult) -> Image.Image:
+    """The field with each cell boxed in its type's colour and labelled with its confidence."""
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    line = max(2, round(min(canvas.size) / 200))
+    font = ImageFont.load_default(size=max(12, round(min(canvas.size) / 30)))
+    for index, cell in enumerate(result.cells, start=1):
+        colour = COLOURS[cell.label]
+        draw.rectangle(cell.box, outline=colour, width=line)
+        text = f"{index} {cell.label} {cell.type_confidence:.2f}"
+        x, y = cell.box[0], max(0, cell.box[1] - font.size - 4)
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=colour)
+        draw.text((x, y), text, fill=(255, 255, 255), font=font)
+    return canvas
+
+
+def field_stem(result: FieldResult, index: int) -> str:
+    """A unique, filesystem-safe name for a field's outputs (never the user's path)."""
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(result.image).stem)
+    return f"{index:04d}_{stem[:60]}"
+
+
+def write_field(out_dir: Path, stem: str, image: Image.Image, result: FieldResult) -> None:
+    annotate(image, result).save(out_dir / "fields" / f"{stem}.png")
+    (out_dir / "fields" / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=2))
+
+
+def write_cells_csv(path: Path, results: Sequence[FieldResult]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for result in results:
+            for index, cell in enumerate(result.cells, start=1):
+                writer.writerow([result.image, index, *(f"{v:.1f}" for v in cell.box),
+                                 cell.group, f"{cell.group_confidence:.4f}", cell.label,
+                                 f"{cell.type_confidence:.4f}"])
+
+
+def _thumbnail(image: Image.Image, box: Sequence[float], size: int = 96) -> str:
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0) * 1.3
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    crop = image.crop((round(cx - side / 2), round(cy - side / 2),
+                       round(cx + side / 2), round(cy + side / 2)))
+    crop.thumbnail((size, size))
+    buffer = io.BytesIO()
+    crop.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class Gallery:
+    """Cell thumbnails collected field by field, so images need not stay in memory."""
+
+    def __init__(self) -> None:
+        self.cells: dict[str, list[tuple[str, str, float]]] = {label: [] for label in ORDER}
+
+    def add(self, image: Image.Image, result: FieldResult) -> None:
+        for index, cell in enumerate(result.cells, start=1):
+            caption = f"{Path(result.image).name} #{index}"
+            self.cells[cell.label].append((_thumbnail(image, cell.box), caption,
+                                           cell.type_confidence))
+
+
+def write_report(path: Path, differential: Differential, gallery: Gallery,
+                 skipped: Sequence[tuple[str, str]], models: dict[str, str]) -> None:
+    """The self-contained HTML report of one run."""
+    rows = "".join(
+        f"<tr><td><span class=dot style='background:rgb{COLOURS[label]}'></span>{label}</td>"
+        f"<td>{differential.counts.get(label, 0)}</td>"
+        f"<td>{'' if label == UNIDENTIFIED else f'{differential.percentages[label]:.1f}%'}"
+        "</td></tr>"
+        for label in ORDER)
+    sections = []
+    for label in ORDER:
+        cells = gallery.cells[label]
+        if not cells:
+            continue
+        figures = "".join(
+            f"<figure><img src='data:image/jpeg;base64,{data}' alt='{html.escape(caption)}'>"
+            f"<figcaption>{html.escape(caption)}<br>{confidence:.2f}</figcaption></figure>"
+            for data, caption, confidence in cells)
+        sections.append(f"<h3 style='color:rgb{COLOURS[label]}'>{label} ({len(cells)})</h3>"
+                        f"<div class=gallery>{figures}</div>")
+    skipped_html = "".join(f"<li><code>{html.escape(name)}</code>: {html.escape(reason)}</li>"
+                           for name, reason in skipped)
+    model_html = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
+                         for k, v in models.items())
+    path.write_text(f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>leukodiff differential</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}}
+table{{border-collapse:collapse}} td,th{{padding:.3em 1em;border-bottom:1px solid #ddd;
+text-align:right}} td:first-child,th:first-child{{text-align:left}}
+.dot{{display:inline-block;width:.8em;height:.8em;border-radius:50%;margin-right:.5em}}
+.gallery{{display:flex;flex-wrap:wrap;gap:.5em}} figure{{margin:0;text-align:center;
+font-size:.7em;width:100px}} img{{width:96px;height:96px;object-fit:contain;background:#eee}}
+</style></head><body>
+<h1>White-cell differential</h1>
+<p>{differential.fields} field(s), {differential.total} white cells found,
+{differential.identified} identified. Percentages are of identified cells;
+unidentified cells (below the models' calibrated confidence) need review.
+Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC} by leukodiff.</p>
+<table><tr><th>type</th><th>count</th><th>% of identified</th></tr>{rows}</table>
+<h2>Cells by type</h2>{''.join(sections) or '<p>No white cells found.</p>'}
+<h2>Skipped files</h2>{f'<ul>{skipped_html}</ul>' if skipped else '<p>None.</p>'}
+<h2>Models</h2><ul>{model_html}</ul>
+</body></html>
+""")

@@ -1,0 +1,57 @@
+"""Tile merging on synthetic detections: no cell counted twice, none lost at a border."""
+
+import torch
+
+from leukodiff.models.detector import Detections
+from leukodiff.pipeline.tiling import merge_tiles, tile_origins
+
+
+def _found(*boxes, score=0.9, label=2):
+    if not boxes:
+        return Detections(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    return Detections(torch.tensor(boxes, dtype=torch.float32),
+                      torch.full((len(boxes),), label), torch.full((len(boxes),), score))
+
+
+def test_tiles_cover_the_image_with_the_overlap():
+    assert tile_origins(640, 640, 160) == [0]
+    starts = tile_origins(2000, 640, 160)
+    assert starts[0] == 0 and starts[-1] == 2000 - 640
+    assert all(b - a <= 640 - 160 for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_a_cell_seen_whole_in_two_tiles_counts_once():
+    tiles = [(0, 0, 640, 480), (480, 0, 1120, 480)]
+    cell = (500, 100, 600, 200)  # inside the overlap: both tiles see it whole
+    merged = merge_tiles([_found(cell), _found((20, 100, 120, 200))], tiles, (1120, 480))
+    assert merged.boxes.tolist() == [list(map(float, cell))]
+
+
+def test_a_cell_cut_by_one_tile_is_taken_from_the_tile_that_sees_it_whole():
+    tiles = [(0, 0, 640, 480), (480, 0, 1120, 480)]
+    piece = (560, 100, 640, 200)  # tile 1 sees only its left part, cut at x = 640
+    whole = (80, 100, 200, 200)   # tile 2 coordinates of the same cell: 560..680
+    merged = merge_tiles([_found(piece), _found(whole)], tiles, (1120, 480))
+    assert merged.boxes.tolist() == [[560.0, 100.0, 680.0, 200.0]]
+
+
+def test_a_cell_larger_than_the_overlap_is_joined_from_its_pieces():
+    tiles = [(0, 0, 640, 480), (480, 0, 1120, 480)]
+    left = (400, 100, 640, 300)   # cut at tile 1's right edge
+    right = (0, 100, 160, 300)    # cut at tile 2's left edge (x = 480 in the image)
+    merged = merge_tiles([_found(left), _found(right, score=0.8)], tiles, (1120, 480))
+    assert merged.boxes.tolist() == [[400.0, 100.0, 640.0, 300.0]]
+    assert len(merged.scores) == 1
+
+
+def test_cells_at_the_outer_image_border_are_kept():
+    tiles = [(0, 0, 640, 480), (480, 0, 1120, 480)]
+    merged = merge_tiles([_found((0, 0, 50, 50)), _found((560, 430, 640, 480))], tiles,
+                         (1120, 480))
+    assert len(merged.boxes) == 2
+
+
+def test_no_detections_anywhere():
+    merged = merge_tiles([_found(), _found()], [(0, 0, 640, 480), (480, 0, 1120, 480)],
+                         (1120, 480))
+    assert merged.boxes.shape == (0, 4)
