@@ -29,7 +29,7 @@ def test_fine_tuning_steps_lower_the_loss_on_real_pbc_cells(shared_data):
     targets = torch.tensor([0 if c.cell_type is CellType.LYMPHOCYTE else 1 for c in batch])
     torch.manual_seed(0)
     model = build_model(ClassifierConfig(mode="finetune"))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                  eps=1e-7)
     losses = []
     model.train()

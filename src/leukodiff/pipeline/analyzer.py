@@ -125,10 +125,10 @@ class Analyzer:
         self.detector = detector.eval()
         self.detector_manifest = detector_manifest
         self.classifiers = classifiers
-        inference = detector_manifest.get("inference", {})
-        self.detection_threshold = (inference.get("score_threshold", 0.5)
-                                    if detection_threshold is None else detection_threshold)
-        self.tile = tuple(inference.get("tile", (640, 480)))
+        spec = detector.spec  # the DetectorSpec the detector was built from
+        self.detection_threshold = (spec.score_threshold if detection_threshold is None
+                                    else detection_threshold)
+        self.tile = (spec.max_size, spec.min_size)  # the field size it works at natively
         self._pool = ThreadPoolExecutor(max_workers=len(classifiers))
 
     @classmethod

@@ -338,9 +338,6 @@ def train_classifier(
                   "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                   "seconds": seconds, "images_per_second": seen / seconds}
         state["history"].append(record)
-        log(f"epoch {epoch}: loss {record['loss']:.4f}  val loss {val_loss:.4f}  "
-            f"acc {val['accuracy']:.4f}  macro-F1 {val['macro_f1']:.4f}  {seconds:.1f}s "
-            f"({record['images_per_second']:.0f} img/s)")
         # Val sets of a few hundred cells often tie on F1 near 1.0: the loss breaks ties.
         score = (val["macro_f1"], -val_loss)
         if tuple(state["best_score"]) < score:
@@ -352,6 +349,9 @@ def train_classifier(
                     "torch_rng": torch.get_rng_state(), "state": state,
                     "config": asdict(config)}, checkpoint_path.with_suffix(".tmp"))
         checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # atomic: survives a kill
+        log(f"epoch {epoch}: loss {record['loss']:.4f}  val loss {val_loss:.4f}  "
+            f"acc {val['accuracy']:.4f}  macro-F1 {val['macro_f1']:.4f}  {seconds:.1f}s "
+            f"({record['images_per_second']:.0f} img/s)")
 
     model.load_state_dict(torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True))
     calibration = calibrate_confidence(
