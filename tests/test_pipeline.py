@@ -95,8 +95,23 @@ def test_tiny_images_are_refused_with_a_reason(analyzer):
         analyzer(Image.new("RGB", (20, 20)))
 
 
-def test_a_blank_field_has_no_cells(analyzer):
-    assert analyzer(Image.new("RGB", (640, 480), (235, 215, 220))).cells == []
+def test_fields_with_only_red_cells_have_no_white_cells(analyzer, test_fields):
+    """The part of each single-WBC test field beside its white cell holds only RBCs."""
+    checked = 0
+    for field in test_fields:
+        if len(field.wbc_boxes) != 1:
+            continue
+        box = field.wbc_boxes[0]
+        image = load_image(field.image)
+        if box.x0 >= 640 - box.x1:
+            region = (0, 0, int(box.x0) - 5, 480)
+        else:
+            region = (int(box.x1) + 5, 0, 640, 480)
+        if region[2] - region[0] < 200:
+            continue
+        assert analyzer(image.crop(region)).cells == [], field.image.name
+        checked += 1
+    assert checked >= 20
 
 
 def _cell(label, confidence=0.99):
