@@ -13,7 +13,7 @@ from rich.table import Table
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import holdout
 from leukodiff.evaluation.metrics import plot_confusion
-from leukodiff.models.io import load_classifier, shipped
+from leukodiff.models.io import load_classifier
 from leukodiff.training.cells import load_cell_tensors
 from leukodiff.training.classifier import (
     ClassifierConfig,
@@ -23,11 +23,6 @@ from leukodiff.training.classifier import (
 )
 
 PARTS = ("train", "val", "test", "all")
-
-
-def _resolve(model: str | Path) -> Path:
-    path = Path(model)
-    return path if path.suffix == ".pt" or path.exists() else shipped(str(model))
 
 
 def evaluate_classifier(
@@ -44,7 +39,7 @@ def evaluate_classifier(
     cell of the sources (for sources the model never saw)."""
     if part not in PARTS:
         raise TrainingError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
-    network, manifest = load_classifier(_resolve(model))
+    network, manifest = load_classifier(model)
     known = {f.name for f in fields(ClassifierConfig)}
     config = ClassifierConfig(**{k: v for k, v in manifest["training"].items() if k in known})
     config_sources = tuple(sources or config.sources)

@@ -31,8 +31,12 @@ def manifest_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
-def save_classifier(model: MobileNetClassifier, manifest: dict[str, Any], path: Path) -> dict:
-    """Write `path` (.pt state dict) and its manifest beside it; returns the manifest."""
+def save_model(model: torch.nn.Module, manifest: dict[str, Any], path: Path) -> dict:
+    """Write `path` (.pt state dict) and its manifest beside it; returns the manifest.
+
+    `manifest["architecture"]` must say enough to rebuild the network without
+    any pretrained weights file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, path)
@@ -41,9 +45,23 @@ def save_classifier(model: MobileNetClassifier, manifest: dict[str, Any], path: 
     return manifest
 
 
-def load_classifier(path: str | Path) -> tuple[MobileNetClassifier, dict[str, Any]]:
-    """A classifier in eval mode and its manifest; refuses files that do not match it."""
-    path = Path(path)
+save_classifier = save_detector = save_model
+
+
+def shipped(name: str) -> Path:
+    """Path of a model shipped with leukodiff, e.g. `shipped("mononuclear")`."""
+    return SHIPPED_DIR / f"{name}.pt"
+
+
+def resolve(model: str | Path) -> Path:
+    """A model file's path: a path as given, or the shipped model of that name."""
+    path = Path(model)
+    return path if path.suffix == ".pt" or path.exists() else shipped(str(model))
+
+
+def read_checked(model: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The model file and its manifest, refusing a missing or altered file."""
+    path = resolve(model)
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     if not manifest_path(path).is_file():
@@ -51,14 +69,34 @@ def load_classifier(path: str | Path) -> tuple[MobileNetClassifier, dict[str, An
     manifest = json.loads(manifest_path(path).read_text())
     if manifest.get("sha256") != sha256_of(path):
         raise ModelFileError(f"{path}: sha256 does not match its manifest (file altered?)")
-    arch = manifest["architecture"]
-    model = MobileNetClassifier(
+    return path, manifest
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_classifier(model: str | Path) -> tuple[MobileNetClassifier, dict[str, Any]]:
+    """A level-2 classifier in eval mode and its manifest (a path or a shipped name)."""
+    path, manifest = read_checked(model)
+    arch = manifest.get("architecture", {})
+    if arch.get("name") != "mobilenet_v1":
+        raise ModelFileError(f"{path}: not a level-2 classifier ({arch.get('name')!r})")
+    network = MobileNetClassifier(
         num_classes=len(manifest["classes"]), width=arch["width"], hidden=arch["hidden"]
     )
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval(), manifest
+    network.load_state_dict(_state(path))
+    return network.eval(), manifest
 
 
-def shipped(name: str) -> Path:
-    """Path of a model shipped with leukodiff, e.g. `shipped("mononuclear")`."""
-    return SHIPPED_DIR / f"{name}.pt"
+def load_detector(model: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The level-1 Faster R-CNN in eval mode and its manifest (a path or a shipped name)."""
+    from leukodiff.models.detector import DetectorSpec, build_detector
+
+    path, manifest = read_checked(model)
+    name = str(manifest.get("architecture", {}).get("name", ""))
+    if not name.startswith("fasterrcnn"):
+        raise ModelFileError(f"{path}: not a detector ({name!r})")
+    network = build_detector(DetectorSpec.from_dict(manifest["architecture"]), pretrained=False)
+    network.load_state_dict(_state(path))
+    return network.eval(), manifest

@@ -25,7 +25,7 @@ from leukodiff.data.crops import crop_cell, square_input
 from leukodiff.data.records import Box
 from leukodiff.imaging import load_image, to_rgb
 from leukodiff.models.detector import Detections, predict
-from leukodiff.models.io import load_classifier, load_detector, shipped
+from leukodiff.models.io import load_classifier, load_detector
 from leukodiff.pipeline.tiling import detect_tiled
 from leukodiff.taxonomy import CellType, Group
 
@@ -145,8 +145,7 @@ class Analyzer:
         classifiers = {}
         for group, name in ((Group.MONONUCLEAR, mononuclear),
                             (Group.POLYMORPHONUCLEAR, polymorphonuclear)):
-            path = Path(name)
-            model, manifest = load_classifier(path if path.suffix == ".pt" else shipped(str(name)))
+            model, manifest = load_classifier(name)
             classifiers[group] = GroupClassifier(model, manifest, min_confidence)
         return cls(detector_model, detector_manifest, classifiers,
                    detection_threshold=detection_threshold)

@@ -33,7 +33,7 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, load_cells, read_class_folders
 from leukodiff.data.splits import holdout
 from leukodiff.evaluation.metrics import calibrate_confidence, classification_metrics
-from leukodiff.models.io import save_classifier
+from leukodiff.models.io import save_model
 from leukodiff.models.mobilenet import MobileNetClassifier
 from leukodiff.models.tflite import load_imagenet_backbone
 from leukodiff.taxonomy import CELL_TYPES_OF, CellType, Group, parse_cell_type
@@ -383,7 +383,7 @@ def train_classifier(
         "calibration": calibration,
         "torch": torch.__version__,
     }
-    return save_classifier(model, manifest, out_dir / "model.pt")
+    return save_model(model, manifest, out_dir / "model.pt")
 
 
 def evaluate_by_source(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
