@@ -66,7 +66,7 @@ def test_other_image_modes_give_the_same_cells(analyzer, test_fields, tmp_path, 
     field = test_fields[0]
     rgb = load_image(field.image)
     if mode == "I;16":
-        converted = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257))
+        converted = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
     else:
         converted = rgb.convert(mode)
     path = tmp_path / f"field-{mode.replace(';', '')}.png"

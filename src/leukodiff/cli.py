@@ -91,7 +91,8 @@ def data_summary(
             console.print(f"{s.source}: {len(s.duplicate_sets)} sets of exact-duplicate images "
                           "(kept on one side of every split):")
             for paths in s.duplicate_sets[:show_skipped]:
-                console.print("  " + " = ".join(p.name for p in paths), highlight=False)
+                console.print("  " + " = ".join(str(p.relative_to(root)) for p in paths),
+                              highlight=False)
         else:
             console.print(f"{s.source}: no exact-duplicate images")
         if s.skipped:
