@@ -215,6 +215,140 @@ def evaluate_classifier_command(
         console.print(f"confusion matrices and metrics.json in {out}")
 
 
+@train_app.command("detector")
+def train_detector_command(
+    out: Path = typer.Option(..., help="Run folder: checkpoints, detector.pt, manifest."),
+    epochs: int = typer.Option(40),
+    batch_size: int = typer.Option(8, help="Fields per step."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate (linear warm-up, then cosine)."),
+    seed: int = typer.Option(0, help="Seed of initialisation, sampling and augmentation."),
+    warmup_steps: int = typer.Option(50, help="Steps of linear learning-rate warm-up."),
+    val_every: int = typer.Option(2, help="Epochs between validations (and the last one)."),
+    validation: str = typer.Option("voc", help="voc: select on BCCD's VOC val list | grouped: "
+                                   "on a grouped split of VOC train+val. The test list is "
+                                   "never used."),
+    mono_oversample: int = typer.Option(5, help="Times a field with a mononuclear cell is "
+                                        "drawn per epoch."),
+    copy_paste: float = typer.Option(0.5, help="Probability of pasting a mononuclear cell "
+                                     "from another training field."),
+    scale_range: str = typer.Option("0.8,1.25", help="Scale jitter: min,max factor."),
+    colour_jitter: str = typer.Option("0.25,0.25,0.25,0.04", help="Colour jitter: "
+                                      "brightness,contrast,saturation,hue."),
+    group_classifier: bool = typer.Option(True, "--group-classifier/--no-group-classifier",
+                                          help="Relabel boxes with a crop classifier trained "
+                                          "on BCCD + PBC cells."),
+    group_epochs: int = typer.Option(8, help="Epochs of the group classifier (0: keep the "
+                                     "one of --init-weights)."),
+    group_pbc_per_type: int = typer.Option(800, help="PBC cells per type for the group "
+                                           "classifier (0: BCCD cells only)."),
+    colour_standardise: bool = typer.Option(False, "--colour-standardise/--raw-colours",
+                                            help="Standardise each field's colours to BCCD's "
+                                            "statistics inside the model."),
+    init_weights: Path | None = typer.Option(None, help="Start from this detector.pt "
+                                             "(fine-tuning)."),
+    max_train_fields: int = typer.Option(0, help="Only this many training fields (quick runs)."),
+    device: str = typer.Option("", help="cpu | cuda [default: cuda when available]."),
+    time_limit: float = typer.Option(0.0, help="Stop cleanly after the epoch that passes this "
+                                     "many minutes (0: no limit); --resume goes on."),
+    resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
+    data_root: Path | None = DataRoot,
+    weights_dir: Path | None = typer.Option(None, help="ImageNet TFLite weights folder "
+                                            "[default: $LEUKODIFF_WEIGHTS, ../shared/weights]."),
+) -> None:
+    """Train the level-1 detector (Faster R-CNN, MobileNetV1-0.5) on BCCD fields."""
+    from leukodiff.models.detector import DetectorSpec
+    from leukodiff.training.detector import (
+        DetectorConfig,
+        DetectorTrainingError,
+        train_detector,
+    )
+
+    spec = DetectorSpec(group_classifier=group_classifier, colour_standardise=colour_standardise)
+    try:
+        scales = tuple(float(v) for v in _split_list(scale_range))
+        jitter = tuple(float(v) for v in _split_list(colour_jitter))
+    except ValueError:
+        raise _fail("--scale-range and --colour-jitter take comma-separated numbers") from None
+    if len(scales) != 2 or len(jitter) != 4:
+        raise _fail("--scale-range takes 2 numbers, --colour-jitter 4")
+    config = DetectorConfig(spec=spec, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                            warmup_steps=warmup_steps, val_every=val_every,
+                            scale_range=scales, color_jitter=jitter,
+                            validation=validation, mono_oversample=mono_oversample,
+                            copy_paste=copy_paste, group_epochs=group_epochs,
+                            group_pbc_per_type=group_pbc_per_type,
+                            init_weights=str(init_weights or ""),
+                            max_train_fields=max_train_fields)
+    try:
+        manifest = train_detector(config, out, data_root=data_root, weights_dir=weights_dir,
+                                  resume=resume, track=_track, log=console.print,
+                                  time_limit_minutes=time_limit or None, device=device or None)
+    except (DetectorTrainingError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    if manifest.get("finished") is False:
+        console.print(f"stopped after epoch {manifest['epoch']}: run again with --resume")
+        return
+    test = manifest["metrics"]["test (BCCD VOC test list)"]
+    console.print(f"BCCD VOC test: WBC AP50 {test['wbc']['ap50']:.3f}, AP50:95 "
+                  f"{test['wbc']['ap50_95']:.3f}; group accuracy of matched cells "
+                  f"{test['matched']['group_accuracy']:.3f}, mononuclear recall "
+                  f"{test['matched']['mononuclear_recall']:.3f}")
+    console.print(f"wrote {out / 'detector.pt'} and {out / 'detector.json'}")
+
+
+@evaluate_app.command("detector")
+def evaluate_detector_command(
+    model: Path = typer.Option(Path("detector"), help="A detector.pt with its manifest, or the "
+                               "shipped name 'detector'."),
+    out: Path | None = typer.Option(None, help="Folder for metrics.json and annotated PNGs."),
+    bcd: bool = typer.Option(True, "--bcd/--no-bcd", help="Also test on BCD (another lab)."),
+    bcd_scale: float = typer.Option(0.0, help="Enlarge BCD tiles by this factor "
+                                    "[default: from the red-cell sizes of BCCD and BCD]."),
+    colour_standardise: bool = typer.Option(True, "--colour-standardise/--raw-colours",
+                                            help="BCD: standardise colours to BCCD's "
+                                            "statistics before detection."),
+    examples: int = typer.Option(6, help="Annotated BCCD fields to save (errors first)."),
+    data_root: Path | None = DataRoot,
+) -> None:
+    """COCO AP, recall/precision and group accuracy on BCCD's VOC test list; recall and
+    precision on BCD."""
+    from leukodiff.evaluation.detector import evaluate_detector
+    from leukodiff.models.io import ModelFileError
+
+    try:
+        results = evaluate_detector(model, data_root=data_root, out_dir=out, bcd=bcd,
+                                    bcd_scale=bcd_scale or None,
+                                    bcd_colour_standardise=colour_standardise,
+                                    examples=examples, track=_track)
+    except (ModelFileError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    test = results["bccd_test"]
+    wbc, matched = test["wbc"], test["matched"]
+    console.print(f"BCCD VOC test ({test['fields']} fields): WBC AP50 {wbc['ap50']:.3f}, "
+                  f"AP50:95 {wbc['ap50_95']:.3f}, recall {wbc['recall']:.3f}, precision "
+                  f"{wbc['precision']:.3f} at score {test['score_threshold']}")
+    console.print(f"  per-group AP50 {test['groups']['ap50']}; matched cells "
+                  f"{matched['n']}: group accuracy {matched['group_accuracy']:.3f}, "
+                  f"mononuclear recall {matched['mononuclear_recall']:.3f}")
+    boxed = results["bccd_test_fields_with_a_wbc_box"]["wbc"]
+    console.print(f"  fields with a WBC box only: AP50 {boxed['ap50']:.3f}, precision "
+                  f"{boxed['precision']:.3f} (BCCD leaves some white cells unboxed)")
+    speed = results["ms_per_field"]
+    console.print(f"  {speed['median']:.1f} ms per {speed['size']} field (median, "
+                  f"{speed['threads']} threads)")
+    if "bcd" in results:
+        b = results["bcd"]
+        console.print(f"BCD x{b['scale']:.2f}"
+                      + (" colour-standardised" if b["colour_standardised"] else "")
+                      + f": recall {b['wbc']['recall']:.3f}, precision "
+                      f"{b['wbc']['precision']:.3f}, AP50 {b['wbc']['ap50']:.3f}")
+        for name, row in b["sweep"].items():
+            console.print(f"  {name}: recall {row['recall']:.3f}, precision "
+                          f"{row['precision']:.3f}, AP50 {row['ap50']:.3f}")
+    if out:
+        console.print(f"metrics.json and annotated PNGs in {out}")
+
+
 @app.command()
 def params(
     width: float = typer.Option(0.5, help="MobileNetV1 width multiplier."),

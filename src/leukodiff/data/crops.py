@@ -25,12 +25,12 @@ def square_window(box: Box, scale: float, image_size: tuple[int, int]) -> tuple[
     if scale <= 0:
         raise ValueError(f"crop scale must be positive, got {scale}")
     width, height = image_size
-    side = max(box.width, box.height) * scale
+    side = max(box.width, box.height, 1.0) * scale
     cx, cy = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
     bounds = []
     for centre, limit in ((cx, width), (cy, height)):
         low = min(max(centre - side / 2, 0.0), max(limit - side, 0.0))
-        bounds.append((round(low), round(min(low + side, limit))))
+        bounds.append((round(low), max(round(min(low + side, limit)), round(low) + 1)))
     (x0, x1), (y0, y1) = bounds
     return x0, y0, x1, y1
 

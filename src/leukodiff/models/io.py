@@ -45,8 +45,6 @@ def save_model(model: torch.nn.Module, manifest: dict[str, Any], path: Path) -> 
     return manifest
 
 
-save_classifier = save_detector = save_model
-
 
 def shipped(name: str) -> Path:
     """Path of a model shipped with leukodiff, e.g. `shipped("mononuclear")`."""

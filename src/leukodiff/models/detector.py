@@ -1,0 +1,421 @@
+"""Level 1: torchvision's Faster R-CNN on a light MobileNetV1 backbone.
+
+It finds white cells in a smear field and labels each one mononuclear or
+polymorphonuclear. Only the backbone is ours; the RPN, RoI heads, box coding
+and NMS are torchvision's (`torchvision.models.detection.FasterRCNN`).
+
+    model = build_detector(DetectorSpec(), weights_dir=...)  # ImageNet backbone
+    boxes, labels, scores = predict(model, [load_image(path)])[0]
+
+Design (see `DetectorSpec`):
+
+* Backbone: MobileNetV1-0.5 (`leukodiff.models.mobilenet`, TF-SAME padding,
+  input normalisation inside) cut at stride 16 (the last two 1024-wide
+  separable blocks dropped), initialised from Google's ImageNet TFLite weights,
+  then a 1x1 convolution to `channels`. Its BatchNorm layers stay in eval mode:
+  the converted weights fold BN into an identity-plus-bias, and batches of a
+  few fields would give useless statistics.
+* Native resolution: the RCNN transform neither resizes nor normalises (the
+  backbone normalises). BCCD's 640x480 fields go in at 640x480; other sources
+  are rescaled explicitly with `predict(..., scale=)` so that their cells have
+  BCCD's size in pixels (a white cell is ~200 px across in BCCD).
+* Anchors 64-256 px (three aspect ratios) on the single stride-16 map cover
+  BCCD's white cells, 120-260 px for 90% of them and ~30 px for slivers cut by
+  the image border.
+* `predict` adds a class-agnostic NMS after torchvision's per-class NMS, so a
+  cell is reported once, with the group of its best-scoring box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign, nms
+
+from leukodiff.data.crops import square_window
+from leukodiff.data.records import Box
+from leukodiff.imaging import load_image, to_rgb
+from leukodiff.models.mobilenet import MobileNetClassifier, MobileNetV1
+from leukodiff.models.tflite import load_imagenet_backbone
+from leukodiff.taxonomy import Group
+
+#: Label index -> name; 0 is torchvision's background class.
+CLASSES: tuple[str, ...] = ("background", str(Group.MONONUCLEAR), str(Group.POLYMORPHONUCLEAR))
+LABEL_OF: dict[Group, int] = {Group.MONONUCLEAR: 1, Group.POLYMORPHONUCLEAR: 2}
+GROUP_OF_LABEL: dict[int, Group] = {index: group for group, index in LABEL_OF.items()}
+
+# MobileNetV1 conv blocks (stem + 13 depthwise/pointwise pairs) that end at each stride.
+_BLOCKS_TO_STRIDE = {8: 1 + 2 * 5, 16: 1 + 2 * 11, 32: 1 + 2 * 13}
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """Everything that fixes the network's shape and its inference behaviour (in the manifest)."""
+
+    width: float = 0.5  # MobileNetV1 width multiplier (ImageNet weights: 0.25, 0.5, 0.75)
+    stride: int = 16  # feature map stride: 8, 16 or 32
+    channels: int = 128  # 1x1 conv after the backbone: RPN and RoI features
+    anchor_sizes: tuple[int, ...] = (64, 128, 256)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    roi_size: int = 7  # RoIAlign output side
+    representation: int = 256  # width of the two-layer MLP box head
+    rpn_pre_nms_train: int = 1000
+    rpn_post_nms_train: int = 500
+    rpn_pre_nms_test: int = 500
+    rpn_post_nms_test: int = 300
+    rpn_batch_per_image: int = 128
+    box_batch_per_image: int = 128
+    box_score_thresh: float = 0.05  # kept for AP; `score_threshold` is the operating point
+    box_nms_thresh: float = 0.5
+    detections_per_image: int = 20
+    agnostic_nms_iou: float = 0.5  # a cell is reported once, whatever its group scores
+    score_threshold: float = 0.5  # what counts as a found cell (recall/precision, counts)
+    min_size: int = 480  # torchvision's nominal sizes; the transform below never resizes
+    max_size: int = 640
+    # Group refiner: a MobileNetV1 crop classifier (mononuclear / polymorphonuclear) that
+    # relabels the boxes Faster R-CNN finds, trained on many more cells than BCCD's fields
+    # hold. Crops as the level-2 models cut them (square, `group_crop_scale` x the box).
+    group_classifier: bool = True
+    group_crop_scale: float = 2.6
+    group_input_size: int = 128
+    group_hidden: int = 128
+    refine_min_score: float = 0.2  # only boxes scoring at least this are relabelled
+    refine_max: int = 10
+    # Per-image colour standardisation (stain/lamp differences between labs): each RGB
+    # channel is shifted and scaled to the mean/std of BCCD's training fields. When True
+    # the model was trained with it (it is done in the RCNN transform); `predict` can also
+    # apply it to a model trained without it (`colour_standardise=True`).
+    colour_standardise: bool = False
+    colour_mean: tuple[float, float, float] = (0.7413, 0.7012, 0.7110)
+    colour_std: tuple[float, float, float] = (0.0609, 0.1016, 0.0873)
+    # contrast is reduced to the reference but raised at most this much: a region holding
+    # only red cells has little spread, and stretching it makes red cells look like nuclei
+    colour_max_gain: float = 1.0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DetectorSpec:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("anchor_sizes", "aspect_ratios", "colour_mean", "colour_std"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def standardise_colour(image: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                       max_gain: float | None = None) -> torch.Tensor:
+    """Shift and scale each channel of a (3, H, W) image to the given mean and std
+    (the scale capped at `max_gain`, when given)."""
+    flat = image.flatten(1)
+    own_mean, own_std = flat.mean(1), flat.std(1).clamp(min=1e-3)
+    target_mean = torch.tensor(mean, dtype=image.dtype, device=image.device)
+    target_std = torch.tensor(std, dtype=image.dtype, device=image.device)
+    scale = target_std / own_std
+    if max_gain is not None:
+        scale = scale.clamp(max=max_gain)
+    return (image - own_mean[:, None, None]) * scale[:, None, None] + target_mean[:, None, None]
+
+
+class NativeResolutionTransform(GeneralizedRCNNTransform):
+    """torchvision's RCNN transform without resizing or mean/std normalisation.
+
+    Images keep their size (scaling is the caller's explicit choice) and are
+    only padded to a multiple of 32 for batching; the MobileNet backbone does
+    its own input normalisation. With `colour` = (mean, std), each image's colours
+    are standardised to those statistics first (per image, before padding).
+    """
+
+    def __init__(self, *args, colour: tuple[Sequence[float], Sequence[float], float] | None
+                 = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.colour = colour
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if self.colour is None:
+            return image
+        return standardise_colour(image, *self.colour)
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+class MobileNetFeatures(nn.Module):
+    """MobileNetV1 cut at `stride`, then a 1x1 conv + ReLU to `channels` (FasterRCNN backbone)."""
+
+    def __init__(self, width: float = 0.5, stride: int = 16, channels: int = 128) -> None:
+        super().__init__()
+        if stride not in _BLOCKS_TO_STRIDE:
+            raise ValueError(f"stride must be one of {sorted(_BLOCKS_TO_STRIDE)}, got {stride}")
+        self.mobilenet = MobileNetV1(width, relu6=True)
+        self.mobilenet.layers = self.mobilenet.layers[: _BLOCKS_TO_STRIDE[stride]]
+        del self.mobilenet.pool
+        last = self.mobilenet.layers[-1]
+        self.reduce = nn.Sequential(nn.Conv2d(last.conv.out_channels, channels, 1),
+                                    nn.ReLU(inplace=True))
+        self.out_channels = channels
+        self.frozen_blocks = 0
+
+    def load_imagenet(self, weights_dir: str | Path | None = None) -> None:
+        """ImageNet weights for the kept blocks (the file holds the whole network)."""
+        full = MobileNetV1(self.mobilenet.width, relu6=True)
+        load_imagenet_backbone(full, weights_dir)
+        kept = {k: v for k, v in full.state_dict().items() if k in self.mobilenet.state_dict()}
+        self.mobilenet.load_state_dict(kept)
+
+    def freeze_blocks(self, count: int) -> None:
+        """Stop training the first `count` conv blocks (their early filters are generic)."""
+        self.frozen_blocks = count
+        for index, block in enumerate(self.mobilenet.layers):
+            block.requires_grad_(index >= count)
+
+    def train(self, mode: bool = True) -> MobileNetFeatures:
+        super().train(mode)
+        for module in self.mobilenet.modules():  # BN: folded ImageNet statistics, never updated
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels-last: ~20% faster depthwise/pointwise convolutions on CPU
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.reduce(self.mobilenet.feature_map(x)).contiguous()
+
+
+def build_detector(
+    spec: DetectorSpec | None = None,
+    *,
+    pretrained: bool = True,
+    weights_dir: str | Path | None = None,
+    frozen_blocks: int = 3,
+) -> FasterRCNN:
+    """The level-1 Faster R-CNN; `pretrained` fills the backbone with the ImageNet weights.
+
+    `frozen_blocks` first conv blocks of MobileNet are not trained (3: the stem
+    and the first depthwise/pointwise pair, at stride 2).
+    """
+    spec = spec or DetectorSpec()
+    backbone = MobileNetFeatures(spec.width, spec.stride, spec.channels)
+    if pretrained:
+        backbone.load_imagenet(weights_dir)
+    backbone.freeze_blocks(frozen_blocks)
+    backbone.to(memory_format=torch.channels_last)
+    anchors = AnchorGenerator(sizes=(tuple(spec.anchor_sizes),),
+                              aspect_ratios=(tuple(spec.aspect_ratios),))
+    roi_pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=spec.roi_size,
+                                  sampling_ratio=2)
+    box_head = TwoMLPHead(spec.channels * spec.roi_size**2, spec.representation)
+    model = FasterRCNN(
+        backbone,
+        min_size=spec.min_size,
+        max_size=spec.max_size,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=spec.rpn_pre_nms_train,
+        rpn_post_nms_top_n_train=spec.rpn_post_nms_train,
+        rpn_pre_nms_top_n_test=spec.rpn_pre_nms_test,
+        rpn_post_nms_top_n_test=spec.rpn_post_nms_test,
+        rpn_batch_size_per_image=spec.rpn_batch_per_image,
+        box_roi_pool=roi_pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(spec.representation, len(CLASSES)),
+        box_score_thresh=spec.box_score_thresh,
+        box_nms_thresh=spec.box_nms_thresh,
+        box_detections_per_img=spec.detections_per_image,
+        box_batch_size_per_image=spec.box_batch_per_image,
+    )
+    if spec.group_classifier:
+        classifier = MobileNetClassifier(2, width=spec.width, hidden=spec.group_hidden)
+        if pretrained:
+            load_imagenet_backbone(classifier.backbone, weights_dir)
+        classifier.unfreeze_backbone(train_batchnorm=False)
+        model.group_classifier = classifier  # a submodule: saved in the same state dict
+    colour = ((spec.colour_mean, spec.colour_std, spec.colour_max_gain)
+              if spec.colour_standardise else None)
+    model.transform = NativeResolutionTransform(spec.min_size, spec.max_size,
+                                                [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], colour=colour)
+    model.spec = spec  # type: ignore[attr-defined]
+    return model
+
+
+def parameter_count(model: nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+class Detections(NamedTuple):
+    """White cells found in one image, in the input image's pixels (x0, y0, x1, y1)."""
+
+    boxes: torch.Tensor  # (N, 4) float
+    labels: torch.Tensor  # (N,) int64: 1 mononuclear, 2 polymorphonuclear
+    scores: torch.Tensor  # (N,) float, descending
+
+    @property
+    def groups(self) -> list[Group]:
+        return [GROUP_OF_LABEL[int(label)] for label in self.labels]
+
+    def above(self, threshold: float) -> Detections:
+        keep = self.scores >= threshold
+        return Detections(self.boxes[keep], self.labels[keep], self.scores[keep])
+
+
+ImageInput = Image.Image | str | Path | np.ndarray | torch.Tensor
+
+
+def to_tensor(image: ImageInput, scale: float = 1.0) -> torch.Tensor:
+    """Any supported input as float RGB (3, H, W) in [0, 1], rescaled by `scale`.
+
+    PIL images of any mode go through `imaging.to_rgb`, paths through
+    `imaging.load_image`; uint8 arrays (H, W[, C]) and float/uint8 tensors
+    (C, H, W) are taken as they are (1 or 4 channels: gray or RGBA).
+    """
+    if isinstance(image, str | Path):
+        image = load_image(image)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        image = to_rgb(image)
+        if scale != 1.0:
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+    if not isinstance(image, torch.Tensor) or image.dim() != 3:
+        raise TypeError(f"expected a PIL image, path, array or (C, H, W) tensor, got {image!r:.80}")
+    tensor = image.float().div(255) if image.dtype == torch.uint8 else image.float()
+    if tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    elif tensor.shape[0] == 4:  # RGBA over a white slide background, as imaging.to_rgb does
+        tensor = tensor[:3] * tensor[3:] + (1 - tensor[3:])
+    elif tensor.shape[0] != 3:
+        raise ValueError(f"expected 1, 3 or 4 channels, got {tensor.shape[0]}")
+    if scale != 1.0:
+        tensor = nn.functional.interpolate(tensor[None], scale_factor=scale, mode="bilinear",
+                                           align_corners=False)[0]
+    return tensor.contiguous()
+
+
+def agnostic_nms(detections: Detections, iou: float) -> Detections:
+    """Keep the best-scoring box of any overlapping group of boxes, whatever their labels."""
+    if len(detections.scores) < 2 or iou >= 1:
+        return detections
+    keep = nms(detections.boxes, detections.scores, iou)
+    return Detections(detections.boxes[keep], detections.labels[keep], detections.scores[keep])
+
+
+def group_crops(image: torch.Tensor, boxes: torch.Tensor, scale: float, size: int
+                ) -> torch.Tensor:
+    """(N, 3, size, size) crops of `image` (3, H, W) around `boxes`, cut like the level-2
+    models' training crops (square window, centre square if clipped, antialiased resize)."""
+    height, width = image.shape[-2:]
+    crops = []
+    for box in boxes.tolist():
+        left, top, right, bottom = square_window(Box(*box), scale, (width, height))
+        crop = image[:, top:bottom, left:right]
+        side = min(crop.shape[-2:])
+        dy, dx = (crop.shape[-2] - side) // 2, (crop.shape[-1] - side) // 2
+        crop = crop[:, dy:dy + side, dx:dx + side]
+        crops.append(nn.functional.interpolate(crop[None], size=(size, size), mode="bilinear",
+                                               antialias=True, align_corners=False)[0])
+    return torch.stack(crops) if crops else image.new_zeros((0, 3, size, size))
+
+
+def refine_groups(model: FasterRCNN, image: torch.Tensor, found: Detections) -> Detections:
+    """Relabel the confident boxes of `found` (in `image`'s pixels) with the group
+    classifier; the others keep Faster R-CNN's label."""
+    spec: DetectorSpec = model.spec
+    chosen = torch.nonzero(found.scores >= spec.refine_min_score).flatten()[: spec.refine_max]
+    if not len(chosen):
+        return found
+    crops = group_crops(image, found.boxes[chosen].to(image.device), spec.group_crop_scale,
+                        spec.group_input_size)
+    classifier = model.group_classifier
+    classifier.eval()
+    groups = classifier(crops).argmax(1).cpu() + 1  # 0 mononuclear -> label 1, 1 -> label 2
+    labels = found.labels.clone()
+    labels[chosen] = groups
+    return Detections(found.boxes, labels, found.scores)
+
+
+@torch.inference_mode()
+def predict(
+    model: FasterRCNN,
+    images: ImageInput | Sequence[ImageInput],
+    *,
+    scale: float = 1.0,
+    score_threshold: float | None = None,
+    batch_size: int = 1,
+    refine: bool = True,
+    colour_standardise: bool = False,
+) -> list[Detections]:
+    """White cells in each image: (boxes, labels, scores) in the input's own pixels.
+
+    `scale` resizes every image before detection (e.g. ~2 for BCD tiles whose
+    cells are half BCCD's size); boxes are mapped back to the input. Boxes with
+    a score under `score_threshold` are dropped (default: keep all the model
+    reports, down to its `box_score_thresh`, as AP needs). With a group classifier in the
+    model, confident boxes get its group unless `refine=False` (Faster R-CNN's own labels).
+    `colour_standardise` maps each image's colours to BCCD's statistics before detection
+    (for other labs' stains; the group classifier still sees the image as it is).
+    """
+    if isinstance(images, Image.Image | str | Path | np.ndarray | torch.Tensor) and not (
+        isinstance(images, torch.Tensor) and images.dim() == 4
+    ):
+        images = [images]
+    spec: DetectorSpec = getattr(model, "spec", DetectorSpec())
+    device = next(model.parameters()).device
+    model.eval()
+    results: list[Detections] = []
+    for start in range(0, len(images), batch_size):
+        batch = [to_tensor(image, scale).to(device)
+                 for image in images[start:start + batch_size]]
+        inputs = batch
+        if colour_standardise and not spec.colour_standardise:
+            inputs = [standardise_colour(x, spec.colour_mean, spec.colour_std,
+                                         spec.colour_max_gain) for x in batch]
+        for image, output in zip(batch, model(inputs), strict=True):
+            output = {k: v.cpu() for k, v in output.items()}
+            found = agnostic_nms(Detections(output["boxes"], output["labels"], output["scores"]),
+                                 spec.agnostic_nms_iou)
+            if refine and spec.group_classifier and hasattr(model, "group_classifier"):
+                found = refine_groups(model, image, found)
+            found = Detections(found.boxes / scale, found.labels, found.scores)
+            if score_threshold is not None:
+                found = found.above(score_threshold)
+            results.append(found)
+    return results
+
+
+def class_agnostic(detections: Detections) -> Detections:
+    """The same boxes, every label set to 1 (white cell)."""
+    return Detections(detections.boxes, torch.ones_like(detections.labels), detections.scores)
+
+
+__all__ = [
+    "CLASSES",
+    "GROUP_OF_LABEL",
+    "LABEL_OF",
+    "Detections",
+    "DetectorSpec",
+    "MobileNetFeatures",
+    "NativeResolutionTransform",
+    "agnostic_nms",
+    "build_detector",
+    "class_agnostic",
+    "group_crops",
+    "parameter_count",
+    "predict",
+    "refine_groups",
+    "standardise_colour",
+    "to_tensor",
+]

@@ -1,0 +1,683 @@
+"""Training the level-1 detector (Faster R-CNN, MobileNetV1-0.5) on BCCD fields.
+
+    config = DetectorConfig(epochs=40)
+    manifest = train_detector(config, Path("runs/detector"))
+
+Data: BCCD fields, each white-cell box labelled with its group (mononuclear /
+polymorphonuclear) from `labels.csv` via `Box.group`. The VOC `test` list is
+never read here except for the final report; model selection uses the VOC
+`val` list (or, with `validation="grouped"`, a grouped split of train+val).
+
+Boxes whose group is unknown (a field whose labels name both groups, or fewer
+labels than boxes) are not guessed: such fields are dropped from training
+(`DetectorConfig.unknown_group="drop"`, 5 of 205 VOC train fields), because
+torchvision's Faster R-CNN has no "ignore" label and an unlabelled white cell
+left in the image would be taught as background.
+
+Balance (BCCD's train list has ~36 mononuclear vs ~170 polymorphonuclear
+boxes): fields holding a mononuclear cell are drawn `mono_oversample` times
+per epoch, and with probability `copy_paste` a mononuclear cell cut from
+another training field (elliptical, feathered mask) is pasted into the field.
+
+Augmentation (torchvision.transforms.v2 with tv_tensors.BoundingBoxes):
+flips, 90-degree rotations (one per batch, so batches need no padding),
+scale jitter (one factor per batch; enlarged fields are cropped back to their
+size) and colour jitter.
+
+Group classifier (`DetectorSpec.group_classifier`, on by default): Faster
+R-CNN's RoI head learns the groups poorly from BCCD's ~36 mononuclear training
+cells (63-96% group accuracy on the VOC test list over five runs), so after the detector's
+epochs a MobileNetV1-0.5 crop classifier is fine-tuned on the BCCD training
+cells (drawn `group_bccd_repeat` times) plus `group_pbc_per_type` PBC cells of
+each type, cropped as the level-2 models crop them; `predict` relabels the
+detector's confident boxes with it. It is selected on the BCCD val cells.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from leukodiff.data.records import Cell, Field
+from leukodiff.data.scan import Track, no_progress
+from leukodiff.data.sources import load_cells, load_fields
+from leukodiff.data.splits import monte_carlo
+from leukodiff.evaluation.detector import detection_metrics
+from leukodiff.imaging import load_image
+from leukodiff.models.detector import (
+    CLASSES,
+    LABEL_OF,
+    DetectorSpec,
+    build_detector,
+    parameter_count,
+    predict,
+)
+from leukodiff.models.io import save_model
+from leukodiff.taxonomy import GROUP_OF, Group
+from leukodiff.training.cells import (
+    CellTensorDataset,
+    CropGeometry,
+    load_cell_tensors,
+    training_augmentation,
+)
+
+VALIDATIONS = ("voc", "grouped")
+
+
+class DetectorTrainingError(RuntimeError):
+    """Detector training cannot start or go on."""
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    spec: DetectorSpec = field(default_factory=DetectorSpec)
+    epochs: int = 40
+    batch_size: int = 8
+    lr: float = 1e-3  # AdamW; linear warm-up, then cosine to zero
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    frozen_blocks: int = 3  # MobileNet conv blocks kept at their ImageNet weights
+    seed: int = 0
+    validation: str = "voc"  # "voc": BCCD's VOC val list; "grouped": split of train+val
+    val_fraction: float = 0.2  # only for validation="grouped"
+    val_every: int = 2  # epochs between validations (the last epoch is always validated)
+    unknown_group: str = "drop"  # fields with a WBC box of unknown group: "drop"
+    mono_oversample: int = 5  # times a field with a mononuclear cell is drawn per epoch
+    copy_paste: float = 0.5  # probability of pasting one mononuclear cell into a field
+    scale_range: tuple[float, float] = (0.8, 1.25)
+    color_jitter: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.04)
+    max_train_fields: int = 0  # > 0: only this many training fields (tests, quick runs)
+    max_val_fields: int = 0
+    # group classifier (when spec.group_classifier): BCCD training cells + PBC cells
+    group_epochs: int = 8
+    group_lr: float = 5e-4
+    group_batch_size: int = 64
+    group_pbc_per_type: int = 800  # PBC cells per type (0: no PBC)
+    group_bccd_repeat: int = 5  # BCCD training cells are drawn this many times per epoch
+    # start from a trained detector.pt (fine-tuning); with group_epochs=0 its group
+    # classifier is kept as it is
+    init_weights: str = ""
+
+    def check(self) -> None:
+        if self.validation not in VALIDATIONS:
+            raise DetectorTrainingError(f"validation must be one of {VALIDATIONS}")
+        if self.unknown_group != "drop":
+            raise DetectorTrainingError("unknown_group: only 'drop' is implemented")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise DetectorTrainingError("epochs and batch_size must be at least 1")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DetectorConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if isinstance(known.get("spec"), dict):
+            known["spec"] = DetectorSpec.from_dict(known["spec"])
+        for key in ("scale_range", "color_jitter"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def has_unknown_group(record: Field) -> bool:
+    return any(box.group is None for box in record.wbc_boxes)
+
+
+def field_target(record: Field) -> tuple[torch.Tensor, torch.Tensor]:
+    """(boxes (N, 4) float xyxy, labels (N,) int64) of a field's WBC boxes of known group."""
+    boxes = [b.xyxy for b in record.wbc_boxes if b.group is not None]
+    labels = [LABEL_OF[Group(b.group)] for b in record.wbc_boxes if b.group is not None]
+    return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            torch.tensor(labels, dtype=torch.int64))
+
+
+def has_mononuclear(record: Field) -> bool:
+    return any(box.group == Group.MONONUCLEAR for box in record.wbc_boxes)
+
+
+@dataclass
+class DetectorData:
+    """BCCD fields of one run, by part."""
+
+    train: list[Field]
+    val: list[Field]
+    test: list[Field]
+    dropped: list[Field] = field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        def count(records: list[Field]) -> dict[str, int]:
+            boxes = [b for r in records for b in r.wbc_boxes]
+            return {"fields": len(records),
+                    "mononuclear": sum(b.group == Group.MONONUCLEAR for b in boxes),
+                    "polymorphonuclear": sum(b.group == Group.POLYMORPHONUCLEAR for b in boxes),
+                    "unknown group": sum(b.group is None for b in boxes)}
+
+        return {"train": count(self.train), "val": count(self.val), "test": count(self.test),
+                "dropped (unknown group)": count(self.dropped)}
+
+
+def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
+                   track: Track = no_progress) -> DetectorData:
+    """BCCD split for the detector: VOC train (+val) to train, val to select, test to report."""
+    records = sorted(load_fields("bccd", data_root, track).records, key=lambda r: r.image.name)
+    by_subset: dict[str, list[Field]] = {"train": [], "val": [], "test": []}
+    for record in records:
+        if record.subset in by_subset:
+            by_subset[record.subset].append(record)
+    if config.validation == "voc":
+        train, val = by_subset["train"], by_subset["val"]
+    else:
+        pool = by_subset["train"] + by_subset["val"]
+        split = monte_carlo(pool, repeats=1, train_fraction=1 - config.val_fraction,
+                            seed=config.seed, grouped=True)[0]
+        train, val = [pool[i] for i in split.train], [pool[i] for i in split.test]
+    dropped = [r for r in train if has_unknown_group(r)]
+    train = [r for r in train if not has_unknown_group(r)]
+    if config.max_train_fields:
+        # keep both groups in small runs: mononuclear fields first, alternating
+        mono = [r for r in train if has_mononuclear(r)]
+        rest = [r for r in train if not has_mononuclear(r)]
+        mixed = [r for pair in zip(mono, rest, strict=False) for r in pair]
+        mixed += mono[len(rest):] + rest[len(mono):]
+        train = mixed[: config.max_train_fields]
+    if config.max_val_fields:
+        val = val[: config.max_val_fields]
+    if not train or not val:
+        raise DetectorTrainingError("no BCCD training or validation fields found")
+    return DetectorData(train, val, by_subset["test"], dropped)
+
+
+class FieldImages:
+    """Decoded fields as uint8 (3, H, W) tensors, decoded once and kept in memory."""
+
+    def __init__(self, records: Sequence[Field]) -> None:
+        self.records = list(records)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, index: int) -> torch.Tensor:
+        if index not in self._cache:
+            array = np.asarray(load_image(self.records[index].image), dtype=np.uint8)
+            self._cache[index] = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        return self._cache[index]
+
+
+def _rand(low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand(()))
+
+
+def _ellipse_mask(height: int, width: int, feather: float = 0.12) -> torch.Tensor:
+    """Soft elliptical alpha filling a (height, width) box: 1 inside, 0 at the box edge."""
+    yy = (torch.arange(height, dtype=torch.float32) + 0.5) / height * 2 - 1
+    xx = (torch.arange(width, dtype=torch.float32) + 0.5) / width * 2 - 1
+    radius = torch.sqrt(yy[:, None] ** 2 + xx[None, :] ** 2)
+    return ((1.0 - radius) / feather).clamp(0, 1)
+
+
+class Augmenter:
+    """Copy-paste of mononuclear cells, then flips, rotation, scale and colour jitter."""
+
+    def __init__(self, config: DetectorConfig, images: FieldImages) -> None:
+        self.config = config
+        self.images = images
+        # donor cells: whole (not border-cut) mononuclear boxes of the training fields
+        self.donors: list[tuple[int, tuple[int, int, int, int]]] = []
+        for index, record in enumerate(images.records):
+            for box in record.wbc_boxes:
+                whole = box.x0 > 1 and box.y0 > 1 and box.x1 < record.width - 1 \
+                    and box.y1 < record.height - 1
+                if box.group == Group.MONONUCLEAR and whole and min(box.width, box.height) > 60:
+                    self.donors.append((index, tuple(round(c) for c in box.xyxy)))
+        self.color = v2.ColorJitter(*config.color_jitter)
+
+    def paste(self, index: int, image: torch.Tensor, boxes: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        donors = [d for d in self.donors if d[0] != index]
+        if not donors:
+            return image, boxes, labels
+        donor, (x0, y0, x1, y1) = donors[int(torch.randint(len(donors), ()))]
+        patch = self.images.image(donor)[:, y0:y1, x0:x1].float()
+        if torch.rand(()) < 0.5:
+            patch = patch.flip(-1)
+        patch = torch.rot90(patch, int(torch.randint(4, ())), dims=(1, 2))
+        _, ph, pw = patch.shape
+        _, height, width = image.shape
+        if ph >= height or pw >= width:
+            return image, boxes, labels
+        for _ in range(20):  # a free spot: no overlap with any white cell already there
+            px, py = int(torch.randint(width - pw, ())), int(torch.randint(height - ph, ()))
+            new = torch.tensor([[px, py, px + pw, py + ph]], dtype=torch.float32)
+            if not len(boxes):
+                break
+            low, high = torch.maximum(boxes[:, :2], new[:, :2]), torch.minimum(boxes[:, 2:],
+                                                                               new[:, 2:])
+            overlap = (high > low).all(dim=1)
+            if not bool(overlap.any()):
+                break
+        else:
+            return image, boxes, labels
+        alpha = _ellipse_mask(ph, pw)
+        image = image.clone()
+        region = image[:, py:py + ph, px:px + pw].float()
+        image[:, py:py + ph, px:px + pw] = (alpha * patch + (1 - alpha) * region).round().to(
+            torch.uint8)
+        return (image, torch.cat([boxes, new]),
+                torch.cat([labels, torch.tensor([LABEL_OF[Group.MONONUCLEAR]])]))
+
+    def __call__(self, index: int, rotation: int, scale: float
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Augmented field `index`: float image in [0, 1] and its target."""
+        image = self.images.image(index)
+        boxes, labels = field_target(self.images.records[index])
+        if self.config.copy_paste and torch.rand(()) < self.config.copy_paste:
+            image, boxes, labels = self.paste(index, image, boxes, labels)
+        height, width = image.shape[-2:]
+        image = tv_tensors.Image(image)
+        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY",
+                                                    canvas_size=(height, width)),
+                  "labels": labels}
+        if torch.rand(()) < 0.5:
+            image, target = TF.horizontal_flip(image), {**target, "boxes":
+                                                        TF.horizontal_flip(target["boxes"])}
+        if torch.rand(()) < 0.5:
+            image, target = TF.vertical_flip(image), {**target, "boxes":
+                                                      TF.vertical_flip(target["boxes"])}
+        if rotation:
+            image = TF.rotate(image, 90.0 * rotation, expand=True)
+            target["boxes"] = TF.rotate(target["boxes"], 90.0 * rotation, expand=True)
+        if scale != 1.0:
+            h, w = image.shape[-2:]
+            size = [max(32, round(h * scale)), max(32, round(w * scale))]
+            image = TF.resize(image, size, antialias=True)
+            target["boxes"] = TF.resize(target["boxes"], size)
+            if scale > 1.0:  # crop back to the unscaled size: the same compute per step
+                top, left = int(torch.randint(size[0] - h + 1, ())), int(
+                    torch.randint(size[1] - w + 1, ()))
+                image = TF.crop(image, top, left, h, w)
+                target["boxes"] = TF.crop(target["boxes"], top, left, h, w)
+        image = self.color(image)
+        image, target = v2.SanitizeBoundingBoxes(min_size=8)(image, target)
+        return (image.as_subclass(torch.Tensor).float().div_(255),
+                {"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
+                 "labels": target["labels"]})
+
+
+def epoch_order(records: Sequence[Field], oversample: int, generator: torch.Generator
+                ) -> list[int]:
+    """Field indices for one epoch: mononuclear fields `oversample` times, shuffled."""
+    indices = [i for i, r in enumerate(records)
+               for _ in range(max(1, oversample) if has_mononuclear(r) else 1)]
+    order = torch.randperm(len(indices), generator=generator).tolist()
+    return [indices[i] for i in order]
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def selection_score(metrics: dict, with_groups: bool = True) -> tuple[float, float]:
+    """Validation score: mean of class-agnostic AP50 and the per-group mean AP50 (or
+    AP50 alone when a group classifier will relabel the boxes); ties broken by
+    class-agnostic AP50:95."""
+    first = metrics["wbc"]["ap50"] or 0.0
+    if with_groups:
+        first = (first + metrics["groups"]["map50"]) / 2
+    return first, metrics["wbc"]["ap50_95"] or 0.0
+
+
+def validate(model, records: Sequence[Field], images: FieldImages | None = None,
+             batch_size: int = 4, refine: bool = True) -> dict:
+    """Detection metrics on `records` (decoded from disk unless `images` holds them)."""
+    inputs = ([images.image(i) for i in range(len(records))] if images is not None
+              else [r.image for r in records])
+    detections = predict(model, inputs, batch_size=batch_size, refine=refine)
+    spec: DetectorSpec = model.spec
+    return detection_metrics(detections, records, score_threshold=spec.score_threshold)
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_detector(
+    config: DetectorConfig,
+    out_dir: Path,
+    *,
+    data_root: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    resume: bool = False,
+    track: Track = no_progress,
+    log: Callable[[str], None] = lambda message: None,
+    time_limit_minutes: float | None = None,
+    device: str | None = None,
+    data: DetectorData | None = None,
+) -> dict:
+    """Train, validate every `val_every` epochs, keep the best on val, report test.
+
+    Writes `last.pt` (atomic, every epoch; `resume=True` continues it),
+    `best.pt` and, at the end, `detector.pt` + `detector.json` (the manifest,
+    also returned). With `time_limit_minutes`, stops cleanly after the epoch
+    that crosses it and returns `{"finished": False, "epoch": n}`: run again
+    with `resume=True` to go on.
+    """
+    config.check()
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / "last.pt"
+    if checkpoint_path.exists() and not resume:
+        raise DetectorTrainingError(f"{out_dir} already holds a run; pass --resume to continue "
+                                    "it or choose another output folder")
+    if resume and not checkpoint_path.exists():
+        raise DetectorTrainingError(f"nothing to resume: {checkpoint_path} does not exist")
+    if (out_dir / "detector.pt").exists():
+        raise DetectorTrainingError(f"{out_dir} holds a finished run (detector.pt)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _seed_everything(config.seed)
+    started = time.perf_counter()
+    run_device = _device(device)
+    data = data or prepare_fields(config, data_root, track)
+    log(f"fields and boxes per part: {json.dumps(data.counts())}")
+    model = build_detector(config.spec, weights_dir=weights_dir,
+                           frozen_blocks=config.frozen_blocks).to(run_device)
+    if config.init_weights:
+        model.load_state_dict(torch.load(config.init_weights, map_location=run_device,
+                                         weights_only=True))
+        log(f"initialised from {config.init_weights}")
+    log(f"detector: {parameter_count(model):,} parameters "
+        f"({parameter_count(model, trainable=True):,} trained) on {run_device}")
+    train_images = FieldImages(data.train)
+    val_images = FieldImages(data.val)
+    augment = Augmenter(config, train_images)
+    generator = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = math.ceil(len(epoch_order(data.train, config.mono_oversample,
+                                                torch.Generator().manual_seed(0)))
+                                / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    params = [p for name, p in model.named_parameters()
+              if p.requires_grad and not name.startswith("group_classifier.")]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, total_steps, config.warmup_steps))
+
+    state: dict = {"epoch": 0, "best_score": [-1.0, -1.0], "best_epoch": 0, "history": [],
+                   "seconds": 0.0}
+    if resume:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if checkpoint["config"] != asdict(config):
+            raise DetectorTrainingError(f"{checkpoint_path} was made with another configuration")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        generator.set_state(checkpoint["generator"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        state = checkpoint["state"]
+        log(f"resumed after epoch {state['epoch']}")
+
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        model.train()
+        epoch_start = time.perf_counter()
+        order = epoch_order(data.train, config.mono_oversample, generator)
+        batches = [order[s:s + config.batch_size] for s in range(0, len(order),
+                                                                 config.batch_size)]
+        sums: dict[str, float] = {}
+        for batch in track(batches, f"epoch {epoch}/{config.epochs}"):
+            rotation = int(torch.randint(4, ()))
+            scale = _rand(*config.scale_range)
+            samples = [augment(i, rotation, scale) for i in batch]
+            images = [image.to(run_device) for image, _ in samples]
+            targets = [{k: v.to(run_device) for k, v in t.items()} for _, t in samples]
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            optimizer.step()
+            scheduler.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        seconds = time.perf_counter() - epoch_start
+        record = {"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()},
+                  "seconds": seconds, "fields": len(order),
+                  "seconds_per_field": seconds / len(order)}
+        message = (f"epoch {epoch}: loss {record['loss']:.4f}  {seconds:.1f}s "
+                   f"({record['seconds_per_field']:.2f} s/field)")
+        if epoch % config.val_every == 0 or epoch == config.epochs:
+            val_start = time.perf_counter()
+            # Faster R-CNN's own labels: the group classifier is trained after these epochs
+            val = validate(model, data.val, val_images, refine=False)
+            record["val_seconds"] = time.perf_counter() - val_start
+            record["val"] = _short(val)
+            score = selection_score(val, with_groups=not config.spec.group_classifier)
+            message += (f"  val AP50 {val['wbc']['ap50']:.3f}  AP50:95 "
+                        f"{val['wbc']['ap50_95']:.3f}  group mAP50 {val['groups']['map50']:.3f}"
+                        f"  group acc {val['matched']['group_accuracy']:.3f}  mono recall "
+                        f"{val['matched']['mononuclear_recall']:.3f}")
+            if tuple(state["best_score"]) < score:
+                state.update(best_score=list(score), best_epoch=epoch)
+                torch.save(model.state_dict(), out_dir / "best.pt")
+                message += "  (best)"
+        log(message)
+        state["history"].append(record)
+        state["epoch"] = epoch
+        state["seconds"] += time.perf_counter() - epoch_start
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "state": state,
+                    "config": asdict(config)}, checkpoint_path.with_suffix(".tmp"))
+        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # atomic: survives a kill
+        elapsed = (time.perf_counter() - started) / 60
+        if time_limit_minutes is not None and elapsed > time_limit_minutes \
+                and epoch < config.epochs:
+            log(f"time limit reached after epoch {epoch}; resume to go on")
+            return {"finished": False, "epoch": epoch, "best_epoch": state["best_epoch"]}
+
+    model.load_state_dict(torch.load(out_dir / "best.pt", map_location=run_device,
+                                     weights_only=True))
+    group_info: dict = {}
+    if config.spec.group_classifier:
+        group_info = train_group_classifier(model, config, data, out_dir, device=run_device,
+                                            data_root=data_root, track=track, log=log)
+    model = model.cpu()
+    metrics = {"val": validate(model, data.val, val_images),
+               "test (BCCD VOC test list)": validate(model, data.test)}
+    if config.spec.group_classifier:
+        metrics["test, Faster R-CNN labels (no group classifier)"] = validate(
+            model, data.test, refine=False)
+    manifest = {
+        "architecture": {"name": "fasterrcnn_mobilenet_v1", **config.spec.to_dict(),
+                         "parameters": parameter_count(model)},
+        "task": "level 1: white-cell detection and group",
+        "classes": list(CLASSES),
+        "input": {"pixels": "RGB float in [0, 1]; the backbone normalises to (p*255 - 128) / "
+                  "128 itself", "resolution": "native: no resize inside the model; BCCD "
+                  "640x480 fields go in as they are; rescale other sources so a white cell "
+                  "is ~200 px across (predict(..., scale=))"},
+        "training": {**asdict(config), "fields": data.counts(),
+                     "dropped_fields": [r.image.stem for r in data.dropped],
+                     "best_epoch": state["best_epoch"], "history": state["history"],
+                     "train_minutes": state["seconds"] / 60, "device": str(run_device),
+                     "imagenet_backbone": "mobilenet_v1_0.5_160_quant.tflite",
+                     "group_classifier": group_info},
+        "data": "BCCD (Shenggan/BCCD_Dataset) fields with labels.csv groups",
+        "split": ("BCCD VOC lists: train to train, val to select the epoch, test only reported"
+                  if config.validation == "voc" else
+                  f"grouped split of VOC train+val (val_fraction {config.val_fraction}, seed "
+                  f"{config.seed}); VOC test only reported"),
+        "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
+        else "",
+        "metrics": {name: _short(m) for name, m in metrics.items()},
+        "torch": torch.__version__,
+    }
+    return save_model(model, manifest, out_dir / "detector.pt")
+
+
+def _short(metrics: dict) -> dict:
+    """Metrics without per-image lists (for logs and manifests)."""
+    return {k: v for k, v in metrics.items() if k != "per_image"}
+
+
+def epochs_done(out_dir: Path) -> int:
+    """How many epochs the checkpoint in `out_dir` holds (0 if none)."""
+    path = Path(out_dir) / "last.pt"
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=False)["state"]["epoch"])
+
+
+# --- group classifier ------------------------------------------------------------------------
+
+
+def group_cells(records: Sequence[Field]) -> tuple[list[Cell], list[int]]:
+    """Cells of the fields' white-cell boxes of known group, and their group (0 mono, 1 poly).
+
+    A box with a group but no single type (two labels of one group) gets its first
+    candidate as type; only the group is used.
+    """
+    cells, targets = [], []
+    for record in records:
+        for box in record.wbc_boxes:
+            if box.group is None:
+                continue
+            cell_type = box.cell_type or next(
+                (t for t in box.candidates if GROUP_OF[t] == box.group), None)
+            if cell_type is None:
+                continue
+            cells.append(Cell(record.image, record.source, cell_type, record.group_key,
+                              record.sha256, box=box, subset=record.subset))
+            targets.append(0 if box.group == Group.MONONUCLEAR else 1)
+    return cells, targets
+
+
+def _pbc_cells(per_type: int, seed: int, data_root, track: Track) -> tuple[list[Cell], list[int]]:
+    if per_type <= 0:
+        return [], []
+    by_type: dict[str, list[Cell]] = {}
+    for cell in load_cells("pbc", data_root, track).records:
+        by_type.setdefault(str(cell.cell_type), []).append(cell)
+    rng = random.Random(seed)
+    cells = []
+    for name in sorted(by_type):
+        group = sorted(by_type[name], key=lambda c: c.image.name)
+        cells.extend(rng.sample(group, per_type) if len(group) > per_type else group)
+    return cells, [0 if GROUP_OF[c.cell_type] == Group.MONONUCLEAR else 1 for c in cells]
+
+
+@torch.inference_mode()
+def _group_eval(classifier, images: torch.Tensor, targets: torch.Tensor, device) -> dict:
+    classifier.eval()
+    logits = torch.cat([classifier(images[s:s + 256].to(device).float().div_(255)).cpu()
+                        for s in range(0, len(images), 256)])
+    predicted = logits.argmax(1)
+    recalls = [float((predicted[targets == g] == g).float().mean()) if (targets == g).any()
+               else 0.0 for g in (0, 1)]
+    return {"n": len(targets), "accuracy": float((predicted == targets).float().mean()),
+            "mononuclear_recall": recalls[0], "polymorphonuclear_recall": recalls[1],
+            "balanced_accuracy": sum(recalls) / 2,
+            "loss": float(torch.nn.functional.cross_entropy(logits, targets))}
+
+
+def train_group_classifier(model, config: DetectorConfig, data: DetectorData, out_dir: Path, *,
+                           device: torch.device, data_root=None, track: Track = no_progress,
+                           log: Callable[[str], None] = lambda m: None) -> dict:
+    """Fine-tune `model.group_classifier` on BCCD training cells (+ PBC cells); keep the
+    epoch with the best balanced accuracy on the BCCD validation cells.
+
+    Runs after the detector's epochs; its result is `group.pt` in `out_dir`, reused when
+    a resumed run finds it (the phase takes minutes, so it restarts rather than resumes).
+    """
+    classifier = model.group_classifier
+    if config.group_epochs <= 0:
+        return {"trained": False, "weights": config.init_weights or "ImageNet backbone, "
+                "untrained head"}
+    saved = out_dir / "group.pt"
+    if saved.exists():
+        checkpoint = torch.load(saved, map_location=device, weights_only=False)
+        classifier.load_state_dict(checkpoint["model"])
+        log("group classifier: reusing group.pt")
+        return checkpoint["info"]
+    spec = config.spec
+    geometry = CropGeometry(spec.group_input_size, spec.group_crop_scale)
+    bccd_cells, bccd_targets = group_cells(data.train)
+    pbc_cells, pbc_targets = _pbc_cells(config.group_pbc_per_type, config.seed, data_root, track)
+    val_cells, val_targets = group_cells(data.val)
+    train_x = load_cell_tensors(bccd_cells + pbc_cells, geometry, track)
+    train_y = torch.tensor(bccd_targets + pbc_targets)
+    val_x, val_y = load_cell_tensors(val_cells, geometry, track), torch.tensor(val_targets)
+    repeat = torch.tensor([config.group_bccd_repeat] * len(bccd_cells) + [1] * len(pbc_cells))
+    index = torch.repeat_interleave(torch.arange(len(train_y)), repeat)
+    counts = torch.bincount(train_y[index], minlength=2).clamp(min=1).float()
+    loss_fn = torch.nn.CrossEntropyLoss(weight=(counts.sum() / (2 * counts)).to(device))
+    dataset = CellTensorDataset(train_x[index], train_y[index],
+                                training_augmentation(spec.group_input_size))
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(dataset, batch_size=config.group_batch_size, shuffle=True,
+                        generator=generator, drop_last=len(dataset) > config.group_batch_size)
+    params = [p for p in classifier.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.group_lr, eps=1e-7)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, config.group_epochs * len(loader)))
+    info: dict = {"cells": {"bccd train": len(bccd_cells), "pbc": len(pbc_cells),
+                            "bccd val": len(val_cells),
+                            "mononuclear (train)": int((train_y == 0).sum()),
+                            "polymorphonuclear (train)": int((train_y == 1).sum())},
+                  "geometry": asdict(geometry), "history": []}
+    best, best_state = (-1.0, -math.inf), None
+    for epoch in range(1, config.group_epochs + 1):
+        classifier.train()
+        start, total, seen = time.perf_counter(), 0.0, 0
+        for inputs, targets in track(loader, f"group classifier {epoch}/{config.group_epochs}"):
+            inputs, targets = inputs.to(device), targets.to(device)
+            loss = loss_fn(classifier(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(targets)
+            seen += len(targets)
+        val = _group_eval(classifier, val_x, val_y, device)
+        record = {"epoch": epoch, "loss": total / max(1, seen), "val": val,
+                  "seconds": time.perf_counter() - start}
+        info["history"].append(record)
+        score = (val["balanced_accuracy"], -val["loss"])
+        log(f"group classifier epoch {epoch}: loss {record['loss']:.4f}  BCCD val accuracy "
+            f"{val['accuracy']:.3f}  mono recall {val['mononuclear_recall']:.3f}  poly recall "
+            f"{val['polymorphonuclear_recall']:.3f}  {record['seconds']:.1f}s"
+            + ("  (best)" if score > best else ""))
+        if score > best:
+            best, info["best_epoch"] = score, epoch
+            best_state = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
+    classifier.load_state_dict(best_state)
+    torch.save({"model": classifier.state_dict(), "info": info}, saved.with_suffix(".tmp"))
+    saved.with_suffix(".tmp").replace(saved)
+    return info

@@ -1,0 +1,247 @@
+"""Level-1 detector: builds, trains on real BCCD fields, predicts on any image mode, evaluates."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leukodiff.data.sources import load_fields
+from leukodiff.evaluation.detector import detection_metrics, match, scale_between
+from leukodiff.imaging import load_image
+from leukodiff.models.detector import (
+    Detections,
+    DetectorSpec,
+    build_detector,
+    group_crops,
+    parameter_count,
+    predict,
+    standardise_colour,
+)
+from leukodiff.models.io import ModelFileError, load_detector, shipped
+from leukodiff.taxonomy import Group
+from leukodiff.training.detector import (
+    Augmenter,
+    DetectorConfig,
+    DetectorTrainingError,
+    FieldImages,
+    field_target,
+    has_mononuclear,
+    prepare_fields,
+    train_detector,
+)
+
+LIGHT = DetectorSpec(group_classifier=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two threads that wait for each other
+    make these small models several times slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bccd(shared_data):
+    return sorted(load_fields("bccd", shared_data).records, key=lambda r: r.image.name)
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    torch.manual_seed(0)
+    return build_detector(DetectorSpec(), pretrained=False).eval()
+
+
+def test_light_configuration(untrained):
+    # the class measured in the issue: ~2.3M parameters for Faster R-CNN itself
+    assert 2.0e6 < parameter_count(build_detector(LIGHT, pretrained=False)) < 2.6e6
+    assert parameter_count(untrained.group_classifier) < 1.0e6
+    assert untrained.rpn.anchor_generator.sizes == ((64, 128, 256),)
+
+
+def test_two_training_steps_lower_the_loss_on_real_bccd_fields(bccd, shared_data):
+    torch.manual_seed(0)
+    model = build_detector(LIGHT)  # ImageNet backbone from the shared TFLite file
+    train = [r for r in bccd if r.subset == "train" and all(b.group for b in r.wbc_boxes)]
+    fields = [next(r for r in train if has_mononuclear(r)),
+              next(r for r in train if not has_mononuclear(r))]
+    images = [torch.from_numpy(np.asarray(load_image(r.image)).copy()).permute(2, 0, 1)
+              .float().div(255) for r in fields]
+    targets = [dict(zip(("boxes", "labels"), field_target(r), strict=True)) for r in fields]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(3):
+        torch.manual_seed(1)  # the same anchor/RoI samples each step: only the weights change
+        loss = sum(model(images, targets).values())
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[2] < losses[0]
+
+
+def test_fields_of_unknown_group_are_dropped_and_test_list_is_held_out(shared_data):
+    data = prepare_fields(DetectorConfig(), shared_data)
+    assert all(b.group is not None for r in data.train for b in r.wbc_boxes)
+    assert {r.subset for r in data.train} == {"train"} and {r.subset for r in data.val} == {"val"}
+    assert {r.subset for r in data.test} == {"test"} and len(data.test) == 72
+    assert len(data.dropped) == 5 and all(any(b.group is None for b in r.wbc_boxes)
+                                          for r in data.dropped)
+    grouped = prepare_fields(DetectorConfig(validation="grouped"), shared_data)
+    assert not {r.image for r in grouped.train} & {r.image for r in grouped.val}
+    assert all(r.subset in ("train", "val") for r in grouped.train + grouped.val)
+
+
+def test_augmentation_keeps_boxes_inside_and_pastes_mononuclear_cells(shared_data):
+    data = prepare_fields(DetectorConfig(max_train_fields=6), shared_data)
+    augment = Augmenter(DetectorConfig(copy_paste=1.0), FieldImages(data.train))
+    assert augment.donors
+    torch.manual_seed(0)
+    pasted = 0
+    for index in range(len(data.train)):
+        for rotation, scale in ((1, 0.8), (2, 1.25)):
+            image, target = augment(index, rotation, scale)
+            height, width = image.shape[-2:]
+            assert image.dtype == torch.float32 and 0 <= float(image.min()) <= 1
+            boxes = target["boxes"]
+            assert len(boxes) == len(target["labels"])
+            assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all()
+            assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= height).all()
+            assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+            pasted += int(len(boxes) > len(data.train[index].wbc_boxes))
+            if rotation == 1 and scale < 1:  # a quarter turn of 640x480, then 0.8
+                assert (height, width) == (512, 384)
+    assert pasted > 0
+
+
+def _no_wbc_field(bccd):
+    return next(r for r in bccd if not r.wbc_boxes)
+
+
+def test_predict_takes_fields_without_cells_grayscale_rgba_arrays_and_paths(untrained, bccd):
+    empty = _no_wbc_field(bccd)
+    rgb = load_image(empty.image)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(200)
+    inputs = [rgb, rgb.convert("L"), rgba, np.asarray(rgb), empty.image,
+              Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)]
+    results = predict(untrained, inputs)
+    assert len(results) == len(inputs)
+    for found in results:
+        boxes, labels, scores = found
+        assert boxes.shape[1] == 4 and len(boxes) == len(labels) == len(scores)
+        assert set(labels.tolist()) <= {1, 2}
+        assert (boxes[:, 2] <= rgb.width + 1e-3).all() and (boxes[:, 3] <= rgb.height + 1e-3).all()
+        assert all(isinstance(g, Group) for g in found.groups)
+    single = predict(untrained, rgb, scale=0.5, score_threshold=0.0)
+    assert len(single) == 1 and (single[0].boxes[:, 2] <= rgb.width + 1e-3).all()
+
+
+def test_group_crops_are_square_even_for_tiny_boxes():
+    image = torch.rand(3, 480, 640)
+    boxes = torch.tensor([[260, 177, 491, 376], [0, 0, 90, 120], [600, 300, 640, 480],
+                          [10, 10, 10.01, 10.01]])
+    crops = group_crops(image, boxes, 2.6, 128)
+    assert crops.shape == (4, 3, 128, 128)
+
+
+def test_colour_standardisation_gives_the_reference_statistics():
+    image = torch.rand(3, 50, 60) * 0.3 + 0.2
+    out = standardise_colour(image, (0.7, 0.6, 0.65), (0.05, 0.1, 0.08))
+    assert torch.allclose(out.flatten(1).mean(1), torch.tensor([0.7, 0.6, 0.65]), atol=1e-4)
+    assert torch.allclose(out.flatten(1).std(1), torch.tensor([0.05, 0.1, 0.08]), atol=1e-4)
+
+
+def test_detection_metrics_perfect_wrong_and_missing(bccd):
+    with_cells = [r for r in bccd if r.subset == "test" and r.wbc_boxes]
+    fields = [*with_cells[:6], _no_wbc_field(bccd)]
+    label = {Group.MONONUCLEAR: 1, Group.POLYMORPHONUCLEAR: 2}
+
+    def truth(flip: bool = False) -> list[Detections]:
+        out = []
+        for r in fields:
+            labels = [label[b.group] for b in r.wbc_boxes]
+            if flip:
+                labels = [3 - x for x in labels]
+            out.append(Detections(torch.tensor([b.xyxy for b in r.wbc_boxes]).reshape(-1, 4),
+                                  torch.tensor(labels, dtype=torch.int64),
+                                  torch.full((len(labels),), 0.9)))
+        return out
+
+    perfect = detection_metrics(truth(), fields)
+    assert perfect["wbc"]["ap50"] == pytest.approx(1.0) and perfect["wbc"]["recall"] == 1.0
+    assert perfect["matched"]["group_accuracy"] == 1.0 and perfect["wbc"]["false"] == 0
+    wrong = detection_metrics(truth(flip=True), fields)
+    assert wrong["wbc"]["ap50"] == pytest.approx(1.0) and wrong["matched"]["group_accuracy"] == 0
+    empty = [Detections(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+             for _ in fields]
+    missing = detection_metrics(empty, fields)
+    assert missing["wbc"]["recall"] == 0.0 and missing["wbc"]["found"] == 0
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]])
+    assert match(boxes, torch.tensor([0.2, 0.9]), boxes[:1]) == [(1, 0)]
+
+
+def test_bcd_scale_from_red_cell_sizes(bccd, shared_data):
+    tiles = load_fields("bcd", shared_data).records
+    assert 1.6 < scale_between([r for r in bccd if r.subset == "train"], tiles) < 2.4
+
+
+def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_data):
+    config = DetectorConfig(spec=DetectorSpec(rpn_post_nms_test=50), epochs=2, batch_size=2,
+                            max_train_fields=2, max_val_fields=2, val_every=1, warmup_steps=1,
+                            group_epochs=1, group_pbc_per_type=0, group_bccd_repeat=1,
+                            mono_oversample=1)
+    data = prepare_fields(config, shared_data)
+    data = replace(data, test=data.test[:2])
+    first = train_detector(config, tmp_path, data_root=shared_data, data=data,
+                           time_limit_minutes=0.0)
+    assert first == {"finished": False, "epoch": 1, "best_epoch": 1}
+    with pytest.raises(DetectorTrainingError, match="resume"):
+        train_detector(config, tmp_path, data_root=shared_data, data=data)
+    with pytest.raises(DetectorTrainingError, match="another configuration"):
+        train_detector(replace(config, lr=1.0), tmp_path, data_root=shared_data, data=data,
+                       resume=True)
+    manifest = train_detector(config, tmp_path, data_root=shared_data, data=data, resume=True)
+    assert [h["epoch"] for h in manifest["training"]["history"]] == [1, 2]
+    assert manifest["training"]["group_classifier"]["cells"]["pbc"] == 0
+    assert (tmp_path / "detector.pt").stat().st_size < 15e6
+    model, loaded = load_detector(tmp_path / "detector.pt")
+    assert loaded["sha256"] == manifest["sha256"] and model.spec.rpn_post_nms_test == 50
+    with pytest.raises(DetectorTrainingError, match="finished"):
+        train_detector(config, tmp_path, data_root=shared_data, data=data, resume=True)
+
+
+def test_altered_detector_file_is_refused(tmp_path):
+    source = shipped("detector")
+    if not source.exists():
+        pytest.skip("no shipped detector")
+    shutil.copy(source, tmp_path / "detector.pt")
+    manifest = json.loads(source.with_suffix(".json").read_text())
+    manifest["sha256"] = "0" * 64
+    (tmp_path / "detector.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match="sha256"):
+        load_detector(tmp_path / "detector.pt")
+
+
+def test_shipped_detector_on_bccd_test_fields(bccd):
+    if not shipped("detector").exists():
+        pytest.skip("no shipped detector")
+    model, manifest = load_detector("detector")
+    assert manifest["classes"] == ["background", "mononuclear", "polymorphonuclear"]
+    # a fixed subset of the VOC test list: the first 16 fields with a white-cell box and
+    # every mononuclear one
+    test = [r for r in bccd if r.subset == "test" and r.wbc_boxes]
+    subset = test[:16] + [r for r in test[16:] if has_mononuclear(r)]
+    found = predict(model, [r.image for r in subset])
+    metrics = detection_metrics(found, subset, score_threshold=model.spec.score_threshold)
+    assert metrics["wbc"]["ap50"] >= 0.95
+    assert metrics["wbc"]["recall"] >= 0.95
+    assert metrics["matched"]["group_accuracy"] >= 0.9
+    assert metrics["matched"]["mononuclear_recall"] >= 0.8
