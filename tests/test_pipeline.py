@@ -171,3 +171,15 @@ def test_analyze_fails_only_when_nothing_could_be_analysed(tmp_path):
                                       str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "no image could be analysed" in result.output
+
+
+def test_end_to_end_evaluation_on_a_few_test_fields(analyzer, test_fields):
+    from leukodiff.evaluation.pipeline import evaluate_end_to_end
+
+    singles = [f for f in test_fields if len(f.wbc_boxes) == 1 and f.wbc_boxes[0].cell_type][:6]
+    results = evaluate_end_to_end(analyzer, singles)
+    part = results["single_wbc_fields"]
+    assert part["cells"] == 6
+    assert sum(row["found"] for row in part["per_type"].values()) == 6
+    assert part["accuracy"] >= 4 / 6
+    assert results["count_error"]["exact_fields"] >= 5

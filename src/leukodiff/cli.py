@@ -349,6 +349,39 @@ def evaluate_detector_command(
         console.print(f"metrics.json and annotated PNGs in {out}")
 
 
+@evaluate_app.command("pipeline")
+def evaluate_pipeline_command(
+    data_root: Path | None = DataRoot,
+    out: Path | None = typer.Option(None, help="Write metrics.json here."),
+) -> None:
+    """End to end on BCCD's VOC test fields: is each labelled cell found and rightly typed?"""
+    import json
+
+    from leukodiff.evaluation.pipeline import evaluate_bccd_test
+    from leukodiff.pipeline import Analyzer
+
+    results = evaluate_bccd_test(Analyzer.load(), data_root, _track)
+    for name in ("single_wbc_fields", "all_labelled_cells"):
+        part = results[name]
+        table = Table(title=f"{name.replace('_', ' ')}: {part['right']} of {part['cells']} "
+                      f"right ({100 * part['accuracy']:.1f}%)")
+        for column in ("true type", "cells", "found", "right type", "accuracy"):
+            table.add_column(column, justify="left" if column == "true type" else "right")
+        for cell_type, row in part["per_type"].items():
+            table.add_row(cell_type, str(row["cells"]), str(row["found"]), str(row["right"]),
+                          f"{100 * row['accuracy']:.1f}%")
+        console.print(table)
+    console.print("truth -> call: " + ", ".join(f"{k} {v}" for k, v in
+                                                  results["confusion"].items()))
+    errors = results["count_error"]
+    console.print(f"white cells per field: mean absolute count error "
+                  f"{errors['mean_absolute']:.2f}; exact in {errors['exact_fields']} of "
+                  f"{results['fields']} fields")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
 @app.command()
 def params(
     width: float = typer.Option(0.5, help="MobileNetV1 width multiplier."),

@@ -1,0 +1,70 @@
+"""End to end: the whole pipeline on labelled smear fields it never trained on.
+
+For every labelled white cell of BCCD's VOC test list: was it found (a
+detection with IoU >= 0.5), and is its final type right? Reported per true
+type, over the single-WBC fields (the issue's figure) and over all cells.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from leukodiff.data.records import Field
+from leukodiff.data.scan import Track, no_progress
+from leukodiff.data.sources import load_fields
+from leukodiff.pipeline import Analyzer
+from leukodiff.taxonomy import CellType
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def evaluate_end_to_end(analyzer: Analyzer, fields: list[Field], track: Track = no_progress
+                        ) -> dict:
+    """Per true cell type: cells, found, right type; and the field-level count errors."""
+    per_type: dict[str, Counter] = {str(t): Counter() for t in CellType}
+    single: dict[str, Counter] = {str(t): Counter() for t in CellType}
+    count_errors = []
+    confusion: Counter = Counter()
+    for field in track(fields, "Analysing test fields"):
+        result = analyzer(field.image)
+        truth = [b for b in field.wbc_boxes if b.cell_type is not None]
+        count_errors.append(len(result.cells) - len(field.wbc_boxes))
+        for box in truth:
+            name = str(box.cell_type)
+            scored = [(c, _iou(c.box, box.xyxy)) for c in result.cells]
+            best = max(scored, key=lambda pair: pair[1], default=(None, 0.0))
+            found = best[0] is not None and best[1] >= 0.5
+            right = found and best[0].cell_type is box.cell_type
+            confusion[(name, best[0].label if found else "missed")] += 1
+            for table in (per_type, single) if len(field.wbc_boxes) == 1 else (per_type,):
+                table[name].update(cells=1, found=int(found), right=int(right))
+
+    def summary(table: dict[str, Counter]) -> dict:
+        rows = {t: {**c, "accuracy": c["right"] / c["cells"]} for t, c in table.items()
+                if c["cells"]}
+        cells = sum(c["cells"] for c in table.values())
+        right = sum(c["right"] for c in table.values())
+        return {"per_type": rows, "cells": cells, "right": right,
+                "accuracy": right / cells if cells else 0.0}
+
+    return {
+        "fields": len(fields),
+        "single_wbc_fields": summary(single),
+        "all_labelled_cells": summary(per_type),
+        "confusion": {f"{t} -> {p}": n for (t, p), n in sorted(confusion.items())},
+        "count_error": {"mean_absolute": sum(map(abs, count_errors)) / max(len(fields), 1),
+                        "exact_fields": sum(e == 0 for e in count_errors)},
+    }
+
+
+def evaluate_bccd_test(analyzer: Analyzer, data_root: str | Path | None = None,
+                       track: Track = no_progress) -> dict:
+    fields = [f for f in load_fields("bccd", data_root, track).records if f.subset == "test"]
+    return evaluate_end_to_end(analyzer, fields, track)
