@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -42,6 +41,12 @@ from leukodiff.training.cells import (
     CropGeometry,
     load_cell_tensors,
     training_augmentation,
+)
+from leukodiff.training.common import (
+    resume_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    warmup_cosine,
 )
 
 TASKS: dict[str, tuple[CellType, ...]] = {
@@ -182,12 +187,6 @@ def build_model(config: ClassifierConfig, weights_dir: str | Path | None = None
     return model.to(memory_format=torch.channels_last)
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
                    ) -> torch.Tensor:
@@ -227,17 +226,6 @@ def _sampler(cells: Sequence[Cell], exponent: float, generator: torch.Generator
     return torch.utils.data.WeightedRandomSampler(weights, len(cells), generator=generator)
 
 
-def _warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up over the first epoch, then cosine decay to zero.
-
-    Full-network Adam at lr 1e-3 from ImageNet weights can collapse to a
-    constant output in its first steps; the warm-up prevents that.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def _optimizer(params, config: ClassifierConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-7)
 
@@ -266,7 +254,7 @@ def train_classifier(
     if resume and not checkpoint_path.exists():
         raise TrainingError(f"nothing to resume: {checkpoint_path} does not exist")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     started = time.perf_counter()
     data = prepared or prepare(config, data_root, track)
     log(f"cells per part: {json.dumps(data.counts())}")
@@ -296,20 +284,13 @@ def train_classifier(
                         drop_last=len(train_y) > config.batch_size)
     optimizer = _optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(_warmup_cosine, warmup=len(loader),
+        optimizer, partial(warmup_cosine, warmup=len(loader),
                            total=max(1, config.epochs * len(loader))))
 
     state = {"epoch": 0, "best_score": (-1.0, -math.inf), "best_epoch": 0, "history": []}
     if resume:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if checkpoint["config"] != asdict(config):
-            raise TrainingError(f"{checkpoint_path} was made with another configuration")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        generator.set_state(checkpoint["generator"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        state = checkpoint["state"]
+        state = resume_checkpoint(checkpoint_path, model, optimizer, scheduler, generator,
+                                  asdict(config), TrainingError)
         log(f"resumed after epoch {state['epoch']}")
 
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
@@ -344,11 +325,8 @@ def train_classifier(
             state.update(best_score=score, best_epoch=epoch)
             torch.save(model.state_dict(), out_dir / "best.pt")
         state["epoch"] = epoch
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "state": state,
-                    "config": asdict(config)}, checkpoint_path.with_suffix(".tmp"))
-        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # atomic: survives a kill
+        save_checkpoint(checkpoint_path, model, optimizer, scheduler, generator, state,
+                        asdict(config))
         log(f"epoch {epoch}: loss {record['loss']:.4f}  val loss {val_loss:.4f}  "
             f"acc {val['accuracy']:.4f}  macro-F1 {val['macro_f1']:.4f}  {seconds:.1f}s "
             f"({record['images_per_second']:.0f} img/s)")

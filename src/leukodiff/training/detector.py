@@ -74,6 +74,12 @@ from leukodiff.training.cells import (
     load_cell_tensors,
     training_augmentation,
 )
+from leukodiff.training.common import (
+    resume_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    warmup_cosine,
+)
 
 VALIDATIONS = ("voc", "grouped")
 
@@ -331,19 +337,6 @@ def epoch_order(records: Sequence[Field], oversample: int, generator: torch.Gene
 # --- training --------------------------------------------------------------------------------
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def selection_score(metrics: dict, with_groups: bool = True) -> tuple[float, float]:
     """Validation score: mean of class-agnostic AP50 and the per-group mean AP50 (or
     AP50 alone when a group classifier will relabel the boxes); ties broken by
@@ -402,7 +395,7 @@ def train_detector(
     if (out_dir / "detector.pt").exists():
         raise DetectorTrainingError(f"{out_dir} holds a finished run (detector.pt)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     started = time.perf_counter()
     run_device = _device(device)
     data = data or prepare_fields(config, data_root, track)
@@ -427,20 +420,13 @@ def train_detector(
               if p.requires_grad and not name.startswith("group_classifier.")]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, total_steps, config.warmup_steps))
+        optimizer, lambda step: warmup_cosine(step, config.warmup_steps, total_steps))
 
     state: dict = {"epoch": 0, "best_score": [-1.0, -1.0], "best_epoch": 0, "history": [],
                    "seconds": 0.0}
     if resume:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if checkpoint["config"] != asdict(config):
-            raise DetectorTrainingError(f"{checkpoint_path} was made with another configuration")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        generator.set_state(checkpoint["generator"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        state = checkpoint["state"]
+        state = resume_checkpoint(checkpoint_path, model, optimizer, scheduler, generator,
+                                  asdict(config), DetectorTrainingError)
         log(f"resumed after epoch {state['epoch']}")
 
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
@@ -491,11 +477,8 @@ def train_detector(
         state["history"].append(record)
         state["epoch"] = epoch
         state["seconds"] += time.perf_counter() - epoch_start
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "state": state,
-                    "config": asdict(config)}, checkpoint_path.with_suffix(".tmp"))
-        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # atomic: survives a kill
+        save_checkpoint(checkpoint_path, model, optimizer, scheduler, generator, state,
+                        asdict(config))
         elapsed = (time.perf_counter() - started) / 60
         if time_limit_minutes is not None and elapsed > time_limit_minutes \
                 and epoch < config.epochs:
