@@ -63,7 +63,7 @@ def test_bccd_cells_and_crops(bccd):
     assert crop.size[0] == pytest.approx(1.5 * max(cell.box.width, cell.box.height), abs=1.5)
 
 
-def test_kbc_counts_and_source_cell_group_keys(shared_data):
+def test_kbc_counts_and_name_number_group_keys(shared_data):
     kbc = load_cells("kbc", shared_data)
     counts = Counter((c.subset, c.cell_type) for c in kbc.records)
     assert counts[("TRAIN", CellType.EOSINOPHIL)] == 2497

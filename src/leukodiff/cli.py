@@ -382,6 +382,40 @@ def evaluate_pipeline_command(
         (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
+@evaluate_app.command("all")
+def evaluate_all_command(
+    out: Path = typer.Option(Path("docs"), help="Folder for RESULTS.md and figures/."),
+    seed: int = typer.Option(0, help="Seed of every split, head and augmentation."),
+    repeats: int = typer.Option(10, help="Monte Carlo repeats (the paper: 10)."),
+    finetune_splits: int = typer.Option(2, help="Splits of each kind to fine-tune on "
+                                        "(0: frozen base only)."),
+    finetune_epochs: int = typer.Option(5, help="Epochs of each fine-tuning run."),
+    quick: bool = typer.Option(False, help="A few dozen cells per class: checks that every "
+                               "protocol runs (a minute); the numbers mean nothing."),
+    cache: Path | None = typer.Option(None, help="Keep provenance and features here between "
+                                      "runs (development; timings then exclude them)."),
+    data_root: Path | None = DataRoot,
+    weights_dir: Path | None = typer.Option(None, help="ImageNet TFLite weights folder "
+                                            "[default: $LEUKODIFF_WEIGHTS, ../shared/weights]."),
+) -> None:
+    """Reproduce the paper's Table 3 and measure what it hides: writes OUT/RESULTS.md and
+    OUT/figures/*.png (provenance, grouped splits, cross-source, flat vs two-level)."""
+    from leukodiff.evaluation.results import EvalConfig, evaluate_all
+    from leukodiff.training.classifier import TrainingError
+
+    config = (EvalConfig.quick(seed) if quick else
+              EvalConfig(seed=seed, repeats=repeats, finetune_splits=finetune_splits,
+                         finetune_epochs=finetune_epochs))
+    try:
+        results = evaluate_all(out, config=config, data_root=data_root,
+                               weights_dir=weights_dir, cache_dir=cache, track=_track,
+                               log=console.print)
+    except (TrainingError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    console.print(f"wrote {out / 'RESULTS.md'} and {len(results['figures'])} figures in "
+                  f"{results['timing']['total_s'] / 60:.1f} min")
+
+
 @app.command()
 def params(
     width: float = typer.Option(0.5, help="MobileNetV1 width multiplier."),

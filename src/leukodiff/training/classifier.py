@@ -200,7 +200,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
 
 
 @torch.inference_mode()
-def _features(model: MobileNetClassifier, images: torch.Tensor, batch_size: int = 256
+def pooled_features(model: MobileNetClassifier, images: torch.Tensor, batch_size: int = 256
               ) -> torch.Tensor:
     model.eval()
     return torch.cat([
@@ -210,7 +210,7 @@ def _features(model: MobileNetClassifier, images: torch.Tensor, batch_size: int 
     ])
 
 
-def _class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
+def class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
     counts = torch.bincount(targets, minlength=n_classes).clamp(min=1).float()
     return counts.sum() / (n_classes * counts)
 
@@ -226,7 +226,7 @@ def _sampler(cells: Sequence[Cell], exponent: float, generator: torch.Generator
     return torch.utils.data.WeightedRandomSampler(weights, len(cells), generator=generator)
 
 
-def _optimizer(params, config: ClassifierConfig) -> torch.optim.Optimizer:
+def paper_adam(params, config: ClassifierConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-7)
 
 
@@ -263,13 +263,13 @@ def train_classifier(
     val_x, val_y = data.part("val")
     if not len(train_y) or not len(val_y):
         raise TrainingError(f"empty train or val part: {data.counts()}")
-    weights = _class_weights(train_y, len(data.classes)) if config.balance else None
+    weights = class_weights(train_y, len(data.classes)) if config.balance else None
     loss_fn = nn.CrossEntropyLoss(weight=weights)
 
     if config.mode == "frozen":
         # Paper mode: the base never changes, so compute its features once.
-        train_source = torch.utils.data.TensorDataset(_features(model, train_x), train_y)
-        val_features = _features(model, val_x)
+        train_source = torch.utils.data.TensorDataset(pooled_features(model, train_x), train_y)
+        val_features = pooled_features(model, val_x)
         trained = model.head
         params = model.head.parameters()
     else:
@@ -282,7 +282,7 @@ def train_classifier(
     loader = DataLoader(train_source, batch_size=config.batch_size,
                         sampler=_sampler(train_cells, config.source_balance, generator),
                         drop_last=len(train_y) > config.batch_size)
-    optimizer = _optimizer(params, config)
+    optimizer = paper_adam(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, warmup=len(loader),
                            total=max(1, config.epochs * len(loader))))
