@@ -396,11 +396,6 @@ def predict(
     return results
 
 
-def class_agnostic(detections: Detections) -> Detections:
-    """The same boxes, every label set to 1 (white cell)."""
-    return Detections(detections.boxes, torch.ones_like(detections.labels), detections.scores)
-
-
 __all__ = [
     "CLASSES",
     "GROUP_OF_LABEL",
@@ -411,7 +406,6 @@ __all__ = [
     "NativeResolutionTransform",
     "agnostic_nms",
     "build_detector",
-    "class_agnostic",
     "group_crops",
     "parameter_count",
     "predict",

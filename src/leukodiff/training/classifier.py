@@ -376,12 +376,3 @@ def evaluate_by_source(model: nn.Module, images: torch.Tensor, targets: torch.Te
             result[source] = classification_metrics(
                 targets[mask].tolist(), predicted[mask].tolist(), classes)
     return result
-
-
-def epochs_done(out_dir: Path) -> int:
-    """How many epochs the checkpoint in `out_dir` holds (0 if none)."""
-    path = Path(out_dir) / "last.pt"
-    if not path.exists():
-        return 0
-    return int(torch.load(path, map_location="cpu", weights_only=False)["state"]["epoch"])
-
