@@ -28,6 +28,12 @@ DataRoot = typer.Option(
 )
 
 
+WeightsDir = typer.Option(
+    None, "--weights-dir", help="ImageNet TFLite weights folder "
+    "[default: $LEUKODIFF_WEIGHTS, else ../shared/weights]."
+)
+
+
 def _track(items, description: str = ""):
     """Progress bar for long library loops (library code itself never prints)."""
     from rich.progress import track
@@ -167,8 +173,7 @@ def train_classifier_command(
     max_per_class: int = typer.Option(0, help="Cap cells per class and part (quick runs)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
     data_root: Path | None = DataRoot,
-    weights_dir: Path | None = typer.Option(None, help="ImageNet TFLite weights folder "
-                                            "[default: $LEUKODIFF_WEIGHTS, ../shared/weights]."),
+    weights_dir: Path | None = WeightsDir,
 ) -> None:
     """Train a level-2 MobileNet classifier; writes OUT/model.pt and its manifest."""
     from leukodiff.training.classifier import ClassifierConfig, TrainingError, train_classifier
@@ -252,8 +257,7 @@ def train_detector_command(
                                      "many minutes (0: no limit); --resume goes on."),
     resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
     data_root: Path | None = DataRoot,
-    weights_dir: Path | None = typer.Option(None, help="ImageNet TFLite weights folder "
-                                            "[default: $LEUKODIFF_WEIGHTS, ../shared/weights]."),
+    weights_dir: Path | None = WeightsDir,
 ) -> None:
     """Train the level-1 detector (Faster R-CNN, MobileNetV1-0.5) on BCCD fields."""
     from leukodiff.models.detector import DetectorSpec
@@ -395,8 +399,7 @@ def evaluate_all_command(
     cache: Path | None = typer.Option(None, help="Keep provenance and features here between "
                                       "runs (development; timings then exclude them)."),
     data_root: Path | None = DataRoot,
-    weights_dir: Path | None = typer.Option(None, help="ImageNet TFLite weights folder "
-                                            "[default: $LEUKODIFF_WEIGHTS, ../shared/weights]."),
+    weights_dir: Path | None = WeightsDir,
 ) -> None:
     """Reproduce the paper's Table 3 and measure what it hides: writes OUT/RESULTS.md and
     OUT/figures/*.png (provenance, grouped splits, cross-source, flat vs two-level)."""

@@ -28,6 +28,7 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells, load_fields
 from leukodiff.data.splits import monte_carlo
 from leukodiff.evaluation.metrics import classification_metrics, plot_confusion
+from leukodiff.evaluation.pipeline import evaluate_bccd_test
 from leukodiff.evaluation.protocols import (
     FIVE_CLASS_TASKS,
     METRICS,
@@ -49,6 +50,8 @@ from leukodiff.evaluation.protocols import (
     two_level_runs,
 )
 from leukodiff.evaluation.provenance import Provenance, trace_kbc
+from leukodiff.models.io import read_checked
+from leukodiff.pipeline import Analyzer
 from leukodiff.training.cells import CropGeometry, load_cell_tensors
 
 COMMAND = "leukodiff evaluate all --out docs/"
@@ -257,10 +260,6 @@ def evaluate_all(out_dir: Path, *, config: EvalConfig = EvalConfig(),
     timer.mark("cross-source")
 
     # 6. end to end: the shipped detector + level-2 models on BCCD's VOC test fields
-    from leukodiff.evaluation.pipeline import evaluate_bccd_test
-    from leukodiff.models.io import read_checked
-    from leukodiff.pipeline import Analyzer
-
     results["end_to_end"] = evaluate_bccd_test(Analyzer.load(), data_root, track)
     detector_metrics = read_checked("detector")[1]["metrics"]
     results["detector_test"] = detector_metrics.get("test (BCCD VOC test list)", {})
