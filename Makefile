@@ -10,7 +10,7 @@ DATA ?= $(or $(LEUKODIFF_DATA),../shared/data)
 DEMO_FIELDS := $(addprefix $(DATA)/bccd/BCCD/JPEGImages/BloodImage_,$(addsuffix .jpg,\
 	00007 00011 00015 00016 00018 00019 00021 00031 00033 00041))
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo inference-only clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The one torch/torchvision pair that installs from local files on our machines.
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[dev]' torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[torch,dev]' torch==2.14.1 torchvision==0.29.1
 	touch $(STAMP)
 
 lint: setup
@@ -31,6 +31,15 @@ test: setup lint
 # The main job: analyse sample smear fields with the shipped models, write the report.
 demo: setup
 	$(BIN)/leukodiff analyze $(DEMO_FIELDS) --out out/demo --overwrite
+
+# The inference-only install (no torch): a throw-away venv with `pip install .`, then
+# analyze one field on onnxruntime. Proves the base install needs nothing more.
+INFER_VENV ?= /tmp/leukodiff-inference-only
+inference-only:
+	rm -rf $(INFER_VENV) && $(PYTHON) -m venv $(INFER_VENV)
+	$(INFER_VENV)/bin/python -m pip install --quiet .
+	! $(INFER_VENV)/bin/python -c "import torch" 2>/dev/null
+	$(INFER_VENV)/bin/leukodiff analyze $(word 1,$(DEMO_FIELDS)) --out $(INFER_VENV)/out --backend onnx
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from leukodiff.data.crops import cell_batch
+from leukodiff.data.records import Box
 from leukodiff.data.sources import load_fields
 from leukodiff.evaluation.detector import detection_metrics, match, scale_between
 from leukodiff.imaging import load_image
@@ -16,7 +18,6 @@ from leukodiff.models.detector import (
     Detections,
     DetectorSpec,
     build_detector,
-    group_crops,
     parameter_count,
     predict,
     standardise_colour,
@@ -144,12 +145,13 @@ def test_predict_takes_fields_without_cells_grayscale_rgba_arrays_and_paths(untr
     assert len(single) == 1 and (single[0].boxes[:, 2] <= rgb.width + 1e-3).all()
 
 
-def test_group_crops_are_square_even_for_tiny_boxes():
-    image = torch.rand(3, 480, 640)
-    boxes = torch.tensor([[260, 177, 491, 376], [0, 0, 90, 120], [600, 300, 640, 480],
-                          [10, 10, 10.01, 10.01]])
-    crops = group_crops(image, boxes, 2.6, 128)
-    assert crops.shape == (4, 3, 128, 128)
+def test_cell_crops_are_square_even_for_tiny_boxes():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), np.uint8))
+    boxes = [Box(260, 177, 491, 376), Box(0, 0, 90, 120), Box(600, 300, 640, 480),
+             Box(10, 10, 10.01, 10.01)]
+    crops = cell_batch(image, boxes, 2.6, 128)
+    assert crops.shape == (4, 3, 128, 128) and crops.dtype == np.float32
+    assert crops.min() >= 0.0 and crops.max() <= 1.0
 
 
 def test_colour_standardisation_gives_the_reference_statistics():

@@ -2,17 +2,29 @@
 
 from itertools import pairwise
 
-import torch
+import numpy as np
 
-from leukodiff.models.detector import Detections
+from leukodiff.pipeline.boxes import Detections, nms
 from leukodiff.pipeline.tiling import merge_tiles, tile_origins
 
 
 def _found(*boxes, score=0.9, label=2):
     if not boxes:
-        return Detections(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long), torch.zeros(0))
-    return Detections(torch.tensor(boxes, dtype=torch.float32),
-                      torch.full((len(boxes),), label), torch.full((len(boxes),), score))
+        return Detections.empty()
+    return Detections.of(boxes, [label] * len(boxes), [score] * len(boxes))
+
+
+def test_numpy_nms_keeps_what_torchvision_keeps():
+    import torch
+    from torchvision.ops import nms as torch_nms
+
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 400, size=(200, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(20, 200, size=(200, 2))], 1)
+    scores = rng.uniform(size=200).astype(np.float32)
+    for iou in (0.3, 0.5, 0.7):
+        expected = torch_nms(torch.tensor(boxes, dtype=torch.float32), torch.tensor(scores), iou)
+        assert nms(boxes.astype(np.float32), scores, iou).tolist() == expected.tolist()
 
 
 def test_tiles_cover_the_image_with_the_overlap():

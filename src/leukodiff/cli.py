@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+
+def _require_torch() -> None:
+    """Training, evaluation and export need the [torch] extra; analysis alone does not."""
+    for module in ("torch", "torchvision"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            Console().print("[bold red]error:[/] this command needs PyTorch: pip install "
+                            "'leukodiff\\[torch]' (analyze alone runs on onnxruntime)",
+                            highlight=False)
+            raise typer.Exit(code=1)
+
 
 app = typer.Typer(help="White-blood-cell differential counts from blood smear images.",
                   no_args_is_help=True)
 data_app = typer.Typer(help="Inspect the blood-smear data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 train_app = typer.Typer(help="Train the level-1 detector or the level-2 classifiers.",
-                        no_args_is_help=True)
+                        no_args_is_help=True, callback=_require_torch)
 app.add_typer(train_app, name="train")
-evaluate_app = typer.Typer(help="Measure a trained model on held-out data.", no_args_is_help=True)
+evaluate_app = typer.Typer(help="Measure a trained model on held-out data.", no_args_is_help=True,
+                           callback=_require_torch)
 app.add_typer(evaluate_app, name="evaluate")
+export_app = typer.Typer(help="Export trained models for other runtimes.", no_args_is_help=True,
+                         callback=_require_torch)
+app.add_typer(export_app, name="export")
 console = Console()
 SHORT_NAMES = {"lymphocyte": "Lym", "monocyte": "Mono", "neutrophil": "Neut",
                "eosinophil": "Eos", "basophil": "Baso"}
@@ -44,7 +65,7 @@ def _track(items, description: str = ""):
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print("[bold red]error:[/]", escape(message), highlight=False)
     return typer.Exit(code=1)
 
 
@@ -123,17 +144,24 @@ def analyze(
     min_confidence: float | None = typer.Option(
         None, help="Call cells below this type confidence 'unidentified' "
         "[default: each model's calibrated threshold]."),
+    backend: str = typer.Option(
+        "auto", help="Where the networks run: onnx (onnxruntime), torch, or auto "
+        "(onnx when the exported ONNX files are there)."),
+    threads: int | None = typer.Option(None, help="CPU threads [default: all cores]."),
 ) -> None:
     """Find, classify and count the white cells of smear images; write a report."""
-    from leukodiff.models.io import ModelFileError
+    from leukodiff.models.files import ModelFileError
     from leukodiff.pipeline import Analyzer
+    from leukodiff.pipeline.backends import BackendError
     from leukodiff.reports.run import OutputExistsError, analyze_to_folder
 
     try:
-        analyzer = Analyzer.load(detector, mononuclear, polymorphonuclear,
-                                 min_confidence=min_confidence)
-        run = analyze_to_folder(analyzer, paths, out, overwrite=overwrite, track=_track)
-    except (ModelFileError, OutputExistsError) as error:
+        with Analyzer.load(detector, mononuclear, polymorphonuclear, backend=backend,
+                           threads=threads, min_confidence=min_confidence) as analyzer:
+            if reason := getattr(analyzer.backend, "fallback_reason", None):
+                console.print(f"[yellow]using torch[/]: {reason}", highlight=False)
+            run = analyze_to_folder(analyzer, paths, out, overwrite=overwrite, track=_track)
+    except (ModelFileError, BackendError, OutputExistsError) as error:
         raise _fail(str(error)) from None
     diff = run.differential
     table = Table(title=f"Differential: {diff.fields} fields, {diff.total} white cells")
@@ -149,6 +177,25 @@ def analyze(
                   f"per cell: {out / 'cells.csv'}, counts: {out / 'differential.json'})")
     if not run.results:
         raise _fail("no image could be analysed")
+
+
+@export_app.command("onnx")
+def export_onnx_command(
+    detector: str = typer.Option("detector", help="Level-1 model file or shipped name."),
+    mononuclear: str = typer.Option("mononuclear", help="Level-2 mononuclear model."),
+    polymorphonuclear: str = typer.Option("polymorphonuclear",
+                                          help="Level-2 polymorphonuclear model."),
+) -> None:
+    """Write each model as ONNX beside its .pt file (what `analyze` runs on onnxruntime)."""
+    from leukodiff.models.export import export_onnx
+    from leukodiff.models.files import ModelFileError
+
+    try:
+        written = export_onnx(detector, mononuclear, polymorphonuclear)
+    except ModelFileError as error:
+        raise _fail(str(error)) from None
+    for role, path in written.items():
+        console.print(f"{role}: {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False)
 
 
 def _split_list(text: str) -> tuple[str, ...]:
@@ -206,7 +253,7 @@ def evaluate_classifier_command(
 ) -> None:
     """Accuracy, precision, recall, F1 per class and the confusion matrix, per source."""
     from leukodiff.evaluation.classifier import evaluate_classifier, metrics_table
-    from leukodiff.models.io import ModelFileError
+    from leukodiff.models.files import ModelFileError
     from leukodiff.training.classifier import TrainingError
 
     try:
@@ -317,7 +364,7 @@ def evaluate_detector_command(
     """COCO AP, recall/precision and group accuracy on BCCD's VOC test list; recall and
     precision on BCD."""
     from leukodiff.evaluation.detector import evaluate_detector
-    from leukodiff.models.io import ModelFileError
+    from leukodiff.models.files import ModelFileError
 
     try:
         results = evaluate_detector(model, data_root=data_root, out_dir=out, bcd=bcd,
@@ -430,6 +477,7 @@ def params(
     ),
 ) -> None:
     """Print the paper's Table 2: the MobileNet classifier layer by layer, Keras-style counts."""
+    _require_torch()
     from leukodiff.models.mobilenet import MobileNetClassifier, parameter_table
 
     model = MobileNetClassifier(num_classes=classes, width=width)

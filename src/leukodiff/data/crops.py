@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 from PIL import Image
 
 from leukodiff.data.records import Box, Cell, Field
@@ -68,3 +69,14 @@ def square_input(image: Image.Image, size: int) -> Image.Image:
 def cell_input(cell: Cell, crop_scale: float, size: int) -> Image.Image:
     """The model's view of a cell: cropped (boxes) or centre-squared (whole images), resized."""
     return square_input(load_cell_image(cell, crop_scale), size)
+
+
+def cell_batch(image: Image.Image, boxes: Iterable[Box], crop_scale: float,
+               size: int) -> np.ndarray:
+    """A network's input for the cells in `boxes`: (N, 3, size, size) float32 in [0, 1],
+    each cut and resized exactly as the training crops were (`crop_cell`, `square_input`)."""
+    crops = [np.asarray(square_input(crop_cell(image, box, crop_scale), size))
+             for box in boxes]
+    if not crops:
+        return np.zeros((0, 3, size, size), dtype=np.float32)
+    return np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 255.0

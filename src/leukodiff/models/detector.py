@@ -43,7 +43,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, nms
 
-from leukodiff.data.crops import square_window
+from leukodiff.data.crops import cell_batch
 from leukodiff.data.records import Box
 from leukodiff.imaging import load_image, to_rgb
 from leukodiff.models.mobilenet import MobileNetClassifier, MobileNetV1
@@ -313,32 +313,18 @@ def agnostic_nms(detections: Detections, iou: float) -> Detections:
     return Detections(detections.boxes[keep], detections.labels[keep], detections.scores[keep])
 
 
-def group_crops(image: torch.Tensor, boxes: torch.Tensor, scale: float, size: int
-                ) -> torch.Tensor:
-    """(N, 3, size, size) crops of `image` (3, H, W) around `boxes`, cut like the level-2
-    models' training crops (square window, centre square if clipped, antialiased resize)."""
-    height, width = image.shape[-2:]
-    crops = []
-    for box in boxes.tolist():
-        left, top, right, bottom = square_window(Box(*box), scale, (width, height))
-        crop = image[:, top:bottom, left:right]
-        side = min(crop.shape[-2:])
-        dy, dx = (crop.shape[-2] - side) // 2, (crop.shape[-1] - side) // 2
-        crop = crop[:, dy:dy + side, dx:dx + side]
-        crops.append(nn.functional.interpolate(crop[None], size=(size, size), mode="bilinear",
-                                               antialias=True, align_corners=False)[0])
-    return torch.stack(crops) if crops else image.new_zeros((0, 3, size, size))
-
-
 def refine_groups(model: FasterRCNN, image: torch.Tensor, found: Detections) -> Detections:
     """Relabel the confident boxes of `found` (in `image`'s pixels) with the group
-    classifier; the others keep Faster R-CNN's label."""
+    classifier; the others keep Faster R-CNN's label. Crops are cut as the classifier's
+    training crops were (`data.crops.cell_batch`, PIL), as the pipeline does."""
     spec: DetectorSpec = model.spec
     chosen = torch.nonzero(found.scores >= spec.refine_min_score).flatten()[: spec.refine_max]
     if not len(chosen):
         return found
-    crops = group_crops(image, found.boxes[chosen].to(image.device), spec.group_crop_scale,
-                        spec.group_input_size)
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    boxes = [Box(*box) for box in found.boxes[chosen].tolist()]
+    crops = torch.from_numpy(cell_batch(Image.fromarray(pixels), boxes, spec.group_crop_scale,
+                                        spec.group_input_size)).to(image.device)
     classifier = model.group_classifier
     classifier.eval()
     groups = classifier(crops).argmax(1).cpu() + 1  # 0 mononuclear -> label 1, 1 -> label 2
@@ -406,7 +392,6 @@ __all__ = [
     "NativeResolutionTransform",
     "agnostic_nms",
     "build_detector",
-    "group_crops",
     "parameter_count",
     "predict",
     "refine_groups",

@@ -7,29 +7,25 @@ command, held-out metrics, and the sha256 of the weights file, checked on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from leukodiff.models.files import (
+    SHIPPED_DIR,
+    ModelFileError,
+    manifest_path,
+    read_checked,
+    resolve,
+    sha256_of,
+    shipped,
+)
 from leukodiff.models.mobilenet import MobileNetClassifier
 
-SHIPPED_DIR = Path(__file__).parent / "weights"
-
-
-class ModelFileError(ValueError):
-    """A model file that is missing, altered or not one of ours."""
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def manifest_path(weights: Path) -> Path:
-    return weights.with_suffix(".json")
-
+__all__ = ["SHIPPED_DIR", "ModelFileError", "load_classifier", "load_detector", "read_checked",
+           "resolve", "save_model", "sha256_of", "shipped"]
 
 def save_model(model: torch.nn.Module, manifest: dict[str, Any], path: Path) -> dict:
     """Write `path` (.pt state dict) and its manifest beside it; returns the manifest.
@@ -44,30 +40,6 @@ def save_model(model: torch.nn.Module, manifest: dict[str, Any], path: Path) -> 
     manifest_path(path).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
-
-
-def shipped(name: str) -> Path:
-    """Path of a model shipped with leukodiff, e.g. `shipped("mononuclear")`."""
-    return SHIPPED_DIR / f"{name}.pt"
-
-
-def resolve(model: str | Path) -> Path:
-    """A model file's path: a path as given, or the shipped model of that name."""
-    path = Path(model)
-    return path if path.suffix == ".pt" or path.exists() else shipped(str(model))
-
-
-def read_checked(model: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The model file and its manifest, refusing a missing or altered file."""
-    path = resolve(model)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found")
-    if not manifest_path(path).is_file():
-        raise ModelFileError(f"{path}: its manifest {manifest_path(path).name} is missing")
-    manifest = json.loads(manifest_path(path).read_text())
-    if manifest.get("sha256") != sha256_of(path):
-        raise ModelFileError(f"{path}: sha256 does not match its manifest (file altered?)")
-    return path, manifest
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

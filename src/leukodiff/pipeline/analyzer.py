@@ -7,6 +7,8 @@
 Each box goes to the level-2 model of its group; all crops of one group go in
 one batch, and the two group models run concurrently (paper, section 4).
 Crop geometry and the "unidentified" threshold come from each model's manifest.
+The networks run on onnxruntime or torch (`pipeline.backends`); everything
+around them is numpy, shared by both, so no torch is needed for inference.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from leukodiff.data.crops import crop_cell, square_input
+from leukodiff.data.crops import cell_batch
 from leukodiff.data.records import Box
 from leukodiff.imaging import load_image, to_rgb
-from leukodiff.models.detector import Detections, predict
-from leukodiff.models.io import load_classifier, load_detector
+from leukodiff.pipeline.backends import Backend, open_backend
+from leukodiff.pipeline.boxes import Detections, agnostic_nms
 from leukodiff.pipeline.tiling import detect_tiled
 from leukodiff.taxonomy import CellType, Group
 
@@ -91,74 +92,97 @@ class Differential:
 
 
 class GroupClassifier:
-    """A level-2 model with the crop geometry and threshold its manifest records."""
+    """A crop classifier with the crop geometry and threshold its manifest records."""
 
-    def __init__(self, model: torch.nn.Module, manifest: dict, threshold: float | None = None):
-        self.model = model.eval().to(memory_format=torch.channels_last)
-        self.manifest = manifest
-        self.classes = [CellType(c) for c in manifest["classes"]]
+    def __init__(self, backend: Backend, role: str, threshold: float | None = None):
+        manifest = backend.manifests[role]
+        self.backend, self.role, self.manifest = backend, role, manifest
+        self.classes = [str(c) for c in manifest["classes"]]
         self.crop_scale = float(manifest["input"]["crop_scale"])
         self.input_size = int(manifest["input"]["size"])
         calibrated = manifest.get("calibration", {}).get("threshold", 0.0)
         self.threshold = calibrated if threshold is None else threshold
 
-    def inputs(self, image: Image.Image, boxes: Sequence[Box]) -> torch.Tensor:
-        crops = [np.asarray(square_input(crop_cell(image, box, self.crop_scale),
-                                         self.input_size)) for box in boxes]
-        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255)
-        return batch.contiguous(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
     def __call__(self, image: Image.Image, boxes: Sequence[Box]) -> np.ndarray:
         """Class probabilities (N, classes) of the cells in `boxes`."""
         if not boxes:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return self.model(self.inputs(image, boxes)).softmax(1).numpy()
+        crops = cell_batch(image, boxes, self.crop_scale, self.input_size)
+        return softmax(self.backend.classify(self.role, crops))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 class Analyzer:
-    """Level 1 (detector) + level 2 (one classifier per group), called on an image."""
+    """Level 1 (detector) + level 2 (one classifier per group), called on an image.
 
-    def __init__(self, detector: torch.nn.Module, detector_manifest: dict,
-                 classifiers: dict[Group, GroupClassifier], *,
+    Use `Analyzer.load()`; `close()` (or a `with` block) frees the worker threads.
+    """
+
+    def __init__(self, backend: Backend, *, min_confidence: float | None = None,
                  detection_threshold: float | None = None) -> None:
-        self.detector = detector.eval()
-        self.detector_manifest = detector_manifest
-        self.classifiers = classifiers
-        spec = detector.spec  # the DetectorSpec the detector was built from
-        self.detection_threshold = (spec.score_threshold if detection_threshold is None
-                                    else detection_threshold)
-        self.tile = (spec.max_size, spec.min_size)  # the field size it works at natively
-        self._pool = ThreadPoolExecutor(max_workers=len(classifiers))
+        self.backend = backend
+        spec = backend.manifests["detector"]["architecture"]
+        self.spec = spec
+        self.detection_threshold = (float(spec["score_threshold"]) if detection_threshold
+                                    is None else detection_threshold)
+        self.tile = (int(spec["max_size"]), int(spec["min_size"]))  # its native field size
+        self.group_refiner = (GroupClassifier(backend, "group", 0.0)
+                              if "group" in backend.manifests else None)
+        self.classifiers = {Group(role): GroupClassifier(backend, role, min_confidence)
+                            for role in ("mononuclear", "polymorphonuclear")}
+        self._pool = ThreadPoolExecutor(max_workers=len(self.classifiers))
 
     @classmethod
     def load(cls, detector: str | Path = "detector",
              mononuclear: str | Path = "mononuclear",
              polymorphonuclear: str | Path = "polymorphonuclear", *,
+             backend: str = "auto", threads: int | None = None,
              min_confidence: float | None = None,
              detection_threshold: float | None = None) -> Analyzer:
         """The shipped models, or the given model files (names of shipped ones also work).
 
-        `min_confidence` overrides each level-2 model's calibrated threshold.
+        `backend`: "onnx" (onnxruntime, fast), "torch", or "auto" (onnxruntime when the
+        exported ONNX files are there and current). `min_confidence` overrides each
+        level-2 model's calibrated threshold.
         """
-        detector_model, detector_manifest = load_detector(detector)
-        classifiers = {}
-        for group, name in ((Group.MONONUCLEAR, mononuclear),
-                            (Group.POLYMORPHONUCLEAR, polymorphonuclear)):
-            model, manifest = load_classifier(name)
-            classifiers[group] = GroupClassifier(model, manifest, min_confidence)
-        return cls(detector_model, detector_manifest, classifiers,
+        models = {"detector": detector, "mononuclear": mononuclear,
+                  "polymorphonuclear": polymorphonuclear}
+        return cls(open_backend(backend, models, threads), min_confidence=min_confidence,
                    detection_threshold=detection_threshold)
 
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Analyzer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _detect_field(self, image: Image.Image) -> Detections:
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        found = Detections.of(*self.backend.detect(np.ascontiguousarray(pixels)))
+        return agnostic_nms(found, float(self.spec["agnostic_nms_iou"]))
+
     def detect(self, image: Image.Image) -> Detections:
-        """Level 1 on the whole field, tiled with overlap when it is larger than a field."""
+        """Level 1: white cells above the detection threshold, with their group. Fields
+        larger than the detector's native size are tiled with overlap."""
         width, height = image.size
         tile_w, tile_h = self.tile
         if width <= 1.25 * tile_w and height <= 1.25 * tile_h:
-            return predict(self.detector, image, score_threshold=self.detection_threshold)[0]
-        return detect_tiled(
-            lambda tiles: predict(self.detector, tiles, score_threshold=self.detection_threshold),
-            image, self.tile)
+            found = self._detect_field(image)
+        else:
+            found = detect_tiled(self._detect_field, image, self.tile)
+        found = found.above(self.detection_threshold)
+        if self.group_refiner is None or not len(found):
+            return found
+        boxes = [Box(*box) for box in found.boxes.tolist()]
+        groups = self.group_refiner(image, boxes).argmax(1) + 1  # column 0: mononuclear
+        return Detections(found.boxes, groups.astype(np.int64), found.scores)
 
     def __call__(self, image: Image.Image | str | Path, name: str | None = None) -> FieldResult:
         """Every white cell in one image; raises AnalysisError for images it cannot use."""
@@ -185,10 +209,10 @@ class Analyzer:
                 cells[i] = CellCall(
                     box=boxes[i].xyxy, group=group,
                     group_confidence=float(found.scores[i]),
-                    cell_type=clf.classes[best] if confident else None,
+                    cell_type=CellType(clf.classes[best]) if confident else None,
                     type_confidence=float(probs[best]),
-                    probabilities={str(c): float(p) for c, p in zip(clf.classes, probs,
-                                                                     strict=True)})
+                    probabilities={c: float(p) for c, p in zip(clf.classes, probs,
+                                                                strict=True)})
         return FieldResult(name or "image", width, height, [c for c in cells if c])
 
     @staticmethod

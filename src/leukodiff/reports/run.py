@@ -86,7 +86,8 @@ def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir:
     (out_dir / "differential.json").write_text(json.dumps(
         {**run.differential.to_dict(), "skipped": [{"input": i, "reason": r}
                                                    for i, r in run.skipped]}, indent=2) + "\n")
-    models = {"detector": analyzer.detector_manifest.get("weights", "?"),
-              **{str(g): c.manifest.get("weights", "?") for g, c in analyzer.classifiers.items()}}
+    models = {role: f"{manifest.get('weights', '?')} (sha256 {manifest.get('sha256', '?')[:12]})"
+              for role, manifest in analyzer.backend.manifests.items()}
+    models["runtime"] = analyzer.backend.name
     write_report(out_dir / "report.html", run.differential, gallery, run.skipped, models)
     return run

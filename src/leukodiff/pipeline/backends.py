@@ -1,0 +1,168 @@
+"""Where the networks run: PyTorch or onnxruntime, behind the same two calls.
+
+    backend = open_backend("auto")           # onnxruntime when the ONNX files are there
+    boxes, labels, scores = backend.detect(pixels)        # Faster R-CNN on one field
+    logits = backend.classify("mononuclear", crops)       # a crop classifier on a batch
+
+Everything else in the pipeline (NMS across groups, tiling, routing, crops,
+thresholds) is numpy and shared, so both backends give the same cells. Each
+backend also hands over the manifests of its four networks: the detector, the
+detector's group classifier ("group"), and the two level-2 models; the
+pipeline reads crop geometry and thresholds from them, never from code.
+
+The ONNX files are written by `leukodiff export onnx` beside the torch files:
+`NAME.onnx` with manifest `NAME.onnx.json`, and `DETECTOR.group.onnx` for the
+detector's group classifier. Each ONNX manifest names the sha256 of the torch
+file it came from; an ONNX file older than its torch file is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from leukodiff.models.files import (
+    ModelFileError,
+    group_manifest,
+    onnx_paths,
+    read_checked,
+    resolve,
+    sha256_of,
+)
+
+#: The four networks, by role.
+ROLES = ("detector", "group", "mononuclear", "polymorphonuclear")
+BACKENDS = ("auto", "onnx", "torch")
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot run here (runtime not installed, files missing or stale)."""
+
+
+class Backend(Protocol):
+    name: str
+    manifests: dict[str, dict[str, Any]]
+
+    def detect(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Faster R-CNN on one image (3, H, W) float32 in [0, 1]: boxes, labels, scores."""
+
+    def classify(self, role: str, crops: np.ndarray) -> np.ndarray:
+        """Logits (N, classes) of a crop classifier on (N, 3, S, S) float32 in [0, 1]."""
+
+
+def _source_role(role: str) -> str:
+    return "detector" if role == "group" else role
+
+
+class TorchBackend:
+    """The trained torch models as they are (the reference; needs torch + torchvision)."""
+
+    name = "torch"
+
+    def __init__(self, models: dict[str, str | Path], threads: int | None = None) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise BackendError("the torch backend needs PyTorch: pip install "
+                               "'leukodiff[torch]', or export ONNX files and use onnxruntime"
+                               ) from None
+        from leukodiff.models.io import load_classifier, load_detector
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.detector, detector_manifest = load_detector(models["detector"])
+        self.networks = {"group": getattr(self.detector, "group_classifier", None)}
+        self.manifests = {"detector": detector_manifest,
+                          "group": group_manifest(detector_manifest)}
+        for role in ("mononuclear", "polymorphonuclear"):
+            self.networks[role], self.manifests[role] = load_classifier(models[role])
+        if self.networks["group"] is None:
+            del self.networks["group"], self.manifests["group"]
+        for network in self.networks.values():
+            network.eval().to(memory_format=torch.channels_last)
+
+    def detect(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with self._torch.inference_mode():
+            out = self.detector([self._torch.from_numpy(pixels)])[0]
+        return out["boxes"].numpy(), out["labels"].numpy(), out["scores"].numpy()
+
+    def classify(self, role: str, crops: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        batch = torch.from_numpy(crops).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return self.networks[role](batch).numpy()
+
+
+class OnnxBackend:
+    """The exported ONNX files on onnxruntime (fast CPU inference; no torch needed)."""
+
+    name = "onnx"
+
+    def __init__(self, models: dict[str, str | Path], threads: int | None = None) -> None:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise BackendError("the onnx backend needs onnxruntime: pip install onnxruntime"
+                               ) from None
+        paths = onnx_paths(models)
+        self.manifests: dict[str, dict[str, Any]] = {}
+        self.sessions = {}
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.log_severity_level = 3  # warnings about unused initialisers are noise here
+        for role, path in paths.items():
+            if role == "group" and not path.exists():
+                continue  # a detector without a group classifier
+            try:
+                path, manifest = read_checked(path, ".onnx")
+            except ModelFileError as error:
+                raise BackendError(f"{error}; run `leukodiff export onnx`") from None
+            _refuse_stale(path, manifest, resolve(models[_source_role(role)]))
+            self.manifests[role] = manifest
+            self.sessions[role] = onnxruntime.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"])
+
+    def detect(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        boxes, labels, scores = self.sessions["detector"].run(None, {"image": pixels})
+        return boxes, labels, scores
+
+    def classify(self, role: str, crops: np.ndarray) -> np.ndarray:
+        return self.sessions[role].run(None, {"images": crops})[0]
+
+
+def _refuse_stale(onnx_path: Path, manifest: dict[str, Any], torch_path: Path) -> None:
+    """An ONNX file must come from the torch file beside it, when that file is there."""
+    if torch_path.is_file() and manifest.get("source", {}).get("sha256") != sha256_of(torch_path):
+        raise BackendError(f"{onnx_path} was exported from another version of {torch_path.name}"
+                           "; run `leukodiff export onnx` again")
+
+
+def open_backend(kind: str = "auto", models: dict[str, str | Path] | None = None,
+                 threads: int | None = None) -> Backend:
+    """The backend asked for; "auto" takes onnxruntime when it and the ONNX files are
+    there and current, torch otherwise."""
+    models = {"detector": "detector", "mononuclear": "mononuclear",
+              "polymorphonuclear": "polymorphonuclear", **(models or {})}
+    if kind == "onnx":
+        return OnnxBackend(models, threads)
+    if kind == "torch":
+        return TorchBackend(models, threads)
+    if kind != "auto":
+        raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    if importlib.util.find_spec("onnxruntime") is not None:
+        try:
+            return OnnxBackend(models, threads)
+        except BackendError as onnx_error:
+            if importlib.util.find_spec("torch") is None:
+                raise
+            reason = str(onnx_error)
+    else:
+        reason = "onnxruntime is not installed"
+    backend = TorchBackend(models, threads)
+    backend.fallback_reason = reason  # why auto did not take onnxruntime
+    return backend
