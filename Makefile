@@ -10,7 +10,7 @@ DATA ?= $(or $(LEUKODIFF_DATA),../shared/data)
 DEMO_FIELDS := $(addprefix $(DATA)/bccd/BCCD/JPEGImages/BloodImage_,$(addsuffix .jpg,\
 	00007 00011 00015 00016 00018 00019 00021 00031 00033 00041))
 
-.PHONY: setup test lint demo inference-only clean
+.PHONY: setup test lint demo bench bench-quick inference-only clean
 
 setup: $(STAMP)
 
@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The one torch/torchvision pair that installs from local files on our machines.
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[torch,dev]' torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[torch,server,dev]' torch==2.14.1 torchvision==0.29.1
 	touch $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 test: setup lint
 	$(BIN)/pytest -q
@@ -31,6 +31,14 @@ test: setup lint
 # The main job: analyse sample smear fields with the shipped models, write the report.
 demo: setup
 	$(BIN)/leukodiff analyze $(DEMO_FIELDS) --out out/demo --overwrite
+
+# Benchmarks against peer detectors -> docs/BENCHMARKS.md (~7-10 min: run on an idle machine).
+bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[bench]' torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: setup
+	$(BIN)/python -m benchmarks.run --quick --out out/bench-quick
 
 # The inference-only install (no torch): a throw-away venv with `pip install .`, then
 # analyze one field on onnxruntime. Proves the base install needs nothing more.

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from leukodiff.server.cli import create_user_command, export_training_command, serve
+
 
 def _require_torch() -> None:
     """Training, evaluation and export need the [torch] extra; analysis alone does not."""
@@ -400,6 +402,34 @@ def evaluate_detector_command(
         console.print(f"metrics.json and annotated PNGs in {out}")
 
 
+@evaluate_app.command("groups")
+def evaluate_groups_command(
+    folds: int = typer.Option(5, help="Folds, grouped by field over all labelled BCCD fields."),
+    seed: int = typer.Option(0, help="Split and training seed."),
+    out: Path | None = typer.Option(None, help="Write the figures as JSON to this file."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    data_root: Path | None = DataRoot,
+    weights_dir: Path | None = WeightsDir,
+) -> None:
+    """k-fold cross-validation of level 1's mononuclear / polymorphonuclear decision
+    (the group classifier retrained per fold by the shipped recipe)."""
+    import json
+
+    from leukodiff.evaluation.groups import group_cross_validation
+
+    results = group_cross_validation(folds, seed, data_root=data_root, weights_dir=weights_dir,
+                                     device=device, track=_track, log=console.print)
+    pooled, spread = results["pooled"], results["mean_std"]
+    console.print(f"{folds}-fold CV over {results['fields']} BCCD fields, {pooled['cells']} "
+                  f"cells ({pooled['mononuclear']} mononuclear):")
+    for key in ("accuracy", "mononuclear_recall", "polymorphonuclear_recall"):
+        console.print(f"  {key}: pooled {pooled[key]:.3f}, per fold {spread[key]['mean']:.3f}"
+                      f" ± {spread[key]['std']:.3f}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+
 @evaluate_app.command("pipeline")
 def evaluate_pipeline_command(
     data_root: Path | None = DataRoot,
@@ -488,3 +518,9 @@ def params(
 
 if __name__ == "__main__":
     app()
+
+
+# The review station (leukodiff.server): listed after the analysis commands.
+app.command("serve")(serve)
+app.command("create-user")(create_user_command)
+app.command("export-training")(export_training_command)

@@ -1,0 +1,127 @@
+"""Accounts, password hashing (argon2id), session identity and CSRF tokens.
+
+The session is Starlette's signed cookie (itsdangerous); it holds only the user id,
+a per-login CSRF token and a fingerprint of the password hash, so changing a
+password ends every other session of that user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.requests import Request
+
+from leukodiff.server.db import Role, User
+
+USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{2,64}$")
+MIN_PASSWORD = 8
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+_hasher = PasswordHasher()
+# Verified against when the username is unknown, so a wrong name costs as long as a wrong password.
+_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+class AccountError(ValueError):
+    """A user account that cannot be created as asked."""
+
+
+class NotAuthenticated(Exception):
+    """No valid session: API calls get 401, pages redirect to the login form."""
+
+
+class Forbidden(Exception):
+    """Signed in, but this role may not do this."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def password_fingerprint(password_hash: str) -> str:
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+
+
+def create_user(session: Session, username: str, password: str, role: str) -> User:
+    """A new account; raises AccountError on a bad name, short password, role or duplicate."""
+    if not USERNAME.match(username):
+        raise AccountError("username: 2-64 letters, digits or . _ @ -")
+    if len(password) < MIN_PASSWORD:
+        raise AccountError(f"password: at least {MIN_PASSWORD} characters")
+    try:
+        role = Role(role)
+    except ValueError:
+        raise AccountError(f"role must be one of: {', '.join(Role)}") from None
+    if session.scalar(select(User).where(User.username == username)) is not None:
+        raise AccountError(f"user {username!r} already exists")
+    user = User(username=username, password_hash=hash_password(password), role=role)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def authenticate(session: Session, username: str, password: str) -> User | None:
+    """The active user with this name and password, else None (same time either way)."""
+    user = session.scalar(select(User).where(User.username == username))
+    try:
+        _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
+    except (VerificationError, InvalidHashError):
+        return None
+    return user if user is not None and user.active else None
+
+
+def start_session(request: Request, user: User) -> None:
+    request.session.clear()
+    request.session.update({"uid": user.id, "pw": password_fingerprint(user.password_hash),
+                            "csrf": secrets.token_urlsafe(32)})
+
+
+def session_user(request: Request, session: Session) -> User:
+    """The signed-in user of this request, or NotAuthenticated."""
+    uid = request.session.get("uid")
+    user = session.get(User, uid) if isinstance(uid, int) else None
+    if (user is None or not user.active
+            or request.session.get("pw") != password_fingerprint(user.password_hash)):
+        raise NotAuthenticated()
+    return user
+
+
+def csrf_token(request: Request) -> str:
+    """This session's CSRF token (made on first use, e.g. for the login form)."""
+    token = request.session.get("csrf")
+    if not token:
+        token = request.session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+async def check_csrf(request: Request) -> None:
+    """Unsafe methods must echo the session's token in a header (JS) or form field (forms)."""
+    if request.method in SAFE_METHODS:
+        return
+    expected = request.session.get("csrf")
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None and request.headers.get("content-type", "").startswith(
+            ("application/x-www-form-urlencoded", "multipart/form-data")):
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        sent = value if isinstance(value, str) else None
+    if not expected or not sent or not hmac.compare_digest(expected, sent):
+        raise Forbidden("missing or wrong CSRF token: reload the page and try again")
+
+
+def require_role(user: User, *roles: Role) -> None:
+    if user.role not in roles:
+        raise Forbidden(f"a {user.role} may not do this (needs: {', '.join(roles)})")

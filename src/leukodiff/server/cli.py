@@ -1,0 +1,141 @@
+"""`leukodiff serve`, `leukodiff create-user` and `leukodiff export-training`: thin wrappers.
+
+Wired into the main `leukodiff` command by src/leukodiff/cli.py.
+"""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+DataDir = typer.Option(Path("leukodiff-data"), "--data-dir",
+                       help="Folder for the SQLite database, stored images and the session key.")
+DatabaseUrl = typer.Option(None, "--database-url", envvar="LEUKODIFF_DATABASE_URL",
+                           help="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db "
+                           "[default: SQLite file in --data-dir].")
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=1)
+
+
+def _require_server_packages() -> None:
+    """The server's packages are an extra; say how to get them instead of an ImportError."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn", "sqlalchemy", "alembic", "argon2",
+                                 "multipart", "itsdangerous", "jinja2")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise _fail(f"the review station needs {', '.join(missing)}: "
+                    "pip install 'leukodiff[server]'")
+
+
+def _database(data_dir: Path, database_url: str | None):
+    """The migrated database of a data dir, or a clear error."""
+    _require_server_packages()
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from leukodiff.server.db import Database
+    from leukodiff.server.settings import Settings, SettingsError
+
+    settings = Settings(data_dir=data_dir, database_url=database_url)
+    try:
+        settings.prepare()
+        db = Database(settings.url)
+        db.migrate()
+    except (SettingsError, SQLAlchemyError, ImportError) as error:
+        raise _fail(f"database {settings.url.split('@')[-1]}: {error}") from None
+    return settings, db
+
+
+def serve(
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every network)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_upload_mb: int = typer.Option(50, help="Largest field image accepted, in MB."),
+    secure_cookies: bool = typer.Option(False, "--secure-cookies/--no-secure-cookies",
+                                        help="Send the session cookie over HTTPS only (set "
+                                        "this behind a TLS proxy)."),
+) -> None:
+    """Start the review station (web UI + API); the schema is migrated on start."""
+    _require_server_packages()
+    import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from leukodiff.server import Settings, SettingsError, create_app
+
+    settings = Settings(data_dir=data_dir, database_url=database_url,
+                        max_upload_bytes=max_upload_mb * 1024 * 1024,
+                        secure_cookies=secure_cookies)
+    try:
+        app = create_app(settings)
+    except (SettingsError, SQLAlchemyError, ImportError) as error:
+        raise _fail(f"cannot start: {error}") from None
+    console.print(f"leukodiff review station on http://{host}:{port} (data: {settings.data_dir})")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def create_user_command(
+    username: str = typer.Argument(..., help="Login name."),
+    role: str = typer.Option("admin", help="technologist | reviewer | admin."),
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+    password_stdin: bool = typer.Option(False, "--password-stdin",
+                                        help="Read the password from standard input "
+                                        "(scripts) instead of prompting."),
+) -> None:
+    """Create a user account (the first admin, or any account) without the web UI."""
+    import sys
+
+    from leukodiff.server.auth import AccountError, create_user
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise _fail("the passwords differ")
+    _settings, db = _database(data_dir, database_url)
+    try:
+        with db.writing() as session:
+            user = create_user(session, username, password, role)
+            console.print(f"created {user.role} {user.username!r}")
+    except AccountError as error:
+        raise _fail(str(error)) from None
+    finally:
+        db.dispose()
+
+
+def export_training_command(
+    out: Path = typer.Option(..., help="Folder to write cells/<type>/ and fields/ (VOC) into."),
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+) -> None:
+    """Write every signed case's reviewed cells as training data `leukodiff train` reads."""
+    from sqlalchemy import select
+
+    from leukodiff.server.db import Case
+    from leukodiff.server.exports import write_training
+    from leukodiff.server.review import load_case
+    from leukodiff.server.storage import BlobStore, ViewCache
+
+    settings, db = _database(data_dir, database_url)
+    views = ViewCache(BlobStore(settings.blob_dir, settings.data_dir / "tmp"), settings.cache_dir)
+    try:
+        with db.reading() as session:
+            ids = session.scalars(select(Case.id).where(Case.signed_at.is_not(None))).all()
+            written = write_training([load_case(session, i) for i in ids], views, out)
+    except FileExistsError as error:
+        raise _fail(f"{error}: choose an empty --out folder") from None
+    finally:
+        db.dispose()
+    console.print(f"wrote {written} files from {len(ids)} signed case(s) to {out}; train with "
+                  f"`leukodiff train classifier --sources {out / 'cells'}`")

@@ -1,0 +1,256 @@
+"""Database models and the engine: SQLite by default, PostgreSQL by URL; Alembic owns the schema.
+
+Concurrency: every editable row carries a `version` (SQLAlchemy's version_id_col),
+so an edit based on a stale read fails instead of silently overwriting; each case
+also has a `revision` bumped by every change inside it, which sign-off checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+from leukodiff.taxonomy import CellType
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+UNIDENTIFIED = "unidentified"
+NOT_WBC = "not_wbc"
+# Every label a reviewed cell may carry, in display order.
+LABELS = [*(str(t) for t in CellType), UNIDENTIFIED, NOT_WBC]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Role(StrEnum):
+    TECHNOLOGIST = "technologist"
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
+
+
+class FieldStatus(StrEnum):
+    QUEUED = "queued"
+    ANALYSING = "analysing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class CaseStatus(StrEnum):
+    OPEN = "open"
+    SIGNED = "signed"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Image(Base):
+    """One stored image file, named by its content (sha256); never changed once written."""
+
+    __tablename__ = "images"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Case(Base):
+    """One sample / slide, identified by its accession id."""
+
+    __tablename__ = "cases"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    accession: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default=CaseStatus.OPEN)
+    target_count: Mapped[int] = mapped_column(Integer, default=100)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    signed_at: Mapped[datetime | None] = mapped_column(default=None)
+    signed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    created_by: Mapped[User] = relationship(foreign_keys=[created_by_id])
+    signed_by: Mapped[User | None] = relationship(foreign_keys=[signed_by_id])
+    fields: Mapped[list[FieldImage]] = relationship(back_populates="case",
+                                                    order_by="FieldImage.id")
+
+    __mapper_args__: ClassVar = {"version_id_col": version}
+
+
+class FieldImage(Base):
+    """A field image of a case, with its analysis state."""
+
+    __tablename__ = "fields"
+    __table_args__ = (UniqueConstraint("case_id", "image_sha256", name="uq_field_case_image"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    image_sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"))
+    original_name: Mapped[str] = mapped_column(String(255))  # shown to people, never a path
+    status: Mapped[str] = mapped_column(String(16), default=FieldStatus.QUEUED)
+    error: Mapped[str | None] = mapped_column(String(500), default=None)
+    uploaded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    uploaded_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    analysed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    case: Mapped[Case] = relationship(back_populates="fields")
+    image: Mapped[Image] = relationship()
+    cells: Mapped[list[CellRecord]] = relationship(back_populates="field",
+                                                   order_by="CellRecord.id")
+
+
+class CellRecord(Base):
+    """One cell: the model's call (kept) and the current, possibly corrected, label."""
+
+    __tablename__ = "cells"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    field_id: Mapped[int] = mapped_column(ForeignKey("fields.id"), index=True)
+    x0: Mapped[float] = mapped_column(Float)
+    y0: Mapped[float] = mapped_column(Float)
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    origin: Mapped[str] = mapped_column(String(16))  # "model" or "user"
+    model_label: Mapped[str | None] = mapped_column(String(32), default=None)
+    model_group: Mapped[str | None] = mapped_column(String(32), default=None)
+    model_confidence: Mapped[float | None] = mapped_column(Float, default=None)
+    probabilities: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    label: Mapped[str] = mapped_column(String(32))
+    reviewed: Mapped[bool] = mapped_column(default=False)
+    deleted: Mapped[bool] = mapped_column(default=False)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    field: Mapped[FieldImage] = relationship(back_populates="cells")
+    updated_by: Mapped[User | None] = relationship()
+
+    __mapper_args__: ClassVar = {"version_id_col": version}
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+
+class AuditEvent(Base):
+    """Who changed what, when, from what to what; rows are only ever added."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))  # None: the analyzer
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    action: Mapped[str] = mapped_column(String(32))
+    field_id: Mapped[int | None] = mapped_column(default=None)
+    cell_id: Mapped[int | None] = mapped_column(default=None)
+    before: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    after: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+
+    user: Mapped[User | None] = relationship()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine whose SQLite connections wait for locks instead of failing at once.
+
+    SQLite: WAL lets readers run beside one writer; sessions made for writing begin
+    with BEGIN IMMEDIATE so two writers queue on the lock rather than deadlock on
+    a read-to-write upgrade.
+    """
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                           pool_size=10, max_overflow=30)
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        immediate = connection.get_execution_options().get("sqlite_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Database:
+    """The engine plus session factories for reading and for writing."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        writer = self.engine.execution_options(sqlite_write=True)
+        self._write = sessionmaker(writer, expire_on_commit=False)
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        with self._read() as session:
+            yield session
+
+    @contextmanager
+    def writing(self) -> Iterator[Session]:
+        """A transaction that commits when the block ends and rolls back on any error."""
+        with self._write() as session, session.begin():
+            yield session
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (Alembic `upgrade head`)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def dispose(self) -> None:
+        self.engine.dispose()

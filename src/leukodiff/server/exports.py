@@ -1,0 +1,185 @@
+"""Exports of a signed case (CSV, JSON, FHIR R4) and of reviewed cells as training data.
+
+Training data uses the layouts `leukodiff train` reads:
+`cells/<cell type>/*.png` (read_class_folders) and
+`fields/Annotations/*.xml` + `fields/JPEGImages/*.png` (read_voc).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from leukodiff.data.crops import crop_cell
+from leukodiff.data.records import Box
+from leukodiff.server.db import NOT_WBC, UNIDENTIFIED, AuditEvent, Case, CellRecord
+from leukodiff.server.review import case_dict, differential
+from leukodiff.server.storage import ViewCache
+from leukodiff.taxonomy import CellType
+
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+# Percent of leukocytes, method-less codes: the count is machine-proposed, human-verified.
+LOINC_PERCENT = {
+    CellType.LYMPHOCYTE: ("26478-8", "Lymphocytes/100 leukocytes in Blood"),
+    CellType.MONOCYTE: ("26485-3", "Monocytes/100 leukocytes in Blood"),
+    CellType.NEUTROPHIL: ("26511-6", "Neutrophils/100 leukocytes in Blood"),
+    CellType.EOSINOPHIL: ("26450-7", "Eosinophils/100 leukocytes in Blood"),
+    CellType.BASOPHIL: ("30180-4", "Basophils/100 leukocytes in Blood"),
+}
+PANEL = ("57023-4", "Auto Differential panel - Blood")
+# Crop side / box side of exported cell crops: the default of `leukodiff train classifier`.
+CROP_SCALE = 2.6
+CSV_COLUMNS = ["accession", "field_id", "field_name", "cell_id", "x0", "y0", "x1", "y1",
+               "origin", "model_label", "model_confidence", "label", "reviewed",
+               "updated_by", "updated_at"]
+
+
+class ExportError(ValueError):
+    """An export that cannot be made (e.g. of a case not yet signed off)."""
+
+
+def _live_cells(case: Case) -> Iterator[CellRecord]:
+    for field in case.fields:
+        yield from (c for c in field.cells if not c.deleted)
+
+
+def cases_csv(case: Case) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for cell in _live_cells(case):
+        writer.writerow([case.accession, cell.field_id, cell.field.original_name, cell.id,
+                         *(f"{v:.1f}" for v in cell.box), cell.origin, cell.model_label or "",
+                         "" if cell.model_confidence is None else f"{cell.model_confidence:.4f}",
+                         cell.label, int(cell.reviewed),
+                         cell.updated_by.username if cell.updated_by else "",
+                         cell.updated_at.isoformat()])
+    return buffer.getvalue()
+
+
+def case_json(case: Case, events: Iterable[AuditEvent]) -> dict[str, Any]:
+    return {**case_dict(case), "audit": [audit_dict(e) for e in events]}
+
+
+def audit_dict(event: AuditEvent) -> dict[str, Any]:
+    return {"id": event.id, "at": event.at.isoformat(), "action": event.action,
+            "user": event.user.username if event.user else "analyzer",
+            "field_id": event.field_id, "cell_id": event.cell_id,
+            "before": event.before, "after": event.after}
+
+
+def fhir_report(case: Case) -> dict[str, Any]:
+    """A FHIR R4 Bundle: one DiagnosticReport and an Observation per cell-type percentage."""
+    if case.signed_at is None or case.signed_by is None:
+        raise ExportError(f"case {case.accession} is not signed off; only signed cases export")
+    summary = differential(case)
+    signed = case.signed_at.isoformat()
+    reviewer = {"display": case.signed_by.username}
+    accession = {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                      "code": "ACSN", "display": "Accession ID"}]},
+                 "value": case.accession}
+    lab = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                       "code": "laboratory", "display": "Laboratory"}]}
+    observations = []
+    for cell_type, (code, display) in LOINC_PERCENT.items():
+        observations.append({
+            "resourceType": "Observation", "id": str(uuid.uuid4()), "status": "final",
+            "category": [lab],
+            "code": {"coding": [{"system": LOINC, "code": code, "display": display}],
+                     "text": f"{str(cell_type).capitalize()}s %"},
+            "identifier": [accession], "effectiveDateTime": signed, "issued": signed,
+            "performer": [reviewer],
+            "valueQuantity": {"value": summary.percentages[str(cell_type)], "unit": "%",
+                              "system": UCUM, "code": "%"},
+            "note": [{"text": f"{summary.counts[str(cell_type)]} of {summary.counted} white "
+                              "cells counted"}],
+        })
+    report = {
+        "resourceType": "DiagnosticReport", "id": str(uuid.uuid4()), "status": "final",
+        "identifier": [accession],
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                                  "code": "HM", "display": "Hematology"}]}],
+        "code": {"coding": [{"system": LOINC, "code": PANEL[0], "display": PANEL[1]}],
+                 "text": "White-cell differential, digital morphology, reviewed"},
+        "effectiveDateTime": signed, "issued": signed,
+        "performer": [reviewer], "resultsInterpreter": [reviewer],
+        "result": [{"reference": f"urn:uuid:{o['id']}"} for o in observations],
+        "conclusion": (f"{summary.counted} white cells counted over {len(case.fields)} "
+                       f"field(s); {summary.not_wbc} objects marked not a white cell. "
+                       "Pre-classified by leukodiff, every cell verified by a technologist."),
+    }
+    entries = [report, *observations]
+    return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection",
+            "timestamp": signed,
+            "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in entries]}
+
+
+def training_files(cases: Iterable[Case], views: ViewCache) -> Iterator[tuple[str, bytes]]:
+    """(relative path, bytes) of every reviewed cell's crop and every field's VOC pair.
+
+    Only signed cases are exported: their labels are a reviewer's, not the model's.
+    Unidentified cells go into the VOC boxes as plain "WBC" and into no class folder;
+    cells marked not-a-white-cell and deleted detections are left out.
+    """
+    for case in cases:
+        if case.signed_at is None:
+            continue
+        for field in case.fields:
+            cells = [c for c in field.cells if not c.deleted and c.label != NOT_WBC]
+            if not cells:
+                continue
+            image = views.image(field.image_sha256)
+            stem = f"{_safe(case.accession)}-field{field.id}"
+            for cell in cells:
+                if cell.label == UNIDENTIFIED:
+                    continue
+                crop = crop_cell(image, Box(*cell.box), CROP_SCALE)
+                yield f"cells/{cell.label}/{stem}-cell{cell.id}.png", _png(crop)
+            yield f"fields/JPEGImages/{stem}.png", _png(image)
+            yield f"fields/Annotations/{stem}.xml", _voc_xml(f"{stem}.png", image.size, cells)
+
+
+def write_training(cases: Iterable[Case], views: ViewCache, out: Path) -> int:
+    """Write `training_files` under `out`; an existing file is never replaced (FileExistsError)."""
+    count = 0
+    for relative, data in training_files(cases, views):
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("xb") as handle:
+            handle.write(data)
+        count += 1
+    return count
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:60]
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _voc_xml(filename: str, size: tuple[int, int], cells: list[CellRecord]) -> bytes:
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "JPEGImages"
+    ET.SubElement(root, "filename").text = filename
+    size_element = ET.SubElement(root, "size")
+    for name, value in zip(("width", "height", "depth"), (*size, 3), strict=True):
+        ET.SubElement(size_element, name).text = str(value)
+    for cell in cells:
+        obj = ET.SubElement(root, "object")
+        ET.SubElement(obj, "name").text = "WBC" if cell.label == UNIDENTIFIED else cell.label
+        ET.SubElement(obj, "difficult").text = "0"
+        box = ET.SubElement(obj, "bndbox")
+        for name, value in zip(("xmin", "ymin", "xmax", "ymax"), cell.box, strict=True):
+            ET.SubElement(box, name).text = f"{value:.1f}"
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,295 @@
+"""What a review changes: cases, cells, sign-off; each change audited and version-checked.
+
+Functions here take an open write session and raise `ReviewError` (shown to the
+user with its HTTP status); the routes only translate requests into these calls.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.exc import StaleDataError
+
+from leukodiff.server.db import (
+    LABELS,
+    NOT_WBC,
+    UNIDENTIFIED,
+    AuditEvent,
+    Case,
+    CaseStatus,
+    CellRecord,
+    FieldImage,
+    FieldStatus,
+    Role,
+    User,
+    utcnow,
+)
+from leukodiff.taxonomy import CellType
+
+ACCESSION_MAX = 64
+TARGET_RANGE = (10, 2000)
+
+
+class ReviewError(ValueError):
+    """A change refused, with the reason shown to the user and the HTTP status that fits."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+@dataclass
+class CaseDifferential:
+    """Counts of the reviewed (current) labels; percentages are of white cells counted."""
+
+    counts: dict[str, int]  # the five types + unidentified
+    percentages: dict[str, float]  # of `counted`, unidentified included as its own category
+    counted: int  # white cells: the five types + unidentified (not-WBC and deleted left out)
+    unidentified: int
+    not_wbc: int
+    reviewed: int
+    target: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def differential(case: Case) -> CaseDifferential:
+    cells = [c for f in case.fields for c in f.cells if not c.deleted]
+    counts = Counter(c.label for c in cells)
+    white = [str(t) for t in CellType] + [UNIDENTIFIED]
+    counted = sum(counts[label] for label in white)
+    return CaseDifferential(
+        counts={label: counts[label] for label in white},
+        percentages={label: round(100.0 * counts[label] / counted, 1) if counted else 0.0
+                     for label in white},
+        counted=counted, unidentified=counts[UNIDENTIFIED], not_wbc=counts[NOT_WBC],
+        reviewed=sum(1 for c in cells if c.reviewed and c.label != NOT_WBC),
+        target=case.target_count)
+
+
+def load_case(session: Session, case_id: int, *, lock: bool = False) -> Case:
+    """The case with its fields and cells; `lock` holds its row until commit (PostgreSQL)."""
+    query = select(Case).where(Case.id == case_id)
+    if lock:
+        query = query.with_for_update()
+    case = session.scalar(
+        query.options(
+            selectinload(Case.fields).selectinload(FieldImage.cells),
+            selectinload(Case.fields).selectinload(FieldImage.image),
+            selectinload(Case.created_by), selectinload(Case.signed_by)))
+    if case is None:
+        raise ReviewError(f"no case {case_id}", status=404)
+    return case
+
+
+def cell_dict(cell: CellRecord) -> dict[str, Any]:
+    return {"id": cell.id, "field_id": cell.field_id, "box": [round(v, 1) for v in cell.box],
+            "label": cell.label, "origin": cell.origin, "model_label": cell.model_label,
+            "model_group": cell.model_group, "model_confidence": cell.model_confidence,
+            "reviewed": cell.reviewed, "version": cell.version}
+
+
+def field_dict(field: FieldImage) -> dict[str, Any]:
+    return {"id": field.id, "name": field.original_name, "status": field.status,
+            "error": field.error, "width": field.image.width, "height": field.image.height,
+            "sha256": field.image_sha256,
+            "cells": [cell_dict(c) for c in field.cells if not c.deleted]}
+
+
+def case_dict(case: Case) -> dict[str, Any]:
+    return {"id": case.id, "accession": case.accession, "status": case.status,
+            "target_count": case.target_count, "revision": case.revision,
+            "created_at": case.created_at.isoformat(),
+            "created_by": case.created_by.username,
+            "signed_at": case.signed_at.isoformat() if case.signed_at else None,
+            "signed_by": case.signed_by.username if case.signed_by else None,
+            "fields": [field_dict(f) for f in case.fields],
+            "progress": progress(case), "differential": differential(case).to_dict()}
+
+
+def progress(case: Case) -> dict[str, int]:
+    states = Counter(f.status for f in case.fields)
+    return {"total": len(case.fields), **{str(s): states[s] for s in FieldStatus}}
+
+
+def audit(session: Session, case: Case, user: User | None, action: str, *,
+          field_id: int | None = None, cell_id: int | None = None,
+          before: dict | None = None, after: dict | None = None) -> None:
+    """Record one change and bump the case's revision (an atomic increment, never lost)."""
+    session.add(AuditEvent(case_id=case.id, user_id=user.id if user else None, action=action,
+                           field_id=field_id, cell_id=cell_id, before=before, after=after))
+    session.execute(update(Case).where(Case.id == case.id)
+                    .values(revision=Case.revision + 1)
+                    .execution_options(synchronize_session=False))
+
+
+def create_case(session: Session, user: User, accession: str, target_count: int = 100) -> Case:
+    accession = accession.strip()
+    if not accession or len(accession) > ACCESSION_MAX or not accession.isprintable():
+        raise ReviewError(f"accession id: 1-{ACCESSION_MAX} printable characters")
+    _check_target(target_count)
+    if session.scalar(select(Case.id).where(Case.accession == accession)) is not None:
+        raise ReviewError(f"a case with accession {accession!r} already exists", status=409)
+    case = Case(accession=accession, target_count=target_count, created_by_id=user.id)
+    session.add(case)
+    try:
+        session.flush()
+    except IntegrityError:  # created by someone else a moment ago
+        raise ReviewError(f"a case with accession {accession!r} already exists",
+                          status=409) from None
+    audit(session, case, user, "create_case", after={"accession": accession,
+                                                     "target_count": target_count})
+    return case
+
+
+def _check_target(target: int) -> None:
+    low, high = TARGET_RANGE
+    if not low <= target <= high:
+        raise ReviewError(f"target count must be between {low} and {high} white cells")
+
+
+def _open_case(case: Case) -> None:
+    if case.status == CaseStatus.SIGNED:
+        raise ReviewError(f"case {case.accession} is signed off and locked; no changes allowed",
+                          status=423)
+
+
+def lock_open_case(session: Session, case_id: int) -> Case:
+    """The case row, locked until commit, refused if signed off.
+
+    Every change in a case takes this lock first (PostgreSQL: SELECT ... FOR UPDATE;
+    SQLite: the write transaction already holds the database lock), so an edit or
+    upload can never slip in beside a sign-off.
+    """
+    case = session.get(Case, case_id, with_for_update=True, populate_existing=True)
+    if case is None:
+        raise ReviewError(f"no case {case_id}", status=404)
+    _open_case(case)
+    return case
+
+
+def _cell_in_case(session: Session, case_id: int, cell_id: int) -> tuple[Case, CellRecord]:
+    case = lock_open_case(session, case_id)
+    cell = session.get(CellRecord, cell_id)
+    if cell is None or cell.deleted or cell.field.case_id != case_id:
+        raise ReviewError(f"no cell {cell_id} in case {case_id}", status=404)
+    return case, cell
+
+
+def _check_version(kind: str, current: int, sent: int, who: User | None) -> None:
+    if current != sent:
+        by = f" by {who.username}" if who else ""
+        raise ReviewError(f"this {kind} was changed{by} since you loaded it (your version "
+                          f"{sent}, now {current}); your edit was not applied - reload and "
+                          "check before changing it again", status=409)
+
+
+def _flush_versioned(session: Session, kind: str) -> None:
+    """Write; a row changed by a concurrent transaction since we read it is refused (409)."""
+    try:
+        session.flush()
+    except StaleDataError:
+        raise ReviewError(f"this {kind} was changed by someone else a moment ago; your edit "
+                          "was not applied - reload and check before changing it again",
+                          status=409) from None
+
+
+def set_label(session: Session, user: User, case_id: int, cell_id: int, label: str,
+              version: int) -> CellRecord:
+    """Reclassify a cell (or confirm its label): refused if someone changed it since `version`."""
+    if label not in LABELS:
+        raise ReviewError(f"unknown label {label!r}; one of: {', '.join(LABELS)}")
+    case, cell = _cell_in_case(session, case_id, cell_id)
+    _check_version("cell", cell.version, version, cell.updated_by)
+    before = {"label": cell.label, "reviewed": cell.reviewed, "version": cell.version}
+    cell.label, cell.reviewed = label, True
+    cell.updated_at, cell.updated_by_id = utcnow(), user.id
+    _flush_versioned(session, "cell")  # UPDATE ... WHERE version = the version read
+    audit(session, case, user, "reclassify" if before["label"] != label else "confirm",
+          field_id=cell.field_id, cell_id=cell.id, before=before,
+          after={"label": label, "reviewed": True, "version": cell.version})
+    return cell
+
+
+def add_cell(session: Session, user: User, case_id: int, field_id: int,
+             box: list[float], label: str) -> CellRecord:
+    """A cell the detector missed, drawn by the reviewer."""
+    if label not in LABELS:
+        raise ReviewError(f"unknown label {label!r}; one of: {', '.join(LABELS)}")
+    case = lock_open_case(session, case_id)
+    field = session.get(FieldImage, field_id)
+    if field is None or field.case_id != case_id:
+        raise ReviewError(f"no field {field_id} in case {case_id}", status=404)
+    x0, y0, x1, y1 = _clip_box(box, field.image.width, field.image.height)
+    cell = CellRecord(field_id=field.id, x0=x0, y0=y0, x1=x1, y1=y1, origin="user",
+                      label=label, reviewed=True, updated_by_id=user.id)
+    session.add(cell)
+    session.flush()
+    audit(session, case, user, "add_cell", field_id=field.id, cell_id=cell.id,
+          after={"box": [x0, y0, x1, y1], "label": label})
+    return cell
+
+
+def _clip_box(box: list[float], width: int, height: int) -> tuple[float, ...]:
+    if len(box) != 4:
+        raise ReviewError("box must be [x0, y0, x1, y1] in image pixels")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
+    y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
+    if x1 - x0 < 4 or y1 - y0 < 4:
+        raise ReviewError("box is too small (at least 4 x 4 pixels inside the image)")
+    return round(x0, 1), round(y0, 1), round(x1, 1), round(y1, 1)
+
+
+def delete_cell(session: Session, user: User, case_id: int, cell_id: int,
+                version: int) -> None:
+    """Remove a false detection from the count; the row stays, marked deleted, for the audit."""
+    case, cell = _cell_in_case(session, case_id, cell_id)
+    _check_version("cell", cell.version, version, cell.updated_by)
+    cell.deleted = True
+    cell.updated_at, cell.updated_by_id = utcnow(), user.id
+    _flush_versioned(session, "cell")
+    audit(session, case, user, "delete_cell", field_id=cell.field_id, cell_id=cell.id,
+          before={"label": cell.label, "box": list(cell.box), "version": version})
+
+
+def set_target(session: Session, user: User, case_id: int, target: int, revision: int) -> Case:
+    case = load_case(session, case_id, lock=True)
+    _open_case(case)
+    _check_target(target)
+    _check_version("case", case.revision, revision, None)
+    before = {"target_count": case.target_count}
+    case.target_count = target
+    session.flush()
+    audit(session, case, user, "set_target", before=before, after={"target_count": target})
+    return case
+
+
+def sign_off(session: Session, user: User, case_id: int, revision: int) -> Case:
+    """Lock the case: only a reviewer, only as seen (revision), only when every cell is named."""
+    if user.role != Role.REVIEWER:
+        raise ReviewError(f"only a reviewer signs off (you are a {user.role})", status=403)
+    case = load_case(session, case_id, lock=True)
+    _open_case(case)
+    _check_version("case", case.revision, revision, None)
+    pending = [f for f in case.fields if f.status in (FieldStatus.QUEUED, FieldStatus.ANALYSING)]
+    if pending:
+        raise ReviewError(f"{len(pending)} field(s) are still being analysed", status=409)
+    summary = differential(case)
+    if summary.counted == 0:
+        raise ReviewError("no white cells counted: nothing to sign off", status=409)
+    if summary.unidentified:
+        raise ReviewError(f"{summary.unidentified} cell(s) are still unidentified: classify "
+                          "each one (or mark it X, not a white cell) before signing off",
+                          status=409)
+    case.status, case.signed_at, case.signed_by_id = CaseStatus.SIGNED, utcnow(), user.id
+    session.flush()
+    audit(session, case, user, "sign_off", before={"status": CaseStatus.OPEN},
+          after={"status": CaseStatus.SIGNED, "differential": summary.to_dict()})
+    return case

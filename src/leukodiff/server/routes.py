@@ -1,0 +1,425 @@
+"""HTTP routes: thin translations of requests into `review`, `storage` and `exports` calls.
+
+Three routers: `public` (login, health: the only routes without a session),
+`pages` (server-rendered HTML) and `api` (JSON for the review page's script).
+Every route of `pages` and `api` requires a session, and a CSRF token on
+anything but GET.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from PIL import Image as PILImage
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import selectinload
+
+from leukodiff.server import review
+from leukodiff.server.app import PACKAGE, state_of
+from leukodiff.server.auth import (
+    AccountError,
+    authenticate,
+    check_csrf,
+    create_user,
+    csrf_token,
+    require_role,
+    session_user,
+    start_session,
+)
+from leukodiff.server.db import LABELS, AuditEvent, Case, CellRecord, FieldImage, Image, Role, User
+from leukodiff.server.exports import (
+    ExportError,
+    audit_dict,
+    case_json,
+    cases_csv,
+    fhir_report,
+    training_files,
+)
+from leukodiff.server.review import ReviewError
+from leukodiff.server.storage import UploadError, display_name
+
+THUMBNAIL = 128
+IMAGE_CACHE = "private, max-age=86400"  # field views and crops never change for an id
+STATIC = {"app.css": "text/css", "app.js": "text/javascript"}
+
+
+def current_user(request: Request) -> User:
+    with state_of(request).db.reading() as session:
+        return session_user(request, session)
+
+
+UserDep = Annotated[User, Depends(current_user)]
+public = APIRouter()
+# current_user first: an anonymous request is refused as such (401 / login), before CSRF.
+pages = APIRouter(dependencies=[Depends(current_user), Depends(check_csrf)])
+api = APIRouter(prefix="/api", dependencies=[Depends(current_user), Depends(check_csrf)])
+
+
+# --- public -------------------------------------------------------------------------------
+
+@public.get("/health")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@public.get("/login", response_class=HTMLResponse)
+def login_form(request: Request) -> Response:
+    return _login_page(request, None)
+
+
+def _login_page(request: Request, message: str | None, status: int = 200) -> Response:
+    css = (PACKAGE / "static" / "app.css").read_text()
+    return state_of(request).templates.TemplateResponse(
+        request, "login.html", {"csrf": csrf_token(request), "message": message, "css": css},
+        status_code=status)
+
+
+@public.post("/login", dependencies=[Depends(check_csrf)])
+def login(request: Request, username: Annotated[str, Form()],
+          password: Annotated[str, Form()]) -> Response:
+    with state_of(request).db.reading() as session:
+        user = authenticate(session, username, password)
+    if user is None:
+        return _login_page(request, "Wrong username or password.", status=401)
+    start_session(request, user)
+    return RedirectResponse("/", status_code=303)
+
+
+# --- pages --------------------------------------------------------------------------------
+
+@pages.post("/logout")
+def logout(request: Request) -> Response:
+    request.session.clear()
+    return RedirectResponse("/login", status_code=303)
+
+
+@pages.get("/", response_class=HTMLResponse)
+def cases_page(request: Request, user: UserDep) -> Response:
+    return _cases_page(request, user, None)
+
+
+def _cases_page(request: Request, user: User, message: str | None, status: int = 200
+                ) -> Response:
+    state = state_of(request)
+    with state.db.reading() as session:
+        cases = session.scalars(select(Case).options(selectinload(Case.fields))
+                                .order_by(Case.created_at.desc())).all()
+        rows = [{"id": c.id, "accession": c.accession, "status": c.status,
+                 "fields": len(c.fields), "created": f"{c.created_at:%Y-%m-%d %H:%M}"}
+                for c in cases]
+    return state.templates.TemplateResponse(
+        request, "cases.html", {"user": user, "cases": rows, "csrf": csrf_token(request),
+                                "message": message}, status_code=status)
+
+
+@pages.post("/cases")
+def create_case_form(request: Request, user: UserDep, accession: Annotated[str, Form()],
+                     target_count: Annotated[int, Form()] = 100) -> Response:
+    try:
+        with state_of(request).db.writing() as session:
+            case = review.create_case(session, user, accession, target_count)
+    except ReviewError as error:
+        return _cases_page(request, user, error.message, error.status)
+    return RedirectResponse(f"/cases/{case.id}", status_code=303)
+
+
+@pages.get("/cases/{case_id}", response_class=HTMLResponse)
+def case_page(request: Request, user: UserDep, case_id: int) -> Response:
+    state = state_of(request)
+    with state.db.reading() as session:
+        case = review.load_case(session, case_id)
+        accession = case.accession
+    return state.templates.TemplateResponse(
+        request, "case.html", {"user": user, "case_id": case_id, "accession": accession,
+                               "csrf": csrf_token(request), "labels": LABELS,
+                               "max_mb": state.settings.max_upload_bytes // (1024 * 1024)})
+
+
+@pages.get("/static/{name}")
+def static_file(name: str) -> Response:
+    if name not in STATIC:  # a fixed list: no path from the request reaches the filesystem
+        raise ReviewError("no such file", status=404)
+    return Response((PACKAGE / "static" / name).read_bytes(), media_type=STATIC[name],
+                    headers={"Cache-Control": "private, max-age=300"})
+
+
+# --- api: cases ---------------------------------------------------------------------------
+
+class NewCase(BaseModel):
+    accession: str = Field(max_length=review.ACCESSION_MAX)
+    target_count: int = 100
+
+
+class CaseUpdate(BaseModel):
+    target_count: int
+    revision: int
+
+
+class Revision(BaseModel):
+    revision: int
+
+
+class NewUser(BaseModel):
+    username: str
+    password: str
+    role: Role
+
+
+@api.get("/me")
+def me(request: Request, user: UserDep) -> dict[str, Any]:
+    """Who is signed in, and the CSRF token scripts send back (readable same-origin only)."""
+    return {"username": user.username, "role": user.role, "csrf": csrf_token(request)}
+
+
+@api.post("/users", status_code=201)
+def add_user(request: Request, user: UserDep, body: NewUser) -> dict[str, Any]:
+    require_role(user, Role.ADMIN)
+    with state_of(request).db.writing() as session:
+        try:
+            created = create_user(session, body.username, body.password, body.role)
+        except AccountError as error:
+            raise ReviewError(str(error)) from None
+        return {"id": created.id, "username": created.username, "role": created.role}
+
+
+@api.get("/cases")
+def list_cases(request: Request) -> list[dict[str, Any]]:
+    with state_of(request).db.reading() as session:
+        cases = session.scalars(select(Case).order_by(Case.id)).all()
+        return [{"id": c.id, "accession": c.accession, "status": c.status} for c in cases]
+
+
+@api.post("/cases", status_code=201)
+def create_case(request: Request, user: UserDep, body: NewCase) -> dict[str, Any]:
+    state = state_of(request)
+    with state.db.writing() as session:
+        case = review.create_case(session, user, body.accession, body.target_count)
+    return _case(request, case.id)
+
+
+def _case(request: Request, case_id: int) -> dict[str, Any]:
+    with state_of(request).db.reading() as session:
+        return review.case_dict(review.load_case(session, case_id))
+
+
+@api.get("/cases/{case_id}")
+def get_case(request: Request, case_id: int) -> dict[str, Any]:
+    return _case(request, case_id)
+
+
+@api.patch("/cases/{case_id}")
+def update_case(request: Request, user: UserDep, case_id: int, body: CaseUpdate
+                ) -> dict[str, Any]:
+    with state_of(request).db.writing() as session:
+        review.set_target(session, user, case_id, body.target_count, body.revision)
+    return _case(request, case_id)
+
+
+@api.post("/cases/{case_id}/sign-off")
+def sign_off(request: Request, user: UserDep, case_id: int, body: Revision) -> dict[str, Any]:
+    with state_of(request).db.writing() as session:
+        review.sign_off(session, user, case_id, body.revision)
+    return _case(request, case_id)
+
+
+@api.get("/cases/{case_id}/audit")
+def case_audit(request: Request, case_id: int) -> list[dict[str, Any]]:
+    with state_of(request).db.reading() as session:
+        review.load_case(session, case_id)
+        return [audit_dict(e) for e in _events(session, case_id)]
+
+
+def _events(session, case_id: int) -> list[AuditEvent]:
+    return list(session.scalars(select(AuditEvent).where(AuditEvent.case_id == case_id)
+                                .options(selectinload(AuditEvent.user)).order_by(AuditEvent.id)))
+
+
+# --- api: uploads and images --------------------------------------------------------------
+
+@api.post("/cases/{case_id}/fields")
+def upload_fields(request: Request, user: UserDep, case_id: int,
+                  files: Annotated[list[UploadFile], File()]) -> Response:
+    """Store each file (checked by content), add it to the case and queue its analysis."""
+    state = state_of(request)
+    if len(files) > state.settings.max_files_per_request:
+        raise UploadError(f"at most {state.settings.max_files_per_request} files per upload")
+    with state.db.reading() as session:
+        if session.get(Case, case_id) is None:
+            raise ReviewError(f"no case {case_id}", status=404)
+    accepted, rejected, statuses = [], [], []
+    for upload in files:
+        name = display_name(upload.filename)
+        try:
+            stored = state.blobs.receive(upload.file, state.settings.max_upload_bytes)
+            field_id = _add_field(request, user, case_id, name, stored)
+        except (UploadError, ReviewError) as error:
+            rejected.append({"name": name, "reason": str(error)})
+            statuses.append(error.status)
+            continue
+        accepted.append({"name": name, "field_id": field_id})
+    state.queue.submit([a["field_id"] for a in accepted])
+    status = 200 if accepted else max(statuses, default=400)
+    return Response(json.dumps({"accepted": accepted, "rejected": rejected}),
+                    status_code=status, media_type="application/json")
+
+
+def _add_field(request: Request, user: User, case_id: int, name: str, stored) -> int:
+    with state_of(request).db.writing() as session:
+        case = review.lock_open_case(session, case_id)
+        if session.get(Image, stored.sha256) is None:
+            session.add(Image(sha256=stored.sha256, size_bytes=stored.size_bytes,
+                              format=stored.format, width=stored.width, height=stored.height))
+            session.flush()
+        existing = session.scalar(select(FieldImage).where(
+            FieldImage.case_id == case_id, FieldImage.image_sha256 == stored.sha256))
+        if existing is not None:
+            raise ReviewError(f"the same image is already in this case (field "
+                              f"{existing.id}, {existing.original_name})", status=409)
+        field = FieldImage(case_id=case_id, image_sha256=stored.sha256, original_name=name,
+                           uploaded_by_id=user.id)
+        session.add(field)
+        try:
+            session.flush()
+        except IntegrityError:  # the same image, uploaded concurrently
+            raise ReviewError("the same image is already in this case", status=409) from None
+        review.audit(session, case, user, "upload", field_id=field.id,
+                     after={"name": name, "sha256": stored.sha256, "bytes": stored.size_bytes})
+        return field.id
+
+
+@api.get("/fields/{field_id}/image")
+def field_image(request: Request, field_id: int) -> Response:
+    state = state_of(request)
+    with state.db.reading() as session:
+        field = session.get(FieldImage, field_id)
+        if field is None:
+            raise ReviewError(f"no field {field_id}", status=404)
+        sha256 = field.image_sha256
+    return Response(state.views.view_path(sha256).read_bytes(), media_type="image/jpeg",
+                    headers={"Cache-Control": IMAGE_CACHE})
+
+
+@api.get("/cells/{cell_id}/crop")
+def cell_crop(request: Request, cell_id: int) -> Response:
+    state = state_of(request)
+    with state.db.reading() as session:
+        cell = session.get(CellRecord, cell_id)
+        if cell is None:
+            raise ReviewError(f"no cell {cell_id}", status=404)
+        box, sha256 = cell.box, cell.field.image_sha256
+    with PILImage.open(state.views.view_path(sha256)) as image:
+        x0, y0, x1, y1 = box
+        side = max(x1 - x0, y1 - y0) * 1.4
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        crop = image.crop((round(cx - side / 2), round(cy - side / 2),
+                           round(cx + side / 2), round(cy + side / 2)))
+    crop.thumbnail((THUMBNAIL, THUMBNAIL))
+    buffer = io.BytesIO()
+    crop.save(buffer, format="JPEG", quality=88)
+    return Response(buffer.getvalue(), media_type="image/jpeg",
+                    headers={"Cache-Control": IMAGE_CACHE})
+
+
+# --- api: review --------------------------------------------------------------------------
+
+class LabelChange(BaseModel):
+    label: str
+    version: int
+
+
+class NewCell(BaseModel):
+    field_id: int
+    box: list[float]
+    label: str
+
+
+def _edit_response(request: Request, case_id: int, cell_id: int) -> dict[str, Any]:
+    with state_of(request).db.reading() as session:
+        case = review.load_case(session, case_id)
+        cell = session.get(CellRecord, cell_id)
+        return {"cell": review.cell_dict(cell), "deleted": cell.deleted,
+                "revision": case.revision,
+                "differential": review.differential(case).to_dict()}
+
+
+@api.patch("/cases/{case_id}/cells/{cell_id}")
+def reclassify(request: Request, user: UserDep, case_id: int, cell_id: int,
+               body: LabelChange) -> dict[str, Any]:
+    with state_of(request).db.writing() as session:
+        review.set_label(session, user, case_id, cell_id, body.label, body.version)
+    return _edit_response(request, case_id, cell_id)
+
+
+@api.post("/cases/{case_id}/cells", status_code=201)
+def add_cell(request: Request, user: UserDep, case_id: int, body: NewCell) -> dict[str, Any]:
+    with state_of(request).db.writing() as session:
+        cell = review.add_cell(session, user, case_id, body.field_id, body.box, body.label)
+    return _edit_response(request, case_id, cell.id)
+
+
+@api.delete("/cases/{case_id}/cells/{cell_id}")
+def delete_cell(request: Request, user: UserDep, case_id: int, cell_id: int,
+                version: int) -> dict[str, Any]:
+    with state_of(request).db.writing() as session:
+        review.delete_cell(session, user, case_id, cell_id, version)
+    return _edit_response(request, case_id, cell_id)
+
+
+# --- api: exports -------------------------------------------------------------------------
+
+def _signed_case(session, case_id: int) -> Case:
+    case = review.load_case(session, case_id)
+    if case.signed_at is None:
+        raise ExportError(f"case {case.accession} is not signed off; only signed cases export")
+    return case
+
+
+def _download(content: bytes, media_type: str, filename: str) -> Response:
+    return Response(content, media_type=media_type,
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+def _stem(case: Case) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in case.accession)
+
+
+@api.get("/cases/{case_id}/export.csv")
+def export_csv(request: Request, case_id: int) -> Response:
+    with state_of(request).db.reading() as session:
+        case = _signed_case(session, case_id)
+        return _download(cases_csv(case).encode(), "text/csv", f"{_stem(case)}.csv")
+
+
+@api.get("/cases/{case_id}/export.json")
+def export_json(request: Request, case_id: int) -> Response:
+    with state_of(request).db.reading() as session:
+        case = _signed_case(session, case_id)
+        content = json.dumps(case_json(case, _events(session, case_id)), indent=2)
+        return _download(content.encode(), "application/json", f"{_stem(case)}.json")
+
+
+@api.get("/cases/{case_id}/fhir.json")
+def export_fhir(request: Request, case_id: int) -> Response:
+    with state_of(request).db.reading() as session:
+        case = _signed_case(session, case_id)
+        content = json.dumps(fhir_report(case), indent=2)
+        return _download(content.encode(), "application/fhir+json", f"{_stem(case)}.fhir.json")
+
+
+@api.get("/cases/{case_id}/training.zip")
+def export_training(request: Request, case_id: int) -> Response:
+    state = state_of(request)
+    with state.db.reading() as session:
+        case = _signed_case(session, case_id)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path, data in training_files([case], state.views):
+                archive.writestr(path, data)
+        return _download(buffer.getvalue(), "application/zip", f"{_stem(case)}-training.zip")

@@ -1,0 +1,321 @@
+// Review page: renders a case from /api/cases/{id}, sends each edit with the version it saw.
+"use strict";
+(() => {
+  const body = document.body;
+  const caseId = body.dataset.caseId;
+  const csrf = body.dataset.csrf;
+  const TYPES = ["lymphocyte", "monocyte", "neutrophil", "eosinophil", "basophil"];
+  const ORDER = [...TYPES, "unidentified", "not_wbc"];
+  const NAMES = { not_wbc: "not a white cell" };
+  const KEYS = { 1: "lymphocyte", 2: "monocyte", 3: "neutrophil", 4: "eosinophil", 5: "basophil",
+    u: "unidentified", x: "not_wbc" };
+  const $ = (id) => document.getElementById(id);
+  let data = null;
+  let selected = null;   // cell id
+  let drawing = false;
+  let poll = null;
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (k === "class") node.className = v;
+      else if (k === "style") node.style.cssText = v;
+      else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else node.setAttribute(k, v);
+    }
+    for (const child of children) node.append(child);
+    return node;
+  }
+
+  function say(text, kind = "") {
+    const box = $("message");
+    box.textContent = text;
+    box.className = kind;
+  }
+
+  async function call(method, url, payload) {
+    const options = { method, headers: { "X-CSRF-Token": csrf, Accept: "application/json" } };
+    if (payload instanceof FormData) options.body = payload;
+    else if (payload !== undefined) {
+      options.headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(payload);
+    }
+    const response = await fetch(url, options);
+    if (response.status === 401) { window.location = "/login"; throw new Error("signed out"); }
+    const result = await response.json().catch(() => ({}));
+    return { ok: response.ok, status: response.status, result };
+  }
+
+  function cells() {
+    return data.fields.flatMap((f) => f.cells);
+  }
+
+  async function load() {
+    const { ok, result } = await call("GET", `/api/cases/${caseId}`);
+    if (!ok) { say(result.detail || "could not load the case", "error"); return; }
+    data = result;
+    render();
+    const busy = data.progress.queued + data.progress.analysing > 0;
+    clearTimeout(poll);
+    if (busy) poll = setTimeout(load, 700);
+  }
+
+  function render() {
+    const signed = data.status === "signed";
+    $("status").textContent = data.status;
+    $("status").className = `badge ${data.status}`;
+    $("signed").textContent = signed ? `by ${data.signed_by} at ${data.signed_at.slice(0, 16)} UTC` : "";
+    $("upload-card").hidden = signed;
+    $("sign-off").hidden = signed || body.dataset.role !== "reviewer";
+    $("exports").hidden = !signed;
+    for (const [id, path] of [["export-csv", "export.csv"], ["export-json", "export.json"],
+      ["export-fhir", "fhir.json"], ["export-training", "training.zip"]]) {
+      $(id).href = `/api/cases/${caseId}/${path}`;
+    }
+    const p = data.progress;
+    $("progress").max = Math.max(1, p.total);
+    $("progress").value = p.done + p.failed;
+    $("progress-text").textContent = p.total
+      ? `Analysed ${p.done} of ${p.total} field(s)` + (p.failed ? `, ${p.failed} failed` : "") +
+        (p.queued + p.analysing ? " - analysing..." : "")
+      : "No fields yet.";
+    renderDifferential();
+    renderGallery();
+    renderFields();
+    if (document.activeElement !== $("target")) $("target").value = data.target_count;
+  }
+
+  function renderDifferential() {
+    const d = data.differential;
+    const rows = [...TYPES, "unidentified"].map((label, i) => el("tr", { "data-label": label },
+      el("td", {}, el("span", { class: "dot", style: `background:var(--${label})` }), label),
+      el("td", {}, label === "unidentified" ? "U" : String(i + 1)),
+      el("td", { class: "count" }, String(d.counts[label])),
+      el("td", {}, `${d.percentages[label].toFixed(1)}`)));
+    $("differential").tBodies[0].replaceChildren(...rows);
+    const tally = $("tally");
+    tally.textContent = `Counted ${d.counted} / ${d.target} WBC` +
+      ` · ${d.unidentified} unidentified · ${d.not_wbc} not WBC · ${d.reviewed} reviewed`;
+    tally.classList.toggle("reached", d.counted >= d.target);
+    $("tally-bar").max = d.target;
+    $("tally-bar").value = Math.min(d.counted, d.target);
+  }
+
+  function renderGallery() {
+    const byLabel = Object.fromEntries(ORDER.map((l) => [l, []]));
+    for (const cell of cells()) byLabel[cell.label].push(cell);
+    const sections = ORDER.filter((l) => byLabel[l].length).map((label) =>
+      el("div", { class: "gallery-section", "data-label": label },
+        el("h3", { style: `color:var(--${label})` }, `${NAMES[label] || label} (${byLabel[label].length})`),
+        el("div", { class: "thumbs" }, ...byLabel[label].map(thumb))));
+    $("gallery").replaceChildren(...(sections.length ? sections : [el("p", {}, "No cells yet.")]));
+  }
+
+  function thumb(cell) {
+    const classes = ["thumb", cell.reviewed ? "reviewed" : "", cell.id === selected ? "selected" : ""];
+    const note = cell.model_label && cell.model_label !== cell.label ? ` (was ${cell.model_label})` : "";
+    return el("button", { type: "button", class: classes.join(" "), "data-cell": cell.id,
+      title: `cell ${cell.id}${note}`, onclick: () => select(cell.id) },
+      el("img", { src: `/api/cells/${cell.id}/crop`, alt: `cell ${cell.id}`, loading: "lazy" }),
+      `#${cell.id}${note}`);
+  }
+
+  function renderFields() {
+    const figures = data.fields.map((field) => {
+      const stage = el("div", { class: `stage${drawing ? " drawing" : ""}`, "data-field": field.id });
+      if (field.status === "done") {
+        stage.append(el("img", { src: `/api/fields/${field.id}/image`, alt: field.name, draggable: "false" }));
+        for (const cell of field.cells) stage.append(box(field, cell));
+        stage.addEventListener("mousedown", (event) => startDraw(event, field, stage));
+      } else {
+        stage.append(el("p", { class: field.status === "failed" ? "error" : "" },
+          field.status === "failed" ? `Failed: ${field.error}` : `${field.status}...`));
+      }
+      return el("figure", { class: "field" }, stage,
+        el("figcaption", {}, `${field.name} · ${field.cells.length} cell(s)`));
+    });
+    $("fields").replaceChildren(...figures);
+  }
+
+  function box(field, cell) {
+    const [x0, y0, x1, y1] = cell.box;
+    const style = `left:${(100 * x0) / field.width}%;top:${(100 * y0) / field.height}%;` +
+      `width:${(100 * (x1 - x0)) / field.width}%;height:${(100 * (y1 - y0)) / field.height}%;` +
+      `border-color:var(--${cell.label})`;
+    return el("button", { type: "button", class: `box${cell.id === selected ? " selected" : ""}`,
+      style, "data-cell": cell.id, title: cell.label,
+      onmousedown: (event) => event.stopPropagation(), onclick: () => select(cell.id) },
+      el("span", { style: `background:var(--${cell.label})` }, `${cell.id} ${NAMES[cell.label] || cell.label}`));
+  }
+
+  function select(cellId) {
+    selected = cellId;
+    for (const node of document.querySelectorAll(".selected")) node.classList.remove("selected");
+    for (const node of document.querySelectorAll(`[data-cell="${cellId}"]`)) node.classList.add("selected");
+  }
+
+  function step(delta) {
+    const list = cells();
+    if (!list.length) return;
+    const index = list.findIndex((c) => c.id === selected);
+    const next = list[(index + delta + list.length) % list.length];
+    select(next.id);
+    document.querySelector(`.thumb[data-cell="${next.id}"]`)?.scrollIntoView({ block: "nearest" });
+  }
+
+  function applyEdit(result) {
+    const index = new Map(data.fields.map((f) => [f.id, f]));
+    const field = index.get(result.cell.field_id);
+    field.cells = field.cells.filter((c) => c.id !== result.cell.id);
+    if (!result.deleted) {
+      field.cells.push(result.cell);
+      field.cells.sort((a, b) => a.id - b.id);
+    }
+    data.differential = result.differential;
+    data.revision = result.revision;
+    render();
+  }
+
+  async function refused(status, result) {
+    say(result.detail || `refused (${status})`, "error");
+    if (status === 409 || status === 423) await load();
+  }
+
+  async function setLabel(label) {
+    const cell = cells().find((c) => c.id === selected);
+    if (!cell || data.status === "signed") return;
+    const { ok, status, result } = await call("PATCH", `/api/cases/${caseId}/cells/${cell.id}`,
+      { label, version: cell.version });
+    if (!ok) return refused(status, result);
+    applyEdit(result);
+    say(`cell ${cell.id}: ${NAMES[label] || label}`, "ok");
+    step(1);
+  }
+
+  async function deleteCell() {
+    const cell = cells().find((c) => c.id === selected);
+    if (!cell || data.status === "signed") return;
+    const { ok, status, result } = await call("DELETE",
+      `/api/cases/${caseId}/cells/${cell.id}?version=${cell.version}`);
+    if (!ok) return refused(status, result);
+    applyEdit(result);
+    say(`cell ${cell.id} deleted`, "ok");
+  }
+
+  function setDrawing(on) {
+    drawing = on;
+    $("draw-mode").setAttribute("aria-pressed", String(on));
+    for (const stage of document.querySelectorAll(".stage")) stage.classList.toggle("drawing", on);
+  }
+
+  function startDraw(event, field, stage) {
+    if (!drawing || data.status === "signed" || event.button !== 0) return;
+    event.preventDefault();
+    const rect = stage.getBoundingClientRect();
+    const sx = field.width / rect.width;
+    const sy = field.height / rect.height;
+    const x0 = event.clientX - rect.left;
+    const y0 = event.clientY - rect.top;
+    const rubber = el("div", { class: "rubber" });
+    stage.append(rubber);
+    const move = (e) => {
+      const x = e.clientX - rect.left, y = e.clientY - rect.top;
+      rubber.style.cssText = `left:${Math.min(x, x0)}px;top:${Math.min(y, y0)}px;` +
+        `width:${Math.abs(x - x0)}px;height:${Math.abs(y - y0)}px`;
+    };
+    const up = async (e) => {
+      window.removeEventListener("mousemove", move);
+      window.removeEventListener("mouseup", up);
+      rubber.remove();
+      const x1 = e.clientX - rect.left, y1 = e.clientY - rect.top;
+      const boxPx = [Math.min(x0, x1) * sx, Math.min(y0, y1) * sy, Math.max(x0, x1) * sx, Math.max(y0, y1) * sy];
+      const { ok, status, result } = await call("POST", `/api/cases/${caseId}/cells`,
+        { field_id: field.id, box: boxPx, label: "unidentified" });
+      if (!ok) return refused(status, result);
+      setDrawing(false);
+      applyEdit(result);
+      select(result.cell.id);
+      say(`cell ${result.cell.id} added: press 1-5 to classify it`, "ok");
+    };
+    window.addEventListener("mousemove", move);
+    window.addEventListener("mouseup", up);
+  }
+
+  async function upload(files) {
+    if (!files.length) return;
+    const form = new FormData();
+    for (const file of files) form.append("files", file, file.name);
+    say(`Uploading ${files.length} file(s)...`);
+    const { status, result } = await call("POST", `/api/cases/${caseId}/fields`, form);
+    const rejected = result.rejected || [];
+    $("rejected").replaceChildren(...rejected.map((r) => el("li", {}, `${r.name}: ${r.reason}`)));
+    if (result.detail) say(result.detail, "error");
+    else say(`${(result.accepted || []).length} field(s) uploaded, ${rejected.length} refused`,
+      rejected.length ? "error" : "ok");
+    if (status !== 401) await load();
+  }
+
+  function wireUpload() {
+    const zone = $("dropzone");
+    const input = $("file-input");
+    input.addEventListener("change", () => { upload([...input.files]); input.value = ""; });
+    zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") input.click(); });
+    zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", (e) => {
+      e.preventDefault();
+      zone.classList.remove("over");
+      upload([...e.dataTransfer.files]);
+    });
+  }
+
+  async function signOff() {
+    const { ok, status, result } = await call("POST", `/api/cases/${caseId}/sign-off`,
+      { revision: data.revision });
+    if (!ok) return refused(status, result);
+    data = result;
+    render();
+    say("Case signed off and locked.", "ok");
+    loadAudit();
+  }
+
+  async function setTarget(event) {
+    event.preventDefault();
+    const { ok, status, result } = await call("PATCH", `/api/cases/${caseId}`,
+      { target_count: Number($("target").value), revision: data.revision });
+    if (!ok) return refused(status, result);
+    data = result;
+    render();
+    say(`Target set to ${data.target_count} WBC.`, "ok");
+  }
+
+  async function loadAudit() {
+    const { ok, result } = await call("GET", `/api/cases/${caseId}/audit`);
+    if (!ok) return;
+    $("audit").replaceChildren(...result.map((e) => el("li", {},
+      `${e.at.slice(0, 19)} ${e.user} ${e.action}` + (e.cell_id ? ` cell ${e.cell_id}` : "") +
+      (e.before ? ` ${JSON.stringify(e.before)}` : "") + (e.after ? ` -> ${JSON.stringify(e.after)}` : ""))));
+  }
+
+  document.addEventListener("keydown", (event) => {
+    if (event.target.closest("input, textarea, select") || event.ctrlKey || event.metaKey || event.altKey) return;
+    const key = event.key.toLowerCase();
+    if (KEYS[key]) { event.preventDefault(); setLabel(KEYS[key]); }
+    else if (key === "enter" && selected) {
+      event.preventDefault();
+      const cell = cells().find((c) => c.id === selected);
+      if (cell) setLabel(cell.label);
+    } else if (key === "delete" || key === "backspace") { event.preventDefault(); deleteCell(); }
+    else if (key === "j" || key === "arrowright") { event.preventDefault(); step(1); }
+    else if (key === "k" || key === "arrowleft") { event.preventDefault(); step(-1); }
+    else if (key === "b") setDrawing(!drawing);
+    else if (key === "escape") setDrawing(false);
+  });
+
+  $("draw-mode").addEventListener("click", () => setDrawing(!drawing));
+  $("sign-off").addEventListener("click", signOff);
+  $("target-form").addEventListener("submit", setTarget);
+  $("audit-box").addEventListener("toggle", loadAudit);
+  wireUpload();
+  load();
+})();

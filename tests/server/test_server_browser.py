@@ -1,0 +1,122 @@
+"""The review page in a real browser: Debian's Chromium driven by Playwright, over loopback.
+
+Saves a screenshot of the cell gallery to out/test-artifacts/ (a CI artifact).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from station_helpers import ARTIFACTS, FIELDS, PASSWORD
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="the browser test needs the playwright package")
+expect = sync_api.expect
+TYPES = ["lymphocyte", "monocyte", "neutrophil", "eosinophil", "basophil"]
+
+
+@pytest.fixture
+def browser_page(tmp_path: Path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"the browser test needs Debian's Chromium at {CHROMIUM} "
+                    "(apt-get install chromium, or run .ci/services.sh)")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
+            args=FLAGS, accept_downloads=True, viewport={"width": 1400, "height": 1000})
+        context.set_default_timeout(30_000)
+        page = context.pages[0] if context.pages else context.new_page()
+        yield page
+        context.close()
+
+
+def drop_files(page, selector: str, *paths: Path) -> None:
+    """Drop files on an element as a user dragging them from the desktop would."""
+    files = [[p.name, base64.b64encode(p.read_bytes()).decode()] for p in paths]
+    transfer = page.evaluate_handle(
+        """files => {
+            const transfer = new DataTransfer();
+            for (const [name, data] of files) {
+                const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], name, {type: "image/jpeg"}));
+            }
+            return transfer;
+        }""", files)
+    page.dispatch_event(selector, "dragover", {"dataTransfer": transfer})
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+def count_cell(page, label: str):
+    return page.locator(f"#differential tr[data-label='{label}'] td.count")
+
+
+def count_of(page, label: str) -> int:
+    return int(count_cell(page, label).inner_text())
+
+
+def test_review_in_the_browser(live_server, browser_page, bccd: Path, tmp_path: Path) -> None:
+    page = browser_page
+    live_server.station.add_user("rita", "reviewer")
+
+    page.goto(f"{live_server.url}/login")
+    page.fill("input[name=username]", "rita")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server.url}/")
+
+    page.fill("input[name=accession]", "BROWSER-1")
+    page.click("#new-case button[type=submit]")
+    page.wait_for_url("**/cases/*")
+    assert page.locator("#accession").inner_text() == "BROWSER-1"
+
+    # One field through the file chooser, one dropped on the drop zone.
+    page.set_input_files("#file-input", str(bccd / FIELDS[0]))
+    expect(page.locator("#progress-text")).to_contain_text("of 1 field")
+    drop_files(page, "#dropzone", bccd / FIELDS[1])
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Analysed 2 of 2 field\(s\)$"),
+                                                        timeout=60_000)
+    page.wait_for_selector("#gallery .thumb")
+    page.wait_for_selector(".stage img")
+
+    # Reclassify the first cell with a keyboard shortcut; the table's count follows.
+    first = page.locator("#gallery .thumb").first
+    old_label = first.locator("xpath=ancestor::div[@class='gallery-section']").get_attribute(
+        "data-label")
+    new_label = next(t for t in TYPES if t != old_label)
+    before = count_of(page, new_label)
+    first.click()
+    page.keyboard.press(str(TYPES.index(new_label) + 1))
+    expect(count_cell(page, new_label)).to_have_text(str(before + 1))
+    assert count_of(page, new_label) == before + 1
+
+    # Classify whatever is still unidentified (neutrophil, key 3) so the case can be signed.
+    while page.locator(".gallery-section[data-label='unidentified'] .thumb").count():
+        remaining = count_of(page, "unidentified")
+        page.locator(".gallery-section[data-label='unidentified'] .thumb").first.click()
+        page.keyboard.press("3")
+        expect(count_cell(page, "unidentified")).to_have_text(str(remaining - 1))
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#gallery").screenshot(path=str(ARTIFACTS / "review-gallery.png"))
+    page.screenshot(path=str(ARTIFACTS / "review-page.png"), full_page=True)
+
+    page.click("#sign-off")
+    expect(page.locator("#status")).to_have_text("signed")
+    with page.expect_download() as download_info:
+        page.click("#export-fhir")
+    saved = tmp_path / "report.fhir.json"
+    download_info.value.save_as(saved)
+    bundle = json.loads(saved.read_text())
+    report = bundle["entry"][0]["resource"]
+    assert report["resourceType"] == "DiagnosticReport"
+    assert report["identifier"][0]["value"] == "BROWSER-1"
+    assert len(report["result"]) == 5
+    shutil.copy(saved, ARTIFACTS / "BROWSER-1.fhir.json")

@@ -1,0 +1,147 @@
+"""Access control, CSRF, and hostile uploads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from station_helpers import FIELDS, PASSWORD, upload, wait_analysed
+
+PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/health")}
+
+
+def routes(app) -> list[tuple[str, str]]:
+    found = [(method, route.path) for route in app.routes if isinstance(route, APIRoute)
+             for method in sorted(route.methods)]
+    assert len(found) > 20, "app.routes should list every endpoint"
+    return found
+
+
+def test_anonymous_refused_on_every_route(sqlite_station) -> None:
+    """Every route but login and health refuses a request without a session."""
+    app = sqlite_station.app
+    assert {route.__class__ for route in app.routes} == {APIRoute}, "no unchecked mounts"
+    anonymous = TestClient(app)
+    checked = 0
+    for method, path in routes(app):
+        if (method, path) in PUBLIC:
+            continue
+        url = re.sub(r"\{[^}]+\}", "1", path)
+        response = anonymous.request(method, url, follow_redirects=False,
+                                     params={"version": 1})
+        if path.startswith("/api/"):
+            assert response.status_code == 401, (method, path, response.status_code)
+        else:
+            assert response.status_code == 303, (method, path, response.status_code)
+            assert response.headers["location"] == "/login"
+        checked += 1
+    assert checked == len(routes(app)) - len(PUBLIC)
+    assert anonymous.get("/health").json() == {"status": "ok"}
+
+
+def test_wrong_password_and_session_cookie_flags(sqlite_station) -> None:
+    sqlite_station.add_user("tess", "technologist")
+    client = TestClient(sqlite_station.app)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
+    bad = client.post("/login", data={"username": "tess", "password": "wrong password",
+                                      "csrf_token": token})
+    assert bad.status_code == 401 and "Wrong username or password" in bad.text
+    unknown = client.post("/login", data={"username": "nobody", "password": PASSWORD,
+                                          "csrf_token": token})
+    assert unknown.status_code == 401
+    good = client.post("/login", data={"username": "tess", "password": PASSWORD,
+                                       "csrf_token": token}, follow_redirects=False)
+    cookie = good.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=lax" in cookie
+    with sqlite_station.app.state.leukodiff.db.reading() as session:
+        from leukodiff.server.db import User
+
+        stored = session.query(User).filter_by(username="tess").one().password_hash
+    assert stored.startswith("$argon2id$") and PASSWORD not in stored
+
+
+def test_csrf_required_for_changes(sqlite_station) -> None:
+    tech = sqlite_station.client("tess")
+    token = tech.headers.pop("X-CSRF-Token")
+    assert tech.post("/api/cases", json={"accession": "C-1"}).status_code == 403
+    tech.headers["X-CSRF-Token"] = "forged"
+    assert tech.post("/api/cases", json={"accession": "C-1"}).status_code == 403
+    tech.headers["X-CSRF-Token"] = token
+    assert tech.post("/api/cases", json={"accession": "C-1"}).status_code == 201
+    # The login form itself needs the token (no login CSRF).
+    fresh = TestClient(sqlite_station.app)
+    assert fresh.post("/login", data={"username": "tess", "password": PASSWORD}
+                      ).status_code == 403
+
+
+def test_technologist_cannot_sign_off(sqlite_station, bccd: Path) -> None:
+    tech = sqlite_station.client("tess", "technologist")
+    admin = sqlite_station.client("ada", "admin")
+    case = tech.post("/api/cases", json={"accession": "T-1"}).json()
+    upload(tech, case["id"], bccd / FIELDS[0])
+    case = wait_analysed(tech, case["id"])
+    for client in (tech, admin):
+        response = client.post(f"/api/cases/{case['id']}/sign-off",
+                               json={"revision": case["revision"]})
+        assert response.status_code == 403 and "only a reviewer" in response.json()["detail"]
+    assert tech.get(f"/api/cases/{case['id']}").json()["status"] == "open"
+
+
+@pytest.mark.parametrize("name", ["../../../../tmp/evil.jpg", "..\\..\\windows\\evil.jpg",
+                                  "/etc/passwd", "a\x00b.jpg", "....//....//x.jpg"])
+def test_filenames_are_never_paths(sqlite_station, bccd: Path, tmp_path: Path,
+                                   name: str) -> None:
+    tech = sqlite_station.client("tess")
+    case = tech.post("/api/cases", json={"accession": "PT-1"}).json()
+    data = (bccd / FIELDS[0]).read_bytes()
+    response = tech.post(f"/api/cases/{case['id']}/fields",
+                         files=[("files", (name, data, "image/jpeg"))])
+    assert response.status_code == 200, response.text
+    shown = response.json()["accepted"][0]["name"]
+    assert "/" not in shown and "\\" not in shown and "\x00" not in shown
+    data_dir = sqlite_station.settings.data_dir
+    stored = [p for p in data_dir.rglob("*") if p.is_file() and p.read_bytes() == data]
+    assert len(stored) == 1 and stored[0].parent.parent == sqlite_station.settings.blob_dir
+    assert not Path("/tmp/evil.jpg").exists()
+    wait_analysed(tech, case["id"])
+
+
+def test_static_and_ids_are_not_paths(sqlite_station) -> None:
+    tech = sqlite_station.client("tess")
+    for url in ("/static/..%2Fdb.py", "/static/../db.py", "/static/%2e%2e/app.py",
+                "/static/app.css/../../db.py", "/api/fields/..%2F..%2Fetc/image"):
+        response = tech.get(url)
+        assert response.status_code in (404, 422), (url, response.status_code)
+        assert b"sqlalchemy" not in response.content
+
+
+def test_oversized_uploads_refused(make_station, bccd: Path) -> None:
+    station = make_station(None, max_upload_bytes=10_000, max_files_per_request=2)
+    tech = station.client("tess")
+    case = tech.post("/api/cases", json={"accession": "BIG-1"}).json()
+    big = (bccd / FIELDS[0]).read_bytes()
+    assert len(big) > 10_000
+    response = tech.post(f"/api/cases/{case['id']}/fields",
+                         files=[("files", ("big.jpg", big, "image/jpeg"))])
+    assert response.status_code == 413
+    assert "larger than" in response.json()["rejected"][0]["reason"]
+    # A whole request beyond every allowance is refused before its body is read.
+    huge = b"\xff\xd8" + b"0" * 100_000
+    response = tech.post(f"/api/cases/{case['id']}/fields",
+                         files=[("files", ("huge.jpg", huge, "image/jpeg"))])
+    assert response.status_code == 413
+    assert "request larger than" in response.json()["detail"]
+    too_many = [("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(3)]
+    response = tech.post(f"/api/cases/{case['id']}/fields", files=too_many)
+    assert response.status_code == 400 and "at most 2 files" in response.json()["detail"]
+    leftovers = list((station.settings.data_dir / "tmp").iterdir())
+    assert leftovers == [] and not any(p.is_file() for p in station.settings.blob_dir.rglob("*"))
+
+
+def test_security_headers(sqlite_station) -> None:
+    response = TestClient(sqlite_station.app).get("/login")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
