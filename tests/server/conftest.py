@@ -129,7 +129,9 @@ def make_live_server(tmp_path: Path, analyzer: Analyzer) -> Iterator:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        # Keep-alive longer than httpx's 5 s pool expiry: with both at 5 s a client could
+        # reuse a connection the server was closing that instant (flaky ECONNRESET under load).
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=30))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         running.append((server, thread, sock))

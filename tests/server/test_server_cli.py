@@ -56,5 +56,6 @@ def test_bad_database_is_a_message_not_a_traceback(tmp_path: Path) -> None:
 def test_serve_help_lists_its_options() -> None:
     result = CliRunner().invoke(commands(), ["serve", "--help"])
     assert result.exit_code == 0
-    for option in ("--data-dir", "--database-url", "--host", "--port", "--max-upload-mb"):
+    for option in ("--data-dir", "--database-url", "--host", "--port", "--max-upload-mb",
+                   "--max-image-mp"):
         assert option in result.output

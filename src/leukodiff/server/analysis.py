@@ -27,6 +27,7 @@ class AnalysisQueue:
     def __init__(self, db: Database, views: ViewCache, analyzer: Analyzer | None = None) -> None:
         self.db, self.views = db, views
         self._analyzer = analyzer
+        self._owns_analyzer = analyzer is None  # a shared one (tests) is its owner's to close
         self._analyzer_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukodiff-analysis")
 
@@ -52,14 +53,23 @@ class AnalysisQueue:
         self.submit(ids)
 
     def shutdown(self) -> None:
+        """Finish the field in progress (queued ones resume on the next start), then free
+        the Analyzer's worker threads if this queue loaded it."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._analyzer_lock:
+            if self._owns_analyzer and self._analyzer is not None:
+                self._analyzer.close()
+                self._analyzer = None
 
     def _run_logged(self, field_id: int) -> None:
         try:
             self._run(field_id)
         except Exception:  # a worker must survive one bad field; the field is marked failed
             log.exception("analysis of field %s failed", field_id)
-            self._finish_failed(field_id, "internal error during analysis (see server log)")
+            try:
+                self._finish_failed(field_id, "internal error during analysis (see server log)")
+            except Exception:  # e.g. the database is down: the next start re-queues the field
+                log.exception("could not mark field %s failed", field_id)
 
     def _run(self, field_id: int) -> None:
         with self.db.writing() as session:

@@ -11,7 +11,10 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from leukodiff.pipeline import Analyzer
 from leukodiff.server.analysis import AnalysisQueue
@@ -26,8 +29,12 @@ PACKAGE = Path(__file__).parent
 log = logging.getLogger(__name__)
 # Room for the multipart framing around the largest allowed set of files.
 MULTIPART_OVERHEAD = 64 * 1024
+# Without a signed-in session only the login form may be posted: a few hundred bytes.
+ANONYMOUS_BODY_LIMIT = 64 * 1024
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
        "script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
 
 
 @dataclass
@@ -55,7 +62,7 @@ def create_app(settings: Settings, analyzer: Analyzer | None = None) -> FastAPI:
     settings.prepare()
     db = Database(settings.url)
     db.migrate()
-    blobs = BlobStore(settings.blob_dir, settings.data_dir / "tmp")
+    blobs = BlobStore(settings.blob_dir, settings.data_dir / "tmp", settings.max_image_pixels)
     views = ViewCache(blobs, settings.cache_dir)
     state = ServerState(settings, db, blobs, views, AnalysisQueue(db, views, analyzer),
                         Jinja2Templates(directory=PACKAGE / "templates"))
@@ -111,24 +118,80 @@ def _add_handlers(app: FastAPI) -> None:
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
     limit = settings.max_upload_bytes * settings.max_files_per_request + MULTIPART_OVERHEAD
-
-    @app.middleware("http")
-    async def limits_and_headers(request: Request, call_next) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and not length.isdigit():
-            return JSONResponse({"detail": "malformed Content-Length"}, status_code=400)
-        if length is not None and int(length) > limit:
-            return JSONResponse({"detail": f"request larger than {limit // (1024 * 1024)} MB"},
-                                status_code=413)
-        response = await call_next(request)
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("Cache-Control", "no-store")
-        return response
-
-    # Added last, so it runs first: the session is decoded before any route needs it.
+    app.add_middleware(RequestGuard, signed_in_limit=limit,
+                       anonymous_limit=min(limit, ANONYMOUS_BODY_LIMIT))
+    # Added last, so it runs first: the session is decoded before the guard and routes need it.
     app.add_middleware(SessionMiddleware, secret_key=settings.secret_key,
                        session_cookie="leukodiff_session", same_site="lax",
                        https_only=settings.secure_cookies,
                        max_age=int(settings.session_hours * 3600))
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once a body passes its limit; FastAPI turns it into a 413."""
+
+    def __init__(self, limit: int) -> None:
+        mb = limit / (1024 * 1024)
+        super().__init__(413, f"request larger than {mb:.0f} MB" if mb >= 1
+                         else f"request larger than {limit // 1024} kB")
+
+
+class RequestGuard:
+    """Body limits enforced while the body streams in, and security headers on every answer.
+
+    A Content-Length over the limit is refused before anything is read; a chunked
+    body (no Content-Length) is counted as it arrives and cut off at the limit, so
+    nothing is spooled to disk beyond it. Requests without a signed-in session get
+    only `anonymous_limit` (the login form), so strangers cannot fill the disk.
+    Plain ASGI: Starlette's BaseHTTPMiddleware cannot stop a body mid-stream.
+    """
+
+    def __init__(self, app: ASGIApp, signed_in_limit: int, anonymous_limit: int) -> None:
+        self.app = app
+        self.signed_in_limit, self.anonymous_limit = signed_in_limit, anonymous_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        session = scope.get("session")
+        signed_in = isinstance(session, dict) and isinstance(session.get("uid"), int)
+        limit = self.signed_in_limit if signed_in else self.anonymous_limit
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and not length.isdigit():
+            await JSONResponse({"detail": "malformed Content-Length"}, status_code=400)(
+                scope, receive, send_with_headers)
+            return
+        if length is not None and int(length) > limit:
+            await JSONResponse({"detail": BodyTooLarge(limit).detail}, status_code=413)(
+                scope, receive, send_with_headers)
+            return
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send_with_headers)
+        except BodyTooLarge as error:  # read outside FastAPI's handlers (none today): still 413
+            if started:
+                raise
+            await JSONResponse({"detail": error.detail}, status_code=413)(
+                scope, receive, send_with_headers)

@@ -118,7 +118,8 @@ async def check_csrf(request: Request) -> None:
         form = await request.form()
         value = form.get(CSRF_FIELD)
         sent = value if isinstance(value, str) else None
-    if not expected or not sent or not hmac.compare_digest(expected, sent):
+    # Bytes: compare_digest raises TypeError on non-ASCII str, and a header can hold any latin-1.
+    if not expected or not sent or not hmac.compare_digest(expected.encode(), sent.encode()):
         raise Forbidden("missing or wrong CSRF token: reload the page and try again")
 
 

@@ -61,6 +61,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every network)."),
     port: int = typer.Option(8000, help="TCP port."),
     max_upload_mb: int = typer.Option(50, help="Largest field image accepted, in MB."),
+    max_image_mp: int = typer.Option(100, help="Largest field image accepted, in megapixels "
+                                     "(judged from the header, before decoding)."),
     secure_cookies: bool = typer.Option(False, "--secure-cookies/--no-secure-cookies",
                                         help="Send the session cookie over HTTPS only (set "
                                         "this behind a TLS proxy)."),
@@ -74,6 +76,7 @@ def serve(
 
     settings = Settings(data_dir=data_dir, database_url=database_url,
                         max_upload_bytes=max_upload_mb * 1024 * 1024,
+                        max_image_pixels=max_image_mp * 1_000_000,
                         secure_cookies=secure_cookies)
     try:
         app = create_app(settings)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    TypeDecorator,
     UniqueConstraint,
     create_engine,
     event,
@@ -66,8 +67,30 @@ class CaseStatus(StrEnum):
     SIGNED = "signed"
 
 
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes on every backend.
+
+    SQLite keeps no offset and hands back naive values, which made exported times
+    (FHIR `issued` must have an offset) ambiguous; PostgreSQL answers in the
+    session's time zone. Both now come back as UTC with its offset.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, _dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, _dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+    type_annotation_map: ClassVar = {datetime: UTCDateTime(), dict[str, Any]: JSON}
 
 
 class User(Base):

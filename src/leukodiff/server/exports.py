@@ -49,16 +49,26 @@ def _live_cells(case: Case) -> Iterator[CellRecord]:
         yield from (c for c in field.cells if not c.deleted)
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _text(value: str) -> str:
+    """A user-chosen text (file name, accession, username) made inert for spreadsheets."""
+    return f"'{value}" if value.startswith(FORMULA_START) else value
+
+
 def cases_csv(case: Case) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
     for cell in _live_cells(case):
-        writer.writerow([case.accession, cell.field_id, cell.field.original_name, cell.id,
-                         *(f"{v:.1f}" for v in cell.box), cell.origin, cell.model_label or "",
+        writer.writerow([_text(case.accession), cell.field_id, _text(cell.field.original_name),
+                         cell.id, *(f"{v:.1f}" for v in cell.box), cell.origin,
+                         cell.model_label or "",
                          "" if cell.model_confidence is None else f"{cell.model_confidence:.4f}",
                          cell.label, int(cell.reviewed),
-                         cell.updated_by.username if cell.updated_by else "",
+                         _text(cell.updated_by.username) if cell.updated_by else "",
                          cell.updated_at.isoformat()])
     return buffer.getvalue()
 
@@ -110,9 +120,13 @@ def fhir_report(case: Case) -> dict[str, Any]:
         "effectiveDateTime": signed, "issued": signed,
         "performer": [reviewer], "resultsInterpreter": [reviewer],
         "result": [{"reference": f"urn:uuid:{o['id']}"} for o in observations],
+        # Says how many cells a person actually looked at: sign-off needs every cell
+        # named, not every cell opened, so "every cell verified" would overstate it.
         "conclusion": (f"{summary.counted} white cells counted over {len(case.fields)} "
                        f"field(s); {summary.not_wbc} objects marked not a white cell. "
-                       "Pre-classified by leukodiff, every cell verified by a technologist."),
+                       f"Pre-classified by leukodiff; {summary.reviewed} of {summary.counted} "
+                       f"white cells individually reviewed; signed off by "
+                       f"{case.signed_by.username}."),
     }
     entries = [report, *observations]
     return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection",

@@ -6,6 +6,7 @@ user with its HTTP status); the routes only translate requests into these calls.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,10 +26,12 @@ from leukodiff.server.db import (
     CellRecord,
     FieldImage,
     FieldStatus,
+    Image,
     Role,
     User,
     utcnow,
 )
+from leukodiff.server.storage import StoredImage
 from leukodiff.taxonomy import CellType
 
 ACCESSION_MAX = 64
@@ -45,15 +48,21 @@ class ReviewError(ValueError):
 
 @dataclass
 class CaseDifferential:
-    """Counts of the reviewed (current) labels; percentages are of white cells counted."""
+    """Counts of the reviewed (current) labels; percentages are of identified white cells.
+
+    As in `Analyzer.differential`: an unidentified cell is a white cell (it counts
+    towards the target) whose type is unknown, so it has no share of any type; a
+    not-a-white-cell object is in nothing but `not_wbc`.
+    """
 
     counts: dict[str, int]  # the five types + unidentified
-    percentages: dict[str, float]  # of `counted`, unidentified included as its own category
+    percentages: dict[str, float]  # the five types, of `identified`
     counted: int  # white cells: the five types + unidentified (not-WBC and deleted left out)
     unidentified: int
     not_wbc: int
     reviewed: int
     target: int
+    identified: int  # white cells of one of the five types: the percentages' base
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,15 +71,16 @@ class CaseDifferential:
 def differential(case: Case) -> CaseDifferential:
     cells = [c for f in case.fields for c in f.cells if not c.deleted]
     counts = Counter(c.label for c in cells)
-    white = [str(t) for t in CellType] + [UNIDENTIFIED]
-    counted = sum(counts[label] for label in white)
+    types = [str(t) for t in CellType]
+    identified = sum(counts[label] for label in types)
     return CaseDifferential(
-        counts={label: counts[label] for label in white},
-        percentages={label: round(100.0 * counts[label] / counted, 1) if counted else 0.0
-                     for label in white},
-        counted=counted, unidentified=counts[UNIDENTIFIED], not_wbc=counts[NOT_WBC],
+        counts={label: counts[label] for label in [*types, UNIDENTIFIED]},
+        percentages={label: round(100.0 * counts[label] / identified, 1) if identified else 0.0
+                     for label in types},
+        counted=identified + counts[UNIDENTIFIED], unidentified=counts[UNIDENTIFIED],
+        not_wbc=counts[NOT_WBC],
         reviewed=sum(1 for c in cells if c.reviewed and c.label != NOT_WBC),
-        target=case.target_count)
+        target=case.target_count, identified=identified)
 
 
 def load_case(session: Session, case_id: int, *, lock: bool = False) -> Case:
@@ -237,14 +247,54 @@ def add_cell(session: Session, user: User, case_id: int, field_id: int,
 
 
 def _clip_box(box: list[float], width: int, height: int) -> tuple[float, ...]:
-    if len(box) != 4:
-        raise ReviewError("box must be [x0, y0, x1, y1] in image pixels")
+    # NaN passes every comparison below and would be stored: then no read of the case works.
+    if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
+        raise ReviewError("box must be [x0, y0, x1, y1] in image pixels (finite numbers)")
     x0, y0, x1, y1 = (float(v) for v in box)
     x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
     y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
     if x1 - x0 < 4 or y1 - y0 < 4:
         raise ReviewError("box is too small (at least 4 x 4 pixels inside the image)")
     return round(x0, 1), round(y0, 1), round(x1, 1), round(y1, 1)
+
+
+def add_field(session: Session, user: User, case_id: int, name: str, stored: StoredImage) -> int:
+    """Add a stored image to an open case as a new field (queued for analysis); its id."""
+    case = lock_open_case(session, case_id)
+    _ensure_image(session, stored)
+    existing = session.scalar(select(FieldImage).where(
+        FieldImage.case_id == case_id, FieldImage.image_sha256 == stored.sha256))
+    if existing is not None:
+        raise ReviewError(f"the same image is already in this case (field "
+                          f"{existing.id}, {existing.original_name})", status=409)
+    field = FieldImage(case_id=case_id, image_sha256=stored.sha256, original_name=name,
+                       uploaded_by_id=user.id)
+    session.add(field)
+    try:
+        session.flush()
+    except IntegrityError:  # the same image, uploaded concurrently
+        raise ReviewError("the same image is already in this case", status=409) from None
+    audit(session, case, user, "upload", field_id=field.id,
+          after={"name": name, "sha256": stored.sha256, "bytes": stored.size_bytes})
+    return field.id
+
+
+def _ensure_image(session: Session, stored: StoredImage) -> None:
+    """The image's row, made unless it exists.
+
+    Two cases' uploads of the same bytes lock different case rows, so both may find
+    no row and insert it: the loser's insert runs in a savepoint and its unique-key
+    error is the expected outcome (same bytes, same row), not a failed upload.
+    """
+    if session.get(Image, stored.sha256) is not None:
+        return
+    try:
+        with session.begin_nested():
+            session.add(Image(sha256=stored.sha256, size_bytes=stored.size_bytes,
+                              format=stored.format, width=stored.width, height=stored.height))
+    except IntegrityError:
+        if session.get(Image, stored.sha256) is None:  # some other constraint: not ours to hide
+            raise
 
 
 def delete_cell(session: Session, user: User, case_id: int, cell_id: int,

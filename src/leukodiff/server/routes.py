@@ -12,13 +12,13 @@ import io
 import json
 import zipfile
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from PIL import Image as PILImage
 from pydantic import BaseModel, Field
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from leukodiff.server import review
@@ -33,7 +33,7 @@ from leukodiff.server.auth import (
     session_user,
     start_session,
 )
-from leukodiff.server.db import LABELS, AuditEvent, Case, CellRecord, FieldImage, Image, Role, User
+from leukodiff.server.db import LABELS, AuditEvent, Case, CellRecord, FieldImage, Role, User
 from leukodiff.server.exports import (
     ExportError,
     audit_dict,
@@ -272,26 +272,7 @@ def upload_fields(request: Request, user: UserDep, case_id: int,
 
 def _add_field(request: Request, user: User, case_id: int, name: str, stored) -> int:
     with state_of(request).db.writing() as session:
-        case = review.lock_open_case(session, case_id)
-        if session.get(Image, stored.sha256) is None:
-            session.add(Image(sha256=stored.sha256, size_bytes=stored.size_bytes,
-                              format=stored.format, width=stored.width, height=stored.height))
-            session.flush()
-        existing = session.scalar(select(FieldImage).where(
-            FieldImage.case_id == case_id, FieldImage.image_sha256 == stored.sha256))
-        if existing is not None:
-            raise ReviewError(f"the same image is already in this case (field "
-                              f"{existing.id}, {existing.original_name})", status=409)
-        field = FieldImage(case_id=case_id, image_sha256=stored.sha256, original_name=name,
-                           uploaded_by_id=user.id)
-        session.add(field)
-        try:
-            session.flush()
-        except IntegrityError:  # the same image, uploaded concurrently
-            raise ReviewError("the same image is already in this case", status=409) from None
-        review.audit(session, case, user, "upload", field_id=field.id,
-                     after={"name": name, "sha256": stored.sha256, "bytes": stored.size_bytes})
-        return field.id
+        return review.add_field(session, user, case_id, name, stored)
 
 
 @api.get("/fields/{field_id}/image")
@@ -382,8 +363,12 @@ def _signed_case(session, case_id: int) -> Case:
 
 
 def _download(content: bytes, media_type: str, filename: str) -> Response:
+    """An attachment; HTTP headers are latin-1, so the real name goes in RFC 6266 `filename*`."""
+    fallback = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_"
+                       for c in filename)
+    disposition = f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename)}"
     return Response(content, media_type=media_type,
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+                    headers={"Content-Disposition": disposition})
 
 
 def _stem(case: Case) -> str:

@@ -10,6 +10,11 @@ from pathlib import Path
 # A 12 MP camera JPEG is ~5 MB; a lossless TIFF of a stitched field can be larger.
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_FILES_PER_REQUEST = 50
+# A field from a 20 MP camera is far below this; decoding 100 MP already takes ~300 MB of RGB
+# (the Analyzer needs four times that as float32), so larger images are refused by their header.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+# The session-signing key: shorter than this is a truncated key file or a placeholder.
+MIN_SECRET_KEY = 32
 
 
 class SettingsError(ValueError):
@@ -24,6 +29,7 @@ class Settings:
     database_url: str | None = None  # None: SQLite file data_dir/leukodiff.sqlite3
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_files_per_request: int = DEFAULT_MAX_FILES_PER_REQUEST
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     secure_cookies: bool = False  # True behind HTTPS: cookies are then never sent over plain HTTP
     session_hours: float = 12.0
     secret_key: str | None = field(default=None, repr=False)  # None: data_dir/secret_key
@@ -52,8 +58,13 @@ class Settings:
         except OSError as error:
             raise SettingsError(
                 f"data dir {self.data_dir}: cannot create ({error.strerror})") from None
+        source = "secret_key setting"
         if self.secret_key is None:
             self.secret_key = _load_or_create_key(self.data_dir / "secret_key")
+            source = str(self.data_dir / "secret_key")
+        if len(self.secret_key) < MIN_SECRET_KEY:  # an empty key would let anyone sign cookies
+            raise SettingsError(f"{source}: session key shorter than {MIN_SECRET_KEY} "
+                                "characters; delete the file to have a new one made")
 
 
 def _load_or_create_key(path: Path) -> str:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from PIL import Image as PILImage
 
-from leukodiff.imaging import ImageError, load_image, probe_image
+from leukodiff.imaging import MAX_PIXELS, ImageError, load_image, probe_image
 
 # Formats a camera or slide scanner writes; checked on the decoded content, not the name.
 ALLOWED_FORMATS = {"JPEG", "PNG", "TIFF", "BMP", "WEBP"}
@@ -49,8 +50,9 @@ def display_name(filename: str | None) -> str:
 class BlobStore:
     """Content-addressed files: `root/ab/abcdef...` holds the bytes whose sha256 is abcdef..."""
 
-    def __init__(self, root: Path, tmp: Path) -> None:
+    def __init__(self, root: Path, tmp: Path, max_pixels: int = MAX_PIXELS) -> None:
         self.root, self.tmp = root, tmp
+        self.max_pixels = max_pixels  # judged from the header, before any pixel is decoded
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -83,13 +85,19 @@ class BlobStore:
             raise UploadError("empty file (0 bytes)")
         return digest.hexdigest(), size
 
-    @staticmethod
-    def _check(path: Path, digest: str, size: int) -> StoredImage:
+    def _check(self, path: Path, digest: str, size: int) -> StoredImage:
+        pixels = 0
         try:
-            with PILImage.open(path) as image:
-                kind = image.format
-        except (OSError, PILImage.DecompressionBombError):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+                with PILImage.open(path) as image:  # reads the header only
+                    kind, pixels = image.format, image.width * image.height
+        except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
+            kind, pixels = "too large", self.max_pixels + 1
+        except OSError:
             kind = None
+        if pixels > self.max_pixels:  # a small file can declare a huge, memory-filling image
+            raise UploadError(f"image too large: over {self.max_pixels:,} pixels", status=413)
         if kind not in ALLOWED_FORMATS:
             raise UploadError("not an image leukodiff accepts (JPEG, PNG, TIFF, BMP or WebP, "
                               "judged by the file's content)", status=415)

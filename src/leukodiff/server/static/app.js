@@ -91,7 +91,8 @@
       el("td", {}, el("span", { class: "dot", style: `background:var(--${label})` }), label),
       el("td", {}, label === "unidentified" ? "U" : String(i + 1)),
       el("td", { class: "count" }, String(d.counts[label])),
-      el("td", {}, `${d.percentages[label].toFixed(1)}`)));
+      // Unidentified cells count towards the target but have no share of any type.
+      el("td", {}, label in d.percentages ? d.percentages[label].toFixed(1) : "-")));
     $("differential").tBodies[0].replaceChildren(...rows);
     const tally = $("tally");
     tally.textContent = `Counted ${d.counted} / ${d.target} WBC` +
