@@ -247,3 +247,19 @@ def test_shipped_detector_on_bccd_test_fields(bccd):
     assert metrics["wbc"]["recall"] >= 0.95
     assert metrics["matched"]["group_accuracy"] >= 0.9
     assert metrics["matched"]["mononuclear_recall"] >= 0.8
+
+
+def test_group_cross_validation_folds_partition_bccd_fields_by_field(shared_data):
+    from leukodiff.evaluation.groups import _figures, field_folds
+    from leukodiff.training.detector import group_cells
+
+    records = [r for r in load_fields("bccd", shared_data).records if group_cells([r])[0]]
+    folds = field_folds(records, 5, seed=0)
+    tested = [r.image.name for _, test in folds for r in test]
+    assert sorted(tested) == sorted(r.image.name for r in records)  # each field tested once
+    for train, test in folds:
+        assert not {r.image.name for r in train} & {r.image.name for r in test}
+        assert any(has_mononuclear(r) for r in test)  # stratified: mononuclear cells in each
+    figures = _figures([0, 0, 1, 1, 1], [0, 1, 1, 1, 0])
+    assert figures["accuracy"] == 0.6 and figures["mononuclear_recall"] == 0.5
+    assert figures["polymorphonuclear_recall"] == 2 / 3 and figures["mononuclear"] == 2
