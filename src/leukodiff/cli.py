@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import typer
@@ -15,6 +16,8 @@ from leukodiff.server.cli import create_user_command, export_training_command, s
 
 def _require_torch() -> None:
     """Training, evaluation and export need the [torch] extra; analysis alone does not."""
+    if "--help" in sys.argv:  # help needs no torch
+        return
     for module in ("torch", "torchvision"):
         try:
             found = importlib.util.find_spec(module) is not None
