@@ -1,6 +1,6 @@
 """Recipe selection without BCCD's test list: 2-fold CV over BCCD's VOC train+val crops.
 
-    python experiments/level2_bccd_cv.py baseline|camera     # ~8 min each on 2 cores
+    python experiments/level2_bccd_cv.py baseline|camera|balance1   # ~8 min each, 2 cores
 
 Folds are grouped by field; each fold's crops leave training and validation and are
 only tested. "camera" adds low-resolution/soft-focus augmentation (downscale 1.5-3x
@@ -8,6 +8,7 @@ and back, p 0.5; Gaussian blur, p 0.3) to the shipped recipe (polymorphonuclear,
 epochs, seed 0). Result (2026-11-26), BCCD held-out fold, accuracy / N-E macro-F1:
 baseline 89.8% / 0.862 and 90.6% / 0.883; camera 87.3% / 0.846 and 86.3% / 0.840.
 Eosinophil recall rose (22->26 of 33, 27->28 of 33) but neutrophils paid more: not adopted.
+"balance1" draws each source with equal weight (source_balance 1.0 instead of 0.5).
 """
 import json
 import os
@@ -37,7 +38,8 @@ def camera_augmentation(input_size):
                        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.2))], p=0.3)])
 
 recipe = sys.argv[1]
-config = tc.ClassifierConfig(task="polymorphonuclear", epochs=20, seed=0)
+config = tc.ClassifierConfig(task="polymorphonuclear", epochs=20, seed=0,
+                             source_balance=1.0 if recipe == "balance1" else 0.5)
 data = tc.prepare(config)
 pool = [i for part in ("train", "val") for i in data.parts[part] if data.cells[i].source == "bccd"]
 labels = [str(data.cells[i].cell_type) for i in pool]

@@ -73,13 +73,20 @@ def write_cells_csv(path: Path, results: Sequence[FieldResult]) -> None:
                                  f"{cell.type_confidence:.4f}"])
 
 
-def _thumbnail(image: Image.Image, box: Sequence[float], size: int = 96) -> str:
+def cell_thumbnail(image: Image.Image, box: Sequence[float], size: int = 96,
+                   margin: float = 1.3) -> Image.Image:
+    """A square view of one cell with some context (`margin` x its box), for galleries."""
     x0, y0, x1, y1 = box
-    side = max(x1 - x0, y1 - y0) * 1.3
+    side = max(x1 - x0, y1 - y0) * margin
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     crop = image.crop((round(cx - side / 2), round(cy - side / 2),
                        round(cx + side / 2), round(cy + side / 2)))
     crop.thumbnail((size, size))
+    return crop
+
+
+def _thumbnail(image: Image.Image, box: Sequence[float], size: int = 96) -> str:
+    crop = cell_thumbnail(image, box, size)
     buffer = io.BytesIO()
     crop.convert("RGB").save(buffer, format="JPEG", quality=85)
     return base64.b64encode(buffer.getvalue()).decode()

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from leukodiff.reports.outputs import cell_thumbnail
 from leukodiff.server import review
 from leukodiff.server.app import PACKAGE, state_of
 from leukodiff.server.auth import (
@@ -296,12 +297,7 @@ def cell_crop(request: Request, cell_id: int) -> Response:
             raise ReviewError(f"no cell {cell_id}", status=404)
         box, sha256 = cell.box, cell.field.image_sha256
     with PILImage.open(state.views.view_path(sha256)) as image:
-        x0, y0, x1, y1 = box
-        side = max(x1 - x0, y1 - y0) * 1.4
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        crop = image.crop((round(cx - side / 2), round(cy - side / 2),
-                           round(cx + side / 2), round(cy + side / 2)))
-    crop.thumbnail((THUMBNAIL, THUMBNAIL))
+        crop = cell_thumbnail(image, box, THUMBNAIL, margin=1.4)
     buffer = io.BytesIO()
     crop.save(buffer, format="JPEG", quality=88)
     return Response(buffer.getvalue(), media_type="image/jpeg",
