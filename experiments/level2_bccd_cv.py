@@ -8,7 +8,9 @@ and back, p 0.5; Gaussian blur, p 0.3) to the shipped recipe (polymorphonuclear,
 epochs, seed 0). Result (2026-11-26), BCCD held-out fold, accuracy / N-E macro-F1:
 baseline 89.8% / 0.862 and 90.6% / 0.883; camera 87.3% / 0.846 and 86.3% / 0.840.
 Eosinophil recall rose (22->26 of 33, 27->28 of 33) but neutrophils paid more: not adopted.
-"balance1" draws each source with equal weight (source_balance 1.0 instead of 0.5).
+"balance1" draws each source with equal weight (source_balance 1.0 instead of 0.5):
+85.6% / 0.831 and 92.3% / 0.906, mean N/E macro-F1 0.869 vs 0.872: not adopted. The
+fold-to-fold spread (±0.02-0.04) is larger than any recipe difference seen so far.
 """
 import json
 import os

@@ -95,6 +95,14 @@ def test_tiny_images_are_refused_with_a_reason(analyzer):
         analyzer(Image.new("RGB", (20, 20)))
 
 
+def test_dark_frames_are_refused_but_dim_fields_are_analysed(analyzer, test_fields):
+    with pytest.raises(AnalysisError, match="too dark"):  # the detector "finds" cells in them
+        analyzer(Image.new("RGB", (640, 480)))
+    field = load_image(test_fields[0].image)
+    dimmed = Image.fromarray((np.asarray(field) * 0.45).astype(np.uint8))  # underexposed
+    assert isinstance(analyzer(dimmed), FieldResult)
+
+
 def test_fields_with_only_red_cells_have_no_white_cells(analyzer, test_fields):
     """The part of each single-WBC test field beside its white cell holds only RBCs."""
     checked = 0

@@ -33,6 +33,10 @@ from leukodiff.taxonomy import CellType, Group
 UNIDENTIFIED = "unidentified"
 # The smallest field that can hold a white cell (~12 um) at any useful magnification.
 MIN_SIDE = 32
+# Bright-field smears have a bright background (BCCD's is ~200/255): a field whose
+# brightest 5% stay below this is a dark frame (lamp off, lens cap) or not a bright-field
+# image, and the detector, never trained on such images, finds "cells" in it.
+MIN_BACKGROUND = 60
 
 
 class AnalysisError(ValueError):
@@ -194,6 +198,10 @@ class Analyzer:
         if min(width, height) < MIN_SIDE:
             raise AnalysisError(f"image is {width}x{height} pixels, too small to hold a "
                                 f"white cell (at least {MIN_SIDE} pixels a side)")
+        background = np.percentile(np.asarray(image.convert("L").reduce(4)), 95)
+        if background < MIN_BACKGROUND:
+            raise AnalysisError(f"image is too dark to be a bright-field smear (brightest 5% "
+                                f"below {MIN_BACKGROUND}/255): lamp off or not a smear?")
         found = self.detect(image)
         boxes = [Box(*(float(v) for v in b)) for b in found.boxes.tolist()]
         groups = found.groups
