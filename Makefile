@@ -41,13 +41,19 @@ bench-quick: setup
 	$(BIN)/python -m benchmarks.run --quick --out out/bench-quick
 
 # The inference-only install (no torch): a throw-away venv with `pip install .`, then
-# analyze one field on onnxruntime. Proves the base install needs nothing more.
+# analyze one field on onnxruntime (the base install needs nothing more); then the
+# [server] extra from the same wheel: create a user, start the station, ask it /health.
 INFER_VENV ?= /tmp/leukodiff-inference-only
 inference-only:
 	rm -rf $(INFER_VENV) && $(PYTHON) -m venv $(INFER_VENV)
 	$(INFER_VENV)/bin/python -m pip install --quiet .
 	! $(INFER_VENV)/bin/python -c "import torch" 2>/dev/null
 	$(INFER_VENV)/bin/leukodiff analyze $(word 1,$(DEMO_FIELDS)) --out $(INFER_VENV)/out --backend onnx
+	# + the [server] extra from the wheel: migrations and templates ship, the station starts
+	$(INFER_VENV)/bin/python -m pip install --quiet '.[server]'
+	echo 'a-long-enough-password' | $(INFER_VENV)/bin/leukodiff create-user ada \
+		--data-dir $(INFER_VENV)/station --password-stdin
+	$(INFER_VENV)/bin/python .ci/station_smoke.py $(INFER_VENV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
