@@ -83,8 +83,10 @@ class TorchBackend:
             self.networks[role], self.manifests[role] = load_classifier(models[role])
         if self.networks["group"] is None:
             del self.networks["group"], self.manifests["group"]
+        for network in (self.detector, *self.networks.values()):
+            _fold_batchnorm(network.eval())
         for network in self.networks.values():
-            network.eval().to(memory_format=torch.channels_last)
+            network.to(memory_format=torch.channels_last)
 
     def detect(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with self._torch.inference_mode():
@@ -96,6 +98,21 @@ class TorchBackend:
         batch = torch.from_numpy(crops).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return self.networks[role](batch).numpy()
+
+
+def _fold_batchnorm(network) -> None:
+    """Fold each MobileNet block's BatchNorm into its convolution, for inference only
+    (measured: a fifth of the torch backend's time went to batch_norm; onnxruntime fuses
+    them itself)."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from leukodiff.models.mobilenet import ConvBlock
+
+    for block in network.modules():
+        if isinstance(block, ConvBlock) and isinstance(block.bn, nn.BatchNorm2d):
+            block.conv = fuse_conv_bn_eval(block.conv, block.bn)
+            block.bn = nn.Identity()
 
 
 class OnnxBackend:
