@@ -252,8 +252,7 @@ def upload_fields(request: Request, user: UserDep, case_id: int,
     if len(files) > state.settings.max_files_per_request:
         raise UploadError(f"at most {state.settings.max_files_per_request} files per upload")
     with state.db.reading() as session:
-        if session.get(Case, case_id) is None:
-            raise ReviewError(f"no case {case_id}", status=404)
+        _found(session, Case, case_id, "case")
     accepted, rejected, statuses = [], [], []
     for upload in files:
         name = display_name(upload.filename)
@@ -276,14 +275,19 @@ def _add_field(request: Request, user: User, case_id: int, name: str, stored) ->
         return review.add_field(session, user, case_id, name, stored)
 
 
+def _found(session, model, row_id: int, what: str):
+    """The row with this id, or a 404 naming what was asked for."""
+    row = session.get(model, row_id)
+    if row is None:
+        raise ReviewError(f"no {what} {row_id}", status=404)
+    return row
+
+
 @api.get("/fields/{field_id}/image")
 def field_image(request: Request, field_id: int) -> Response:
     state = state_of(request)
     with state.db.reading() as session:
-        field = session.get(FieldImage, field_id)
-        if field is None:
-            raise ReviewError(f"no field {field_id}", status=404)
-        sha256 = field.image_sha256
+        sha256 = _found(session, FieldImage, field_id, "field").image_sha256
     return Response(state.views.view_path(sha256).read_bytes(), media_type="image/jpeg",
                     headers={"Cache-Control": IMAGE_CACHE})
 
@@ -292,9 +296,7 @@ def field_image(request: Request, field_id: int) -> Response:
 def cell_crop(request: Request, cell_id: int) -> Response:
     state = state_of(request)
     with state.db.reading() as session:
-        cell = session.get(CellRecord, cell_id)
-        if cell is None:
-            raise ReviewError(f"no cell {cell_id}", status=404)
+        cell = _found(session, CellRecord, cell_id, "cell")
         box, sha256 = cell.box, cell.field.image_sha256
     with PILImage.open(state.views.view_path(sha256)) as image:
         crop = cell_thumbnail(image, box, THUMBNAIL, margin=1.4)
