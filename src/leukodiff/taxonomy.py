@@ -36,6 +36,11 @@ class ObjectKind(StrEnum):
     PLATELET = "platelet"
 
 
+#: The level-1 detector's class index of each group (0 is Faster R-CNN's background), shared
+#: by training, the torch and onnxruntime backends and evaluation.
+DETECTOR_LABEL_OF: dict[Group, int] = {Group.MONONUCLEAR: 1, Group.POLYMORPHONUCLEAR: 2}
+GROUP_OF_DETECTOR_LABEL: dict[int, Group] = {i: g for g, i in DETECTOR_LABEL_OF.items()}
+
 GROUP_OF: dict[CellType, Group] = {
     CellType.LYMPHOCYTE: Group.MONONUCLEAR,
     CellType.MONOCYTE: Group.MONONUCLEAR,

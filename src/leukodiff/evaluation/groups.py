@@ -38,15 +38,6 @@ from leukodiff.training.detector import (
 )
 
 
-def _split_off_validation(train: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A grouped, stratified validation part of the training folds (epoch selection)."""
-    folds = round(1 / fraction)
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    labels = [has_mononuclear(r) for r in train]
-    keep, val = next(splitter.split(train, labels, [str(r.group_key) for r in train]))
-    return [train[i] for i in keep], [train[i] for i in val]
-
-
 def field_folds(records: list, folds: int, seed: int) -> list[tuple[list, list]]:
     """(train, test) field lists per fold: grouped by field (its copies too), stratified by
     "holds a mononuclear cell", so every fold tests some mononuclear cells."""
@@ -71,7 +62,7 @@ def group_cross_validation(folds: int = 5, seed: int = 0, *, data_root=None,
     per_fold, truth_all, predicted_all = [], [], []
     for fold, (train_all, test) in enumerate(field_folds(records, folds, seed)):
         seed_everything(seed + fold)
-        train, val = _split_off_validation(train_all, 0.2, seed)
+        train, val = field_folds(train_all, 5, seed)[0]  # a grouped 20% selects the epoch
         model = build_detector(spec, weights_dir=weights_dir)
         with tempfile.TemporaryDirectory() as out_dir:
             info = train_group_classifier(model, config, DetectorData(train, val, test),

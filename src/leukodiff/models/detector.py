@@ -48,12 +48,12 @@ from leukodiff.data.records import Box
 from leukodiff.imaging import load_image, to_rgb
 from leukodiff.models.mobilenet import MobileNetClassifier, MobileNetV1
 from leukodiff.models.tflite import load_imagenet_backbone
-from leukodiff.taxonomy import Group
+from leukodiff.taxonomy import DETECTOR_LABEL_OF, GROUP_OF_DETECTOR_LABEL, Group
 
 #: Label index -> name; 0 is torchvision's background class.
 CLASSES: tuple[str, ...] = ("background", str(Group.MONONUCLEAR), str(Group.POLYMORPHONUCLEAR))
-LABEL_OF: dict[Group, int] = {Group.MONONUCLEAR: 1, Group.POLYMORPHONUCLEAR: 2}
-GROUP_OF_LABEL: dict[int, Group] = {index: group for group, index in LABEL_OF.items()}
+LABEL_OF: dict[Group, int] = DETECTOR_LABEL_OF
+GROUP_OF_LABEL: dict[int, Group] = GROUP_OF_DETECTOR_LABEL
 
 # MobileNetV1 conv blocks (stem + 13 depthwise/pointwise pairs) that end at each stride.
 _BLOCKS_TO_STRIDE = {8: 1 + 2 * 5, 16: 1 + 2 * 11, 32: 1 + 2 * 13}

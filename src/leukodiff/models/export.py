@@ -19,8 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from leukodiff.models.files import group_manifest, manifest_path, onnx_paths, sha256_of
-from leukodiff.models.io import load_classifier, load_detector, read_checked
+from leukodiff.models.files import (
+    group_manifest,
+    manifest_path,
+    onnx_paths,
+    resolve,
+    sha256_of,
+)
+from leukodiff.models.io import load_classifier, load_detector
 
 OPSET = 17
 
@@ -56,7 +62,7 @@ def export_onnx(detector: str | Path = "detector", mononuclear: str | Path = "mo
     written: dict[str, Path] = {}
 
     network, manifest = load_detector(detector)
-    source, _ = read_checked(detector)
+    source = resolve(detector)
     spec = network.spec
     example = [torch.rand(3, spec.min_size, spec.max_size)]
     _export(network, (example,), paths["detector"], ["image"], ["boxes", "labels", "scores"],
@@ -74,7 +80,7 @@ def export_onnx(detector: str | Path = "detector", mononuclear: str | Path = "mo
 
     for role in ("mononuclear", "polymorphonuclear"):
         network, manifest = load_classifier(models[role])
-        source, _ = read_checked(models[role])
+        source = resolve(models[role])
         size = int(manifest["input"]["size"])
         _export(_classifier_for_export(network), (torch.rand(2, 3, size, size),), paths[role],
                 ["images"], ["logits"], {"images": {0: "crops"}, "logits": {0: "crops"}})

@@ -27,6 +27,7 @@ from leukodiff.models.mobilenet import MobileNetClassifier
 __all__ = ["SHIPPED_DIR", "ModelFileError", "load_classifier", "load_detector", "read_checked",
            "resolve", "save_model", "sha256_of", "shipped"]
 
+
 def save_model(model: torch.nn.Module, manifest: dict[str, Any], path: Path) -> dict:
     """Write `path` (.pt state dict) and its manifest beside it; returns the manifest.
 
@@ -39,7 +40,6 @@ def save_model(model: torch.nn.Module, manifest: dict[str, Any], path: Path) -> 
     manifest = {**manifest, "weights": path.name, "sha256": sha256_of(path)}
     manifest_path(path).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

@@ -135,6 +135,7 @@ class OnnxBackend:
         # Idle pool threads spinning for work steal the core that the numpy/PIL glue and
         # the other model's session need (measured: 44 -> 29 ms per field on 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        source_sha256 = {}  # the detector file is the source of two ONNX files: hash it once
         for role, path in paths.items():
             if role == "group" and not path.exists():
                 continue  # a detector without a group classifier
@@ -142,7 +143,10 @@ class OnnxBackend:
                 path, manifest = read_checked(path, ".onnx")
             except ModelFileError as error:
                 raise BackendError(f"{error}; run `leukodiff export onnx`") from None
-            _refuse_stale(path, manifest, resolve(models[_source_role(role)]))
+            source = resolve(models[_source_role(role)])
+            if source not in source_sha256:
+                source_sha256[source] = sha256_of(source) if source.is_file() else None
+            _refuse_stale(path, manifest, source, source_sha256[source])
             self.manifests[role] = manifest
             self.sessions[role] = onnxruntime.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"])
@@ -155,9 +159,10 @@ class OnnxBackend:
         return self.sessions[role].run(None, {"images": crops})[0]
 
 
-def _refuse_stale(onnx_path: Path, manifest: dict[str, Any], torch_path: Path) -> None:
+def _refuse_stale(onnx_path: Path, manifest: dict[str, Any], torch_path: Path,
+                  torch_sha256: str | None) -> None:
     """An ONNX file must come from the torch file beside it, when that file is there."""
-    if torch_path.is_file() and manifest.get("source", {}).get("sha256") != sha256_of(torch_path):
+    if torch_sha256 is not None and manifest.get("source", {}).get("sha256") != torch_sha256:
         raise BackendError(f"{onnx_path} was exported from another version of {torch_path.name}"
                            "; run `leukodiff export onnx` again")
 

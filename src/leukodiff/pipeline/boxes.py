@@ -12,11 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from leukodiff.taxonomy import Group
-
-#: Faster R-CNN label index -> group (0 is the background class).
-GROUP_OF_LABEL: dict[int, Group] = {1: Group.MONONUCLEAR, 2: Group.POLYMORPHONUCLEAR}
-LABEL_OF_GROUP: dict[Group, int] = {group: label for label, group in GROUP_OF_LABEL.items()}
+from leukodiff.taxonomy import GROUP_OF_DETECTOR_LABEL, Group
 
 
 class Detections(NamedTuple):
@@ -43,7 +39,7 @@ class Detections(NamedTuple):
 
     @property
     def groups(self) -> list[Group]:
-        return [GROUP_OF_LABEL[int(label)] for label in self.labels]
+        return [GROUP_OF_DETECTOR_LABEL[int(label)] for label in self.labels]
 
     def take(self, index: np.ndarray | list[int]) -> Detections:
         index = np.asarray(index, dtype=np.int64)
