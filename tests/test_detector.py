@@ -190,6 +190,27 @@ def test_detection_metrics_perfect_wrong_and_missing(bccd):
     assert match(boxes, torch.tensor([0.2, 0.9]), boxes[:1]) == [(1, 0)]
 
 
+def test_unboxed_white_cells_are_ignored_not_counted_false(bccd):
+    from leukodiff.data.sources.bccd import unboxed_white_cells
+
+    unboxed = unboxed_white_cells()
+    by_name = {r.image.stem: r for r in bccd}
+    assert len(unboxed) == 8 and set(unboxed) <= set(by_name)
+    # every BCCD field without a white-cell box is listed: labels.csv names a cell there
+    assert {n for n, r in by_name.items() if not r.wbc_boxes} <= set(unboxed)
+    fields = [by_name["BloodImage_00135"], by_name["BloodImage_00041"]]
+    region = unboxed["BloodImage_00135"][0]
+    inside = Box(region.x0 + 5, region.y0 + 5, region.x1 - 5, region.y1 - 5)
+    truth = fields[1].wbc_boxes[0]
+    found = [Detections(torch.tensor([inside.xyxy]), torch.tensor([2]), torch.tensor([0.99])),
+             Detections(torch.tensor([truth.xyxy]), torch.tensor([2]), torch.tensor([0.9]))]
+    official = detection_metrics(found, fields)["wbc"]
+    assert official["false"] == 1 and official["ap50"] < 1.0
+    fair = detection_metrics(found, fields, ignore=unboxed)["wbc"]
+    assert fair["false"] == 0 and fair["ignored"] == 1 and fair["ap50"] == pytest.approx(1.0)
+    assert fair["recall"] == 1.0 and fair["truth"] == 1  # an ignore region is no target
+
+
 def test_bcd_scale_from_red_cell_sizes(bccd, shared_data):
     tiles = load_fields("bcd", shared_data).records
     assert 1.6 < scale_between([r for r in bccd if r.subset == "train"], tiles) < 2.4

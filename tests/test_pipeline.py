@@ -103,6 +103,16 @@ def test_dark_frames_are_refused_but_dim_fields_are_analysed(analyzer, test_fiel
     assert isinstance(analyzer(dimmed), FieldResult)
 
 
+def test_random_pixels_are_refused_but_noisy_fields_are_analysed(analyzer, test_fields):
+    rng = np.random.default_rng(0)
+    with pytest.raises(AnalysisError, match="noise"):  # the detector "finds" cells in it
+        analyzer(Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)))
+    field = np.asarray(load_image(test_fields[0].image), dtype=np.float32)
+    noisy = np.clip(field + rng.normal(0, 15, field.shape), 0, 255).astype(np.uint8)
+    result = analyzer(Image.fromarray(noisy))  # a high-gain camera: still a smear
+    assert len(result.cells) == len(test_fields[0].wbc_boxes)
+
+
 def test_fields_with_only_red_cells_have_no_white_cells(analyzer, test_fields):
     """The part of each single-WBC test field beside its white cell holds only RBCs."""
     checked = 0

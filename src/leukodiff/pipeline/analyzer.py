@@ -37,6 +37,10 @@ MIN_SIDE = 32
 # brightest 5% stay below this is a dark frame (lamp off, lens cap) or not a bright-field
 # image, and the detector, never trained on such images, finds "cells" in it.
 MIN_BACKGROUND = 60
+# Median difference between horizontally neighbouring gray levels: 0-2 in every image of the
+# shared data sets (BCCD, BCD, PBC, KBC), 13 for a BCCD field with Gaussian noise of sigma 20,
+# 49 for uniform random pixels, in which the detector "finds" cells.
+MAX_ROUGHNESS = 24
 
 
 class AnalysisError(ValueError):
@@ -113,6 +117,17 @@ class GroupClassifier:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         crops = cell_batch(image, boxes, self.crop_scale, self.input_size)
         return softmax(self.backend.classify(self.role, crops))
+
+
+def pixel_roughness(image: Image.Image, window: int = 1024) -> float:
+    """Median absolute gray-level step between horizontal neighbours, at full resolution
+    (on a central window of at most `window` pixels a side, so huge images cost little).
+    A photograph has smooth background between cells; random pixels do not."""
+    left = max(0, (image.width - window) // 2)
+    top = max(0, (image.height - window) // 2)
+    gray = image.crop((left, top, left + min(window, image.width),
+                       top + min(window, image.height))).convert("L")
+    return float(np.median(np.abs(np.diff(np.asarray(gray, dtype=np.int16), axis=1))))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -202,6 +217,10 @@ class Analyzer:
         if background < MIN_BACKGROUND:
             raise AnalysisError(f"image is too dark to be a bright-field smear (brightest 5% "
                                 f"below {MIN_BACKGROUND}/255): lamp off or not a smear?")
+        if (roughness := pixel_roughness(image)) > MAX_ROUGHNESS:
+            raise AnalysisError(f"image looks like noise, not a photograph of a smear "
+                                f"(neighbouring pixels differ by {roughness:.0f}/255 at the "
+                                f"median; above {MAX_ROUGHNESS})")
         found = self.detect(image)
         boxes = [Box(*(float(v) for v in b)) for b in found.boxes.tolist()]
         groups = found.groups

@@ -42,7 +42,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ from torchvision.transforms.v2 import functional as TF
 from leukodiff.data.records import Cell, Field
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells, load_fields
+from leukodiff.data.sources.bccd import unboxed_white_cells
 from leukodiff.data.splits import monte_carlo
 from leukodiff.evaluation.detector import detection_metrics
 from leukodiff.imaging import load_image
@@ -104,8 +105,11 @@ class DetectorConfig:
     unknown_group: str = "drop"  # fields with a WBC box of unknown group: "drop"
     mono_oversample: int = 5  # times a field with a mononuclear cell is drawn per epoch
     copy_paste: float = 0.5  # probability of pasting one mononuclear cell into a field
-    scale_range: tuple[float, float] = (0.8, 1.25)
+    # Down to 0.5: other labs' cameras show white cells at half BCCD's ~200 px (BCD: ~100)
+    scale_range: tuple[float, float] = (0.5, 1.25)
     color_jitter: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.04)
+    channel_gain: float = 0.15  # each RGB channel times 1 +- this: stain and lamp balance
+    blur: float = 0.3  # probability of a Gaussian blur (sigma 0.3-1.5): focus and optics
     max_train_fields: int = 0  # > 0: only this many training fields (tests, quick runs)
     max_val_fields: int = 0
     # group classifier (when spec.group_classifier): BCCD training cells + PBC cells
@@ -179,10 +183,18 @@ class DetectorData:
 
 def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
                    track: Track = no_progress) -> DetectorData:
-    """BCCD split for the detector: VOC train (+val) to train, val to select, test to report."""
+    """BCCD split for the detector: VOC train (+val) to train, val to select, test to report.
+
+    White cells that BCCD leaves unboxed in train and val fields are added as boxes
+    (`unboxed_white_cells`): left out, they would teach the detector that a white
+    cell is background. Test fields stay as annotated.
+    """
     records = sorted(load_fields("bccd", data_root, track).records, key=lambda r: r.image.name)
+    unboxed = unboxed_white_cells()
     by_subset: dict[str, list[Field]] = {"train": [], "val": [], "test": []}
     for record in records:
+        if record.subset in ("train", "val") and record.image.stem in unboxed:
+            record = replace(record, boxes=record.boxes + unboxed[record.image.stem])
         if record.subset in by_subset:
             by_subset[record.subset].append(record)
     if config.validation == "voc":
@@ -319,6 +331,12 @@ class Augmenter:
                 image = TF.crop(image, top, left, h, w)
                 target["boxes"] = TF.crop(target["boxes"], top, left, h, w)
         image = self.color(image)
+        if self.config.channel_gain:
+            gain = 1 + self.config.channel_gain * (2 * torch.rand(3, 1, 1) - 1)
+            image = tv_tensors.wrap((image.float() * gain).clamp(0, 255).to(torch.uint8),
+                                    like=image)
+        if torch.rand(()) < self.config.blur:
+            image = TF.gaussian_blur(image, [7, 7], [_rand(0.3, 1.5)])
         image, target = v2.SanitizeBoundingBoxes(min_size=8)(image, target)
         return (image.as_subclass(torch.Tensor).float().div_(255),
                 {"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
