@@ -362,9 +362,10 @@ def evaluate_detector_command(
                                "shipped name 'detector'."),
     out: Path | None = typer.Option(None, help="Folder for metrics.json and annotated PNGs."),
     bcd: bool = typer.Option(True, "--bcd/--no-bcd", help="Also test on BCD (another lab)."),
-    bcd_scale: float = typer.Option(0.0, help="Enlarge BCD tiles by this factor "
-                                    "[default: from the red-cell sizes of BCCD and BCD]."),
-    colour_standardise: bool = typer.Option(True, "--colour-standardise/--raw-colours",
+    bcd_scale: float = typer.Option(1.0, help="Enlarge BCD tiles by this factor (1: native "
+                                    "size, as analyze sees them; 0: from the red-cell sizes "
+                                    "of BCCD and BCD)."),
+    colour_standardise: bool = typer.Option(False, "--colour-standardise/--raw-colours",
                                             help="BCD: standardise colours to BCCD's "
                                             "statistics before detection."),
     examples: int = typer.Option(6, help="Annotated BCCD fields to save (errors first)."),
@@ -377,7 +378,7 @@ def evaluate_detector_command(
 
     try:
         results = evaluate_detector(model, data_root=data_root, out_dir=out, bcd=bcd,
-                                    bcd_scale=bcd_scale or None,
+                                    bcd_scale=bcd_scale,
                                     bcd_colour_standardise=colour_standardise,
                                     examples=examples, track=_track)
     except (ModelFileError, FileNotFoundError, ValueError) as error:

@@ -6,13 +6,12 @@
   threshold, recall/precision (IoU >= 0.5) and the mononuclear/polymorphonuclear
   accuracy of the matched detections.
 * BCD (another lab, never trained on): class-agnostic recall/precision at IoU
-  0.5. Its cells are about half BCCD's size in pixels, so tiles are enlarged
-  by a factor: by default the ratio of the median red-cell box side in BCCD's
-  training fields to that in BCD (only red-cell boxes are read for this; a lab
-  would use its known magnification instead). Its stain is far redder, so each
-  tile's colours are standardised to BCCD's statistics first (label-free, per
-  image; `bcd_colour_standardise`). A sweep of fixed factors, with and without
-  colour standardisation, is reported beside it.
+  0.5, by default as `leukodiff analyze` sees a field: native size, colours as
+  they are. Beside it, a sweep of enlargement factors with and without colour
+  standardisation to BCCD's statistics (label-free, per image), and, on request
+  (`bcd_scale=0`), the factor from the ratio of median red-cell box sides in BCCD
+  and BCD (BCD's cells are about half BCCD's size in pixels; the detector is
+  trained on scales 0.5-1.25 of BCCD to cover that).
 """
 
 from __future__ import annotations
@@ -289,8 +288,8 @@ def evaluate_detector(
     data_root: str | Path | None = None,
     out_dir: Path | None = None,
     bcd: bool = True,
-    bcd_scale: float | None = None,
-    bcd_colour_standardise: bool = True,
+    bcd_scale: float = 1.0,
+    bcd_colour_standardise: bool = False,
     scale_sweep: Sequence[float] = (1.0, 1.5, 2.0),
     examples: int = 6,
     max_fields: int = 0,
@@ -348,7 +347,7 @@ def evaluate_detector(
             tiles = tiles[:max_fields]
         train = [r for r in bccd if r.subset == "train"]
         estimated = scale_between(train, tiles)
-        scale = bcd_scale or estimated
+        scale = bcd_scale or estimated  # 0: from the red-cell sizes
         tile_images = [load_image(r.image) for r in tiles]
         in_model = bool(network.spec.colour_standardise)  # trained with it: always on
         colour = bcd_colour_standardise or in_model
@@ -357,12 +356,14 @@ def evaluate_detector(
         main = detection_metrics(bcd_detections, tiles, score_threshold=threshold)
         keys = ("ap50", "recall", "precision", "found", "false", "truth")
         sweep = {}
-        for factor in scale_sweep:
-            for standardise in (True,) if in_model else dict.fromkeys((colour, False)):
+        for factor in (*scale_sweep, round(estimated, 2)):
+            for standardise in (True,) if in_model else (False, True):
                 found, _ = _timed_predict(network, tile_images, factor, track,
                                           f"BCD x{factor:g}", standardise)
                 metrics = detection_metrics(found, tiles, score_threshold=threshold)
                 name = f"x{factor:g}" + (", colour standardised" if standardise else "")
+                if factor == round(estimated, 2):
+                    name += " (red-cell sizes)"
                 sweep[name] = {k: metrics["wbc"][k] for k in keys}
         results["bcd"] = {"scale": scale, "scale_from_rbc_sizes": estimated,
                           "colour_standardised": colour, "wbc": main["wbc"],
