@@ -100,6 +100,15 @@ def test_fields_of_unknown_group_are_dropped_and_test_list_is_held_out(shared_da
     assert all(r.subset in ("train", "val") for r in grouped.train + grouped.val)
 
 
+def test_unboxed_cells_of_train_and_val_fields_become_training_boxes(shared_data):
+    data = prepare_fields(DetectorConfig(), shared_data)
+    by_name = {r.image.stem: r for r in data.train + data.val + data.test}
+    assert len(by_name["BloodImage_00133"].wbc_boxes) == 1  # no box in BCCD itself
+    assert len(by_name["BloodImage_00242"].wbc_boxes) == 2  # one box in BCCD
+    assert len(by_name["BloodImage_00228"].wbc_boxes) == 1  # val
+    assert not by_name["BloodImage_00135"].wbc_boxes  # test fields stay as annotated
+
+
 def test_augmentation_keeps_boxes_inside_and_pastes_mononuclear_cells(shared_data):
     data = prepare_fields(DetectorConfig(max_train_fields=6), shared_data)
     augment = Augmenter(DetectorConfig(copy_paste=1.0), FieldImages(data.train))
@@ -209,6 +218,19 @@ def test_unboxed_white_cells_are_ignored_not_counted_false(bccd):
     fair = detection_metrics(found, fields, ignore=unboxed)["wbc"]
     assert fair["false"] == 0 and fair["ignored"] == 1 and fair["ap50"] == pytest.approx(1.0)
     assert fair["recall"] == 1.0 and fair["truth"] == 1  # an ignore region is no target
+    # a nucleus-sized box inside a region is ignored too (its own area counts, not IoU) ...
+    ruptured = unboxed["BloodImage_00171"][0]  # a basophil: polymorphonuclear
+    nucleus = (ruptured.x0 + 40, ruptured.y0 + 40, ruptured.x0 + 100, ruptured.y0 + 100)
+    one = [Detections(torch.tensor([nucleus]), torch.tensor([2]), torch.tensor([0.99]))]
+    small = detection_metrics(one, [by_name["BloodImage_00171"]], ignore=unboxed)
+    assert small["wbc"]["false"] == 0 and small["wbc"]["ignored"] == 1
+    # ... but calling it mononuclear is a mononuclear false positive for per-group AP
+    as_mono = [Detections(torch.tensor([nucleus]), torch.tensor([1]), torch.tensor([0.99])),
+               Detections(torch.tensor([truth.xyxy]), torch.tensor([2]), torch.tensor([0.9]))]
+    pair = [by_name["BloodImage_00171"], fields[1]]
+    groups = detection_metrics(as_mono, pair, ignore=unboxed)["groups"]["ap50"]
+    assert groups["polymorphonuclear"] == pytest.approx(1.0)
+    assert groups["mononuclear"] in (None, 0.0)  # no mononuclear truth: only a false call
 
 
 def test_bcd_scale_from_red_cell_sizes(bccd, shared_data):

@@ -11,6 +11,7 @@ from leukodiff.cli import app
 from leukodiff.data.sources import load_fields
 from leukodiff.imaging import load_image
 from leukodiff.pipeline import AnalysisError, Analyzer, CellCall, FieldResult
+from leukodiff.pipeline.boxes import box_iou
 from leukodiff.taxonomy import CellType, Group
 
 
@@ -110,7 +111,9 @@ def test_random_pixels_are_refused_but_noisy_fields_are_analysed(analyzer, test_
     field = np.asarray(load_image(test_fields[0].image), dtype=np.float32)
     noisy = np.clip(field + rng.normal(0, 15, field.shape), 0, 255).astype(np.uint8)
     result = analyzer(Image.fromarray(noisy))  # a high-gain camera: still a smear
-    assert len(result.cells) == len(test_fields[0].wbc_boxes)
+    truth = test_fields[0].wbc_boxes[0]
+    assert any(box_iou(np.array([c.box]), np.array([truth.xyxy]))[0, 0] >= 0.5
+               for c in result.cells)
 
 
 def test_fields_with_only_red_cells_have_no_white_cells(analyzer, test_fields):

@@ -362,9 +362,9 @@ def evaluate_detector_command(
                                "shipped name 'detector'."),
     out: Path | None = typer.Option(None, help="Folder for metrics.json and annotated PNGs."),
     bcd: bool = typer.Option(True, "--bcd/--no-bcd", help="Also test on BCD (another lab)."),
-    bcd_scale: float = typer.Option(1.0, help="Enlarge BCD tiles by this factor (1: native "
-                                    "size, as analyze sees them; 0: from the red-cell sizes "
-                                    "of BCCD and BCD)."),
+    bcd_scale: float = typer.Option(1.0, min=0.0, help="Enlarge BCD tiles by this factor "
+                                    "(1: native size, as analyze sees them; 0: from the "
+                                    "red-cell sizes of BCCD and BCD)."),
     colour_standardise: bool = typer.Option(False, "--colour-standardise/--raw-colours",
                                             help="BCD: standardise colours to BCCD's "
                                             "statistics before detection."),
