@@ -955,7 +955,7 @@ def _end_to_end_section(end_to_end: dict, detector: dict, fair: dict | None = No
                      f"{100 * row['accuracy']:.1f}% |")
     lines.append(f"| **all** | **{part['cells']}** | | **{part['right']}** | "
                  f"**{100 * part['accuracy']:.1f}%** |")
-    lines += ["", "Nearly every error is a BCCD eosinophil called a neutrophil. The same happens "
+    lines += ["", "Most errors are BCCD eosinophils called neutrophils. The same happens "
               "in a 2-fold CV over BCCD's train+val fields (17 of 66), where the eosinophils "
               "called right show orange-red granules and most of those called wrong show a "
               "3-5-lobed nucleus in pale cytoplasm, as BCCD's neutrophils do; `labels.csv` "
