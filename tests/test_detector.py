@@ -88,13 +88,18 @@ def test_two_training_steps_lower_the_loss_on_real_bccd_fields(bccd, shared_data
     assert losses[2] < losses[0]
 
 
-def test_fields_of_unknown_group_are_dropped_and_test_list_is_held_out(shared_data):
+def test_cells_of_unknown_group_are_ignored_and_test_list_is_held_out(shared_data):
     data = prepare_fields(DetectorConfig(), shared_data)
-    assert all(b.group is not None for r in data.train for b in r.wbc_boxes)
+    unknown = [r for r in data.train if any(b.group is None for b in r.wbc_boxes)]
+    assert len(unknown) == 5 and not data.dropped  # kept, their unknown cells ignored
+    sample = Augmenter(DetectorConfig(copy_paste=0), FieldImages(unknown))(0, 0, 1.0)[1]
+    assert len(sample["ignore"]) == sum(b.group is None for b in unknown[0].wbc_boxes)
+    assert (sample["labels"] > 0).all()
     assert {r.subset for r in data.train} == {"train"} and {r.subset for r in data.val} == {"val"}
     assert {r.subset for r in data.test} == {"test"} and len(data.test) == 72
-    assert len(data.dropped) == 5 and all(any(b.group is None for b in r.wbc_boxes)
-                                          for r in data.dropped)
+    dropping = prepare_fields(DetectorConfig(unknown_group="drop"), shared_data)
+    assert len(dropping.dropped) == 5 and all(b.group is not None for r in dropping.train
+                                              for b in r.wbc_boxes)
     grouped = prepare_fields(DetectorConfig(validation="grouped"), shared_data)
     assert not {r.image for r in grouped.train} & {r.image for r in grouped.val}
     assert all(r.subset in ("train", "val") for r in grouped.train + grouped.val)
@@ -107,6 +112,23 @@ def test_unboxed_cells_of_train_and_val_fields_become_training_boxes(shared_data
     assert len(by_name["BloodImage_00242"].wbc_boxes) == 2  # one box in BCCD
     assert len(by_name["BloodImage_00228"].wbc_boxes) == 1  # val
     assert not by_name["BloodImage_00135"].wbc_boxes  # test fields stay as annotated
+
+
+def test_ignore_boxes_are_neither_cell_nor_background_for_rpn_and_roi_heads(untrained):
+    cell, unknown = torch.tensor([[20.0, 20, 120, 120]]), torch.tensor([[300.0, 200, 420, 330]])
+    target = {"boxes": cell, "labels": torch.tensor([2]), "ignore": unknown}
+    anchors = torch.tensor([[20.0, 20, 120, 120], [300, 200, 420, 330], [310, 210, 420, 330],
+                            [500, 400, 600, 470]])
+    labels, _ = untrained.rpn.assign_targets_to_anchors([anchors], [target])
+    assert labels[0].tolist() == [1.0, -1.0, -1.0, 0.0]  # cell, ignored twice, background
+    heads = untrained.roi_heads
+    heads._ignore = [unknown]
+    _, roi_labels = heads.assign_targets_to_proposals([anchors], [cell], [torch.tensor([2])])
+    heads._ignore = ()
+    assert roi_labels[0].tolist() == [2, -1, -1, 0]
+    plain = {"boxes": cell, "labels": torch.tensor([2])}  # without "ignore": torchvision's own
+    assert untrained.rpn.assign_targets_to_anchors([anchors], [plain])[0][0].tolist() == [
+        1.0, 0.0, 0.0, 0.0]
 
 
 def test_augmentation_keeps_boxes_inside_and_pastes_mononuclear_cells(shared_data):

@@ -40,8 +40,10 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, nms
+from torchvision.ops import MultiScaleRoIAlign, box_iou, nms
 
 from leukodiff.data.crops import cell_batch
 from leukodiff.data.records import Box
@@ -152,6 +154,47 @@ class NativeResolutionTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+def _discard_near(labels: torch.Tensor, boxes: torch.Tensor, ignore: torch.Tensor | None,
+                  threshold: float) -> None:
+    """Background samples overlapping an ignore box (IoU >= `threshold`, the matcher's own
+    background limit) get label -1, which torchvision's samplers leave out of the loss."""
+    if ignore is None or not len(ignore) or not len(boxes):
+        return
+    near = box_iou(boxes, ignore.to(boxes.dtype)).amax(1) >= threshold
+    labels[near & (labels == 0)] = -1
+
+
+class IgnoringRPN(RegionProposalNetwork):
+    """torchvision's RPN, except that a target's optional "ignore" boxes (white cells whose
+    group nobody knows) are neither taught as cells nor as background."""
+
+    def assign_targets_to_anchors(self, anchors, targets):
+        labels, matched = super().assign_targets_to_anchors(anchors, targets)
+        for per_image, anchors_per_image, target in zip(labels, anchors, targets, strict=True):
+            _discard_near(per_image, anchors_per_image, target.get("ignore"),
+                          self.proposal_matcher.low_threshold)
+        return labels, matched
+
+
+class IgnoringRoIHeads(RoIHeads):
+    """torchvision's RoI heads, with the same treatment of "ignore" boxes as `IgnoringRPN`."""
+
+    _ignore: list | tuple = ()  # per image, set only inside select_training_samples
+
+    def select_training_samples(self, proposals, targets):
+        self._ignore = [t.get("ignore") for t in targets] if targets else []
+        try:
+            return super().select_training_samples(proposals, targets)
+        finally:
+            self._ignore = ()
+
+    def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
+        matched, labels = super().assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+        for per_image, boxes, ignore in zip(labels, proposals, self._ignore, strict=False):
+            _discard_near(per_image, boxes, ignore, self.proposal_matcher.low_threshold)
+        return matched, labels
+
+
 class MobileNetFeatures(nn.Module):
     """MobileNetV1 cut at `stride`, then a 1x1 conv + ReLU to `channels` (FasterRCNN backbone)."""
 
@@ -235,6 +278,9 @@ def build_detector(
         box_detections_per_img=spec.detections_per_image,
         box_batch_size_per_image=spec.box_batch_per_image,
     )
+    # Same modules and settings, with "ignore" boxes honoured in training (no new weights).
+    model.rpn.__class__ = IgnoringRPN
+    model.roi_heads.__class__ = IgnoringRoIHeads
     if spec.group_classifier:
         classifier = MobileNetClassifier(2, width=spec.width, hidden=spec.group_hidden)
         if pretrained:

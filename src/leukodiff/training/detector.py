@@ -9,10 +9,11 @@ never read here except for the final report; model selection uses the VOC
 `val` list (or, with `validation="grouped"`, a grouped split of train+val).
 
 Boxes whose group is unknown (a field whose labels name both groups, or fewer
-labels than boxes) are not guessed: such fields are dropped from training
-(`DetectorConfig.unknown_group="drop"`, 5 of 205 VOC train fields), because
-torchvision's Faster R-CNN has no "ignore" label and an unlabelled white cell
-left in the image would be taught as background.
+labels than boxes; 9 boxes in 5 of 205 VOC train fields) are not guessed: they
+are "ignore" boxes (`DetectorConfig.unknown_group="ignore"`): anchors and
+proposals on them count neither as a cell nor as background
+(`models.detector.IgnoringRPN`, `IgnoringRoIHeads`), while the field's other
+cells train as usual. `unknown_group="drop"` leaves such fields out instead.
 
 Balance (BCCD's train list has ~36 mononuclear vs ~170 polymorphonuclear
 boxes): fields holding a mononuclear cell are drawn `mono_oversample` times
@@ -102,7 +103,7 @@ class DetectorConfig:
     validation: str = "voc"  # "voc": BCCD's VOC val list; "grouped": split of train+val
     val_fraction: float = 0.2  # only for validation="grouped"
     val_every: int = 2  # epochs between validations (the last epoch is always validated)
-    unknown_group: str = "drop"  # fields with a WBC box of unknown group: "drop"
+    unknown_group: str = "ignore"  # WBC boxes of unknown group: "ignore" them, or "drop" fields
     mono_oversample: int = 5  # times a field with a mononuclear cell is drawn per epoch
     copy_paste: float = 0.5  # probability of pasting one mononuclear cell into a field
     # Down to 0.5: other labs' cameras show white cells at half BCCD's ~200 px (BCD: ~100)
@@ -125,8 +126,8 @@ class DetectorConfig:
     def check(self) -> None:
         if self.validation not in VALIDATIONS:
             raise DetectorTrainingError(f"validation must be one of {VALIDATIONS}")
-        if self.unknown_group != "drop":
-            raise DetectorTrainingError("unknown_group: only 'drop' is implemented")
+        if self.unknown_group not in ("ignore", "drop"):
+            raise DetectorTrainingError("unknown_group must be 'ignore' or 'drop'")
         if self.epochs < 1 or self.batch_size < 1:
             raise DetectorTrainingError("epochs and batch_size must be at least 1")
 
@@ -146,6 +147,12 @@ class DetectorConfig:
 
 def has_unknown_group(record: Field) -> bool:
     return any(box.group is None for box in record.wbc_boxes)
+
+
+def unknown_group_boxes(record: Field) -> torch.Tensor:
+    """(N, 4) float xyxy: the field's white-cell boxes whose group is unknown."""
+    boxes = [b.xyxy for b in record.wbc_boxes if b.group is None]
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
 def field_target(record: Field) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +211,9 @@ def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
         split = monte_carlo(pool, repeats=1, train_fraction=1 - config.val_fraction,
                             seed=config.seed, grouped=True)[0]
         train, val = [pool[i] for i in split.train], [pool[i] for i in split.test]
-    dropped = [r for r in train if has_unknown_group(r)]
-    train = [r for r in train if not has_unknown_group(r)]
+    dropped = [r for r in train if has_unknown_group(r)] if config.unknown_group == "drop" \
+        else []
+    train = [r for r in train if r not in dropped]
     if config.max_train_fields:
         # keep both groups in small runs: mononuclear fields first, alternating
         mono = [r for r in train if has_mononuclear(r)]
@@ -304,6 +312,9 @@ class Augmenter:
         """Augmented field `index`: float image in [0, 1] and its target."""
         image = self.images.image(index)
         boxes, labels = field_target(self.images.records[index])
+        unknown = unknown_group_boxes(self.images.records[index])  # label -1 until the end
+        boxes = torch.cat([boxes, unknown])
+        labels = torch.cat([labels, torch.full((len(unknown),), -1, dtype=torch.int64)])
         if self.config.copy_paste and torch.rand(()) < self.config.copy_paste:
             image, boxes, labels = self.paste(index, image, boxes, labels)
         height, width = image.shape[-2:]
@@ -338,9 +349,11 @@ class Augmenter:
         if torch.rand(()) < self.config.blur:
             image = TF.gaussian_blur(image, [7, 7], [_rand(0.3, 1.5)])
         image, target = v2.SanitizeBoundingBoxes(min_size=8)(image, target)
+        boxes = target["boxes"].as_subclass(torch.Tensor).float()
+        known = target["labels"] > 0
         return (image.as_subclass(torch.Tensor).float().div_(255),
-                {"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
-                 "labels": target["labels"]})
+                {"boxes": boxes[known], "labels": target["labels"][known],
+                 "ignore": boxes[~known]})
 
 
 def epoch_order(records: Sequence[Field], oversample: int, generator: torch.Generator
