@@ -304,6 +304,8 @@ def train_detector_command(
     colour_standardise: bool = typer.Option(False, "--colour-standardise/--raw-colours",
                                             help="Standardise each field's colours to BCCD's "
                                             "statistics inside the model."),
+    unknown_group: str = typer.Option("ignore", help="Cells whose group is unknown: 'ignore' "
+                                      "(neither cell nor background) or 'drop' their fields."),
     init_weights: Path | None = typer.Option(None, help="Start from this detector.pt "
                                              "(fine-tuning)."),
     max_train_fields: int = typer.Option(0, help="Only this many training fields (quick runs)."),
@@ -336,6 +338,7 @@ def train_detector_command(
                             channel_gain=channel_gain, blur=blur,
                             validation=validation, mono_oversample=mono_oversample,
                             copy_paste=copy_paste, group_epochs=group_epochs,
+                            unknown_group=unknown_group,
                             group_pbc_per_type=group_pbc_per_type,
                             init_weights=str(init_weights or ""),
                             max_train_fields=max_train_fields)
