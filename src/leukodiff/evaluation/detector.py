@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from leukodiff.data.records import Box, Field
 from leukodiff.data.scan import Track, no_progress
+from leukodiff.pipeline.boxes import box_area, intersection
 from leukodiff.taxonomy import Group, ObjectKind
 
 MONO, POLY = 1, 2  # label indices of leukodiff.models.detector.CLASSES
@@ -61,15 +62,12 @@ def match(boxes: torch.Tensor, scores: torch.Tensor, truth: torch.Tensor, iou: f
     return pairs
 
 
-def _inside(boxes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+def _inside(boxes: torch.Tensor, regions: torch.Tensor) -> np.ndarray:
     """For each box, the largest share of its own area lying in one of `regions`."""
     if not len(boxes) or not len(regions):
-        return torch.zeros(len(boxes))
-    top_left = torch.max(boxes[:, None, :2], regions[None, :, :2])
-    bottom_right = torch.min(boxes[:, None, 2:], regions[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    area = (boxes[:, 2:] - boxes[:, :2]).prod(-1).clamp(min=1e-6)
-    return (inter / area[:, None]).max(1).values
+        return np.zeros(len(boxes))
+    a, b = boxes.numpy(), regions.numpy()
+    return (intersection(a, b) / np.maximum(box_area(a), 1e-6)[:, None]).max(1)
 
 
 def _truth(record: Field) -> tuple[torch.Tensor, list[Group | None]]:
