@@ -63,6 +63,52 @@ def test_wrong_password_and_session_cookie_flags(sqlite_station) -> None:
     assert stored.startswith("$argon2id$") and PASSWORD not in stored
 
 
+def test_failed_sign_ins_are_throttled(sqlite_station) -> None:
+    """Five wrong passwords lock the account (even the right one is refused) until the
+    window passes; another account from the same address is unaffected."""
+    sqlite_station.add_user("tess", "technologist")
+    sqlite_station.add_user("olga", "technologist")
+    throttle = sqlite_station.app.state.leukodiff.logins
+    now = [1000.0]
+    throttle.clock = lambda: now[0]
+    client = TestClient(sqlite_station.app)
+
+    def attempt(username: str, password: str):
+        """One try from the form (a sign-in starts a new session, hence a new token)."""
+        page = client.get("/login").text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        return client.post("/login", data={"username": username, "password": password,
+                                           "csrf_token": token}, follow_redirects=False)
+
+    assert [attempt("tess", f"guess {i}").status_code for i in range(5)] == [401] * 5
+    locked = attempt("tess", PASSWORD)
+    assert locked.status_code == 429 and "Too many failed sign-ins" in locked.text
+    assert 0 < int(locked.headers["Retry-After"]) <= 15 * 60
+    assert attempt("TESS", PASSWORD).status_code == 429  # names are counted case-blind
+    assert attempt("olga", PASSWORD).status_code == 303
+    now[0] += 15 * 60 + 1
+    assert attempt("tess", PASSWORD).status_code == 303
+    # A success clears the account's count: four more misses do not lock it again.
+    assert [attempt("tess", "wrong").status_code for _ in range(4)] == [401] * 4
+    assert attempt("tess", PASSWORD).status_code == 303
+
+
+def test_login_throttle_per_address() -> None:
+    """Many names tried from one address: refused after 4x the per-account limit."""
+    from leukodiff.server.auth import LoginThrottle
+
+    now = [0.0]
+    throttle = LoginThrottle(max_failures=2, window_s=60, clock=lambda: now[0])
+    for i in range(8):
+        assert throttle.retry_after(f"user{i}", "10.0.0.1") == 0
+        throttle.failed(f"user{i}", "10.0.0.1")
+        now[0] += 1
+    assert throttle.retry_after("someone", "10.0.0.1") == pytest.approx(52)
+    assert throttle.retry_after("someone", "10.0.0.2") == 0
+    now[0] += 60
+    assert throttle.retry_after("someone", "10.0.0.1") == 0
+
+
 def test_csrf_required_for_changes(sqlite_station) -> None:
     tech = sqlite_station.client("tess")
     token = tech.headers.pop("X-CSRF-Token")

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from leukodiff.pipeline import Analyzer
 from leukodiff.server.analysis import AnalysisQueue
-from leukodiff.server.auth import Forbidden, NotAuthenticated
+from leukodiff.server.auth import Forbidden, LoginThrottle, NotAuthenticated
 from leukodiff.server.db import Database
 from leukodiff.server.exports import ExportError
 from leukodiff.server.review import ReviewError
@@ -45,6 +45,7 @@ class ServerState:
     views: ViewCache
     queue: AnalysisQueue
     templates: Jinja2Templates
+    logins: LoginThrottle
 
 
 def state_of(request: Request) -> ServerState:
@@ -65,7 +66,9 @@ def create_app(settings: Settings, analyzer: Analyzer | None = None) -> FastAPI:
     blobs = BlobStore(settings.blob_dir, settings.data_dir / "tmp", settings.max_image_pixels)
     views = ViewCache(blobs, settings.cache_dir)
     state = ServerState(settings, db, blobs, views, AnalysisQueue(db, views, analyzer),
-                        Jinja2Templates(directory=PACKAGE / "templates"))
+                        Jinja2Templates(directory=PACKAGE / "templates"),
+                        LoginThrottle(settings.login_max_failures,
+                                      60 * settings.login_window_minutes))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

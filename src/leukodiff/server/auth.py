@@ -2,7 +2,9 @@
 
 The session is Starlette's signed cookie (itsdangerous); it holds only the user id,
 a per-login CSRF token and a fingerprint of the password hash, so changing a
-password ends every other session of that user.
+password ends every other session of that user. Failed sign-ins are throttled per
+account and per client address (`LoginThrottle`), so a password cannot be guessed
+at the speed of the network.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -25,6 +31,7 @@ MIN_PASSWORD = 8
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+MAX_THROTTLE_KEYS = 10_000
 
 _hasher = PasswordHasher()
 # Verified against when the username is unknown, so a wrong name costs as long as a wrong password.
@@ -81,6 +88,60 @@ def authenticate(session: Session, username: str, password: str) -> User | None:
     except (VerificationError, InvalidHashError):
         return None
     return user if user is not None and user.active else None
+
+
+class LoginThrottle:
+    """Counts failed sign-ins in a sliding window; over a limit, the next try is refused.
+
+    Per account (`max_failures`, e.g. 5 in 15 min) against guessing one password, and
+    per client address (4x that: a lab shares one NAT address) against trying many
+    names. A success clears its account's count. Kept in memory: one count per server
+    process, gone on restart, which is enough to slow guessing to a crawl.
+    """
+
+    def __init__(self, max_failures: int, window_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _keys(self, username: str, address: str) -> tuple[tuple[str, int], ...]:
+        return ((f"user:{username.lower()}", self.max_failures),
+                (f"addr:{address}", 4 * self.max_failures))
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        times = self._failures.get(key, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            self._failures.pop(key, None)
+        return times
+
+    def retry_after(self, username: str, address: str) -> float:
+        """Seconds until this account and address may try again; 0: go ahead."""
+        now = self.clock()
+        with self._lock:
+            waits = [times[-limit] + self.window_s - now
+                     for key, limit in self._keys(username, address)
+                     if len(times := self._recent(key, now)) >= limit]
+        return max(waits, default=0.0)
+
+    def failed(self, username: str, address: str) -> None:
+        now = self.clock()
+        with self._lock:
+            for key, _limit in self._keys(username, address):
+                times = self._recent(key, now)
+                times.append(now)
+                self._failures[key] = times
+            if len(self._failures) > MAX_THROTTLE_KEYS:  # many names or addresses: forget old
+                for key in list(self._failures):
+                    self._recent(key, now)
+
+    def succeeded(self, username: str) -> None:
+        with self._lock:
+            self._failures.pop(f"user:{username.lower()}", None)
 
 
 def start_session(request: Request, user: User) -> None:

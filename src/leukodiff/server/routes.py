@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -85,10 +86,21 @@ def _login_page(request: Request, message: str | None, status: int = 200) -> Res
 @public.post("/login", dependencies=[Depends(check_csrf)])
 def login(request: Request, username: Annotated[str, Form()],
           password: Annotated[str, Form()]) -> Response:
-    with state_of(request).db.reading() as session:
+    state = state_of(request)
+    address = request.client.host if request.client else "unknown"
+    wait = state.logins.retry_after(username, address)
+    if wait > 0:  # refused before the password is checked: guessing gains nothing
+        minutes = math.ceil(wait / 60)
+        response = _login_page(request, "Too many failed sign-ins for this account or "
+                               f"address: try again in {minutes} min.", status=429)
+        response.headers["Retry-After"] = str(math.ceil(wait))
+        return response
+    with state.db.reading() as session:
         user = authenticate(session, username, password)
     if user is None:
+        state.logins.failed(username, address)
         return _login_page(request, "Wrong username or password.", status=401)
+    state.logins.succeeded(username)
     start_session(request, user)
     return RedirectResponse("/", status_code=303)
 

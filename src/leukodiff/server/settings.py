@@ -32,6 +32,9 @@ class Settings:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     secure_cookies: bool = False  # True behind HTTPS: cookies are then never sent over plain HTTP
     session_hours: float = 12.0
+    # Failed sign-ins allowed per account in the window before tries are refused (429).
+    login_max_failures: int = 5
+    login_window_minutes: float = 15.0
     secret_key: str | None = field(default=None, repr=False)  # None: data_dir/secret_key
 
     def __post_init__(self) -> None:
