@@ -11,7 +11,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from leukodiff.server.cli import create_user_command, export_training_command, serve
+from leukodiff.server.cli import (
+    create_user_command,
+    deactivate_user_command,
+    export_training_command,
+    serve,
+)
 
 
 def _require_torch() -> None:
@@ -538,4 +543,5 @@ if __name__ == "__main__":
 # The review station (leukodiff.server): listed after the analysis commands.
 app.command("serve")(serve)
 app.command("create-user")(create_user_command)
+app.command("deactivate-user")(deactivate_user_command)
 app.command("export-training")(export_training_command)

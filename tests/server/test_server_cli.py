@@ -1,21 +1,25 @@
-"""The server's commands: create-user (the first admin) and serve, as the CLI wires them."""
+"""The server's commands: create-user (the first admin), deactivate-user and serve, as the
+CLI wires them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from leukodiff.server import Settings, create_app
 from leukodiff.server.auth import authenticate
-from leukodiff.server.cli import create_user_command, serve
+from leukodiff.server.cli import create_user_command, deactivate_user_command, serve
+from leukodiff.server.db import AuditEvent
 
 
 def commands() -> typer.Typer:
     app = typer.Typer()
     app.command("serve")(serve)
     app.command("create-user")(create_user_command)
+    app.command("deactivate-user")(deactivate_user_command)
     return app
 
 
@@ -41,6 +45,21 @@ def test_create_user_then_log_in(tmp_path: Path) -> None:
     with app.state.leukodiff.db.reading() as session:
         assert authenticate(session, "ada", "a long admin password").role == "admin"
         assert authenticate(session, "ada", "wrong") is None
+    app.state.leukodiff.db.dispose()
+
+    locked = runner.invoke(commands(), ["deactivate-user", "ada", "--data-dir", str(data)])
+    assert locked.exit_code == 0 and "deactivated" in locked.output
+    unknown = runner.invoke(commands(), ["deactivate-user", "zed", "--data-dir", str(data)])
+    assert unknown.exit_code == 1 and "no user 'zed'" in unknown.output
+    with app.state.leukodiff.db.reading() as session:
+        assert authenticate(session, "ada", "a long admin password") is None
+    back = runner.invoke(commands(), ["deactivate-user", "ada", "--reactivate",
+                                      "--data-dir", str(data)])
+    assert back.exit_code == 0 and "'ada' is active" in back.output
+    with app.state.leukodiff.db.reading() as session:
+        assert authenticate(session, "ada", "a long admin password").role == "admin"
+        actions = [e.action for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert actions == ["create_user", "deactivate_user", "activate_user"]
     app.state.leukodiff.db.dispose()
 
 

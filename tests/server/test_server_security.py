@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from station_helpers import FIELDS, PASSWORD, upload, wait_analysed
+from station_helpers import FIELDS, PASSWORD, login, upload, wait_analysed
 
 PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/health")}
 
@@ -191,3 +191,46 @@ def test_security_headers(sqlite_station) -> None:
     response = TestClient(sqlite_station.app).get("/login")
     assert "default-src 'self'" in response.headers["content-security-policy"]
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_sign_out_ends_every_session_including_stolen_copies(sqlite_station) -> None:
+    tess = sqlite_station.client("tess")
+    copy = TestClient(sqlite_station.app)  # someone who copied the cookie earlier
+    copy.cookies.set("leukodiff_session", tess.cookies.get("leukodiff_session"))
+    assert copy.get("/api/me").json()["username"] == "tess"
+    signed_out = tess.post("/logout", data={"csrf_token": tess.headers["X-CSRF-Token"]},
+                           follow_redirects=False)
+    assert signed_out.status_code == 303
+    assert copy.get("/api/me").status_code == 401
+    assert tess.get("/api/me").status_code == 401
+    login(TestClient(sqlite_station.app), "tess")  # signing in again works
+
+
+def test_account_changes_are_audited_and_deactivation_locks_out(sqlite_station) -> None:
+    admin = sqlite_station.client("ada", "admin")
+    tess = sqlite_station.client("tess")
+    body = {"username": "newbie", "password": "long enough pw", "role": "reviewer"}
+    assert admin.post("/api/users", json=body).status_code == 201
+    assert tess.post("/api/users/newbie/active", json={"active": False}).status_code == 403
+    assert tess.get("/api/users/audit").status_code == 403
+    assert admin.post("/api/users/ada/active", json={"active": False}).status_code == 400
+    assert admin.post("/api/users/nobody/active", json={"active": False}).status_code == 404
+
+    off = admin.post("/api/users/tess/active", json={"active": False})
+    assert off.status_code == 200 and off.json()["active"] is False
+    assert tess.get("/api/me").status_code == 401  # the open session ends at once
+    again = TestClient(sqlite_station.app)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', again.get("/login").text).group(1)
+    refused = again.post("/login", data={"username": "tess", "password": PASSWORD,
+                                         "csrf_token": token})
+    assert refused.status_code == 401
+    assert admin.post("/api/users/tess/active", json={"active": True}).status_code == 200
+    login(TestClient(sqlite_station.app), "tess")
+
+    events = [(e["action"], e["user"], (e["after"] or {}).get("username"))
+              for e in admin.get("/api/users/audit").json()]
+    assert events == [("create_user", "command line", "ada"),
+                      ("create_user", "command line", "tess"),
+                      ("create_user", "ada", "newbie"),
+                      ("deactivate_user", "ada", "tess"),
+                      ("activate_user", "ada", "tess")]

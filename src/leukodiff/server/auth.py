@@ -1,8 +1,10 @@
 """Accounts, password hashing (argon2id), session identity and CSRF tokens.
 
 The session is Starlette's signed cookie (itsdangerous); it holds only the user id,
-a per-login CSRF token and a fingerprint of the password hash, so changing a
-password ends every other session of that user. Failed sign-ins are throttled per
+a per-login CSRF token, a fingerprint of the password hash (changing a password
+ends every other session of that user) and the user's session epoch (signing out
+raises it, which ends every session of that user, stolen cookie copies included).
+Account changes go into the audit trail with no case. Failed sign-ins are throttled per
 account and per client address (`LoginThrottle`), so a password cannot be guessed
 at the speed of the network.
 """
@@ -24,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
-from leukodiff.server.db import Role, User
+from leukodiff.server.db import AuditEvent, Role, User
 
 USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{2,64}$")
 MIN_PASSWORD = 8
@@ -62,8 +64,12 @@ def password_fingerprint(password_hash: str) -> str:
     return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
 
 
-def create_user(session: Session, username: str, password: str, role: str) -> User:
-    """A new account; raises AccountError on a bad name, short password, role or duplicate."""
+def create_user(session: Session, username: str, password: str, role: str,
+                by: User | None = None) -> User:
+    """A new account, audited; AccountError on a bad name, short password, role or duplicate.
+
+    `by`: the admin who made it; None: the command line (someone with the server's files).
+    """
     if not USERNAME.match(username):
         raise AccountError("username: 2-64 letters, digits or . _ @ -")
     if len(password) < MIN_PASSWORD:
@@ -77,7 +83,33 @@ def create_user(session: Session, username: str, password: str, role: str) -> Us
     user = User(username=username, password_hash=hash_password(password), role=role)
     session.add(user)
     session.flush()
+    _audit_account(session, by, "create_user", None, user)
     return user
+
+
+def set_active(session: Session, username: str, active: bool, by: User | None = None
+               ) -> User:
+    """Deactivate (every session of the user ends at its next request) or reactivate."""
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise AccountError(f"no user {username!r}")
+    if user.active != active:
+        before = _account(user)
+        user.active = active
+        user.session_epoch += 1
+        _audit_account(session, by, "activate_user" if active else "deactivate_user",
+                       before, user)
+    return user
+
+
+def _account(user: User) -> dict[str, object]:
+    return {"username": user.username, "role": user.role, "active": user.active}
+
+
+def _audit_account(session: Session, by: User | None, action: str,
+                   before: dict[str, object] | None, user: User) -> None:
+    session.add(AuditEvent(case_id=None, user_id=by.id if by else None, action=action,
+                           before=before, after=_account(user)))
 
 
 def authenticate(session: Session, username: str, password: str) -> User | None:
@@ -147,7 +179,12 @@ class LoginThrottle:
 def start_session(request: Request, user: User) -> None:
     request.session.clear()
     request.session.update({"uid": user.id, "pw": password_fingerprint(user.password_hash),
-                            "csrf": secrets.token_urlsafe(32)})
+                            "ep": user.session_epoch, "csrf": secrets.token_urlsafe(32)})
+
+
+def end_sessions(user: User) -> None:
+    """Every session of this user ends: signing out revokes stolen cookie copies too."""
+    user.session_epoch += 1
 
 
 def session_user(request: Request, session: Session) -> User:
@@ -155,7 +192,8 @@ def session_user(request: Request, session: Session) -> User:
     uid = request.session.get("uid")
     user = session.get(User, uid) if isinstance(uid, int) else None
     if (user is None or not user.active
-            or request.session.get("pw") != password_fingerprint(user.password_hash)):
+            or request.session.get("pw") != password_fingerprint(user.password_hash)
+            or request.session.get("ep") != user.session_epoch):
         raise NotAuthenticated()
     return user
 

@@ -117,6 +117,29 @@ def create_user_command(
         db.dispose()
 
 
+def deactivate_user_command(
+    username: str = typer.Argument(..., help="Login name."),
+    reactivate: bool = typer.Option(False, "--reactivate", help="Let the user in again."),
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+) -> None:
+    """Lock an account out (its open sessions end at their next request), or let it back in.
+
+    Accounts are never deleted: their names stay on the cases and audit events they made.
+    """
+    from leukodiff.server.auth import AccountError, set_active
+
+    _settings, db = _database(data_dir, database_url)
+    try:
+        with db.writing() as session:
+            user = set_active(session, username, active=reactivate)
+            console.print(f"{user.username!r} is {'active' if user.active else 'deactivated'}")
+    except AccountError as error:
+        raise _fail(str(error)) from None
+    finally:
+        db.dispose()
+
+
 def export_training_command(
     out: Path = typer.Option(..., help="Folder to write cells/<type>/ and fields/ (VOC) into."),
     data_dir: Path = DataDir,

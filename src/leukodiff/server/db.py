@@ -102,6 +102,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # In every session cookie; raised by signing out, which ends all of the user's sessions.
+    session_epoch: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class Image(Base):
@@ -202,8 +204,10 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
-    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))  # None: the analyzer
+    # None: an account event (the account is in `before` / `after`).
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id"), index=True)
+    # None: the analyzer, or the command line (account events).
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     at: Mapped[datetime] = mapped_column(default=utcnow)
     action: Mapped[str] = mapped_column(String(32))
     field_id: Mapped[int | None] = mapped_column(default=None)

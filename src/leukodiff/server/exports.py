@@ -79,7 +79,8 @@ def case_json(case: Case, events: Iterable[AuditEvent]) -> dict[str, Any]:
 
 def audit_dict(event: AuditEvent) -> dict[str, Any]:
     return {"id": event.id, "at": event.at.isoformat(), "action": event.action,
-            "user": event.user.username if event.user else "analyzer",
+            "user": (event.user.username if event.user
+                     else "analyzer" if event.case_id is not None else "command line"),
             "field_id": event.field_id, "cell_id": event.cell_id,
             "before": event.before, "after": event.after}
 

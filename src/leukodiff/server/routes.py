@@ -31,8 +31,10 @@ from leukodiff.server.auth import (
     check_csrf,
     create_user,
     csrf_token,
+    end_sessions,
     require_role,
     session_user,
+    set_active,
     start_session,
 )
 from leukodiff.server.db import LABELS, AuditEvent, Case, CellRecord, FieldImage, Role, User
@@ -108,7 +110,10 @@ def login(request: Request, username: Annotated[str, Form()],
 # --- pages --------------------------------------------------------------------------------
 
 @pages.post("/logout")
-def logout(request: Request) -> Response:
+def logout(request: Request, user: UserDep) -> Response:
+    """Ends every session of the user, here and in any other browser (or stolen cookie)."""
+    with state_of(request).db.writing() as session:
+        end_sessions(session.get(User, user.id))
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
 
@@ -196,10 +201,40 @@ def add_user(request: Request, user: UserDep, body: NewUser) -> dict[str, Any]:
     require_role(user, Role.ADMIN)
     with state_of(request).db.writing() as session:
         try:
-            created = create_user(session, body.username, body.password, body.role)
+            created = create_user(session, body.username, body.password, body.role, by=user)
         except AccountError as error:
             raise ReviewError(str(error)) from None
         return {"id": created.id, "username": created.username, "role": created.role}
+
+
+class Activation(BaseModel):
+    active: bool
+
+
+@api.post("/users/{username}/active")
+def set_user_active(request: Request, user: UserDep, username: str, body: Activation
+                    ) -> dict[str, Any]:
+    """Deactivate an account (its sessions end at once) or reactivate it; admins only."""
+    require_role(user, Role.ADMIN)
+    if username == user.username and not body.active:
+        raise ReviewError("an admin cannot deactivate their own account")
+    with state_of(request).db.writing() as session:
+        try:
+            changed = set_active(session, username, body.active, by=user)
+        except AccountError as error:
+            raise ReviewError(str(error), status=404) from None
+        return {"username": changed.username, "role": changed.role, "active": changed.active}
+
+
+@api.get("/users/audit")
+def account_audit(request: Request, user: UserDep) -> list[dict[str, Any]]:
+    """Account events (created, deactivated, reactivated), oldest first; admins only."""
+    require_role(user, Role.ADMIN)
+    with state_of(request).db.reading() as session:
+        events = session.scalars(select(AuditEvent).where(AuditEvent.case_id.is_(None))
+                                 .options(selectinload(AuditEvent.user))
+                                 .order_by(AuditEvent.id))
+        return [audit_dict(e) for e in events]
 
 
 @api.get("/cases")
