@@ -1,6 +1,6 @@
 """Recipe selection without BCCD's test list: 2-fold CV over BCCD's VOC train+val crops.
 
-    python experiments/level2_bccd_cv.py RECIPE   # baseline|camera|balance1|stain|gray; ~8 min
+    python experiments/level2_bccd_cv.py RECIPE  # baseline|camera|balance1|stain|gray|sizeN
 
 Folds are grouped by field; each fold's crops leave training and validation and are
 only tested. "camera" adds low-resolution/soft-focus augmentation (downscale 1.5-3x
@@ -16,9 +16,17 @@ detector from BCD recall 0.68 to 0.97: fold 1 scored 84.7% / 0.806 (6 neutrophil
 eosinophils, none before; eosinophils unchanged at 22/33), so fold 2 was not run: not adopted.
 "gray" drops colour from 30% of training images (RandomGrayscale), so that nuclear shape
 counts more: fold 1 scored 85.6% / 0.815 (5 neutrophils called eosinophils; eosinophils again
-22/33, 9 of the 11 misses the baseline's); fold 2 not run: not adopted. Six fold-1
-eosinophils are missed by all five recipes: BloodImage_00023, 00064, 00090, 00114, 00144,
-00259 (see experiments/bccd_eosinophil_review.py for what they look like).
+22/33, 9 of the 11 misses the baseline's); fold 2 not run: not adopted.
+"size224" (session 4) feeds the network 224x224 crops of the same geometry instead of 128,
+so that a cell spans ~90 px rather than ~50 and eosinophil granules survive the resize
+(3.2x the training time: ~45 s per epoch): 89.8% / 0.862 and 89.7% / 0.876 (eosinophils 23/33
+and 28/33, neutrophils 82/84 and 77/84), mean 0.869 vs the baseline's 0.876: not adopted.
+Test-time augmentation (mean of the 8 flips/90-degree turns) lowered the baseline to 0.848 and
+0.846; an eosinophil logit bias, the best on either fold, moved it by +0.004 to +0.016 (noise).
+Six fold-1 eosinophils are missed by all six recipes: BloodImage_00023, 00064, 00090, 00114,
+00144, 00259 (see experiments/bccd_eosinophil_review.py for what they look like).
+
+    python experiments/level2_bccd_cv.py size224   # ~30 min
 """
 import json
 import os
@@ -63,7 +71,8 @@ def gray_augmentation(input_size):
 
 recipe = sys.argv[1]
 config = tc.ClassifierConfig(task="polymorphonuclear", epochs=20, seed=0,
-                             source_balance=1.0 if recipe == "balance1" else 0.5)
+                             source_balance=1.0 if recipe == "balance1" else 0.5,
+                             input_size=int(recipe[4:]) if recipe.startswith("size") else 128)
 data = tc.prepare(config)
 pool = [i for part in ("train", "val") for i in data.parts[part] if data.cells[i].source == "bccd"]
 labels = [str(data.cells[i].cell_type) for i in pool]
