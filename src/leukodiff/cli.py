@@ -16,6 +16,7 @@ from leukodiff.server.cli import (
     deactivate_user_command,
     export_training_command,
     serve,
+    set_password_command,
 )
 
 
@@ -543,5 +544,6 @@ if __name__ == "__main__":
 # The review station (leukodiff.server): listed after the analysis commands.
 app.command("serve")(serve)
 app.command("create-user")(create_user_command)
+app.command("set-password")(set_password_command)
 app.command("deactivate-user")(deactivate_user_command)
 app.command("export-training")(export_training_command)

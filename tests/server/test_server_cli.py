@@ -11,7 +11,12 @@ from typer.testing import CliRunner
 
 from leukodiff.server import Settings, create_app
 from leukodiff.server.auth import authenticate
-from leukodiff.server.cli import create_user_command, deactivate_user_command, serve
+from leukodiff.server.cli import (
+    create_user_command,
+    deactivate_user_command,
+    serve,
+    set_password_command,
+)
 from leukodiff.server.db import AuditEvent
 
 
@@ -20,6 +25,7 @@ def commands() -> typer.Typer:
     app.command("serve")(serve)
     app.command("create-user")(create_user_command)
     app.command("deactivate-user")(deactivate_user_command)
+    app.command("set-password")(set_password_command)
     return app
 
 
@@ -60,6 +66,15 @@ def test_create_user_then_log_in(tmp_path: Path) -> None:
         assert authenticate(session, "ada", "a long admin password").role == "admin"
         actions = [e.action for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
     assert actions == ["create_user", "deactivate_user", "activate_user"]
+
+    reset = runner.invoke(commands(), ["set-password", "ada", "--data-dir", str(data),
+                                       "--password-stdin"], input="the admin forgot it\n")
+    assert reset.exit_code == 0 and "new password set for 'ada'" in reset.output
+    short = runner.invoke(commands(), ["set-password", "ada", "--data-dir", str(data),
+                                       "--password-stdin"], input="short\n")
+    assert short.exit_code == 1 and "at least 8" in short.output
+    with app.state.leukodiff.db.reading() as session:
+        assert authenticate(session, "ada", "the admin forgot it").role == "admin"
     app.state.leukodiff.db.dispose()
 
 

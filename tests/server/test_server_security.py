@@ -234,3 +234,44 @@ def test_account_changes_are_audited_and_deactivation_locks_out(sqlite_station) 
                       ("create_user", "ada", "newbie"),
                       ("deactivate_user", "ada", "tess"),
                       ("activate_user", "ada", "tess")]
+
+
+def test_password_change_page_and_api(sqlite_station) -> None:
+    tess = sqlite_station.client("tess")
+    other_browser = sqlite_station.client()
+    login(other_browser, "tess")
+    page = tess.get("/account")
+    assert page.status_code == 200 and "Change password" in page.text
+    form = {"csrf_token": tess.headers["X-CSRF-Token"], "current_password": PASSWORD,
+            "new_password": "a new long password", "repeat_password": "typo"}
+    assert tess.post("/account/password", data=form).status_code == 400
+    wrong = tess.post("/account/password", data={**form, "current_password": "not it",
+                                                 "repeat_password": form["new_password"]})
+    assert wrong.status_code == 403 and "current password is wrong" in wrong.text
+    done = tess.post("/account/password", data={**form,
+                                                 "repeat_password": form["new_password"]})
+    assert done.status_code == 200 and "Password changed" in done.text
+    assert tess.get("/api/me").status_code == 200  # this session goes on
+    assert other_browser.get("/api/me").status_code == 401  # the other one has ended
+    login(TestClient(sqlite_station.app), "tess", "a new long password")
+
+    # The API: short passwords refused; a change returns the session's new CSRF token.
+    tess.headers["X-CSRF-Token"] = tess.get("/api/me").json()["csrf"]
+    body = {"current_password": "a new long password", "new_password": "short"}
+    assert tess.post("/api/me/password", json=body).status_code == 400
+    changed = tess.post("/api/me/password", json={**body, "new_password": "third password"})
+    assert changed.status_code == 200
+    tess.headers["X-CSRF-Token"] = changed.json()["csrf"]
+    assert tess.get("/api/me").status_code == 200
+
+    # An admin resets it; the user's sessions end; the reset and the changes are audited.
+    admin = sqlite_station.client("ada", "admin")
+    assert tess.post("/api/users/ada/password", json={"password": "x" * 12}).status_code == 403
+    reset = admin.post("/api/users/tess/password", json={"password": "from the admin"})
+    assert reset.status_code == 200 and tess.get("/api/me").status_code == 401
+    login(TestClient(sqlite_station.app), "tess", "from the admin")
+    actions = [(e["action"], e["user"]) for e in admin.get("/api/users/audit").json()
+               if e["action"] != "create_user"]
+    assert actions == [("change_password", "tess"), ("change_password", "tess"),
+                       ("reset_password", "ada")]
+    assert all("password" not in str(e["after"]) for e in admin.get("/api/users/audit").json())

@@ -72,8 +72,7 @@ def create_user(session: Session, username: str, password: str, role: str,
     """
     if not USERNAME.match(username):
         raise AccountError("username: 2-64 letters, digits or . _ @ -")
-    if len(password) < MIN_PASSWORD:
-        raise AccountError(f"password: at least {MIN_PASSWORD} characters")
+    check_password(password)
     try:
         role = Role(role)
     except ValueError:
@@ -84,6 +83,28 @@ def create_user(session: Session, username: str, password: str, role: str,
     session.add(user)
     session.flush()
     _audit_account(session, by, "create_user", None, user)
+    return user
+
+
+def check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise AccountError(f"password: at least {MIN_PASSWORD} characters")
+
+
+def set_password(session: Session, username: str, password: str, by: User | None = None
+                 ) -> User:
+    """A new password (every session of the user ends), audited without the password.
+
+    `by`: the user themself (a change) or an admin (a reset); None: the command line.
+    """
+    check_password(password)
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise AccountError(f"no user {username!r}")
+    user.password_hash = hash_password(password)
+    user.session_epoch += 1
+    action = "change_password" if by is not None and by.id == user.id else "reset_password"
+    _audit_account(session, by, action, None, user)
     return user
 
 

@@ -96,16 +96,9 @@ def create_user_command(
                                         "(scripts) instead of prompting."),
 ) -> None:
     """Create a user account (the first admin, or any account) without the web UI."""
-    import sys
-
     from leukodiff.server.auth import AccountError, create_user
 
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat password: ") != password:
-            raise _fail("the passwords differ")
+    password = _read_password(password_stdin)
     _settings, db = _database(data_dir, database_url)
     try:
         with db.writing() as session:
@@ -115,6 +108,40 @@ def create_user_command(
         raise _fail(str(error)) from None
     finally:
         db.dispose()
+
+
+def set_password_command(
+    username: str = typer.Argument(..., help="Login name."),
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+    password_stdin: bool = typer.Option(False, "--password-stdin",
+                                        help="Read the password from standard input "
+                                        "(scripts) instead of prompting."),
+) -> None:
+    """Reset a password (a locked-out admin, a forgotten password); the user's sessions end."""
+    from leukodiff.server.auth import AccountError, set_password
+
+    password = _read_password(password_stdin)
+    _settings, db = _database(data_dir, database_url)
+    try:
+        with db.writing() as session:
+            user = set_password(session, username, password)
+            console.print(f"new password set for {user.username!r}")
+    except AccountError as error:
+        raise _fail(str(error)) from None
+    finally:
+        db.dispose()
+
+
+def _read_password(from_stdin: bool) -> str:
+    import sys
+
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != password:
+        raise _fail("the passwords differ")
+    return password
 
 
 def deactivate_user_command(

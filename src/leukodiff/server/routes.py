@@ -35,6 +35,7 @@ from leukodiff.server.auth import (
     require_role,
     session_user,
     set_active,
+    set_password,
     start_session,
 )
 from leukodiff.server.db import LABELS, AuditEvent, Case, CellRecord, FieldImage, Role, User
@@ -116,6 +117,51 @@ def logout(request: Request, user: UserDep) -> Response:
         end_sessions(session.get(User, user.id))
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
+
+
+@pages.get("/account", response_class=HTMLResponse)
+def account_page(request: Request, user: UserDep) -> Response:
+    return _account_page(request, user, None)
+
+
+def _account_page(request: Request, user: User, message: str | None, status: int = 200,
+                  done: bool = False) -> Response:
+    return state_of(request).templates.TemplateResponse(
+        request, "account.html", {"user": user, "csrf": csrf_token(request),
+                                  "message": message, "done": done}, status_code=status)
+
+
+@pages.post("/account/password")
+def change_password_form(request: Request, user: UserDep,
+                         current_password: Annotated[str, Form()],
+                         new_password: Annotated[str, Form()],
+                         repeat_password: Annotated[str, Form()]) -> Response:
+    if new_password != repeat_password:
+        return _account_page(request, user, "The new passwords differ.", status=400)
+    try:
+        _change_own_password(request, user, current_password, new_password)
+    except ReviewError as error:
+        return _account_page(request, user, error.message, status=error.status)
+    return _account_page(request, user, None, done=True)
+
+
+def _change_own_password(request: Request, user: User, current: str, new: str) -> None:
+    """Checks the current password (throttled like sign-in), sets the new one, ends every
+    other session and starts a fresh one here."""
+    state = state_of(request)
+    address = request.client.host if request.client else "unknown"
+    if state.logins.retry_after(user.username, address) > 0:
+        raise ReviewError("too many wrong passwords: try again later", status=429)
+    with state.db.reading() as session:
+        if authenticate(session, user.username, current) is None:
+            state.logins.failed(user.username, address)
+            raise ReviewError("the current password is wrong", status=403)
+    try:
+        with state.db.writing() as session:
+            changed = set_password(session, user.username, new, by=user)
+    except AccountError as error:
+        raise ReviewError(str(error)) from None
+    start_session(request, changed)
 
 
 @pages.get("/", response_class=HTMLResponse)
@@ -205,6 +251,38 @@ def add_user(request: Request, user: UserDep, body: NewUser) -> dict[str, Any]:
         except AccountError as error:
             raise ReviewError(str(error)) from None
         return {"id": created.id, "username": created.username, "role": created.role}
+
+
+class PasswordChange(BaseModel):
+    current_password: str
+    new_password: str
+
+
+@api.post("/me/password")
+def change_password(request: Request, user: UserDep, body: PasswordChange) -> dict[str, Any]:
+    """Your own password; other sessions end, this one goes on with a new CSRF token."""
+    _change_own_password(request, user, body.current_password, body.new_password)
+    return {"changed": True, "csrf": csrf_token(request)}
+
+
+class PasswordReset(BaseModel):
+    password: str
+
+
+@api.post("/users/{username}/password")
+def reset_password(request: Request, user: UserDep, username: str, body: PasswordReset
+                   ) -> dict[str, Any]:
+    """An admin sets someone's password (they forgot it); their sessions end."""
+    require_role(user, Role.ADMIN)
+    if username == user.username:
+        raise ReviewError("change your own password with POST /api/me/password")
+    with state_of(request).db.writing() as session:
+        try:
+            changed = set_password(session, username, body.password, by=user)
+        except AccountError as error:
+            status = 404 if str(error).startswith("no user") else 400
+            raise ReviewError(str(error), status=status) from None
+        return {"username": changed.username, "changed": True}
 
 
 class Activation(BaseModel):
