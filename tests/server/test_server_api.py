@@ -226,3 +226,54 @@ def test_duplicate_accession_in_the_form_is_explained(sqlite_station) -> None:
     assert tech.post("/cases", data=form, follow_redirects=False).status_code == 303
     again = tech.post("/cases", data=form, follow_redirects=False)
     assert again.status_code == 409 and "already exists" in again.text
+
+
+def _alembic(db, action: str, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from leukodiff.server.db import MIGRATIONS
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with db.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        getattr(command, action)(config, revision)
+
+
+def test_migration_0002_keeps_data_and_downgrades(database_url, tmp_path: Path) -> None:
+    """A 0001 database with a user, a case and its audit row upgrades (users get epoch 0,
+    account events become possible) and goes back down (account events dropped)."""
+    from sqlalchemy import text
+
+    from leukodiff.server.db import Database
+
+    db = Database(database_url or f"sqlite:///{tmp_path / 'old.sqlite3'}")
+    try:
+        _alembic(db, "upgrade", "0001")
+        with db.engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO users (id, username, password_hash, role, active, created_at) "
+                "VALUES (1, 'tess', 'h', 'technologist', true, '2026-11-26 10:00:00+00')"))
+            connection.execute(text(
+                "INSERT INTO cases (id, accession, status, target_count, revision, "
+                "created_at, created_by_id, version) "
+                "VALUES (1, 'OLD-1', 'open', 100, 1, '2026-11-26 10:00:00+00', 1, 1)"))
+            connection.execute(text(
+                "INSERT INTO audit_events (case_id, user_id, at, action) "
+                "VALUES (1, 1, '2026-11-26 10:00:00+00', 'create_case')"))
+        _alembic(db, "upgrade", "head")
+        with db.engine.begin() as connection:
+            assert connection.execute(text(
+                "SELECT session_epoch FROM users")).scalar_one() == 0
+            connection.execute(text(
+                "INSERT INTO audit_events (case_id, user_id, at, action) "
+                "VALUES (NULL, 1, '2026-11-26 11:00:00+00', 'create_user')"))
+            assert connection.execute(text(
+                "SELECT count(*) FROM audit_events")).scalar_one() == 2
+        _alembic(db, "downgrade", "0001")
+        with db.engine.begin() as connection:
+            rows = connection.execute(text("SELECT case_id, action FROM audit_events")).all()
+            assert [tuple(r) for r in rows] == [(1, "create_case")]
+    finally:
+        db.dispose()

@@ -91,5 +91,5 @@ def test_serve_help_lists_its_options() -> None:
     result = CliRunner().invoke(commands(), ["serve", "--help"])
     assert result.exit_code == 0
     for option in ("--data-dir", "--database-url", "--host", "--port", "--max-upload-mb",
-                   "--max-image-mp"):
+                   "--max-image-mp", "--forwarded-allow-ips"):
         assert option in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -93,20 +94,30 @@ def test_failed_sign_ins_are_throttled(sqlite_station) -> None:
     assert attempt("tess", PASSWORD).status_code == 303
 
 
-def test_login_throttle_per_address() -> None:
-    """Many names tried from one address: refused after 4x the per-account limit."""
-    from leukodiff.server.auth import LoginThrottle
+def test_login_throttle_limits(monkeypatch) -> None:
+    """Per (account, address), per address over all names, per account over all addresses;
+    a try counts from its start; junk names make no keys; the key count is capped."""
+    from leukodiff.server import auth
 
     now = [0.0]
-    throttle = LoginThrottle(max_failures=2, window_s=60, clock=lambda: now[0])
-    for i in range(8):
-        assert throttle.retry_after(f"user{i}", "10.0.0.1") == 0
-        throttle.failed(f"user{i}", "10.0.0.1")
+    throttle = auth.LoginThrottle(max_failures=2, window_s=60, clock=lambda: now[0])
+    assert [throttle.begin("tess", "10.0.0.1") for _ in range(3)] == [0, 0, 60]
+    assert throttle.begin("tess", "10.0.0.2") == 0  # the pair is locked, not the account
+    throttle.succeeded("tess", "10.0.0.2")  # a right password uncounts its try
+    for i in range(6):  # many names from one address: 4 n = 8 tries in all
+        assert throttle.begin(f"user{i}", "10.0.0.1") == 0
         now[0] += 1
-    assert throttle.retry_after("someone", "10.0.0.1") == pytest.approx(52)
-    assert throttle.retry_after("someone", "10.0.0.2") == 0
+    assert throttle.begin("someone", "10.0.0.1") == pytest.approx(54)
     now[0] += 60
-    assert throttle.retry_after("someone", "10.0.0.1") == 0
+    for i in range(20):  # one account from many addresses: 10 n = 20 tries
+        assert throttle.begin("olga", f"10.1.0.{i}") == 0
+    assert throttle.begin("olga", "10.1.0.99") == 60
+    assert throttle.begin("x" * 70_000, "10.2.0.1") == 0
+    assert not any(key.startswith(("user:x", "pair:x")) for key in throttle._failures)
+    monkeypatch.setattr(auth, "MAX_THROTTLE_KEYS", 10)
+    for i in range(30):
+        throttle.begin(f"name{i}", "10.3.0.1")
+    assert len(throttle._failures) == 10
 
 
 def test_csrf_required_for_changes(sqlite_station) -> None:
@@ -264,9 +275,21 @@ def test_password_change_page_and_api(sqlite_station) -> None:
     tess.headers["X-CSRF-Token"] = changed.json()["csrf"]
     assert tess.get("/api/me").status_code == 200
 
+    # Wrong current passwords are throttled like sign-ins (5 per account and address; the
+    # form's wrong one above was the first).
+    wrong = {"current_password": "not it", "new_password": "whatever long"}
+    assert [tess.post("/api/me/password", json=wrong).status_code
+            for _ in range(4)] == [403] * 4
+    locked = tess.post("/api/me/password", json={**wrong, "current_password": "third password"})
+    assert locked.status_code == 429 and int(locked.headers["Retry-After"]) > 0
+    sqlite_station.app.state.leukodiff.logins.clock = lambda: time.monotonic() + 3600
+
     # An admin resets it; the user's sessions end; the reset and the changes are audited.
     admin = sqlite_station.client("ada", "admin")
-    assert tess.post("/api/users/ada/password", json={"password": "x" * 12}).status_code == 403
+    sqlite_station.add_user("olga", "technologist")
+    for target in ("ada", "olga"):
+        assert tess.post(f"/api/users/{target}/password",
+                         json={"password": "x" * 12}).status_code == 403
     reset = admin.post("/api/users/tess/password", json={"password": "from the admin"})
     assert reset.status_code == 200 and tess.get("/api/me").status_code == 401
     login(TestClient(sqlite_station.app), "tess", "from the admin")
@@ -275,3 +298,7 @@ def test_password_change_page_and_api(sqlite_station) -> None:
     assert actions == [("change_password", "tess"), ("change_password", "tess"),
                        ("reset_password", "ada")]
     assert all("password" not in str(e["after"]) for e in admin.get("/api/users/audit").json())
+    # Account events stay out of every case's trail.
+    case = admin.post("/api/cases", json={"accession": "ACC-1", "target_count": 100}).json()
+    trail = admin.get(f"/api/cases/{case['id']}/audit").json()
+    assert [e["action"] for e in trail] == ["create_case"]

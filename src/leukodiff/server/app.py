@@ -108,7 +108,9 @@ def _add_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ReviewError)
     async def review_error(_request: Request, error: ReviewError) -> Response:
-        return JSONResponse({"detail": error.message}, status_code=error.status)
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+        return JSONResponse({"detail": error.message}, status_code=error.status,
+                            headers=headers)
 
     @app.exception_handler(UploadError)
     async def upload_error(_request: Request, error: UploadError) -> Response:

@@ -17,13 +17,13 @@ import re
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 from starlette.requests import Request
 
 from leukodiff.server.db import AuditEvent, Role, User
@@ -102,7 +102,7 @@ def set_password(session: Session, username: str, password: str, by: User | None
     if user is None:
         raise AccountError(f"no user {username!r}")
     user.password_hash = hash_password(password)
-    user.session_epoch += 1
+    end_sessions(user)
     action = "change_password" if by is not None and by.id == user.id else "reset_password"
     _audit_account(session, by, action, None, user)
     return user
@@ -117,7 +117,7 @@ def set_active(session: Session, username: str, active: bool, by: User | None = 
     if user.active != active:
         before = _account(user)
         user.active = active
-        user.session_epoch += 1
+        end_sessions(user)
         _audit_account(session, by, "activate_user" if active else "deactivate_user",
                        before, user)
     return user
@@ -144,12 +144,17 @@ def authenticate(session: Session, username: str, password: str) -> User | None:
 
 
 class LoginThrottle:
-    """Counts failed sign-ins in a sliding window; over a limit, the next try is refused.
+    """Counts password tries in a sliding window; over a limit, the next try is refused.
 
-    Per account (`max_failures`, e.g. 5 in 15 min) against guessing one password, and
-    per client address (4x that: a lab shares one NAT address) against trying many
-    names. A success clears its account's count. Kept in memory: one count per server
-    process, gone on restart, which is enough to slow guessing to a crawl.
+    A try is counted before its password is checked (`begin`), so parallel requests
+    cannot slip past the limit while argon2 runs, and uncounted on success
+    (`succeeded`). Limits per window, `max_failures` = n:
+      - n per (account, address): guessing one password from one place;
+      - 10 n per account, any address: guessing spread over many addresses;
+      - 4 n per address, any account: trying many names (a lab shares one NAT address).
+    Someone who fails n times for an account from an address locks only that pair; the
+    account itself locks only after 10 n failures from everywhere. Kept in memory (one
+    count per server process, gone on restart), with at most MAX_THROTTLE_KEYS keys.
     """
 
     def __init__(self, max_failures: int, window_s: float,
@@ -157,12 +162,17 @@ class LoginThrottle:
         self.max_failures = max_failures
         self.window_s = window_s
         self.clock = clock
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _keys(self, username: str, address: str) -> tuple[tuple[str, int], ...]:
-        return ((f"user:{username.lower()}", self.max_failures),
-                (f"addr:{address}", 4 * self.max_failures))
+        # A name that cannot exist is counted by address only (no key per junk string).
+        name = username.lower() if USERNAME.match(username) else None
+        keys = [(f"addr:{address[:64]}", 4 * self.max_failures)]
+        if name is not None:
+            keys += [(f"pair:{name}|{address[:64]}", self.max_failures),
+                     (f"user:{name}", 10 * self.max_failures)]
+        return tuple(keys)
 
     def _recent(self, key: str, now: float) -> deque[float]:
         times = self._failures.get(key, deque())
@@ -172,29 +182,34 @@ class LoginThrottle:
             self._failures.pop(key, None)
         return times
 
-    def retry_after(self, username: str, address: str) -> float:
-        """Seconds until this account and address may try again; 0: go ahead."""
+    def begin(self, username: str, address: str) -> float:
+        """Seconds to wait before this account may be tried from this address; 0: go
+        ahead, and the try is counted as failed until `succeeded` says otherwise."""
         now = self.clock()
         with self._lock:
-            waits = [times[-limit] + self.window_s - now
-                     for key, limit in self._keys(username, address)
+            keys = self._keys(username, address)
+            waits = [times[-limit] + self.window_s - now for key, limit in keys
                      if len(times := self._recent(key, now)) >= limit]
-        return max(waits, default=0.0)
-
-    def failed(self, username: str, address: str) -> None:
-        now = self.clock()
-        with self._lock:
-            for key, _limit in self._keys(username, address):
+            if waits:
+                return max(waits)
+            for key, _limit in keys:
                 times = self._recent(key, now)
                 times.append(now)
                 self._failures[key] = times
-            if len(self._failures) > MAX_THROTTLE_KEYS:  # many names or addresses: forget old
-                for key in list(self._failures):
-                    self._recent(key, now)
+                self._failures.move_to_end(key)
+            while len(self._failures) > MAX_THROTTLE_KEYS:  # forget the longest-quiet key
+                self._failures.popitem(last=False)
+        return 0.0
 
-    def succeeded(self, username: str) -> None:
+    def succeeded(self, username: str, address: str) -> None:
+        """The try begun for this account from this address was right: uncount it."""
         with self._lock:
-            self._failures.pop(f"user:{username.lower()}", None)
+            for key, _limit in self._keys(username, address):
+                times = self._failures.get(key)
+                if times:
+                    times.pop()
+                    if not times:
+                        del self._failures[key]
 
 
 def start_session(request: Request, user: User) -> None:
@@ -204,8 +219,14 @@ def start_session(request: Request, user: User) -> None:
 
 
 def end_sessions(user: User) -> None:
-    """Every session of this user ends: signing out revokes stolen cookie copies too."""
-    user.session_epoch += 1
+    """Every session of this user ends: signing out revokes stolen cookie copies too.
+
+    Raised in SQL (epoch + 1), so two concurrent sign-outs cannot lose an increment;
+    read back at once, as a new session of this user must carry the new value."""
+    user.session_epoch = User.session_epoch + 1
+    session = object_session(user)
+    session.flush()
+    session.refresh(user, ["session_epoch"])
 
 
 def session_user(request: Request, session: Session) -> User:

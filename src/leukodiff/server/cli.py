@@ -66,6 +66,10 @@ def serve(
     secure_cookies: bool = typer.Option(False, "--secure-cookies/--no-secure-cookies",
                                         help="Send the session cookie over HTTPS only (set "
                                         "this behind a TLS proxy)."),
+    forwarded_allow_ips: str = typer.Option(
+        "127.0.0.1", help="Proxies whose X-Forwarded-For names the real client (comma-"
+        "separated addresses). Set it to your TLS proxy's address, or sign-in throttling "
+        "sees every user as the proxy."),
 ) -> None:
     """Start the review station (web UI + API); the schema is migrated on start."""
     _require_server_packages()
@@ -83,7 +87,8 @@ def serve(
     except (SettingsError, SQLAlchemyError, ImportError) as error:
         raise _fail(f"cannot start: {error}") from None
     console.print(f"leukodiff review station on http://{host}:{port} (data: {settings.data_dir})")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=True,
+                forwarded_allow_ips=forwarded_allow_ips)
 
 
 def create_user_command(

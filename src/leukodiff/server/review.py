@@ -41,9 +41,10 @@ TARGET_RANGE = (10, 2000)
 class ReviewError(ValueError):
     """A change refused, with the reason shown to the user and the HTTP status that fits."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None
+                 ) -> None:
         super().__init__(message)
-        self.message, self.status = message, status
+        self.message, self.status, self.retry_after = message, status, retry_after
 
 
 @dataclass

@@ -90,22 +90,26 @@ def _login_page(request: Request, message: str | None, status: int = 200) -> Res
 def login(request: Request, username: Annotated[str, Form()],
           password: Annotated[str, Form()]) -> Response:
     state = state_of(request)
-    address = request.client.host if request.client else "unknown"
-    wait = state.logins.retry_after(username, address)
+    address = _client_address(request)
+    wait = state.logins.begin(username, address)
     if wait > 0:  # refused before the password is checked: guessing gains nothing
-        minutes = math.ceil(wait / 60)
         response = _login_page(request, "Too many failed sign-ins for this account or "
-                               f"address: try again in {minutes} min.", status=429)
+                               f"address: try again in {math.ceil(wait / 60)} min.",
+                               status=429)
         response.headers["Retry-After"] = str(math.ceil(wait))
         return response
     with state.db.reading() as session:
         user = authenticate(session, username, password)
     if user is None:
-        state.logins.failed(username, address)
         return _login_page(request, "Wrong username or password.", status=401)
-    state.logins.succeeded(username)
+    state.logins.succeeded(username, address)
     start_session(request, user)
     return RedirectResponse("/", status_code=303)
+
+
+def _client_address(request: Request) -> str:
+    """The client's address as uvicorn sees it (behind a proxy: see --forwarded-allow-ips)."""
+    return request.client.host if request.client else "unknown"
 
 
 # --- pages --------------------------------------------------------------------------------
@@ -141,7 +145,10 @@ def change_password_form(request: Request, user: UserDep,
     try:
         _change_own_password(request, user, current_password, new_password)
     except ReviewError as error:
-        return _account_page(request, user, error.message, status=error.status)
+        response = _account_page(request, user, error.message, status=error.status)
+        if error.retry_after:
+            response.headers["Retry-After"] = str(error.retry_after)
+        return response
     return _account_page(request, user, None, done=True)
 
 
@@ -149,13 +156,15 @@ def _change_own_password(request: Request, user: User, current: str, new: str) -
     """Checks the current password (throttled like sign-in), sets the new one, ends every
     other session and starts a fresh one here."""
     state = state_of(request)
-    address = request.client.host if request.client else "unknown"
-    if state.logins.retry_after(user.username, address) > 0:
-        raise ReviewError("too many wrong passwords: try again later", status=429)
+    address = _client_address(request)
+    wait = state.logins.begin(user.username, address)
+    if wait > 0:
+        raise ReviewError(f"too many wrong passwords: try again in {math.ceil(wait / 60)} "
+                          "min", status=429, retry_after=math.ceil(wait))
     with state.db.reading() as session:
         if authenticate(session, user.username, current) is None:
-            state.logins.failed(user.username, address)
             raise ReviewError("the current password is wrong", status=403)
+    state.logins.succeeded(user.username, address)
     try:
         with state.db.writing() as session:
             changed = set_password(session, user.username, new, by=user)

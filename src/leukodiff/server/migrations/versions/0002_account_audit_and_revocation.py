@@ -30,8 +30,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('users', schema=None) as batch_op:
-        batch_op.drop_column('session_epoch')
+    # Not batch mode: on SQLite that copies `users`, and dropping the old copy breaks the
+    # foreign keys that cases and fields hold on it. ALTER TABLE DROP COLUMN (SQLite >=
+    # 3.35) changes the table in place.
+    op.drop_column('users', 'session_epoch')
     op.execute("DELETE FROM audit_events WHERE case_id IS NULL")
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.alter_column('case_id', existing_type=sa.Integer(), nullable=False)
