@@ -38,7 +38,7 @@ def test_fine_tuning_steps_lower_the_loss_on_real_pbc_cells(shared_data):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
 
 
