@@ -62,6 +62,17 @@ def test_a_mosaic_counts_the_sum_of_its_fields(analyzer, test_fields):
     assert len(analyzer(mosaic).cells) == separate
 
 
+@pytest.mark.parametrize("name", ["BloodImage_00033.jpg", "BloodImage_00136.jpg",
+                                  "BloodImage_00227.jpg"])
+def test_enlarged_fields_are_tiled_without_doubles(analyzer, shared_data, name):
+    """A field enlarged 1.4x (896x672: over the detector's size, so tiled) whose cell came
+    out twice before (a piece of it inside the whole): one cell, as without tiling."""
+    field = load_image(shared_data / "bccd" / "BCCD" / "JPEGImages" / name)
+    enlarged = field.resize((896, 672), Image.Resampling.BILINEAR)
+    untiled = analyzer._detect_field(enlarged).above(analyzer.detection_threshold)
+    assert len(analyzer.detect(enlarged).boxes) == len(untiled.boxes) == 1
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
 def test_other_image_modes_give_the_same_cells(analyzer, test_fields, tmp_path, mode):
     field = test_fields[0]

@@ -69,3 +69,22 @@ def test_no_detections_anywhere():
     merged = merge_tiles([_found(), _found()], [(0, 0, 640, 480), (480, 0, 1120, 480)],
                          (1120, 480))
     assert merged.boxes.shape == (0, 4)
+
+
+def test_part_of_a_cut_cell_boxed_short_of_the_edge_is_dropped():
+    """Tile 1 sees the cell cut at x = 640 but boxes only its nucleus (ending at 610, so it
+    does not touch the edge); tile 2 sees the whole cell: one cell."""
+    tiles = [(0, 0, 640, 480), (400, 0, 1040, 480)]
+    part = (560, 120, 610, 190)
+    whole = (130, 100, 300, 220)  # 530..700 in the image
+    merged = merge_tiles([_found(part, score=0.95), _found(whole, score=0.8)], tiles,
+                         (1040, 480))
+    assert merged.boxes.tolist() == [[530.0, 100.0, 700.0, 220.0]]
+
+
+def test_neighbouring_cells_from_two_tiles_are_both_kept():
+    tiles = [(0, 0, 640, 480), (400, 0, 1040, 480)]
+    left, right = (420, 100, 560, 240), (150, 120, 290, 260)  # right: 550..690, touching
+    merged = merge_tiles([_found(left), _found(right)], tiles, (1040, 480))
+    assert len(merged.boxes) == 2
+

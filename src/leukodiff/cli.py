@@ -484,6 +484,45 @@ def evaluate_pipeline_command(
         (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
+@evaluate_app.command("robustness")
+def evaluate_robustness_command(
+    out: Path | None = typer.Option(None, help="Write metrics.json and robustness.png here."),
+    backend: str = typer.Option("auto", help="auto | onnx | torch."),
+    max_fields: int = typer.Option(0, help="First N BCCD test fields only (0: all 72)."),
+    max_cells: int = typer.Option(0, help="First N PBC held-out cells per model (0: all)."),
+    data_root: Path | None = DataRoot,
+) -> None:
+    """The shipped pipeline under other cameras and stains: JPEG, resolution, defocus,
+    lamp colour, stain, magnification (BCCD test fields end to end; PBC held-out cells)."""
+    import json
+
+    from leukodiff.evaluation.robustness import evaluate_robustness, plot_robustness
+    from leukodiff.pipeline import Analyzer
+
+    with Analyzer.load(backend=backend) as analyzer:
+        results = evaluate_robustness(analyzer, data_root, max_fields=max_fields,
+                                      max_cells=max_cells, track=_track)
+    table = Table(title=f"Robustness ({results['backend']}; BCCD test fields end to end, "
+                  "PBC held-out cells)")
+    for column in ("change", "BCCD found", "BCCD right type", "count MAE",
+                   "PBC L/M macro-F1", "PBC N/E/B macro-F1"):
+        table.add_column(column, justify="left" if column == "change" else "right")
+    for row in results["rows"]:
+        e2e, pbc = row["bccd_end_to_end"], row["pbc"]
+        cells = e2e["single_wbc_cells"]
+        table.add_row(row["perturbation"], f"{e2e['found']}/{cells}",
+                      f"{e2e['right_type']}/{cells} ({100 * e2e['accuracy']:.1f}%)",
+                      f"{e2e['count_mae']:.2f}",
+                      *(f"{pbc[g]['macro_f1']:.3f}" if g in pbc else "-"
+                        for g in ("mononuclear", "polymorphonuclear")))
+    console.print(table)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {out / 'metrics.json'}, "
+                      f"{plot_robustness(results, out / 'robustness.png')}")
+
+
 @evaluate_app.command("all")
 def evaluate_all_command(
     out: Path = typer.Option(Path("docs"), help="Folder for RESULTS.md and figures/."),

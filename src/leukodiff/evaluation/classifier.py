@@ -10,6 +10,7 @@ import torch
 from rich.console import Group as RichGroup
 from rich.table import Table
 
+from leukodiff.data.records import Cell
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import holdout
 from leukodiff.evaluation.metrics import plot_confusion
@@ -25,6 +26,32 @@ from leukodiff.training.classifier import (
 PARTS = ("train", "val", "test", "all")
 
 
+def training_config(manifest: dict) -> ClassifierConfig:
+    """The configuration a model was trained with, from its manifest."""
+    known = {f.name for f in fields(ClassifierConfig)}
+    return ClassifierConfig(**{k: v for k, v in manifest["training"].items() if k in known})
+
+
+def held_out_cells(manifest: dict, sources: tuple[str, ...] | None = None,
+                   part: str = "test", data_root: str | Path | None = None,
+                   track: Track = no_progress) -> list[Cell]:
+    """The cells of `part` of the split a model was trained with (same seed and fractions),
+    over `sources` (default: its own); 'all': every cell of the sources."""
+    if part not in PARTS:
+        raise TrainingError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
+    config = training_config(manifest)
+    config_sources = tuple(sources or config.sources)
+    cells, _ = select_cells(config_sources, tuple(manifest["classes"]), data_root, track)
+    if part == "all":
+        chosen = list(range(len(cells)))
+    else:
+        chosen = list(holdout(cells, val_fraction=config.val_fraction,
+                              test_fraction=config.test_fraction, seed=config.seed)[part])
+    if not chosen:
+        raise TrainingError(f"no cells in the {part} part of {list(config_sources)}")
+    return [cells[i] for i in chosen]
+
+
 def evaluate_classifier(
     model: str | Path,
     sources: tuple[str, ...] | None = None,
@@ -37,22 +64,10 @@ def evaluate_classifier(
     """Metrics of `model` on `part` of the split it was trained with (same seed and
     fractions), over `sources` (default: the ones it was trained on); 'all' takes every
     cell of the sources (for sources the model never saw)."""
-    if part not in PARTS:
-        raise TrainingError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
     network, manifest = load_classifier(model)
-    known = {f.name for f in fields(ClassifierConfig)}
-    config = ClassifierConfig(**{k: v for k, v in manifest["training"].items() if k in known})
-    config_sources = tuple(sources or config.sources)
+    config = training_config(manifest)
+    cells = held_out_cells(manifest, sources, part, data_root, track)
     classes = tuple(manifest["classes"])
-    cells, _ = select_cells(config_sources, classes, data_root, track)
-    if part == "all":
-        chosen = list(range(len(cells)))
-    else:
-        chosen = list(holdout(cells, val_fraction=config.val_fraction,
-                              test_fraction=config.test_fraction, seed=config.seed)[part])
-    if not chosen:
-        raise TrainingError(f"no cells in the {part} part of {list(config_sources)}")
-    cells = [cells[i] for i in chosen]
     images = load_cell_tensors(cells, config.geometry, track)
     targets = torch.tensor([classes.index(str(c.cell_type)) for c in cells])
     results = evaluate_by_source(network, images, targets, cells, classes)

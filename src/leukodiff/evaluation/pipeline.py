@@ -8,11 +8,15 @@ type, over the single-WBC fields (the issue's figure) and over all cells.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+
+from PIL import Image
 
 from leukodiff.data.records import Field
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
+from leukodiff.imaging import load_image
 from leukodiff.pipeline import Analyzer
 from leukodiff.taxonomy import CellType
 
@@ -25,20 +29,30 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def evaluate_end_to_end(analyzer: Analyzer, fields: list[Field], track: Track = no_progress
-                        ) -> dict:
-    """Per true cell type: cells, found, right type; and the field-level count errors."""
+def evaluate_end_to_end(analyzer: Analyzer, fields: list[Field], track: Track = no_progress,
+                        perturb: Callable[[Image.Image], tuple[Image.Image, float]] | None
+                        = None) -> dict:
+    """Per true cell type: cells, found, right type; and the field-level count errors.
+
+    `perturb` changes each field before analysis (evaluation.robustness) and says by
+    what factor it scaled it, so that the cells found are matched in the field's own
+    pixels."""
     per_type: dict[str, Counter] = {str(t): Counter() for t in CellType}
     single: dict[str, Counter] = {str(t): Counter() for t in CellType}
     count_errors = []
     confusion: Counter = Counter()
     for field in track(fields, "Analysing test fields"):
-        result = analyzer(field.image)
+        if perturb is None:
+            result, scale = analyzer(field.image), 1.0
+        else:
+            changed, scale = perturb(load_image(field.image))
+            result = analyzer(changed, name=str(field.image))
         truth = [b for b in field.wbc_boxes if b.cell_type is not None]
         count_errors.append(len(result.cells) - len(field.wbc_boxes))
         for box in truth:
             name = str(box.cell_type)
-            scored = [(c, _iou(c.box, box.xyxy)) for c in result.cells]
+            scored = [(c, _iou(tuple(v / scale for v in c.box), box.xyxy))
+                      for c in result.cells]
             best = max(scored, key=lambda pair: pair[1], default=(None, 0.0))
             found = best[0] is not None and best[1] >= 0.5
             right = found and best[0].cell_type is box.cell_type
