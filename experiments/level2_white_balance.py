@@ -28,9 +28,10 @@ Result (2026-11-26, held-out fold 1 / fold 2, N/E macro-F1):
 
 White balance does what it should (lamp colour and brightness no longer change a
 call) but costs BCCD eosinophils on unchanged fields (fold 2: 17 of 33 found, against
-27), so the mean is lower: not adopted. One reading, untested: BCCD's eosinophil
-fields differ from its neutrophil fields in overall colour cast (taken in other
-sessions?), a cue the baseline uses and white balance removes.
+27), so the mean is lower: not adopted. It is not that BCCD's eosinophil fields have
+their own colour cast, a cue white balance would remove: their background colour does
+not predict the label (logistic regression on the brightest 10%'s normalised RGB and
+brightness, 5-fold: AUC 0.50 over 296 fields). Why it costs eosinophils is open.
 """
 import json
 import os
