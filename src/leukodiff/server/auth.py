@@ -41,7 +41,11 @@ _DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
 
 
 class AccountError(ValueError):
-    """A user account that cannot be created as asked."""
+    """A user account that cannot be created or changed as asked."""
+
+
+class NoSuchUser(AccountError):
+    """No account has this name."""
 
 
 class NotAuthenticated(Exception):
@@ -100,7 +104,7 @@ def set_password(session: Session, username: str, password: str, by: User | None
     check_password(password)
     user = session.scalar(select(User).where(User.username == username))
     if user is None:
-        raise AccountError(f"no user {username!r}")
+        raise NoSuchUser(f"no user {username!r}")
     user.password_hash = hash_password(password)
     end_sessions(user)
     action = "change_password" if by is not None and by.id == user.id else "reset_password"
@@ -113,7 +117,7 @@ def set_active(session: Session, username: str, active: bool, by: User | None = 
     """Deactivate (every session of the user ends at its next request) or reactivate."""
     user = session.scalar(select(User).where(User.username == username))
     if user is None:
-        raise AccountError(f"no user {username!r}")
+        raise NoSuchUser(f"no user {username!r}")
     if user.active != active:
         before = _account(user)
         user.active = active

@@ -1,4 +1,5 @@
-"""`leukodiff serve`, `leukodiff create-user` and `leukodiff export-training`: thin wrappers.
+"""`leukodiff serve`, the account commands (`create-user`, `set-password`,
+`deactivate-user`) and `leukodiff export-training`: thin wrappers.
 
 Wired into the main `leukodiff` command by src/leukodiff/cli.py.
 """
@@ -6,10 +7,17 @@ Wired into the main `leukodiff` command by src/leukodiff/cli.py.
 from __future__ import annotations
 
 import getpass
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:  # the server packages are imported only when a command runs
+    from sqlalchemy.orm import Session
+
+    from leukodiff.server.db import User
 
 console = Console()
 
@@ -101,18 +109,12 @@ def create_user_command(
                                         "(scripts) instead of prompting."),
 ) -> None:
     """Create a user account (the first admin, or any account) without the web UI."""
-    from leukodiff.server.auth import AccountError, create_user
+    from leukodiff.server.auth import create_user
 
     password = _read_password(password_stdin)
-    _settings, db = _database(data_dir, database_url)
-    try:
-        with db.writing() as session:
-            user = create_user(session, username, password, role)
-            console.print(f"created {user.role} {user.username!r}")
-    except AccountError as error:
-        raise _fail(str(error)) from None
-    finally:
-        db.dispose()
+    user = _change_account(data_dir, database_url,
+                           lambda session: create_user(session, username, password, role))
+    console.print(f"created {user.role} {user.username!r}")
 
 
 def set_password_command(
@@ -124,14 +126,24 @@ def set_password_command(
                                         "(scripts) instead of prompting."),
 ) -> None:
     """Reset a password (a locked-out admin, a forgotten password); the user's sessions end."""
-    from leukodiff.server.auth import AccountError, set_password
+    from leukodiff.server.auth import set_password
 
     password = _read_password(password_stdin)
+    user = _change_account(data_dir, database_url,
+                           lambda session: set_password(session, username, password))
+    console.print(f"new password set for {user.username!r}")
+
+
+def _change_account(data_dir: Path, database_url: str | None,
+                    change: Callable[[Session], User]) -> User:
+    """Run an account change (auth.create_user, set_password, set_active) in one write
+    transaction; a refused change is a message, not a traceback."""
+    from leukodiff.server.auth import AccountError
+
     _settings, db = _database(data_dir, database_url)
     try:
         with db.writing() as session:
-            user = set_password(session, username, password)
-            console.print(f"new password set for {user.username!r}")
+            return change(session)
     except AccountError as error:
         raise _fail(str(error)) from None
     finally:
@@ -159,17 +171,11 @@ def deactivate_user_command(
 
     Accounts are never deleted: their names stay on the cases and audit events they made.
     """
-    from leukodiff.server.auth import AccountError, set_active
+    from leukodiff.server.auth import set_active
 
-    _settings, db = _database(data_dir, database_url)
-    try:
-        with db.writing() as session:
-            user = set_active(session, username, active=reactivate)
-            console.print(f"{user.username!r} is {'active' if user.active else 'deactivated'}")
-    except AccountError as error:
-        raise _fail(str(error)) from None
-    finally:
-        db.dispose()
+    user = _change_account(data_dir, database_url,
+                           lambda session: set_active(session, username, active=reactivate))
+    console.print(f"{user.username!r} is {'active' if user.active else 'deactivated'}")
 
 
 def export_training_command(

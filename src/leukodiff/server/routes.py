@@ -12,6 +12,7 @@ import io
 import json
 import math
 import zipfile
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -20,13 +21,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from PIL import Image as PILImage
 from pydantic import BaseModel, Field
 from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from leukodiff.reports.outputs import cell_thumbnail
 from leukodiff.server import review
 from leukodiff.server.app import PACKAGE, state_of
 from leukodiff.server.auth import (
     AccountError,
+    NoSuchUser,
     authenticate,
     check_csrf,
     create_user,
@@ -165,12 +167,8 @@ def _change_own_password(request: Request, user: User, current: str, new: str) -
         if authenticate(session, user.username, current) is None:
             raise ReviewError("the current password is wrong", status=403)
     state.logins.succeeded(user.username, address)
-    try:
-        with state.db.writing() as session:
-            changed = set_password(session, user.username, new, by=user)
-    except AccountError as error:
-        raise ReviewError(str(error)) from None
-    start_session(request, changed)
+    start_session(request, _change_account(request, lambda session: set_password(
+        session, user.username, new, by=user)))
 
 
 @pages.get("/", response_class=HTMLResponse)
@@ -254,12 +252,9 @@ def me(request: Request, user: UserDep) -> dict[str, Any]:
 @api.post("/users", status_code=201)
 def add_user(request: Request, user: UserDep, body: NewUser) -> dict[str, Any]:
     require_role(user, Role.ADMIN)
-    with state_of(request).db.writing() as session:
-        try:
-            created = create_user(session, body.username, body.password, body.role, by=user)
-        except AccountError as error:
-            raise ReviewError(str(error)) from None
-        return {"id": created.id, "username": created.username, "role": created.role}
+    created = _change_account(request, lambda session: create_user(
+        session, body.username, body.password, body.role, by=user))
+    return {"id": created.id, "username": created.username, "role": created.role}
 
 
 class PasswordChange(BaseModel):
@@ -285,13 +280,21 @@ def reset_password(request: Request, user: UserDep, username: str, body: Passwor
     require_role(user, Role.ADMIN)
     if username == user.username:
         raise ReviewError("change your own password with POST /api/me/password")
-    with state_of(request).db.writing() as session:
-        try:
-            changed = set_password(session, username, body.password, by=user)
-        except AccountError as error:
-            status = 404 if str(error).startswith("no user") else 400
-            raise ReviewError(str(error), status=status) from None
-        return {"username": changed.username, "changed": True}
+    changed = _change_account(request, lambda session: set_password(
+        session, username, body.password, by=user))
+    return {"username": changed.username, "changed": True}
+
+
+def _change_account(request: Request, change: Callable[[Session], User]) -> User:
+    """Run an account change in a write transaction; an unknown name is 404, a refused
+    change 400."""
+    try:
+        with state_of(request).db.writing() as session:
+            return change(session)
+    except NoSuchUser as error:
+        raise ReviewError(str(error), status=404) from None
+    except AccountError as error:
+        raise ReviewError(str(error)) from None
 
 
 class Activation(BaseModel):
@@ -305,12 +308,9 @@ def set_user_active(request: Request, user: UserDep, username: str, body: Activa
     require_role(user, Role.ADMIN)
     if username == user.username and not body.active:
         raise ReviewError("an admin cannot deactivate their own account")
-    with state_of(request).db.writing() as session:
-        try:
-            changed = set_active(session, username, body.active, by=user)
-        except AccountError as error:
-            raise ReviewError(str(error), status=404) from None
-        return {"username": changed.username, "role": changed.role, "active": changed.active}
+    changed = _change_account(request, lambda session: set_active(
+        session, username, body.active, by=user))
+    return {"username": changed.username, "role": changed.role, "active": changed.active}
 
 
 @api.get("/users/audit")
