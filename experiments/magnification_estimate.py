@@ -23,10 +23,12 @@ estimators were worse: the median inscribed radius at distance-transform peaks (
 filled) spread 9-32 px per field, because dense smears enclose background gaps
 that the hole filling joins into huge blobs.
 
-What shipping it would take (not done): run it only on frames larger than a field (where
-tiling starts), shrink only when cells look > 1.35x BCCD's, guard fields with few red
-cells (the mask would then be the white cell itself), and validate on a second lab at a
-known magnification (BCD's tiles are at about half BCCD's scale).
+What shipped instead (src/leukodiff/pipeline/scale.py, same day): the same measure at
+full resolution in up to 4 windows of 512 px (a shrunk copy makes a larger frame look
+coarser: 2x2 mosaics of native fields read 1.25x at the median), run only on frames
+larger than a field, shrinking those whose cells look over 1.5x BCCD's, with fields of
+too few or too many cell pixels left alone. Still to do: validate on a second lab at a
+known magnification (BCD's tiles are at about half BCCD's scale, too small to test it).
 """
 import glob
 from pathlib import Path

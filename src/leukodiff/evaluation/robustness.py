@@ -114,6 +114,7 @@ PERTURBATIONS: tuple[Perturbation, ...] = (
     Perturbation("dim (brightness x0.8)", _enhance(ImageEnhance.Brightness, 0.8)),
     Perturbation("magnification x0.7", _zoom(0.7), 0.7),
     Perturbation("magnification x1.4", _zoom(1.4), 1.4),
+    Perturbation("magnification x2", _zoom(2.0), 2.0),
 )
 
 

@@ -27,6 +27,7 @@ from leukodiff.data.records import Box
 from leukodiff.imaging import load_image, to_rgb
 from leukodiff.pipeline.backends import Backend, open_backend
 from leukodiff.pipeline.boxes import Detections, agnostic_nms
+from leukodiff.pipeline.scale import SHRINK_ABOVE, cell_size_ratio
 from leukodiff.pipeline.tiling import detect_tiled
 from leukodiff.taxonomy import CellType, Group
 
@@ -188,14 +189,30 @@ class Analyzer:
         return agnostic_nms(found, float(self.spec["agnostic_nms_iou"]))
 
     def detect(self, image: Image.Image) -> Detections:
-        """Level 1: white cells above the detection threshold, with their group. Fields
-        larger than the detector's native size are tiled with overlap."""
+        """Level 1: white cells above the detection threshold, with their group. Frames
+        larger than the detector's native size are tiled with overlap; first shrunk, when
+        their cells look much larger than BCCD's (`pipeline.scale`), so that tiles hold
+        whole cells at sizes the detector knows. Boxes are in `image`'s pixels."""
         width, height = image.size
         tile_w, tile_h = self.tile
         if width <= 1.25 * tile_w and height <= 1.25 * tile_h:
             found = self._detect_field(image)
         else:
-            found = detect_tiled(self._detect_field, image, self.tile)
+            ratio = cell_size_ratio(image)
+            shrink = ratio if ratio is not None and ratio > SHRINK_ABOVE else 1.0
+            work = image if shrink == 1.0 else image.resize(
+                (max(1, round(width / shrink)), max(1, round(height / shrink))),
+                Image.Resampling.BILINEAR, reducing_gap=2.0)
+            if work.width <= 1.25 * tile_w and work.height <= 1.25 * tile_h:
+                found = self._detect_field(work)
+            else:
+                found = detect_tiled(self._detect_field, work, self.tile)
+            if shrink != 1.0:
+                back = np.array([width / work.width, height / work.height] * 2,
+                                dtype=np.float32)
+                boxes = np.minimum(found.boxes * back, np.array([width, height] * 2,
+                                                                dtype=np.float32))
+                found = Detections(boxes, found.labels, found.scores)
         found = found.above(self.detection_threshold)
         if self.group_refiner is None or not len(found):
             return found

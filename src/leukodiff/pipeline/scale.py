@@ -1,0 +1,89 @@
+"""How large the cells of a frame are, relative to the fields the detector learned on.
+
+Red cells are ~7.5 um across in every lab, so how large they look says how many
+pixels a micrometre spans. The measure: threshold the green channel (cells are darker
+than the background; Otsu), then the half-width of the mask's radial autocorrelation,
+a correlation length set by the red cells' size whatever their density. It is
+measured at full resolution in up to 4 windows of `WINDOW` pixels a side: on a
+shrunk copy, a larger frame would look coarser and give a longer length.
+
+On BCCD's 205 training fields it is 18.2 px at the median, and from field to field
+0.80-1.39 times that (p10-p90; p5-p95 0.78-1.48); see also
+experiments/magnification_estimate.py. About 30 ms a field, 110 ms for a 4000x3000
+frame. The Analyzer uses it only on frames larger than a field, and only to shrink
+frames whose cells look much larger than BCCD's: it would otherwise have to tile a
+frame into pieces smaller than its cells, at sizes the detector never saw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+WINDOW = 512
+# `correlation_length` of BCCD's VOC training fields at native size: the median over all
+# 205 (tests/test_scale.py recomputes it).
+REFERENCE_LENGTH = 18.2
+# A frame is measured only when cells and background both cover a fair part of it; a
+# field with hardly any red cells (the mask is then the white cell) tells nothing.
+MIN_CELL_FRACTION, MAX_CELL_FRACTION = 0.15, 0.85
+# Shrink a frame only when its cells look this many times BCCD's size. Chosen on BCCD's
+# train+val fields (never the test list): 2x2 mosaics of native fields (stitched scans)
+# must count as their fields do (threshold 1.25: 4 of 30 mosaics off by a cell; 1.5: 1,
+# as without shrinking), and enlarged fields must keep their cells (283 labelled; found /
+# count error at 1.7x: 269 / 0.51, at 2x: 266 / 0.38; without shrinking 250 / 1.14 and
+# 171 / 2.20).
+SHRINK_ABOVE = 1.5
+
+
+def cell_mask(image: Image.Image) -> np.ndarray:
+    """Cells (darker than the background in green), by Otsu's threshold."""
+    green = np.asarray(image.convert("RGB"))[..., 1]
+    counts = np.bincount(green.ravel(), minlength=256).astype(np.float64)
+    share = counts / counts.sum()
+    below, mean_below = np.cumsum(share), np.cumsum(share * np.arange(256))
+    between = (mean_below[-1] * below - mean_below) ** 2 / np.maximum(below * (1 - below),
+                                                                      1e-12)
+    return green <= int(np.argmax(between))
+
+
+def _half_width(image: Image.Image) -> float | None:
+    """Half-width of one window's cell-mask autocorrelation, in its pixels."""
+    mask = cell_mask(image).astype(np.float32)
+    if not MIN_CELL_FRACTION <= mask.mean() <= MAX_CELL_FRACTION:
+        return None
+    centred = mask - mask.mean()
+    height, width = centred.shape
+    power = np.abs(np.fft.rfft2(centred, s=(2 * height, 2 * width))) ** 2
+    auto = np.fft.fftshift(np.fft.irfft2(power, s=(2 * height, 2 * width)))
+    auto /= auto.max()
+    rows, columns = np.indices(auto.shape)
+    radius = np.hypot(rows - height, columns - width).astype(np.int64).ravel()
+    profile = np.bincount(radius, auto.ravel()) / np.maximum(np.bincount(radius), 1)
+    after = int(np.argmax(profile < 0.5))  # first radius below half; profile[0] is 1
+    return float(after - 1 + (profile[after - 1] - 0.5) / (profile[after - 1] - profile[after]))
+
+
+def correlation_length(image: Image.Image) -> float | None:
+    """Cell correlation length in pixels of `image`: the median over up to 4 windows of
+    WINDOW pixels a side at full resolution (so a frame's size does not change it);
+    None when no window has enough cell and background pixels to tell."""
+    columns = max(1, min(2, image.width // WINDOW))
+    rows = max(1, min(2, image.height // WINDOW))
+    lengths = []
+    for row in range(rows):
+        for column in range(columns):
+            left = round((column + 0.5) * image.width / columns - WINDOW / 2)
+            top = round((row + 0.5) * image.height / rows - WINDOW / 2)
+            left, top = max(0, left), max(0, top)
+            window = image.crop((left, top, min(image.width, left + WINDOW),
+                                 min(image.height, top + WINDOW)))
+            if (length := _half_width(window)) is not None:
+                lengths.append(length)
+    return float(np.median(lengths)) if lengths else None
+
+
+def cell_size_ratio(image: Image.Image) -> float | None:
+    """How many times larger the cells look than in BCCD's fields (None: cannot tell)."""
+    length = correlation_length(image)
+    return None if length is None else length / REFERENCE_LENGTH
