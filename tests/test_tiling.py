@@ -88,3 +88,15 @@ def test_neighbouring_cells_from_two_tiles_are_both_kept():
     merged = merge_tiles([_found(left), _found(right)], tiles, (1040, 480))
     assert len(merged.boxes) == 2
 
+
+
+def test_a_small_cell_beside_a_large_one_is_kept_whichever_copy_wins():
+    """Two cells, the small one mostly inside the large one's box, both seen by both tiles;
+    tile 1 scores the small one higher, tile 2 the large one (the surviving copies then
+    come from different tiles): both are kept."""
+    tiles = [(0, 0, 640, 480), (400, 0, 1040, 480)]
+    large, small = (450, 100, 600, 250), (550, 180, 620, 250)
+    first = Detections.of([large, small], [2, 2], [0.6, 0.9])
+    second = Detections.of([(50, 100, 200, 250), (150, 180, 220, 250)], [2, 2], [0.9, 0.6])
+    merged = merge_tiles([first, second], tiles, (1040, 480))
+    assert sorted(merged.boxes.tolist()) == [list(map(float, large)), list(map(float, small))]

@@ -5,7 +5,8 @@ overlap is larger than the cell; its cut piece is then dropped. A cell larger
 than the overlap is cut in every tile: its pieces are joined into one box. The
 detector sometimes boxes the visible part of a cut cell short of the tile's edge
 (a nucleus, a lobe); such a box lying mostly inside another tile's larger box of
-the same cell is dropped too.
+the same cell is dropped too, when that tile saw the part's whole area and found no
+cell of its own there.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from leukodiff.pipeline.boxes import Detections, box_area, intersection_over_smaller, nms
+from leukodiff.pipeline.boxes import (
+    Detections,
+    box_area,
+    box_iou,
+    intersection_over_smaller,
+    nms,
+)
 
 EDGE_MARGIN = 2.0  # pixels: a box this close to an inner tile edge is cut by it
 # A box this much inside (intersection over its own area) another tile's larger box is
@@ -55,7 +62,8 @@ def merge_tiles(found: Sequence[Detections], origins: Sequence[tuple[int, int, i
 
     whole = np.flatnonzero(~cut)
     whole = whole[nms(boxes[whole], scores[whole], iou)]
-    whole = _drop_contained_across_tiles(boxes, tile_of, whole)
+    whole = _drop_pieces_seen_whole(boxes, tile_of, np.asarray(origins, dtype=np.float32),
+                                    whole)
     pieces = np.flatnonzero(cut)
     if len(pieces) and len(whole):  # pieces of cells some tile saw whole
         covered = intersection_over_smaller(boxes[pieces], boxes[whole]).max(1) >= 0.5
@@ -80,16 +88,37 @@ def merge_tiles(found: Sequence[Detections], origins: Sequence[tuple[int, int, i
     return Detections.of([m[0] for m in merged], [m[1] for m in merged], [m[2] for m in merged])
 
 
-def _drop_contained_across_tiles(boxes: np.ndarray, tile_of: np.ndarray,
-                                 candidates: np.ndarray) -> np.ndarray:
-    """Candidates without a larger box from another tile that mostly holds them."""
+def _drop_pieces_seen_whole(boxes: np.ndarray, tile_of: np.ndarray, windows: np.ndarray,
+                            candidates: np.ndarray) -> np.ndarray:
+    """Candidates that are not a piece of a larger cell another tile saw whole.
+
+    Box i is such a piece when a larger kept box k of another tile mostly holds it, k's
+    tile saw all of i's area, and k's tile reported nothing there but k. Had k's tile
+    also found a cell where i is (any box of it, kept or not), i is a cell of its own
+    beside k, which only looked like a piece because of which copy survived NMS.
+    """
     order = candidates[np.argsort(-box_area(boxes[candidates]), kind="stable")]
     kept: list[int] = []
     for i in order:
-        others = [k for k in kept if tile_of[k] != tile_of[i]]
-        if others and intersection_over_smaller(boxes[[i]], boxes[others]).max() >= CONTAINED:
-            continue
-        kept.append(int(i))
+        piece = False
+        for k in kept:
+            tile = tile_of[k]
+            if tile == tile_of[i]:
+                continue
+            if intersection_over_smaller(boxes[[i]], boxes[[k]])[0, 0] < CONTAINED:
+                continue
+            x0, y0, x1, y1 = windows[tile]
+            b = boxes[i]
+            if not (b[0] >= x0 + EDGE_MARGIN and b[1] >= y0 + EDGE_MARGIN
+                    and b[2] <= x1 - EDGE_MARGIN and b[3] <= y1 - EDGE_MARGIN):
+                continue  # k's tile did not see all of i
+            own = np.flatnonzero((tile_of == tile) & (np.arange(len(boxes)) != k))
+            if len(own) and box_iou(boxes[[i]], boxes[own]).max() >= 0.5:
+                continue  # k's tile found a cell where i is: i is a cell, not a piece
+            piece = True
+            break
+        if not piece:
+            kept.append(int(i))
     return np.array(sorted(kept), dtype=np.int64)
 
 
