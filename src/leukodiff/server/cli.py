@@ -23,6 +23,9 @@ console = Console()
 
 DataDir = typer.Option(Path("leukodiff-data"), "--data-dir",
                        help="Folder for the SQLite database, stored images and the session key.")
+Username = typer.Argument(..., help="Login name.")
+PasswordStdin = typer.Option(False, "--password-stdin", help="Read the password from "
+                             "standard input (scripts) instead of prompting.")
 DatabaseUrl = typer.Option(None, "--database-url", envvar="LEUKODIFF_DATABASE_URL",
                            help="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db "
                            "[default: SQLite file in --data-dir].")
@@ -100,13 +103,11 @@ def serve(
 
 
 def create_user_command(
-    username: str = typer.Argument(..., help="Login name."),
+    username: str = Username,
     role: str = typer.Option("admin", help="technologist | reviewer | admin."),
     data_dir: Path = DataDir,
     database_url: str | None = DatabaseUrl,
-    password_stdin: bool = typer.Option(False, "--password-stdin",
-                                        help="Read the password from standard input "
-                                        "(scripts) instead of prompting."),
+    password_stdin: bool = PasswordStdin,
 ) -> None:
     """Create a user account (the first admin, or any account) without the web UI."""
     from leukodiff.server.auth import create_user
@@ -118,12 +119,10 @@ def create_user_command(
 
 
 def set_password_command(
-    username: str = typer.Argument(..., help="Login name."),
+    username: str = Username,
     data_dir: Path = DataDir,
     database_url: str | None = DatabaseUrl,
-    password_stdin: bool = typer.Option(False, "--password-stdin",
-                                        help="Read the password from standard input "
-                                        "(scripts) instead of prompting."),
+    password_stdin: bool = PasswordStdin,
 ) -> None:
     """Reset a password (a locked-out admin, a forgotten password); the user's sessions end."""
     from leukodiff.server.auth import set_password
@@ -162,7 +161,7 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def deactivate_user_command(
-    username: str = typer.Argument(..., help="Login name."),
+    username: str = Username,
     reactivate: bool = typer.Option(False, "--reactivate", help="Let the user in again."),
     data_dir: Path = DataDir,
     database_url: str | None = DatabaseUrl,
