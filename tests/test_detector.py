@@ -114,13 +114,14 @@ def test_unboxed_cells_of_train_and_val_fields_become_training_boxes(shared_data
     assert not by_name["BloodImage_00135"].wbc_boxes  # test fields stay as annotated
 
 
-def test_ignore_boxes_are_neither_cell_nor_background_for_rpn_and_roi_heads(untrained):
+def test_ignore_boxes_are_cells_for_the_rpn_and_nothing_for_the_roi_heads(untrained):
     cell, unknown = torch.tensor([[20.0, 20, 120, 120]]), torch.tensor([[300.0, 200, 420, 330]])
     target = {"boxes": cell, "labels": torch.tensor([2]), "ignore": unknown}
     anchors = torch.tensor([[20.0, 20, 120, 120], [300, 200, 420, 330], [310, 210, 420, 330],
                             [500, 400, 600, 470]])
-    labels, _ = untrained.rpn.assign_targets_to_anchors([anchors], [target])
-    assert labels[0].tolist() == [1.0, -1.0, -1.0, 0.0]  # cell, ignored twice, background
+    labels, matched = untrained.rpn.assign_targets_to_anchors([anchors], [target])
+    assert labels[0].tolist() == [1.0, 1.0, 1.0, 0.0]  # cell, the unknown cell twice, background
+    assert matched[0][1].tolist() == unknown[0].tolist()  # regressed towards the unknown cell
     heads = untrained.roi_heads
     heads._ignore = [unknown]
     _, roi_labels = heads.assign_targets_to_proposals([anchors], [cell], [torch.tensor([2])])
@@ -151,6 +152,40 @@ def test_augmentation_keeps_boxes_inside_and_pastes_mononuclear_cells(shared_dat
             if rotation == 1 and scale < 1:  # a quarter turn of 640x480, then 0.8
                 assert (height, width) == (512, 384)
     assert pasted > 0
+
+
+def test_large_fields_train_as_native_windows_around_their_cells():
+    augment = Augmenter(DetectorConfig(window_on_cell=1.0), FieldImages([]))
+    image = torch.zeros(3, 900, 1440, dtype=torch.uint8)
+    cell = torch.tensor([[1000.0, 600, 1150, 760]])
+    torch.manual_seed(0)
+    for _ in range(20):
+        window, boxes, labels = augment.cut_window(image, cell, torch.tensor([2]))
+        assert tuple(window.shape) == (3, 480, 640)
+        assert labels.tolist() == [2]  # always the whole cell, somewhere in the window
+        assert torch.allclose(boxes[0, 2:] - boxes[0, :2], torch.tensor([150.0, 160.0]))
+    # two cells 1000 px apart: whichever is chosen, the other is out (or cut: ignored)
+    pair = torch.tensor([[100.0, 100, 250, 250], [1200.0, 600, 1350, 750]])
+    seen = set()
+    for _ in range(20):
+        _, boxes, labels = augment.cut_window(image, pair, torch.tensor([1, 2]))
+        assert (labels > 0).sum() == 1 and len(boxes) == 1
+        seen.add(int(labels[0]))
+    assert seen == {1, 2}
+    # anywhere: a cell at least 60% inside keeps its label, 25-60% is ignored (-1), less
+    # is left out; cells always start at x = 0, 100, ... so windows cut them every way
+    anywhere = Augmenter(DetectorConfig(window_on_cell=0.0), FieldImages([]))
+    row = torch.tensor([[x, 300.0, x + 150, 450] for x in range(0, 1300, 100)])
+    strip = image[:, :480]  # as tall as a window: only x cuts
+    kinds = set()
+    for _ in range(30):
+        _, boxes, labels = anywhere.cut_window(strip, row, torch.full((len(row),), 2))
+        widths = (boxes[:, 2] - boxes[:, 0]) / 150
+        assert ((widths >= 0.6) == (labels == 2)).all() and (widths >= 0.25).all()
+        kinds |= set(labels.tolist())
+    assert kinds == {2, -1}
+    small = image[:, :480, :640]  # a field of the native size is left as it is
+    assert anywhere.cut_window(small, row[:3], torch.tensor([2, 2, 2]))[2].tolist() == [2] * 3
 
 
 def _no_wbc_field(bccd):

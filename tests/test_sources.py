@@ -2,19 +2,29 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from leukodiff.data.crops import cells_from_fields, load_cell_image, square_window
 from leukodiff.data.records import Box
-from leukodiff.data.root import ENV_VAR, DataNotFoundError, data_root, dataset_dir
+from leukodiff.data.root import (
+    ENV_VAR,
+    DataNotFoundError,
+    data_root,
+    data_roots,
+    dataset_dir,
+    has_dataset,
+)
 from leukodiff.data.sources import (
     load_cells,
     load_fields,
     read_class_folders,
     read_coco,
     read_voc,
+    read_yolo,
 )
+from leukodiff.data.sources.chula import slide_of
 from leukodiff.taxonomy import CellType, Group, ObjectKind
 
 # ---------------------------------------------------------------- shared sets
@@ -99,6 +109,68 @@ def test_bcd_rgba_tiles_with_normalised_boxes(shared_data):
     assert max(b.width for b in wbc) > 40  # pixels, not 0-1 fractions
 
 
+def test_chula_fields_by_slide_with_its_quirks_reported():
+    if not has_dataset("chula", None, "WBC_Samples"):
+        pytest.skip("Chula is not in any data root (fetched data; see data.root.FETCHED_SETS)")
+    chula = load_fields("chula")
+    assert len(chula) == 486
+    types = Counter(b.cell_type for f in chula.records for b in f.wbc_boxes)
+    assert types == {CellType.NEUTROPHIL: 112, CellType.LYMPHOCYTE: 111,
+                     CellType.BASOPHIL: 100, CellType.EOSINOPHIL: 100, CellType.MONOCYTE: 86}
+    reasons = Counter(s.reason.split(" (")[0] for s in chula.skipped)
+    assert reasons == {"label file without an image of its name": 12,
+                       "no label file with its name in labels/": 12,
+                       "horizontal mirror of M-8_0037.jpg": 1,
+                       "horizontal mirror of M-8_0073.jpg": 1}
+    assert all((f.width, f.height) == (1440, 900) for f in chula.records)
+    assert len({f.group_key for f in chula.records}) == 29  # slides
+    assert {f.group_key for f in chula.records if f.image.stem.startswith("M-8_")} == {
+        "chula:M-8"}
+
+
+def test_slide_of_a_chula_name():
+    assert slide_of(Path("M-5Bb_0026.jpg")) == "M-5Bb"
+    assert slide_of(Path("HF-M-8_0037.jpg")) == "M-8"
+
+
+def _yolo_line(index, box, width, height):
+    cx, cy = (box.x0 + box.x1) / 2 / width, (box.y0 + box.y1) / 2 / height
+    return f"{index} {cx:.6f} {cy:.6f} {box.width / width:.6f} {box.height / height:.6f}"
+
+
+def test_yolo_folder_made_from_bcd_fields(tmp_path, shared_data):
+    """Two real BCD fields written as YOLO (class 0 wbc, 1 rbc) read back as the same boxes;
+    an image without labels, labels without an image and bad lines are reported."""
+    bcd = sorted(load_fields("bcd", shared_data).records, key=lambda f: f.image.name)[:2]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for field in bcd:
+        (tmp_path / "images" / field.image.name).write_bytes(field.image.read_bytes())
+        lines = [_yolo_line(0 if b.kind is ObjectKind.WBC else 1, b, field.width, field.height)
+                 for b in field.boxes]
+        (tmp_path / "labels" / f"{field.image.stem}.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "images" / "unlabelled.png").write_bytes(bcd[0].image.read_bytes())
+    (tmp_path / "labels" / "orphan.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    with (tmp_path / "labels" / f"{bcd[1].image.stem}.txt").open("a") as handle:
+        handle.write("7 0.5 0.5 0.1 0.1\n0 0.5 0.5\nx 0.5 0.5 0.1 0.1\n\n")
+    loaded = read_yolo(tmp_path, ["wbc", "rbc"], source="mine")
+    assert [f.image.name for f in loaded.records] == [f.image.name for f in bcd]
+    for read, original in zip(loaded.records, bcd, strict=True):
+        assert read.source == "mine" and read.group_key == f"mine:{original.image.stem}"
+        assert [b.kind for b in read.boxes] == [b.kind for b in original.boxes]
+        for a, b in zip(read.boxes, original.boxes, strict=True):
+            assert a.xyxy == pytest.approx(b.xyxy, abs=0.01)
+    reasons = sorted(s.reason.split(" (")[0] for s in loaded.skipped)
+    extra = len(bcd[1].boxes)  # the bad lines follow the field's own boxes
+    assert reasons == sorted(["label file without an image of its name",
+                              f"line {extra + 1}: class 7 is not one of the 2 class names",
+                              f"line {extra + 2}: 3 values, not 5",
+                              f"line {extra + 3}: malformed",
+                              "no label file with its name in labels/"])
+    with pytest.raises(FileNotFoundError, match="images/ and labels/"):
+        read_yolo(tmp_path / "images", ["wbc"])
+
+
 # ---------------------------------------------------------------- data root
 
 
@@ -116,6 +188,19 @@ def test_data_root_order_and_clear_errors(tmp_path, monkeypatch, shared_data):
         dataset_dir("pbc", tmp_path)
     with pytest.raises(DataNotFoundError, match="bccd"):
         load_fields("bccd", tmp_path)
+
+
+def test_several_data_roots_and_a_fetched_set_that_is_absent(tmp_path, monkeypatch,
+                                                             shared_data):
+    fetched = tmp_path / "fetched"
+    (fetched / "chula" / "WBC_Samples").mkdir(parents=True)
+    monkeypatch.setenv(ENV_VAR, f"{shared_data}:{tmp_path / 'gone'}:{fetched}")
+    assert data_roots() == [shared_data, fetched.resolve()]
+    assert dataset_dir("pbc") == shared_data / "pbc"
+    assert dataset_dir("chula", None, "WBC_Samples") == fetched.resolve() / "chula"
+    with pytest.raises(DataNotFoundError, match="singgihbekti/WBC_Dataset"):
+        dataset_dir("chula", shared_data, "WBC_Samples")
+    assert not has_dataset("chula", shared_data, "WBC_Samples")
 
 
 # ---------------------------------------------------------------- generic formats

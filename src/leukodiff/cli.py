@@ -184,6 +184,8 @@ def analyze(
     console.print(table)
     for name, reason in run.skipped:
         console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
+    if diff.warning:
+        console.print(f"[bold yellow]warning[/]: {diff.warning}", highlight=False)
     console.print(f"report: {out / 'report.html'}  (per field: {out / 'fields'}, "
                   f"per cell: {out / 'cells.csv'}, counts: {out / 'differential.json'})")
     if not run.results:
@@ -218,7 +220,7 @@ def train_classifier_command(
     task: str = typer.Option("mononuclear", help="mononuclear | polymorphonuclear | flat."),
     out: Path = typer.Option(..., help="Run folder: checkpoints, model.pt, manifest."),
     sources: str = typer.Option("pbc,bccd", help="Comma-separated: data set names "
-                                "(pbc, kbc, bccd) or folders of class folders."),
+                                "(pbc, kbc, bccd, chula) or folders of class folders."),
     classes: str = typer.Option("", help="Only these types of the task, e.g. "
                                 "'neutrophil,eosinophil' (the paper's 2-class setting)."),
     mode: str = typer.Option("finetune", help="frozen (paper: base frozen, head only) "
@@ -228,7 +230,9 @@ def train_classifier_command(
     lr: float = typer.Option(1e-3, help="Adam learning rate (paper: 1e-3)."),
     seed: int = typer.Option(0, help="Seed of the split, initialisation and augmentation."),
     crop_scale: float = typer.Option(2.6, help="Square crop side / box side, for field cells."),
-    max_per_class: int = typer.Option(0, help="Cap cells per class and part (quick runs)."),
+    max_per_class: int = typer.Option(0, help="Cap cells per class, source and part (quick runs)."),
+    augmentation: str = typer.Option("basic", help="basic (flips, turns, zoom, colour "
+                                     "jitter) | lab (+ stain and camera: other labs' look)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
@@ -239,7 +243,7 @@ def train_classifier_command(
     config = ClassifierConfig(task=task, classes=_split_list(classes),
                               sources=_split_list(sources), mode=mode, epochs=epochs,
                               batch_size=batch_size, lr=lr, seed=seed, crop_scale=crop_scale,
-                              max_per_class=max_per_class)
+                              max_per_class=max_per_class, augmentation=augmentation)
     try:
         manifest = train_classifier(config, out, data_root=data_root, weights_dir=weights_dir,
                                     resume=resume, track=_track, log=console.print)
@@ -315,6 +319,8 @@ def train_detector_command(
     init_weights: Path | None = typer.Option(None, help="Start from this detector.pt "
                                              "(fine-tuning)."),
     max_train_fields: int = typer.Option(0, help="Only this many training fields (quick runs)."),
+    sources: str = typer.Option("bccd", help="Field sets to learn from, comma-separated: "
+                                "bccd (VOC lists), bcd, chula (split by slide/field)."),
     device: str = typer.Option("", help="cpu | cuda [default: cuda when available]."),
     time_limit: float = typer.Option(0.0, help="Stop cleanly after the epoch that passes this "
                                      "many minutes (0: no limit); --resume goes on."),
@@ -322,13 +328,15 @@ def train_detector_command(
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
 ) -> None:
-    """Train the level-1 detector (Faster R-CNN, MobileNetV1-0.5) on BCCD fields."""
+    """Train the level-1 detector (Faster R-CNN, MobileNetV1-0.5) on smear fields."""
     from leukodiff.models.detector import DetectorSpec
     from leukodiff.training.detector import (
         DetectorConfig,
         DetectorTrainingError,
+        test_key,
         train_detector,
     )
+    from leukodiff.training.familiarity import write_familiarity
 
     spec = DetectorSpec(group_classifier=group_classifier, colour_standardise=colour_standardise)
     try:
@@ -347,7 +355,8 @@ def train_detector_command(
                             unknown_group=unknown_group,
                             group_pbc_per_type=group_pbc_per_type,
                             init_weights=str(init_weights or ""),
-                            max_train_fields=max_train_fields)
+                            max_train_fields=max_train_fields,
+                            sources=_split_list(sources))
     try:
         manifest = train_detector(config, out, data_root=data_root, weights_dir=weights_dir,
                                   resume=resume, track=_track, log=console.print,
@@ -357,12 +366,48 @@ def train_detector_command(
     if manifest.get("finished") is False:
         console.print(f"stopped after epoch {manifest['epoch']}: run again with --resume")
         return
-    test = manifest["metrics"]["test (BCCD VOC test list)"]
-    console.print(f"BCCD VOC test: WBC AP50 {test['wbc']['ap50']:.3f}, AP50:95 "
-                  f"{test['wbc']['ap50_95']:.3f}; group accuracy of matched cells "
-                  f"{test['matched']['group_accuracy']:.3f}, mononuclear recall "
-                  f"{test['matched']['mononuclear_recall']:.3f}")
+    for source in config.sources:
+        test = manifest["metrics"].get(test_key(source))
+        if test:
+            console.print(f"{test_key(source)}: WBC AP50 {test['wbc']['ap50']:.3f}, AP50:95 "
+                          f"{test['wbc']['ap50_95']:.3f}; group accuracy of matched cells "
+                          f"{test['matched']['group_accuracy']:.3f}, mononuclear recall "
+                          f"{test['matched']['mononuclear_recall']:.3f}")
     console.print(f"wrote {out / 'detector.pt'} and {out / 'detector.json'}")
+    path, report = write_familiarity(out / "detector.pt", config.sources, data_root,
+                                     seed=seed, track=_track, command=_command())
+    console.print(f"wrote {path}: {_fires(report)}")
+
+
+def _command() -> str:
+    return "leukodiff " + " ".join(sys.argv[1:])
+
+
+def _fires(report: dict) -> str:
+    parts = [f"{s} {v['unfamiliar']}/{v['fields']}"
+             for s, v in report["fires_on_test_parts"].items()]
+    return "unlike the training labs on their test parts: " + (", ".join(parts) or "-")
+
+
+@train_app.command("familiarity")
+def train_familiarity_command(
+    sources: str = typer.Option(..., help="The detector's training labs, comma-separated "
+                                "(the shipped detector: bccd)."),
+    detector: str = typer.Option("detector", help="Detector (name or detector.pt) whose "
+                                 "reference this is; written beside it."),
+    seed: int = typer.Option(0, help="Seed of the labs' splits (as the detector's)."),
+    data_root: Path | None = DataRoot,
+) -> None:
+    """Fit the reference behind the "images unlike the training labs" warning."""
+    from leukodiff.models.files import resolve
+    from leukodiff.training.familiarity import write_familiarity
+
+    try:
+        path, report = write_familiarity(resolve(detector), _split_list(sources), data_root,
+                                         seed=seed, track=_track, command=_command())
+    except (FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    console.print(f"wrote {path}: {_fires(report)}")
 
 
 @evaluate_app.command("detector")
@@ -521,6 +566,49 @@ def evaluate_robustness_command(
         (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
         console.print(f"wrote {out / 'metrics.json'}, "
                       f"{plot_robustness(results, out / 'robustness.png')}")
+
+
+@evaluate_app.command("labs")
+def evaluate_labs_command(
+    out: Path = typer.Option(Path("runs/labs"), help="Fold models (reused and resumed when "
+                             "run again) and labs.json."),
+    labs: str = typer.Option(",".join(("chula", "pbc", "bccd", "bcd")),
+                             help="Held-out labs to run, in this order."),
+    seed: int = typer.Option(0, help="Seed of every split, initialisation and augmentation."),
+    classifier_epochs: int = typer.Option(20, help="Level-2 epochs per fold (as shipped)."),
+    detector_epochs: int = typer.Option(10, help="Detector epochs per fold (shipped: 40)."),
+    max_per_class: int = typer.Option(400, help="Level-2 training cells per class, source "
+                                      "and part (0: all, as shipped)."),
+    quick: bool = typer.Option(False, help="Every step on a few images (minutes); the "
+                               "numbers mean nothing."),
+    docs: Path | None = typer.Option(None, help="Also write the section of RESULTS.md, "
+                                     "labs.json and figures into this docs folder."),
+    threads: int = typer.Option(0, help="onnxruntime threads (0: all cores)."),
+    data_root: Path | None = DataRoot,
+    weights_dir: Path | None = WeightsDir,
+) -> None:
+    """Leave one lab out: train on the other labs, measure the held-out one through the
+    shipped pipeline on onnxruntime (detector, level 2, end to end)."""
+    from leukodiff.evaluation.labs import LABS, FoldMismatchError, LabsConfig, evaluate_labs
+    from leukodiff.reports.labs import labs_table, write_labs_report
+    from leukodiff.training.classifier import TrainingError
+    from leukodiff.training.detector import DetectorTrainingError
+
+    chosen = _split_list(labs)
+    if unknown := [lab for lab in chosen if lab not in LABS]:
+        raise _fail(f"unknown lab(s) {', '.join(unknown)}; labs: {', '.join(LABS)}")
+    config = LabsConfig.quick(chosen) if quick else LabsConfig(
+        labs=chosen, seed=seed, classifier_epochs=classifier_epochs,
+        detector_epochs=detector_epochs, max_per_class=max_per_class, threads=threads or None)
+    try:
+        results = evaluate_labs(out, config, data_root=data_root, weights_dir=weights_dir,
+                                track=_track, log=console.print)
+    except (TrainingError, DetectorTrainingError, FoldMismatchError, FileNotFoundError,
+            ValueError) as error:
+        raise _fail(str(error)) from None
+    console.print(labs_table(results))
+    for path in write_labs_report(results, out, docs):
+        console.print(f"wrote {path}")
 
 
 @evaluate_app.command("all")

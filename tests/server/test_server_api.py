@@ -127,6 +127,33 @@ def test_review_sign_off_and_exports(station, bccd: Path) -> None:
     assert set(by_code) == {"26478-8", "26485-3", "26511-6", "26450-7", "30180-4"}
 
 
+def test_fields_unlike_the_training_labs_are_flagged_through_to_the_report(
+        sqlite_station, bccd, shared_data) -> None:
+    """A BCD tile (a lab the shipped models never saw) beside a BCCD field: the case says
+    "review every cell", and the signed FHIR report's conclusion carries the warning."""
+    tech = sqlite_station.client("tess", "technologist")
+    reviewer = sqlite_station.client("rita", "reviewer")
+    case = new_case(tech, "FOREIGN-1")
+    tile = sorted((shared_data / "bcd" / "images").glob("*.png"))[0]
+    assert upload(tech, case["id"], bccd / FIELDS[0], tile).status_code == 200
+    case = wait_analysed(tech, case["id"])
+    flags = {f["name"]: f["unlike_training"] for f in case["fields"]}
+    assert flags == {FIELDS[0]: False, tile.name: True}
+    assert all(f["familiarity"] > 0 for f in case["fields"])
+    diff = case["differential"]
+    assert diff["unlike_training"] == 1 and "1 of 2 field(s) look unlike" in diff["warning"]
+    for cell in all_cells(case):  # a reviewer names every cell, then signs
+        label = cell["label"] if cell["label"] != "unidentified" else "neutrophil"
+        assert tech.patch(f"/api/cases/{case['id']}/cells/{cell['id']}",
+                          json={"label": label, "version": cell["version"]}).is_success
+    case = tech.get(f"/api/cases/{case['id']}").json()
+    signed = reviewer.post(f"/api/cases/{case['id']}/sign-off",
+                           json={"revision": case["revision"]})
+    assert signed.status_code == 200, signed.text
+    report = tech.get(f"/api/cases/{case['id']}/fhir.json").json()["entry"][0]["resource"]
+    assert "Warning: 1 of 2 field(s) look unlike" in report["conclusion"]
+
+
 def test_exports_refused_before_sign_off(sqlite_station) -> None:
     tech = sqlite_station.client("tess")
     case = new_case(tech)
@@ -193,8 +220,45 @@ def test_schema_migrates_once_and_restarts_keep_data(make_station) -> None:
         assert [c.accession for c in session.scalars(select(Case))] == ["KEEP-1"]
         version = session.connection().exec_driver_sql(
             "SELECT version_num FROM alembic_version").scalar_one()
-    assert version == "0002"
+    assert version == "0003"
     app.state.leukodiff.db.dispose()
+
+
+def test_migration_0003_keeps_fields_and_cells(database_url, tmp_path: Path) -> None:
+    """A 0002 database with an analysed field and a cell upgrades (the field was not
+    measured: familiarity NULL, not unlike the training labs) and goes back down."""
+    from sqlalchemy import text
+
+    from leukodiff.server.db import Database
+
+    db = Database(database_url or f"sqlite:///{tmp_path / 'old.sqlite3'}")
+    at = "'2026-11-26 10:00:00+00'"
+    try:
+        _alembic(db, "upgrade", "0002")
+        with db.engine.begin() as connection:
+            for statement in (
+                    "INSERT INTO users (id, username, password_hash, role, active, created_at, "
+                    f"session_epoch) VALUES (1, 'tess', 'h', 'technologist', true, {at}, 0)",
+                    "INSERT INTO cases (id, accession, status, target_count, revision, "
+                    f"created_at, created_by_id, version) VALUES (1, 'OLD-1', 'open', 100, 1, "
+                    f"{at}, 1, 1)",
+                    "INSERT INTO images (sha256, size_bytes, format, width, height, created_at)"
+                    f" VALUES ('{'a' * 64}', 10, 'JPEG', 640, 480, {at})",
+                    "INSERT INTO fields (id, case_id, image_sha256, original_name, status, "
+                    f"uploaded_at, uploaded_by_id) VALUES (1, 1, '{'a' * 64}', 'f.jpg', 'done', "
+                    f"{at}, 1)"):
+                connection.execute(text(statement))
+        _alembic(db, "upgrade", "head")
+        with db.engine.begin() as connection:
+            row = connection.execute(text(
+                "SELECT familiarity, unlike_training FROM fields")).one()
+            assert row[0] is None and not row[1]
+        _alembic(db, "downgrade", "0002")
+        with db.engine.begin() as connection:
+            assert connection.execute(text("SELECT original_name FROM fields")).scalar_one() \
+                == "f.jpg"
+    finally:
+        db.dispose()
 
 
 def test_admin_creates_users_others_cannot(sqlite_station) -> None:

@@ -8,7 +8,7 @@ type, over the single-WBC fields (the issue's figure) and over all cells.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -18,6 +18,7 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
 from leukodiff.imaging import load_image
 from leukodiff.pipeline import Analyzer
+from leukodiff.pipeline.analyzer import CellCall
 from leukodiff.taxonomy import CellType
 
 
@@ -27,6 +28,21 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def match_truth(cells: Sequence[CellCall], field: Field, scale: float = 1.0
+                ) -> list[tuple[str, str]]:
+    """(true type, what the pipeline said: its label, or "missed") for each typed white cell
+    of `field`: found = a cell with IoU >= 0.5 (boxes in a field scaled by `scale`)."""
+    pairs = []
+    for box in field.wbc_boxes:
+        if box.cell_type is None:
+            continue
+        scored = [(c, _iou(tuple(v / scale for v in c.box), box.xyxy)) for c in cells]
+        best = max(scored, key=lambda pair: pair[1], default=(None, 0.0))
+        found = best[0] is not None and best[1] >= 0.5
+        pairs.append((str(box.cell_type), best[0].label if found else "missed"))
+    return pairs
 
 
 def evaluate_end_to_end(analyzer: Analyzer, fields: list[Field], track: Track = no_progress,
@@ -47,18 +63,11 @@ def evaluate_end_to_end(analyzer: Analyzer, fields: list[Field], track: Track = 
         else:
             changed, scale = perturb(load_image(field.image))
             result = analyzer(changed, name=str(field.image))
-        truth = [b for b in field.wbc_boxes if b.cell_type is not None]
         count_errors.append(len(result.cells) - len(field.wbc_boxes))
-        for box in truth:
-            name = str(box.cell_type)
-            scored = [(c, _iou(tuple(v / scale for v in c.box), box.xyxy))
-                      for c in result.cells]
-            best = max(scored, key=lambda pair: pair[1], default=(None, 0.0))
-            found = best[0] is not None and best[1] >= 0.5
-            right = found and best[0].cell_type is box.cell_type
-            confusion[(name, best[0].label if found else "missed")] += 1
+        for name, said in match_truth(result.cells, field, scale):
+            confusion[(name, said)] += 1
             for table in (per_type, single) if len(field.wbc_boxes) == 1 else (per_type,):
-                table[name].update(cells=1, found=int(found), right=int(right))
+                table[name].update(cells=1, found=int(said != "missed"), right=int(said == name))
 
     def summary(table: dict[str, Counter]) -> dict:
         rows = {t: {**c, "accuracy": c["right"] / c["cells"]} for t, c in table.items()

@@ -15,6 +15,7 @@ import json
 import pickle
 import platform
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -274,8 +275,21 @@ def evaluate_all(out_dir: Path, *, config: EvalConfig = EvalConfig(),
     timer.mark("figures")
     results["timing"] = {"sections_s": timer.sections, "total_s": timer.total,
                          "machine": _machine(), "torch_threads": torch.get_num_threads()}
-    (out_dir / "RESULTS.md").write_text(render_markdown(results))
+    path = out_dir / "RESULTS.md"  # the leave-one-lab-out section (evaluate labs) stays first
+    path.write_text(keep_marked_sections(path.read_text() if path.exists() else "",
+                                         render_markdown(results)))
     return results
+
+
+def keep_marked_sections(old: str, new: str) -> str:
+    """`new` with every `<!-- NAME:start -->...<!-- NAME:end -->` section of `old` put
+    first, after the title: sections other commands own (`reports.labs`)."""
+    kept = [m.group(0) for m in re.finditer(r"<!-- (\w+):start -->.*?<!-- \1:end -->", old,
+                                            flags=re.S)]
+    if not kept:
+        return new
+    title, _, rest = new.partition("\n")
+    return "\n\n".join([title, *kept, rest.lstrip()])
 
 
 def _split_sizes(splits, cells: Sequence[Cell], source_cells: Sequence[Cell]) -> dict:

@@ -166,18 +166,18 @@ def _discard_near(labels: torch.Tensor, boxes: torch.Tensor, ignore: torch.Tenso
 
 class IgnoringRPN(RegionProposalNetwork):
     """torchvision's RPN, except that a target's optional "ignore" boxes (white cells whose
-    group nobody knows) are neither taught as cells nor as background."""
+    group nobody knows, cells mostly cut off by a training window) are learnt as cells:
+    the RPN has no groups, and a white cell is never background."""
 
     def assign_targets_to_anchors(self, anchors, targets):
-        labels, matched = super().assign_targets_to_anchors(anchors, targets)
-        for per_image, anchors_per_image, target in zip(labels, anchors, targets, strict=True):
-            _discard_near(per_image, anchors_per_image, target.get("ignore"),
-                          self.proposal_matcher.low_threshold)
-        return labels, matched
+        cells = [{**t, "boxes": torch.cat([t["boxes"], t["ignore"].to(t["boxes"].dtype)])}
+                 if t.get("ignore") is not None and len(t["ignore"]) else t for t in targets]
+        return super().assign_targets_to_anchors(anchors, cells)
 
 
 class IgnoringRoIHeads(RoIHeads):
-    """torchvision's RoI heads, with the same treatment of "ignore" boxes as `IgnoringRPN`."""
+    """torchvision's RoI heads, except that proposals on a target's "ignore" boxes are
+    taught neither as a group nor as background."""
 
     _ignore: list | tuple = ()  # per image, set only inside select_training_samples
 

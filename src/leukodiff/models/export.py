@@ -53,14 +53,10 @@ def _classifier_for_export(network: nn.Module) -> nn.Module:
     return network.eval().to(memory_format=torch.contiguous_format)
 
 
-def export_onnx(detector: str | Path = "detector", mononuclear: str | Path = "mononuclear",
-                polymorphonuclear: str | Path = "polymorphonuclear") -> dict[str, Path]:
-    """Write the ONNX files beside the torch files; returns the path of each role."""
-    models = {"detector": detector, "mononuclear": mononuclear,
-              "polymorphonuclear": polymorphonuclear}
-    paths = onnx_paths(models)
-    written: dict[str, Path] = {}
-
+def export_detector(detector: str | Path = "detector") -> dict[str, Path]:
+    """The detector's ONNX file and its group classifier's, beside `detector`'s torch file."""
+    paths = onnx_paths({"detector": detector, "mononuclear": "mononuclear",
+                        "polymorphonuclear": "polymorphonuclear"})
     network, manifest = load_detector(detector)
     source = resolve(detector)
     spec = network.spec
@@ -69,7 +65,7 @@ def export_onnx(detector: str | Path = "detector", mononuclear: str | Path = "mo
             {"image": {1: "height", 2: "width"}, "boxes": {0: "cells"},
              "labels": {0: "cells"}, "scores": {0: "cells"}})
     _write_manifest(paths["detector"], manifest, source)
-    written["detector"] = paths["detector"]
+    written = {"detector": paths["detector"]}
     group = getattr(network, "group_classifier", None)
     if group is not None:
         size = spec.group_input_size
@@ -77,13 +73,23 @@ def export_onnx(detector: str | Path = "detector", mononuclear: str | Path = "mo
                 ["images"], ["logits"], {"images": {0: "crops"}, "logits": {0: "crops"}})
         _write_manifest(paths["group"], group_manifest(manifest), source)
         written["group"] = paths["group"]
-
-    for role in ("mononuclear", "polymorphonuclear"):
-        network, manifest = load_classifier(models[role])
-        source = resolve(models[role])
-        size = int(manifest["input"]["size"])
-        _export(_classifier_for_export(network), (torch.rand(2, 3, size, size),), paths[role],
-                ["images"], ["logits"], {"images": {0: "crops"}, "logits": {0: "crops"}})
-        _write_manifest(paths[role], manifest, source)
-        written[role] = paths[role]
     return written
+
+
+def export_classifier(model: str | Path) -> Path:
+    """A level-2 classifier's ONNX file, beside its torch file."""
+    network, manifest = load_classifier(model)
+    source = resolve(model)
+    path = source.with_suffix(".onnx")
+    size = int(manifest["input"]["size"])
+    _export(_classifier_for_export(network), (torch.rand(2, 3, size, size),), path,
+            ["images"], ["logits"], {"images": {0: "crops"}, "logits": {0: "crops"}})
+    _write_manifest(path, manifest, source)
+    return path
+
+
+def export_onnx(detector: str | Path = "detector", mononuclear: str | Path = "mononuclear",
+                polymorphonuclear: str | Path = "polymorphonuclear") -> dict[str, Path]:
+    """Write the ONNX files beside the torch files; returns the path of each role."""
+    return {**export_detector(detector), "mononuclear": export_classifier(mononuclear),
+            "polymorphonuclear": export_classifier(polymorphonuclear)}

@@ -25,8 +25,10 @@ from PIL import Image
 from leukodiff.data.crops import cell_batch
 from leukodiff.data.records import Box
 from leukodiff.imaging import load_image, to_rgb
+from leukodiff.models.files import resolve
 from leukodiff.pipeline.backends import Backend, open_backend
 from leukodiff.pipeline.boxes import Detections, agnostic_nms
+from leukodiff.pipeline.familiarity import Familiarity, familiarity_path
 from leukodiff.pipeline.scale import SHRINK_ABOVE, cell_size_ratio
 from leukodiff.pipeline.tiling import detect_tiled
 from leukodiff.taxonomy import CellType, Group
@@ -77,13 +79,18 @@ class FieldResult:
     width: int
     height: int
     cells: list[CellCall] = field(default_factory=list)
+    # how far the image looks from the training labs (`pipeline.familiarity`; None: not
+    # measured), and whether that is beyond the reference's threshold
+    familiarity: float | None = None
+    unlike_training: bool = False
 
     def counts(self) -> Counter:
         return Counter(cell.label for cell in self.cells)
 
     def to_dict(self) -> dict:
         return {"image": self.image, "width": self.width, "height": self.height,
-                "cells": [c.to_dict() for c in self.cells], "counts": dict(self.counts())}
+                "cells": [c.to_dict() for c in self.cells], "counts": dict(self.counts()),
+                "familiarity": self.familiarity, "unlike_training": self.unlike_training}
 
 
 @dataclass
@@ -95,9 +102,19 @@ class Differential:
     total: int  # white cells found
     identified: int
     fields: int
+    unlike_training: int = 0  # fields that look unlike the training labs
+
+    @property
+    def warning(self) -> str | None:
+        """What to tell the technologist when the images look unlike the training labs."""
+        if not self.unlike_training:
+            return None
+        return (f"{self.unlike_training} of {self.fields} field(s) look unlike the images the "
+                "models learnt from (lamp colour, stain or magnification): the types and "
+                "counts may be wrong without the models knowing it; review every cell")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "warning": self.warning}
 
 
 class GroupClassifier:
@@ -143,8 +160,10 @@ class Analyzer:
     """
 
     def __init__(self, backend: Backend, *, min_confidence: float | None = None,
-                 detection_threshold: float | None = None) -> None:
+                 detection_threshold: float | None = None,
+                 familiarity: Familiarity | None = None) -> None:
         self.backend = backend
+        self.familiarity = familiarity
         spec = backend.manifests["detector"]["architecture"]
         self.spec = spec
         self.detection_threshold = (float(spec["score_threshold"]) if detection_threshold
@@ -171,8 +190,10 @@ class Analyzer:
         """
         models = {"detector": detector, "mononuclear": mononuclear,
                   "polymorphonuclear": polymorphonuclear}
+        reference = familiarity_path(resolve(detector))
         return cls(open_backend(backend, models, threads), min_confidence=min_confidence,
-                   detection_threshold=detection_threshold)
+                   detection_threshold=detection_threshold,
+                   familiarity=Familiarity.load(reference) if reference.is_file() else None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -220,11 +241,25 @@ class Analyzer:
         groups = self.group_refiner(image, boxes).argmax(1) + 1  # column 0: mononuclear
         return Detections(found.boxes, groups.astype(np.int64), found.scores)
 
-    def __call__(self, image: Image.Image | str | Path, name: str | None = None) -> FieldResult:
-        """Every white cell in one image; raises AnalysisError for images it cannot use."""
+    def __call__(self, image: Image.Image | str | Path, name: str | None = None, *,
+                 look: bool = False) -> FieldResult:
+        """Every white cell in one image; raises AnalysisError for images it cannot use.
+        With `look`, also how far the image looks from the training labs (15-100 ms more
+        a field: `analyze` and the station do it, per-field benchmarks do not)."""
         if isinstance(image, str | Path):
             name = name or str(image)
             image = load_image(image)
+        image = self.check(image)
+        result = FieldResult(name or "image", image.width, image.height,
+                             self.classify(image, self.detect(image)))
+        if look and self.familiarity is not None:
+            result.familiarity = self.familiarity.score(image)
+            result.unlike_training = result.familiarity > self.familiarity.threshold
+        return result
+
+    @staticmethod
+    def check(image: Image.Image) -> Image.Image:
+        """The image as RGB, or AnalysisError when it cannot be a bright-field smear."""
         image = to_rgb(image)
         width, height = image.size
         if min(width, height) < MIN_SIDE:
@@ -238,7 +273,10 @@ class Analyzer:
             raise AnalysisError(f"image looks like noise, not a photograph of a smear "
                                 f"(neighbouring pixels differ by {roughness:.0f}/255 at the "
                                 f"median; above {MAX_ROUGHNESS})")
-        found = self.detect(image)
+        return image
+
+    def classify(self, image: Image.Image, found: Detections) -> list[CellCall]:
+        """Level 2: each detected cell to its group's model, the groups concurrently."""
         boxes = [Box(*(float(v) for v in b)) for b in found.boxes.tolist()]
         groups = found.groups
         routed = {g: [i for i, group in enumerate(groups) if group is g] for g in Group}
@@ -257,7 +295,7 @@ class Analyzer:
                     type_confidence=float(probs[best]),
                     probabilities={c: float(p) for c, p in zip(clf.classes, probs,
                                                                 strict=True)})
-        return FieldResult(name or "image", width, height, [c for c in cells if c])
+        return [c for c in cells if c]
 
     @staticmethod
     def differential(results: Iterable[FieldResult]) -> Differential:
@@ -271,4 +309,4 @@ class Analyzer:
         percentages = {str(t): 100.0 * counts[str(t)] / identified if identified else 0.0
                        for t in CellType}
         return Differential(dict(counts), percentages, sum(counts.values()), identified,
-                            len(results))
+                            len(results), sum(r.unlike_training for r in results))

@@ -129,6 +129,9 @@ def write_report(path: Path, differential: Differential, gallery: Gallery,
                            for name, reason in skipped)
     model_html = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
                          for k, v in models.items())
+    warning = (f"<p class=warning role=alert><strong>Images unlike the training labs: review "
+               f"every cell.</strong> {html.escape(differential.warning)}.</p>"
+               if differential.warning else "")
     path.write_text(f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>leukodiff differential</title>
 <style>
@@ -138,8 +141,9 @@ text-align:right}} td:first-child,th:first-child{{text-align:left}}
 .dot{{display:inline-block;width:.8em;height:.8em;border-radius:50%;margin-right:.5em}}
 .gallery{{display:flex;flex-wrap:wrap;gap:.5em}} figure{{margin:0;text-align:center;
 font-size:.7em;width:100px}} img{{width:96px;height:96px;object-fit:contain;background:#eee}}
+.warning{{background:#fff3cd;border:1px solid #e0b100;padding:.8em 1em}}
 </style></head><body>
-<h1>White-cell differential</h1>
+<h1>White-cell differential</h1>{warning}
 <p>{differential.fields} field(s), {differential.total} white cells found,
 {differential.identified} identified. Percentages are of identified cells;
 unidentified cells (below the models' calibrated confidence) need review.

@@ -74,7 +74,7 @@ def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir:
     for path in track(files, "Analysing fields"):
         try:
             image = load_image(path)
-            result = analyzer(image, name=str(path))
+            result = analyzer(image, name=str(path), look=True)
         except (ImageError, AnalysisError) as error:
             run.skipped.append((str(path), str(error).removeprefix(f"{path}: ")))
             continue

@@ -80,7 +80,7 @@ class AnalysisQueue:
             sha256, name = field.image_sha256, field.original_name
         try:
             image = self.views.image(sha256)
-            result = self.analyzer()(image, name=name)
+            result = self.analyzer()(image, name=name, look=True)
             self.views.view_path(sha256)  # render the browser view now, not on first request
         except (AnalysisError, ImageError) as error:
             self._finish_failed(field_id, str(error))
@@ -96,9 +96,13 @@ class AnalysisQueue:
                     probabilities={k: round(v, 4) for k, v in call.probabilities.items()},
                     label=call.label))
             field.status, field.analysed_at = FieldStatus.DONE, utcnow()
+            field.familiarity, field.unlike_training = (result.familiarity,
+                                                        result.unlike_training)
             session.flush()
             audit(session, field.case, None, "analysis", field_id=field_id,
-                  after={"cells": len(result.cells), "counts": dict(result.counts())})
+                  after={"cells": len(result.cells), "counts": dict(result.counts()),
+                         "familiarity": result.familiarity,
+                         "unlike_training": result.unlike_training})
 
     def _finish_failed(self, field_id: int, message: str) -> None:
         with self.db.writing() as session:

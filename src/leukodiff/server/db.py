@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
 )
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -158,6 +159,9 @@ class FieldImage(Base):
     uploaded_at: Mapped[datetime] = mapped_column(default=utcnow)
     uploaded_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     analysed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # distance to the models' training labs (pipeline.familiarity; None: not measured)
+    familiarity: Mapped[float | None] = mapped_column(Float, default=None)
+    unlike_training: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     case: Mapped[Case] = relationship(back_populates="fields")
     image: Mapped[Image] = relationship()

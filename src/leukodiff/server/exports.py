@@ -127,7 +127,8 @@ def fhir_report(case: Case) -> dict[str, Any]:
                        f"field(s); {summary.not_wbc} objects marked not a white cell. "
                        f"Pre-classified by leukodiff; {summary.reviewed} of {summary.counted} "
                        f"white cells individually reviewed; signed off by "
-                       f"{case.signed_by.username}."),
+                       f"{case.signed_by.username}."
+                       + (f" Warning: {summary.warning}." if summary.warning else "")),
     }
     entries = [report, *observations]
     return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection",

@@ -64,9 +64,20 @@ class CaseDifferential:
     reviewed: int
     target: int
     identified: int  # white cells of one of the five types: the percentages' base
+    fields: int = 0  # analysed fields
+    unlike_training: int = 0  # of them, fields that look unlike the models' training labs
+
+    @property
+    def warning(self) -> str | None:
+        """As `Analyzer.differential`'s: images unlike the training labs."""
+        if not self.unlike_training:
+            return None
+        return (f"{self.unlike_training} of {self.fields} field(s) look unlike the images "
+                "the models learnt from (lamp colour, stain or magnification): the model's "
+                "types and counts may be wrong without it knowing; review every cell")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "warning": self.warning}
 
 
 def differential(case: Case) -> CaseDifferential:
@@ -81,7 +92,9 @@ def differential(case: Case) -> CaseDifferential:
         counted=identified + counts[UNIDENTIFIED], unidentified=counts[UNIDENTIFIED],
         not_wbc=counts[NOT_WBC],
         reviewed=sum(1 for c in cells if c.reviewed and c.label != NOT_WBC),
-        target=case.target_count, identified=identified)
+        target=case.target_count, identified=identified,
+        fields=sum(f.status == FieldStatus.DONE for f in case.fields),
+        unlike_training=sum(f.unlike_training for f in case.fields))
 
 
 def load_case(session: Session, case_id: int, *, lock: bool = False) -> Case:
@@ -109,6 +122,7 @@ def cell_dict(cell: CellRecord) -> dict[str, Any]:
 def field_dict(field: FieldImage) -> dict[str, Any]:
     return {"id": field.id, "name": field.original_name, "status": field.status,
             "error": field.error, "width": field.image.width, "height": field.image.height,
+            "familiarity": field.familiarity, "unlike_training": field.unlike_training,
             "sha256": field.image_sha256,
             "cells": [cell_dict(c) for c in field.cells if not c.deleted]}
 

@@ -68,6 +68,64 @@ def training_augmentation(input_size: int) -> v2.Compose:
     ])
 
 
+# Ruifrok & Johnston's stain vectors (haematoxylin, eosin, DAB) as rows of optical density;
+# the same matrix as skimage.color.rgb2hed, applied here in torch on uint8 tensors.
+HED_FROM_RGB = torch.linalg.inv(torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11],
+                                              [0.27, 0.57, 0.78]]))
+RGB_FROM_HED = torch.linalg.inv(HED_FROM_RGB)
+
+
+class StainJitter(torch.nn.Module):
+    """Each stain's amount times 1 +- `scale` plus +- `shift` (in the HED space of Tellez
+    et al. 2018): another lab's staining time, batch and thickness of the smear."""
+
+    def __init__(self, scale: float = 0.25, shift: float = 0.03) -> None:
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        density = -torch.log((image.float() + 1) / 256).permute(1, 2, 0) @ HED_FROM_RGB
+        alpha = 1 + self.scale * (2 * torch.rand(3) - 1)
+        beta = self.shift * (2 * torch.rand(3) - 1)
+        rgb = torch.exp(-((density * alpha + beta) @ RGB_FROM_HED)) * 256 - 1
+        return rgb.permute(2, 0, 1).clamp(0, 255).round().to(torch.uint8)
+
+
+class CameraJitter(torch.nn.Module):
+    """What another microscope and camera change: white balance (each channel times
+    1 +- `gain`), gamma, and with probability `soften` a lower resolution or defocus."""
+
+    def __init__(self, gain: float = 0.12, gamma: float = 0.25, soften: float = 0.3) -> None:
+        super().__init__()
+        self.gain, self.gamma, self.soften = gain, gamma, soften
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.float() / 255
+        x = x * (1 + self.gain * (2 * torch.rand(3, 1, 1) - 1))
+        x = x.clamp(0, 1) ** float(torch.exp(self.gamma * (2 * torch.rand(()) - 1)))
+        if torch.rand(()) < self.soften:
+            size = x.shape[-1]
+            small = max(8, round(size / (1.5 + 1.5 * float(torch.rand(())))))
+            x = v2.functional.resize(v2.functional.resize(x, [small, small], antialias=True),
+                                     [size, size], antialias=True)
+        return (x * 255).clamp(0, 255).round().to(torch.uint8)
+
+
+AUGMENTATIONS = ("basic", "lab")
+
+
+def augmentation(name: str, input_size: int) -> v2.Compose:
+    """"basic": `training_augmentation` (the shipped models up to issue #14); "lab": that
+    plus what differs between labs: stain amounts (HED) and camera (white balance, gamma,
+    resolution)."""
+    if name == "basic":
+        return training_augmentation(input_size)
+    if name == "lab":
+        return v2.Compose([*training_augmentation(input_size).transforms, StainJitter(),
+                           CameraJitter()])
+    raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+
+
 class RandomRot90(torch.nn.Module):
     """Rotate by a random multiple of 90 degrees (exact, no interpolation)."""
 

@@ -37,10 +37,11 @@ from leukodiff.models.mobilenet import MobileNetClassifier
 from leukodiff.models.tflite import load_imagenet_backbone
 from leukodiff.taxonomy import CELL_TYPES_OF, CellType, Group, parse_cell_type
 from leukodiff.training.cells import (
+    AUGMENTATIONS,
     CellTensorDataset,
     CropGeometry,
+    augmentation,
     load_cell_tensors,
-    training_augmentation,
 )
 from leukodiff.training.common import (
     resume_checkpoint,
@@ -76,17 +77,21 @@ class ClassifierConfig:
     crop_scale: float = 2.6
     val_fraction: float = 0.1
     test_fraction: float = 0.2
-    max_per_class: int = 0  # > 0: cap each class per part (quick runs, tests)
+    max_per_class: int = 0  # > 0: cap each class of each source per part (quick runs, tests)
     balance: bool = True  # class-weighted loss
     # Draw training cells with weight 1 / (cells of their source) ** source_balance, so a
     # small source (BCCD's ~200 field crops beside PBC's thousands) is not drowned out.
     source_balance: float = 0.5
+    augmentation: str = "basic"  # training.cells.AUGMENTATIONS: "lab" adds stain and camera
 
     def class_names(self) -> tuple[str, ...]:
         if self.task not in TASKS:
             raise TrainingError(f"unknown task {self.task!r}; tasks: {', '.join(TASKS)}")
         if self.mode not in MODES:
             raise TrainingError(f"unknown mode {self.mode!r}; modes: {', '.join(MODES)}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise TrainingError(f"unknown augmentation {self.augmentation!r}; choose one of "
+                                f"{', '.join(AUGMENTATIONS)}")
         allowed = TASKS[self.task]
         if not self.classes:
             return tuple(str(t) for t in allowed)
@@ -146,12 +151,14 @@ def select_cells(sources: Sequence[str], classes: Sequence[str],
 
 
 def _cap(parts: dict[str, tuple[int, ...]], cells: list[Cell], cap: int, seed: int):
+    """At most `cap` cells of each class of each source per part (a small source stays
+    whole beside a large one)."""
     rng = random.Random(seed)
     capped = {}
     for name, indices in parts.items():
-        by_class: dict[str, list[int]] = {}
+        by_class: dict[tuple[str, str], list[int]] = {}
         for i in indices:
-            by_class.setdefault(str(cells[i].cell_type), []).append(i)
+            by_class.setdefault((cells[i].source, str(cells[i].cell_type)), []).append(i)
         keep = [i for group in by_class.values()
                 for i in (rng.sample(group, cap) if len(group) > cap else group)]
         capped[name] = tuple(sorted(keep))
@@ -274,7 +281,7 @@ def train_classifier(
         params = model.head.parameters()
     else:
         train_source = CellTensorDataset(train_x, train_y,
-                                         training_augmentation(config.input_size))
+                                         augmentation(config.augmentation, config.input_size))
         trained = model
         params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(config.seed)

@@ -1,19 +1,25 @@
-"""Training the level-1 detector (Faster R-CNN, MobileNetV1-0.5) on BCCD fields.
+"""Training the level-1 detector (Faster R-CNN, MobileNetV1-0.5) on smear fields.
 
-    config = DetectorConfig(epochs=40)
+    config = DetectorConfig(epochs=40, sources=("bccd", "bcd", "chula"))
     manifest = train_detector(config, Path("runs/detector"))
 
-Data: BCCD fields, each white-cell box labelled with its group (mononuclear /
-polymorphonuclear) from `labels.csv` via `Box.group`. The VOC `test` list is
-never read here except for the final report; model selection uses the VOC
-`val` list (or, with `validation="grouped"`, a grouped split of train+val).
+Data: the fields of `sources` (BCCD by default), each white-cell box labelled with
+its group (mononuclear / polymorphonuclear) where the source says it (`Box.group`;
+BCCD via `labels.csv`). BCCD's VOC `test` list is never read here except for the
+final report; model selection uses the VOC `val` list (or, with
+`validation="grouped"`, a grouped split of train+val). Other sources are split by
+`data.splits.holdout` (grouped by slide or field): their train parts train, their
+val parts join the selection, their test parts are only reported. Fields larger
+than the detector's native field (Chula's 1440x900) are trained on as windows of
+that size, mostly around a white cell, sometimes anywhere (red cells, debris and
+stain from that lab as background).
 
 Boxes whose group is unknown (a field whose labels name both groups, or fewer
-labels than boxes; 9 boxes in 5 of 205 VOC train fields) are not guessed: they
-are "ignore" boxes (`DetectorConfig.unknown_group="ignore"`): anchors and
-proposals on them count neither as a cell nor as background
-(`models.detector.IgnoringRPN`, `IgnoringRoIHeads`), while the field's other
-cells train as usual. `unknown_group="drop"` leaves such fields out instead.
+labels than boxes: 9 boxes in 5 of 205 VOC train fields; every BCD box) are not
+guessed: they are "ignore" boxes (`DetectorConfig.unknown_group="ignore"`): the
+class-agnostic RPN learns them as cells, the RoI heads neither as a group nor as
+background (`models.detector.IgnoringRPN`, `IgnoringRoIHeads`), while the field's
+other cells train as usual. `unknown_group="drop"` leaves such fields out instead.
 
 Balance (BCCD's train list has ~36 mononuclear vs ~170 polymorphonuclear
 boxes): fields holding a mononuclear cell are drawn `mono_oversample` times
@@ -28,10 +34,10 @@ size) and colour jitter.
 Group classifier (`DetectorSpec.group_classifier`, on by default): Faster
 R-CNN's RoI head learns the groups poorly from BCCD's ~36 mononuclear training
 cells (63-96% group accuracy on the VOC test list over five runs), so after the detector's
-epochs a MobileNetV1-0.5 crop classifier is fine-tuned on the BCCD training
+epochs a MobileNetV1-0.5 crop classifier is fine-tuned on the training fields'
 cells (drawn `group_bccd_repeat` times) plus `group_pbc_per_type` PBC cells of
 each type, cropped as the level-2 models crop them; `predict` relabels the
-detector's confident boxes with it. It is selected on the BCCD val cells.
+detector's confident boxes with it. It is selected on the val fields' cells.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from leukodiff.data.records import Cell, Field
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells, load_fields
 from leukodiff.data.sources.bccd import unboxed_white_cells
-from leukodiff.data.splits import monte_carlo
+from leukodiff.data.splits import holdout, monte_carlo
 from leukodiff.evaluation.detector import detection_metrics
 from leukodiff.imaging import load_image
 from leukodiff.models.detector import (
@@ -100,6 +106,8 @@ class DetectorConfig:
     warmup_steps: int = 50
     frozen_blocks: int = 3  # MobileNet conv blocks kept at their ImageNet weights
     seed: int = 0
+    # field sets to learn from: BCCD keeps its VOC lists, others are split by holdout()
+    sources: tuple[str, ...] = ("bccd",)
     validation: str = "voc"  # "voc": BCCD's VOC val list; "grouped": split of train+val
     val_fraction: float = 0.2  # only for validation="grouped"
     val_every: int = 2  # epochs between validations (the last epoch is always validated)
@@ -111,14 +119,17 @@ class DetectorConfig:
     color_jitter: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.04)
     channel_gain: float = 0.15  # each RGB channel times 1 +- this: stain and lamp balance
     blur: float = 0.3  # probability of a Gaussian blur (sigma 0.3-1.5): focus and optics
+    # probability that a window cut from a field larger than the detector's native one
+    # holds a white cell (the rest are anywhere: that lab's background as negatives)
+    window_on_cell: float = 0.75
     max_train_fields: int = 0  # > 0: only this many training fields (tests, quick runs)
     max_val_fields: int = 0
-    # group classifier (when spec.group_classifier): BCCD training cells + PBC cells
+    # group classifier (when spec.group_classifier): training fields' cells + PBC cells
     group_epochs: int = 8
     group_lr: float = 5e-4
     group_batch_size: int = 64
     group_pbc_per_type: int = 800  # PBC cells per type (0: no PBC)
-    group_bccd_repeat: int = 5  # BCCD training cells are drawn this many times per epoch
+    group_bccd_repeat: int = 5  # training fields' cells are drawn this many times per epoch
     # start from a trained detector.pt (fine-tuning); with group_epochs=0 its group
     # classifier is kept as it is
     init_weights: str = ""
@@ -130,13 +141,15 @@ class DetectorConfig:
             raise DetectorTrainingError("unknown_group must be 'ignore' or 'drop'")
         if self.epochs < 1 or self.batch_size < 1:
             raise DetectorTrainingError("epochs and batch_size must be at least 1")
+        if not self.sources:
+            raise DetectorTrainingError("sources must name at least one field data set")
 
     @classmethod
     def from_dict(cls, data: dict) -> DetectorConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if isinstance(known.get("spec"), dict):
             known["spec"] = DetectorSpec.from_dict(known["spec"])
-        for key in ("scale_range", "color_jitter"):
+        for key in ("scale_range", "color_jitter", "sources"):
             if key in known:
                 known[key] = tuple(known[key])
         return cls(**known)
@@ -169,7 +182,7 @@ def has_mononuclear(record: Field) -> bool:
 
 @dataclass
 class DetectorData:
-    """BCCD fields of one run, by part."""
+    """The fields of one run, by part."""
 
     train: list[Field]
     val: list[Field]
@@ -188,14 +201,12 @@ class DetectorData:
                 "dropped (unknown group)": count(self.dropped)}
 
 
-def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
-                   track: Track = no_progress) -> DetectorData:
-    """BCCD split for the detector: VOC train (+val) to train, val to select, test to report.
-
-    White cells that BCCD leaves unboxed in train and val fields are added as boxes
-    (`unboxed_white_cells`): left out, they would teach the detector that a white
-    cell is background. Test fields stay as annotated.
-    """
+def _bccd_parts(config: DetectorConfig, data_root, track: Track
+                ) -> dict[str, list[Field]]:
+    """BCCD by its VOC lists (or a grouped split of train+val). White cells that BCCD
+    leaves unboxed in train and val fields are added as boxes (`unboxed_white_cells`):
+    left out, they would teach the detector that a white cell is background. Test
+    fields stay as annotated."""
     records = sorted(load_fields("bccd", data_root, track).records, key=lambda r: r.image.name)
     unboxed = unboxed_white_cells()
     by_subset: dict[str, list[Field]] = {"train": [], "val": [], "test": []}
@@ -204,13 +215,33 @@ def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
             record = replace(record, boxes=record.boxes + unboxed[record.image.stem])
         if record.subset in by_subset:
             by_subset[record.subset].append(record)
-    if config.validation == "voc":
-        train, val = by_subset["train"], by_subset["val"]
-    else:
+    if config.validation == "grouped":
         pool = by_subset["train"] + by_subset["val"]
         split = monte_carlo(pool, repeats=1, train_fraction=1 - config.val_fraction,
                             seed=config.seed, grouped=True)[0]
-        train, val = [pool[i] for i in split.train], [pool[i] for i in split.test]
+        by_subset["train"] = [pool[i] for i in split.train]
+        by_subset["val"] = [pool[i] for i in split.test]
+    return by_subset
+
+
+def _holdout_parts(source: str, config: DetectorConfig, data_root, track: Track
+                   ) -> dict[str, list[Field]]:
+    """Any other field set: grouped (by slide or field) train / val / test parts."""
+    records = sorted(load_fields(source, data_root, track).records, key=lambda r: r.image.name)
+    parts = holdout(records, seed=config.seed)
+    return {name: [records[i] for i in indices] for name, indices in parts.items()}
+
+
+def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
+                   track: Track = no_progress) -> DetectorData:
+    """The training, selection and test fields of every source in `config.sources`."""
+    by_part: dict[str, list[Field]] = {"train": [], "val": [], "test": []}
+    for source in config.sources:
+        parts = (_bccd_parts(config, data_root, track) if source == "bccd"
+                 else _holdout_parts(source, config, data_root, track))
+        for name, records in parts.items():
+            by_part[name].extend(records)
+    train, val = by_part["train"], by_part["val"]
     dropped = [r for r in train if has_unknown_group(r)] if config.unknown_group == "drop" \
         else []
     train = [r for r in train if r not in dropped]
@@ -224,8 +255,9 @@ def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
     if config.max_val_fields:
         val = val[: config.max_val_fields]
     if not train or not val:
-        raise DetectorTrainingError("no BCCD training or validation fields found")
-    return DetectorData(train, val, by_subset["test"], dropped)
+        raise DetectorTrainingError(f"no training or validation fields found in "
+                                    f"{', '.join(config.sources)}")
+    return DetectorData(train, val, by_part["test"], dropped)
 
 
 class FieldImages:
@@ -257,8 +289,15 @@ def _ellipse_mask(height: int, width: int, feather: float = 0.12) -> torch.Tenso
     return ((1.0 - radius) / feather).clamp(0, 1)
 
 
+# A white cell cut by a training window keeps its (clipped) box when at least this share
+# of it is inside; less, and it becomes an ignore box (a cell to the RPN, nothing to the
+# RoI heads); under WINDOW_DROPPED, its sliver is left as background.
+WINDOW_VISIBLE, WINDOW_DROPPED = 0.6, 0.25
+
+
 class Augmenter:
-    """Copy-paste of mononuclear cells, then flips, rotation, scale and colour jitter."""
+    """Windows of large fields, copy-paste of mononuclear cells, then flips, rotation,
+    scale and colour jitter."""
 
     def __init__(self, config: DetectorConfig, images: FieldImages) -> None:
         self.config = config
@@ -272,6 +311,40 @@ class Augmenter:
                 if box.group == Group.MONONUCLEAR and whole and min(box.width, box.height) > 60:
                     self.donors.append((index, tuple(round(c) for c in box.xyxy)))
         self.color = v2.ColorJitter(*config.color_jitter)
+        self.window = (config.spec.max_size, config.spec.min_size)  # native field (w, h)
+
+    def cut_window(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A native-size window of a larger field: around a random white cell with
+        probability `window_on_cell`, else anywhere. Cut cells: see WINDOW_VISIBLE."""
+        _, height, width = image.shape
+        long_side, short_side = self.window
+        win_w, win_h = (long_side, short_side) if width >= height else (short_side, long_side)
+        win_w, win_h = min(win_w, width), min(win_h, height)
+        if (win_w, win_h) == (width, height):
+            return image, boxes, labels
+        x0, y0 = int(torch.randint(width - win_w + 1, ())), int(torch.randint(height - win_h + 1,
+                                                                             ()))
+        if len(boxes) and torch.rand(()) < self.config.window_on_cell:
+            bx0, by0, bx1, by1 = boxes[int(torch.randint(len(boxes), ()))].tolist()
+            # any window position that holds the whole cell (or as much as fits)
+            low_x, high_x = max(0.0, bx1 - win_w), min(bx0, width - win_w)
+            low_y, high_y = max(0.0, by1 - win_h), min(by0, height - win_h)
+            x0 = round(_rand(low_x, high_x)) if high_x > low_x else round(min(max(
+                (bx0 + bx1 - win_w) / 2, 0), width - win_w))
+            y0 = round(_rand(low_y, high_y)) if high_y > low_y else round(min(max(
+                (by0 + by1 - win_h) / 2, 0), height - win_h))
+        image = image[:, y0:y0 + win_h, x0:x0 + win_w]
+        if not len(boxes):
+            return image, boxes, labels
+        shifted = boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+        clipped = torch.stack([shifted[:, 0].clamp(0, win_w), shifted[:, 1].clamp(0, win_h),
+                               shifted[:, 2].clamp(0, win_w), shifted[:, 3].clamp(0, win_h)], 1)
+        area = (shifted[:, 2:] - shifted[:, :2]).clamp(min=1e-6).prod(1)
+        visible = (clipped[:, 2:] - clipped[:, :2]).clamp(min=0).prod(1) / area
+        labels = torch.where(visible >= WINDOW_VISIBLE, labels, torch.full_like(labels, -1))
+        keep = visible >= WINDOW_DROPPED
+        return image, clipped[keep], labels[keep]
 
     def paste(self, index: int, image: torch.Tensor, boxes: torch.Tensor,
               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,6 +388,7 @@ class Augmenter:
         unknown = unknown_group_boxes(self.images.records[index])  # label -1 until the end
         boxes = torch.cat([boxes, unknown])
         labels = torch.cat([labels, torch.full((len(unknown),), -1, dtype=torch.int64)])
+        image, boxes, labels = self.cut_window(image, boxes, labels)
         if self.config.copy_paste and torch.rand(()) < self.config.copy_paste:
             image, boxes, labels = self.paste(index, image, boxes, labels)
         height, width = image.shape[-2:]
@@ -523,8 +597,11 @@ def train_detector(
         group_info = train_group_classifier(model, config, data, out_dir, device=run_device,
                                             data_root=data_root, track=track, log=log)
     model = model.cpu()
-    metrics = {"val": validate(model, data.val, val_images),
-               "test (BCCD VOC test list)": validate(model, data.test)}
+    metrics = {"val": validate(model, data.val, val_images)}
+    for source in config.sources:
+        tested = [r for r in data.test if r.source == source]
+        if tested:
+            metrics[test_key(source)] = validate(model, tested)
     if config.spec.group_classifier:
         metrics["test, Faster R-CNN labels (no group classifier)"] = validate(
             model, data.test, refine=False)
@@ -543,17 +620,27 @@ def train_detector(
                      "train_minutes": state["seconds"] / 60, "device": str(run_device),
                      "imagenet_backbone": "mobilenet_v1_0.5_160_quant.tflite",
                      "group_classifier": group_info},
-        "data": "BCCD (Shenggan/BCCD_Dataset) fields with labels.csv groups",
+        "data": {"sources": list(config.sources), "origin": {
+            "bccd": "Shenggan/BCCD_Dataset fields with labels.csv groups",
+            "bcd": "draaslan/blood-cell-detection-dataset (white cells of unknown group)",
+            "chula": "singgihbekti/WBC_Dataset @ 45759ab1e6258b9746377a0935077e2eef0da41b",
+        }},
         "split": ("BCCD VOC lists: train to train, val to select the epoch, test only reported"
                   if config.validation == "voc" else
-                  f"grouped split of VOC train+val (val_fraction {config.val_fraction}, seed "
-                  f"{config.seed}); VOC test only reported"),
+                  f"BCCD: grouped split of VOC train+val (val_fraction {config.val_fraction}, "
+                  f"seed {config.seed}); VOC test only reported")
+        + "; other sources: data.splits.holdout(seed) by slide or field",
         "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
         else "",
         "metrics": {name: _short(m) for name, m in metrics.items()},
         "torch": torch.__version__,
     }
     return save_model(model, manifest, out_dir / "detector.pt")
+
+
+def test_key(source: str) -> str:
+    """The manifest's name for the test figures of one source."""
+    return "test (BCCD VOC test list)" if source == "bccd" else f"test ({source} held-out part)"
 
 
 def _short(metrics: dict) -> dict:
@@ -624,8 +711,8 @@ def _group_eval(classifier, images: torch.Tensor, targets: torch.Tensor, device)
 def train_group_classifier(model, config: DetectorConfig, data: DetectorData, out_dir: Path, *,
                            device: torch.device, data_root=None, track: Track = no_progress,
                            log: Callable[[str], None] = lambda m: None) -> dict:
-    """Fine-tune `model.group_classifier` on BCCD training cells (+ PBC cells); keep the
-    epoch with the best balanced accuracy on the BCCD validation cells.
+    """Fine-tune `model.group_classifier` on the training fields' cells (+ PBC cells); keep
+    the epoch with the best balanced accuracy on the validation fields' cells.
 
     Runs after the detector's epochs; its result is `group.pt` in `out_dir`, reused when
     a resumed run finds it (the phase takes minutes, so it restarts rather than resumes).
@@ -684,7 +771,7 @@ def train_group_classifier(model, config: DetectorConfig, data: DetectorData, ou
                   "seconds": time.perf_counter() - start}
         info["history"].append(record)
         score = (val["balanced_accuracy"], -val["loss"])
-        log(f"group classifier epoch {epoch}: loss {record['loss']:.4f}  BCCD val accuracy "
+        log(f"group classifier epoch {epoch}: loss {record['loss']:.4f}  val accuracy "
             f"{val['accuracy']:.3f}  mono recall {val['mononuclear_recall']:.3f}  poly recall "
             f"{val['polymorphonuclear_recall']:.3f}  {record['seconds']:.1f}s"
             + ("  (best)" if score > best else ""))

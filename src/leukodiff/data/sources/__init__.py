@@ -11,7 +11,8 @@ from leukodiff.data.root import dataset_dir
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources.bccd import read_bccd
 from leukodiff.data.sources.bcd import read_bcd
-from leukodiff.data.sources.generic import read_class_folders, read_coco, read_voc
+from leukodiff.data.sources.chula import read_chula
+from leukodiff.data.sources.generic import read_class_folders, read_coco, read_voc, read_yolo
 from leukodiff.data.sources.kbc import read_kbc
 from leukodiff.data.sources.pbc import read_pbc
 
@@ -19,17 +20,18 @@ from leukodiff.data.sources.pbc import read_pbc
 FIELD_SOURCES: dict[str, tuple[Callable[..., Loaded[Field]], str]] = {
     "bccd": (read_bccd, "BCCD/Annotations"),
     "bcd": (read_bcd, "annotations.csv"),
+    "chula": (read_chula, "WBC_Samples"),  # fetched, not in ../shared (data.root.FETCHED_SETS)
 }
 CELL_SOURCES: dict[str, tuple[Callable[..., Loaded[Cell]], str]] = {
     "kbc": (read_kbc, "images"),
     "pbc": (read_pbc, ""),
 }
-SOURCES = ("bccd", "kbc", "pbc", "bcd")
+SOURCES = ("bccd", "kbc", "pbc", "bcd", "chula")
 
 
 def load_fields(name: str, root: str | Path | None = None, track: Track = no_progress
                 ) -> Loaded[Field]:
-    """The fields of a shared field data set ("bccd" or "bcd")."""
+    """The fields of a field data set ("bccd", "bcd" or "chula")."""
     if name not in FIELD_SOURCES:
         raise ValueError(f"{name!r} has no smear fields; field sets: {', '.join(FIELD_SOURCES)}")
     reader, marker = FIELD_SOURCES[name]
@@ -54,9 +56,11 @@ __all__ = [
     "load_fields",
     "read_bccd",
     "read_bcd",
+    "read_chula",
     "read_class_folders",
     "read_coco",
     "read_kbc",
     "read_pbc",
     "read_voc",
+    "read_yolo",
 ]

@@ -2,14 +2,15 @@
 
 - a class-per-folder tree of single-cell crops (`root/<cell type>/*.jpg`),
 - a Pascal VOC folder, as LabelImg writes it (the paper's specialist used it),
-- a COCO detection JSON.
+- a COCO detection JSON,
+- a YOLO folder (`images/` + `labels/`, one `class cx cy w h` line per box).
 """
 
 from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from leukodiff.data.records import Box, Cell, Field, Loaded, Skipped
@@ -210,4 +211,79 @@ def read_coco(
             Field(path, source, info.width, info.height, tuple(boxes),
                   f"{source}:{Path(images[image_id]['file_name']).as_posix()}", info.sha256)
         )
+    return loaded
+
+
+def _yolo_objects(label_file: Path, class_names: Sequence[str], size: tuple[int, int],
+                  skipped: list[Skipped]) -> list[tuple[int, str, list[float]]]:
+    """(index, class name, pixel xyxy) of each well-formed line of a YOLO label file."""
+    width, height = size
+    objects = []
+    for number, line in enumerate(label_file.read_text().splitlines(), start=1):
+        values = line.split()
+        if not values:
+            continue
+        if len(values) != 5:
+            skipped.append(Skipped(label_file, f"line {number}: {len(values)} values, not 5 "
+                                               "(class cx cy w h)"))
+            continue
+        try:
+            index, (cx, cy, w, h) = int(values[0]), (float(v) for v in values[1:])
+        except ValueError as error:
+            skipped.append(Skipped(label_file, f"line {number}: malformed ({error})"))
+            continue
+        if not 0 <= index < len(class_names):
+            skipped.append(Skipped(label_file, f"line {number}: class {index} is not one of "
+                                               f"the {len(class_names)} class names"))
+            continue
+        name = class_names[index]
+        objects.append((number, name, [(cx - w / 2) * width, (cy - h / 2) * height,
+                                       (cx + w / 2) * width, (cy + h / 2) * height]))
+    return objects
+
+
+def read_yolo(
+    folder: Path,
+    class_names: Sequence[str],
+    *,
+    source: str = "yolo",
+    group_key: Callable[[Path], str] | None = None,
+    track: Track = no_progress,
+) -> Loaded[Field]:
+    """YOLO fields: `folder/images/*.jpg` with `folder/labels/<same stem>.txt`.
+
+    Each label line is `class cx cy w h`, normalised to the image's size; `class_names[i]`
+    names class `i` (through the taxonomy). An image without a label file is skipped
+    with that reason rather than taken as a field with no cells (an empty label file
+    is such a field); a label file without an image is reported too. `group_key(path)`
+    names the slide or field an image comes from (default: the image itself).
+    """
+    folder = Path(folder)
+    images_dir, labels_dir = folder / "images", folder / "labels"
+    if not images_dir.is_dir() or not labels_dir.is_dir():
+        raise FileNotFoundError(f"{folder}: not a YOLO folder (needs images/ and labels/)")
+    loaded: Loaded[Field] = Loaded()
+    images, skipped = list_files(images_dir)
+    loaded.skipped.extend(skipped)
+    stems = {p.stem for p in images}
+    for label_file in sorted(labels_dir.glob("*.txt")):
+        if label_file.stem not in stems:
+            loaded.skipped.append(Skipped(label_file, "label file without an image of its name"))
+    labelled = [p for p in images if (labels_dir / f"{p.stem}.txt").is_file()]
+    loaded.skipped.extend(Skipped(p, "no label file with its name in labels/ (not taken as "
+                                     "a field without cells)")
+                          for p in images if p not in labelled)
+    infos, skipped = probe_all(labelled, track, f"Checking {source} images")
+    loaded.skipped.extend(skipped)
+    key = group_key or (lambda p: f"{source}:{p.stem}")
+    for path in labelled:
+        if path not in infos:
+            continue
+        info = infos[path]
+        label_file = labels_dir / f"{path.stem}.txt"
+        objects = _yolo_objects(label_file, class_names, (info.width, info.height),
+                                loaded.skipped)
+        boxes = _boxes(objects, (info.width, info.height), label_file, loaded.skipped)
+        loaded.records.append(Field(path, source, info.width, info.height, tuple(boxes),
+                                    key(path), info.sha256))
     return loaded

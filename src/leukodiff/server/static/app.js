@@ -100,6 +100,10 @@
     tally.classList.toggle("reached", d.counted >= d.target);
     $("tally-bar").max = d.target;
     $("tally-bar").value = Math.min(d.counted, d.target);
+    // The models' own confidences mean nothing on images unlike their training labs.
+    $("unlike-training").hidden = !d.warning;
+    $("unlike-training").textContent = d.warning
+      ? `Images unlike the training labs: review every cell. ${d.warning}.` : "";
   }
 
   function renderGallery() {
@@ -133,7 +137,8 @@
           field.status === "failed" ? `Failed: ${field.error}` : `${field.status}...`));
       }
       return el("figure", { class: "field" }, stage,
-        el("figcaption", {}, `${field.name} · ${field.cells.length} cell(s)`));
+        el("figcaption", {}, `${field.name} · ${field.cells.length} cell(s)` +
+          (field.unlike_training ? " · unlike the training labs" : "")));
     });
     $("fields").replaceChildren(...figures);
   }

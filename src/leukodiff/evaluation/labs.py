@@ -1,0 +1,370 @@
+"""`leukodiff evaluate labs`: leave-one-lab-out, the figure for a lab leukodiff never saw.
+
+Every lab has its own stain, microscope and camera, so the figure that predicts how
+leukodiff does in a new lab is the one on a lab it never trained on. For each lab in
+turn, the models are trained with the shipped recipe on the *other* labs only
+(selected on their validation parts), exported to ONNX, and measured on every
+labelled image of the held-out lab through the shipped pipeline on onnxruntime:
+
+- level 1 (held-out BCCD, BCD, Chula): precision and recall at IoU 0.5 and the
+  operating threshold, COCO AP50, and the share of fields whose white-cell count
+  is exact (BCCD's reviewed unboxed cells are ignore regions and count as cells);
+- level 2 (held-out BCCD, PBC, Chula): each true box (PBC: each image) cropped as
+  the pipeline crops it and given to its true group's model: 5-type accuracy,
+  macro-F1, per-type recall, confusion;
+- end to end (held-out BCCD, Chula): the share of the true typed cells found and
+  typed right.
+
+Labs: BCCD (Shenggan/BCCD_Dataset), PBC (Acevedo et al. 2020), BCD (Aslan 2020; boxes
+only) from ../shared, and Chula (singgihbekti/WBC_Dataset @ 45759ab, fetched into a
+data root; `data.root.FETCHED_SETS`). A lab whose data is absent is left out and
+said so; a fold needs at least one other lab of each kind to train on.
+
+Each fold's models live in `OUT/without-LAB/` and are reused when a run is repeated
+(an interrupted training resumes), so the command can be stopped and run again.
+CPU time forces a shorter schedule than the shipped models' (`LabsConfig`); the
+schedule is written with the results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leukodiff.data.crops import cell_input
+from leukodiff.data.records import Cell, Field
+from leukodiff.data.root import has_dataset
+from leukodiff.data.scan import Track, no_progress
+from leukodiff.data.sources import load_cells, load_fields
+from leukodiff.data.sources.bccd import unboxed_white_cells
+from leukodiff.evaluation.detector import detection_metrics
+from leukodiff.evaluation.metrics import classification_metrics
+from leukodiff.evaluation.pipeline import match_truth
+from leukodiff.imaging import load_image
+from leukodiff.models.export import export_classifier, export_detector
+from leukodiff.models.files import shipped
+from leukodiff.pipeline.analyzer import Analyzer, softmax
+from leukodiff.pipeline.familiarity import familiarity_path
+from leukodiff.taxonomy import GROUP_OF, CellType, Group
+from leukodiff.training.classifier import ClassifierConfig, train_classifier
+from leukodiff.training.detector import DetectorConfig, train_detector
+from leukodiff.training.familiarity import FeatureCache, write_familiarity
+
+TYPED_LABS = ("bccd", "pbc", "chula")  # labs whose white cells are typed: level 2
+DETECTION_LABS = ("bccd", "bcd", "chula")  # labs with boxed smear fields: level 1
+LABS = ("bccd", "pbc", "chula", "bcd")
+MARKER = {"bccd": "BCCD/Annotations", "pbc": "", "chula": "WBC_Samples",
+          "bcd": "annotations.csv"}
+TYPES = tuple(str(t) for t in CellType)
+FEATURES = FeatureCache()  # how each field looks, shared by the folds' familiarity fits
+
+
+@dataclass(frozen=True)
+class LabsConfig:
+    """The schedule of each fold: the shipped recipe, shortened for 2 CPU cores."""
+
+    labs: tuple[str, ...] = LABS  # held-out labs to run
+    seed: int = 0
+    classifier_epochs: int = 20  # as shipped
+    max_per_class: int = 400  # cells per class, source and part (shipped: all)
+    augmentation: str = "basic"  # level 2 (training.cells.AUGMENTATIONS)
+    detector_epochs: int = 10  # shipped: 40
+    mono_oversample: int = 2  # shipped: 5 (BCCD alone is 1 mononuclear in 6; Chula 2 in 5)
+    group_epochs: int = 6  # shipped: 8
+    group_pbc_per_type: int = 400  # shipped: 800
+    threads: int | None = None
+    # quick runs and tests only: training fields per detector, measured images per lab
+    max_train_fields: int = 0
+    max_measured: int = 0
+
+    @classmethod
+    def quick(cls, labs: tuple[str, ...] = LABS) -> LabsConfig:
+        """Every step on a few images (a few minutes): the numbers mean nothing."""
+        return cls(labs=labs, classifier_epochs=1, max_per_class=8, detector_epochs=1,
+                   group_epochs=1, group_pbc_per_type=8, max_train_fields=8, max_measured=12)
+
+
+@dataclass
+class FoldModels:
+    """Model files of one fold (None: not trained in this fold; the shipped one stands in
+    for a role the held-out lab does not measure)."""
+
+    detector: Path | None = None
+    mononuclear: Path | None = None
+    polymorphonuclear: Path | None = None
+    minutes: dict[str, float] = field(default_factory=dict)
+
+    def analyzer(self, threads: int | None, detection_threshold: float | None = None
+                 ) -> Analyzer:
+        return Analyzer.load(self.detector or "detector", self.mononuclear or "mononuclear",
+                             self.polymorphonuclear or "polymorphonuclear", backend="onnx",
+                             threads=threads, detection_threshold=detection_threshold)
+
+
+def available_labs(data_root: str | Path | None) -> dict[str, bool]:
+    return {lab: has_dataset(lab, data_root, MARKER[lab]) for lab in LABS}
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+class FoldMismatchError(ValueError):
+    """A fold folder holding models trained with another recipe than the one asked for."""
+
+
+def _check_reuse(model: Path, recipe: dict) -> None:
+    """A finished fold model is reused only if it was trained with `recipe`."""
+    trained = json.loads(model.with_suffix(".json").read_text())["training"]
+    wanted = json.loads(json.dumps(recipe))  # tuples as lists, as in the manifest
+    differ = sorted(k for k, v in wanted.items() if trained.get(k) != v)
+    if differ:
+        raise FoldMismatchError(f"{model} was trained with other settings ({', '.join(differ)})"
+                                "; choose another --out or remove that fold's folder")
+
+
+def _train_level2(lab: str, task: str, sources: Sequence[str], config: LabsConfig,
+                  fold_dir: Path, data_root, weights_dir, track: Track,
+                  log: Callable[[str], None]) -> tuple[Path, float]:
+    out = fold_dir / task
+    model = out / "model.pt"
+    started = time.perf_counter()
+    recipe = ClassifierConfig(task=task, sources=tuple(sources),
+                              epochs=config.classifier_epochs,
+                              max_per_class=config.max_per_class, seed=config.seed,
+                              augmentation=config.augmentation)
+    if model.exists():
+        _check_reuse(model, asdict(recipe))
+    else:
+        log(f"without {lab}: level 2 {task} on {', '.join(sources)}")
+        train_classifier(
+            recipe, out, data_root=data_root, weights_dir=weights_dir,
+            resume=(out / "last.pt").exists(), track=track, log=log)
+    if not model.with_suffix(".onnx").exists():
+        export_classifier(model)
+    return model, (time.perf_counter() - started) / 60
+
+
+def _train_detector(lab: str, sources: Sequence[str], config: LabsConfig, fold_dir: Path,
+                    data_root, weights_dir, track: Track, log: Callable[[str], None]
+                    ) -> tuple[Path, float]:
+    out = fold_dir / "detector"
+    model = out / "detector.pt"
+    started = time.perf_counter()
+    recipe = DetectorConfig(sources=tuple(sources), epochs=config.detector_epochs,
+                            mono_oversample=config.mono_oversample,
+                            group_epochs=config.group_epochs, seed=config.seed,
+                            max_train_fields=config.max_train_fields,
+                            max_val_fields=config.max_measured,
+                            group_pbc_per_type=config.group_pbc_per_type)
+    if model.exists():
+        _check_reuse(model, {k: v for k, v in asdict(recipe).items() if k != "spec"})
+    else:
+        log(f"without {lab}: detector on {', '.join(sources)}")
+        train_detector(
+            recipe, out, data_root=data_root, weights_dir=weights_dir,
+            resume=(out / "last.pt").exists(), track=track, log=log)
+    if not model.with_suffix(".onnx").exists():
+        export_detector(model)
+    if not familiarity_path(model).exists():
+        write_familiarity(model, sources, data_root, seed=config.seed, features=FEATURES,
+                          track=track)
+    return model, (time.perf_counter() - started) / 60
+
+
+def train_fold(lab: str, present: dict[str, bool], config: LabsConfig, out_dir: Path, *,
+               data_root=None, weights_dir=None, track: Track = no_progress,
+               log: Callable[[str], None] = lambda m: None) -> FoldModels:
+    """Every model the held-out `lab` is measured with, trained on the other labs."""
+    fold_dir = out_dir / f"without-{lab}"
+    models = FoldModels()
+    typed = [x for x in TYPED_LABS if x != lab and present[x]]
+    if lab in TYPED_LABS and typed:
+        for task in ("mononuclear", "polymorphonuclear"):
+            path, minutes = _train_level2(lab, task, typed, config, fold_dir, data_root,
+                                          weights_dir, track, log)
+            setattr(models, task, path)
+            models.minutes[task] = minutes
+    boxed = [x for x in DETECTION_LABS if x != lab and present[x]]
+    if lab in DETECTION_LABS and boxed:
+        models.detector, models.minutes["detector"] = _train_detector(
+            lab, boxed, config, fold_dir, data_root, weights_dir, track, log)
+    return models
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def _as_torch(found) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(found.boxes), torch.from_numpy(found.labels),
+            torch.from_numpy(found.scores))
+
+
+def measure_fields(analyzer: Analyzer, fields: Sequence[Field], lab: str,
+                   track: Track = no_progress) -> dict:
+    """Level 1 and end to end on a lab's fields, one detection pass per field.
+
+    `analyzer` must detect down to a low threshold (for AP); cells at or above the
+    detector's operating threshold are then typed, as `analyze` would."""
+    operating = float(analyzer.spec["score_threshold"])
+    ignore = unboxed_white_cells() if lab == "bccd" else {}
+    detections, counts, said, unlike = [], [], Counter(), []
+    per_type: dict[str, Counter] = {t: Counter() for t in TYPES}
+    for record in track(fields, f"Analysing {lab} fields"):
+        image = analyzer.check(load_image(record.image))
+        found = analyzer.detect(image)
+        detections.append(_as_torch(found))
+        if analyzer.familiarity is not None:
+            unlike.append(analyzer.familiarity.score(image) > analyzer.familiarity.threshold)
+        cells = analyzer.classify(image, found.above(operating))
+        truth = len(record.wbc_boxes) + len(ignore.get(record.image.stem, ()))
+        counts.append(len(cells) - truth)
+        for name, label in match_truth(cells, record):
+            said[(name, label)] += 1
+            per_type[name].update(cells=1, found=int(label != "missed"),
+                                  right=int(label == name))
+    level1 = detection_metrics(detections, fields, score_threshold=operating, ignore=ignore)
+    cells = sum(c["cells"] for c in per_type.values())
+    right = sum(c["right"] for c in per_type.values())
+    return {
+        "fields": len(fields),
+        # the honest warning: share of this lab's fields that look unlike the training labs
+        "unlike_training": sum(unlike) / len(unlike) if unlike else None,
+        "detector": {
+            "precision": level1["wbc"]["precision"], "recall": level1["wbc"]["recall"],
+            "ap50": level1["wbc"]["ap50"], "truth": level1["wbc"]["truth"],
+            "found": level1["wbc"]["found"], "false": level1["wbc"]["false"],
+            "group_accuracy": level1["matched"]["group_accuracy"],
+            "exact_count": sum(e == 0 for e in counts) / max(1, len(counts)),
+            "count_mae": float(np.mean(np.abs(counts))) if counts else 0.0,
+            "extra_cells_per_field": float(np.mean(counts)) if counts else 0.0,
+        },
+        "end_to_end": {
+            "cells": cells, "right": right, "share": right / cells if cells else None,
+            "per_type": {t: dict(c) for t, c in per_type.items() if c["cells"]},
+            "said": {f"{t} -> {s}": n for (t, s), n in sorted(said.items())},
+        },
+    }
+
+
+def measure_types(analyzer: Analyzer, cells: Sequence[Cell], lab: str,
+                  track: Track = no_progress, batch: int = 64) -> dict:
+    """Level 2 on true boxes: each cell cropped as the pipeline crops it, given to its true
+    group's model (argmax: the model's best type, confident or not)."""
+    truth, predicted, unsure = [], [], 0
+    for group in Group:
+        clf = analyzer.classifiers[group]
+        mine = [c for c in cells if GROUP_OF[c.cell_type] is group]
+        for start in track(range(0, len(mine), batch), f"Typing {lab} {group} cells"):
+            chunk = mine[start:start + batch]
+            crops = np.stack([np.asarray(cell_input(c, clf.crop_scale, clf.input_size))
+                              for c in chunk]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+            probs = softmax(clf.backend.classify(clf.role, crops))
+            truth += [TYPES.index(str(c.cell_type)) for c in chunk]
+            predicted += [TYPES.index(clf.classes[i]) for i in probs.argmax(1)]
+            unsure += int((probs.max(1) < clf.threshold).sum())
+    metrics = classification_metrics(truth, predicted, TYPES)
+    present = [t for t in TYPES if metrics["per_class"][t]["support"]]
+    return {"n": metrics["n"], "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "recall": {t: metrics["per_class"][t]["recall"] for t in present},
+            "min_recall": min(metrics["per_class"][t]["recall"] for t in present),
+            "confusion": metrics["confusion"], "classes": list(TYPES),
+            "unidentified_share": unsure / max(1, metrics["n"])}
+
+
+def measure_lab(models: FoldModels, lab: str, config: LabsConfig, *, data_root=None,
+                track: Track = no_progress) -> dict:
+    result: dict = {}
+    limit = config.max_measured or None
+    if lab in DETECTION_LABS:
+        fields = sorted(load_fields(lab, data_root, track).records,
+                        key=lambda r: r.image.name)[:limit]
+        with models.analyzer(config.threads, detection_threshold=0.05) as analyzer:
+            result.update(measure_fields(analyzer, fields, lab, track))
+    if lab in TYPED_LABS:
+        with models.analyzer(config.threads) as analyzer:
+            cells = load_cells(lab, data_root, track).records
+            if limit:  # a spread of types, not the first folder's cells
+                cells = cells[::max(1, len(cells) // limit)][:limit]
+            result["level2"] = measure_types(analyzer, cells, lab, track)
+    return result
+
+
+def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root=None,
+                  weights_dir=None, track: Track = no_progress,
+                  log: Callable[[str], None] = lambda m: None) -> dict:
+    """Run every fold (training what is missing), measure, write `OUT/labs.json`.
+
+    Beside each fold, the shipped models are measured on the labs they never saw (the
+    "before" of a lab that installs leukodiff today)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    present = available_labs(data_root)
+    missing = [lab for lab, ok in present.items() if not ok]
+    if missing:
+        log(f"left out (data absent): {', '.join(missing)}")
+    started = time.perf_counter()
+    results: dict = {"config": asdict(config), "labs_present": present, "folds": {},
+                     "shipped": {}}
+    shipped_sources = _shipped_sources()
+    for lab in config.labs:
+        if not present.get(lab):
+            results["folds"][lab] = {"skipped": "data absent"}
+            continue
+        models = train_fold(lab, present, config, out_dir, data_root=data_root,
+                            weights_dir=weights_dir, track=track, log=log)
+        fold = measure_lab(models, lab, config, data_root=data_root, track=track)
+        fold["trained_on"] = {
+            "level2": [x for x in TYPED_LABS if x != lab and present[x]]
+            if lab in TYPED_LABS else None,
+            "detector": [x for x in DETECTION_LABS if x != lab and present[x]]
+            if lab in DETECTION_LABS else None}
+        fold["minutes"] = models.minutes
+        results["folds"][lab] = fold
+        log(f"without {lab}: {summary_line(fold)}")
+        if lab not in shipped_sources:  # the shipped models never saw this lab either
+            results["shipped"][lab] = measure_lab(FoldModels(), lab, config,
+                                                  data_root=data_root, track=track)
+            log(f"shipped models on {lab}: {summary_line(results['shipped'][lab])}")
+        (out_dir / "labs.json").write_text(json.dumps(results, indent=1) + "\n")
+    results["minutes"] = (time.perf_counter() - started) / 60
+    (out_dir / "labs.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _shipped_sources() -> set[str]:
+    """Every lab the shipped models learnt from (from their manifests)."""
+    sources: set[str] = set()
+    for name in ("mononuclear", "polymorphonuclear"):
+        manifest = json.loads(shipped(name, ".json").read_text())
+        sources |= set(manifest["training"]["sources"])
+    detector = json.loads(shipped("detector", ".json").read_text())
+    sources |= set(detector["training"].get("sources", ["bccd"]))
+    if detector["training"].get("group_pbc_per_type", 0):
+        sources.add("pbc")
+    return sources
+
+
+def summary_line(fold: dict) -> str:
+    parts = []
+    if "detector" in fold:
+        d = fold["detector"]
+        parts.append(f"detector P {d['precision']:.3f} R {d['recall']:.3f} AP50 "
+                     f"{d['ap50'] or 0:.3f} exact count {d['exact_count']:.1%}")
+    if "level2" in fold:
+        t = fold["level2"]
+        parts.append(f"level 2 acc {t['accuracy']:.3f} macro-F1 {t['macro_f1']:.3f} "
+                     f"min recall {t['min_recall']:.3f}")
+    if fold.get("end_to_end", {}).get("share") is not None:
+        e = fold["end_to_end"]
+        parts.append(f"end to end {e['right']}/{e['cells']} = {e['share']:.1%}")
+    return "; ".join(parts)
+
+

@@ -1,0 +1,161 @@
+"""The leave-one-lab-out results (`evaluate labs`) as a table, figures and a RESULTS.md section.
+
+The section sits first in docs/RESULTS.md between markers, so `evaluate all`, which
+rewrites the rest of the file, keeps it (`evaluation.results.keep_marked_sections`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from rich.table import Table
+
+SECTION = "labs"
+START, END = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
+TARGETS = {"precision": 0.90, "recall": 0.95, "exact_count": 0.90, "macro_f1": 0.85,
+           "min_recall": 0.70, "end_to_end": 0.85}
+NAMES = {"bccd": "BCCD", "pbc": "PBC", "chula": "Chula", "bcd": "BCD"}
+
+
+def _f(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def rows(results: dict) -> list[dict[str, str]]:
+    """One row per held-out lab (and per lab the shipped models never saw)."""
+    out = []
+    runs = [(lab, "left out of training", fold) for lab, fold in results["folds"].items()]
+    runs += [(lab, "shipped models (never saw it)", fold)
+             for lab, fold in results.get("shipped", {}).items()]
+    for lab, how, fold in runs:
+        if "skipped" in fold:
+            out.append({"lab": NAMES.get(lab, lab), "models": f"skipped: {fold['skipped']}"})
+            continue
+        d, t, e = fold.get("detector"), fold.get("level2"), fold.get("end_to_end")
+        out.append({
+            "lab": NAMES.get(lab, lab), "models": how,
+            "precision": _f(d and d["precision"]), "recall": _f(d and d["recall"]),
+            "ap50": _f(d and d["ap50"]),
+            "exact_count": _f(d and d["exact_count"], True),
+            "accuracy": _f(t and t["accuracy"], True), "macro_f1": _f(t and t["macro_f1"]),
+            "min_recall": (f"{t['min_recall']:.2f} ({min(t['recall'], key=t['recall'].get)})"
+                           if t else "-"),
+            "end_to_end": (f"{e['right']}/{e['cells']} ({_f(e['share'], True)})"
+                           if e and e.get("share") is not None else "-"),
+        })
+    return out
+
+
+COLUMNS = [("lab", "held-out lab"), ("models", "models"), ("precision", "det. precision"),
+           ("recall", "det. recall"), ("ap50", "AP50"), ("exact_count", "exact count"),
+           ("accuracy", "L2 accuracy"), ("macro_f1", "L2 macro-F1"),
+           ("min_recall", "L2 lowest recall"), ("end_to_end", "found + typed right")]
+
+
+def labs_table(results: dict) -> Table:
+    table = Table(title="Leave one lab out (onnxruntime, the shipped pipeline)")
+    for _, title in COLUMNS:
+        table.add_column(title)
+    for row in rows(results):
+        table.add_row(*(row.get(key, "") for key, _ in COLUMNS))
+    return table
+
+
+def render_section(results: dict, figure: str = "figures/labs.png") -> str:
+    config = results["config"]
+    lines = [
+        START,
+        "## 0. On a lab it was never trained on (leave one lab out)",
+        "",
+        "`leukodiff evaluate labs --docs docs/` (the fold models are kept in `runs/labs/` and "
+        "reused). For each lab, the detector and the level-2 models are trained on the "
+        "*other* labs with the shipped recipe, on a shorter schedule for 2 CPU cores "
+        f"(level 2: {config['classifier_epochs']} epochs, at most {config['max_per_class']} "
+        f"cells per class and source; detector: {config['detector_epochs']} epochs, "
+        f"mononuclear fields drawn {config['mono_oversample']}x; shipped: 20 and 40), selected "
+        "on those labs' validation parts, exported to ONNX and run through the shipped "
+        "pipeline on onnxruntime over every labelled image of the held-out lab. Detector: "
+        "precision/recall at IoU 0.5 at the operating threshold, COCO AP50, share of fields "
+        "whose white-cell count is exact. Level 2: each true box cropped as the pipeline "
+        "crops it, given to its true group's model. End to end: true typed cells found and "
+        "typed right. Labs: BCCD, PBC (cells only), BCD (boxes only), Chula (fetched). "
+        "Below the folds, the shipped models on the labs they never saw.",
+        "",
+        "| " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in rows(results):
+        lines.append("| " + " | ".join(row.get(key, "") for key, _ in COLUMNS) + " |")
+    lines += ["", "Targets (held-out lab): detector precision >= 0.90 at recall >= 0.95, exact "
+              "count on >= 90% of fields; level-2 macro-F1 >= 0.85, no type below 0.70 "
+              "recall; end to end >= 85%.", "", f"![leave one lab out]({figure})", "", END]
+    return "\n".join(lines) + "\n"
+
+
+def insert_section(path: Path, section: str) -> None:
+    """Put `section` (with its markers) first in the Markdown file, after its title,
+    replacing an earlier copy; create the file when absent."""
+    text = path.read_text() if path.exists() else "# leukodiff: evaluation results\n"
+    text = re.sub(re.escape(START) + r".*?" + re.escape(END) + r"\n*", "", text, flags=re.S)
+    title, _, rest = text.partition("\n")
+    path.write_text(f"{title}\n\n{section}\n{rest.lstrip()}")
+
+
+def plot_labs(results: dict, path: Path) -> Path:
+    """Grouped bars per held-out lab: detector precision/recall, exact count, level-2
+    macro-F1 and lowest recall, end to end; target lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("detector precision", lambda f: f.get("detector", {}).get("precision")),
+               ("detector recall", lambda f: f.get("detector", {}).get("recall")),
+               ("exact count", lambda f: f.get("detector", {}).get("exact_count")),
+               ("level-2 macro-F1", lambda f: f.get("level2", {}).get("macro_f1")),
+               ("level-2 lowest recall", lambda f: f.get("level2", {}).get("min_recall")),
+               ("found + typed right", lambda f: f.get("end_to_end", {}).get("share"))]
+    runs = [(f"{NAMES.get(lab, lab)}\nleft out", fold) for lab, fold in results["folds"].items()
+            if "skipped" not in fold]
+    runs += [(f"{NAMES.get(lab, lab)}\nshipped", fold)
+             for lab, fold in results.get("shipped", {}).items()]
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(runs) + 2), 4))
+    width = 0.8 / len(metrics)
+    for i, (name, get) in enumerate(metrics):
+        values = [get(fold) for _, fold in runs]
+        xs = [j + (i - len(metrics) / 2 + 0.5) * width for j in range(len(runs))]
+        axis.bar([x for x, v in zip(xs, values, strict=True) if v is not None],
+                 [v for v in values if v is not None], width, label=name)
+    axis.axhline(0.85, color="gray", linestyle="--", linewidth=0.8)
+    axis.axhline(0.95, color="gray", linestyle=":", linewidth=0.8)
+    axis.set_xticks(range(len(runs)), [label for label, _ in runs])
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("share")
+    axis.set_title("On a lab it never trained on (dashed 0.85, dotted 0.95)")
+    axis.legend(fontsize=7, ncols=3, loc="lower center", bbox_to_anchor=(0.5, -0.45))
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def write_labs_report(results: dict, out: Path, docs: Path | None = None) -> list[Path]:
+    """`OUT/LABS.md` + `OUT/labs.png`; with `docs`, also docs/labs.json, the figure and
+    the section first in docs/RESULTS.md."""
+    out = Path(out)
+    written = [plot_labs(results, out / "labs.png")]
+    (out / "LABS.md").write_text(render_section(results, "labs.png"))
+    written.append(out / "LABS.md")
+    if docs is not None:
+        docs = Path(docs)
+        written.append(plot_labs(results, docs / "figures" / "labs.png"))
+        (docs / "labs.json").write_text(json.dumps(results, indent=1) + "\n")
+        written.append(docs / "labs.json")
+        insert_section(docs / "RESULTS.md", render_section(results))
+        written.append(docs / "RESULTS.md")
+    return written

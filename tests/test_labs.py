@@ -1,0 +1,79 @@
+"""Leave one lab out: the folds train on the other labs only, measure through onnxruntime,
+resume, and write their section first in RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leukodiff.evaluation.labs import LabsConfig, evaluate_labs
+from leukodiff.evaluation.results import keep_marked_sections
+from leukodiff.reports.labs import END, START, insert_section, render_section, write_labs_report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_quick_folds_train_without_the_held_out_lab_and_resume(tmp_path, shared_data):
+    """PBC held out: level 2 learns BCCD alone (Chula is not in ../shared); BCD held out:
+    the detector learns BCCD alone. Each is measured on the held-out lab through the
+    exported ONNX models; the shipped models are also measured on BCD, which they never
+    saw. Run again, nothing is retrained."""
+    config = LabsConfig.quick(("pbc", "bcd"))
+    results = evaluate_labs(tmp_path, config, data_root=shared_data)
+    assert results["labs_present"] == {"bccd": True, "pbc": True, "chula": False, "bcd": True}
+    pbc, bcd = results["folds"]["pbc"], results["folds"]["bcd"]
+    assert pbc["trained_on"] == {"level2": ["bccd"], "detector": None}
+    assert bcd["trained_on"] == {"level2": None, "detector": ["bccd"]}
+    assert "detector" not in pbc and "level2" not in bcd
+    assert pbc["level2"]["n"] == 12 and 0 <= pbc["level2"]["macro_f1"] <= 1
+    assert sum(map(sum, pbc["level2"]["confusion"])) == 12
+    assert bcd["fields"] == 12 and 0 <= bcd["detector"]["recall"] <= 1
+    assert bcd["unlike_training"] is not None  # the fold's own familiarity reference
+    for model in ("mononuclear/model.onnx", "polymorphonuclear/model.onnx"):
+        assert (tmp_path / "without-pbc" / model).is_file()
+    assert (tmp_path / "without-bcd" / "detector" / "detector.familiarity.json").is_file()
+    trained = json.loads((tmp_path / "without-pbc" / "mononuclear" / "model.json").read_text())
+    assert trained["training"]["sources"] == ["bccd"]
+    assert set(results["shipped"]) == {"bcd"}  # the shipped models learnt BCCD and PBC
+    # the shipped detector finds BCD's cells (measured at 0.97) but knows it is a new lab
+    assert results["shipped"]["bcd"]["unlike_training"] == 1.0
+    stamp = (tmp_path / "without-pbc" / "mononuclear" / "model.pt").stat().st_mtime_ns
+    again = evaluate_labs(tmp_path, config, data_root=shared_data)
+    assert (tmp_path / "without-pbc" / "mononuclear" / "model.pt").stat().st_mtime_ns == stamp
+    assert again["folds"]["pbc"]["level2"] == pbc["level2"]
+    written = write_labs_report(again, tmp_path, tmp_path / "docs")
+    assert (tmp_path / "docs" / "figures" / "labs.png") in written
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "| PBC | left out of training |" in text and "| BCD | shipped models" in text
+
+
+def test_section_goes_first_and_survives_a_rewrite(tmp_path):
+    results = {"config": LabsConfig().__dict__ | {"labs": ["chula"]}, "folds": {
+        "chula": {"detector": {"precision": 0.5, "recall": 0.9, "ap50": 0.8,
+                               "exact_count": 0.4},
+                  "level2": {"accuracy": 0.6, "macro_f1": 0.55, "min_recall": 0.1,
+                             "recall": {"monocyte": 0.1, "basophil": 0.9}},
+                  "end_to_end": {"cells": 10, "right": 5, "share": 0.5}}}, "shipped": {}}
+    section = render_section(results)
+    assert section.startswith(START) and section.rstrip().endswith(END)
+    assert "| Chula | left out of training | 0.500 | 0.900 | 0.800 | 40.0% | 60.0% | 0.550 " \
+           "| 0.10 (monocyte) | 5/10 (50.0%) |" in section
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# results\n\n## 1. Table 3\n\nold text\n")
+    insert_section(path, section)
+    insert_section(path, section)  # replaced, not added twice
+    text = path.read_text()
+    assert text.startswith("# results\n\n" + START) and text.count(START) == 1
+    assert text.index(END) < text.index("## 1. Table 3")
+    rewritten = keep_marked_sections(text, "# results\n\n## 1. Table 3\n\nnew text\n")
+    assert rewritten.count(START) == 1 and rewritten.index(END) < rewritten.index("new text")
+    assert keep_marked_sections("# old\n", "# new\n\nbody\n") == "# new\n\nbody\n"
