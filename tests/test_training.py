@@ -9,7 +9,13 @@ from leukodiff.cli import app
 from leukodiff.data.sources import load_cells
 from leukodiff.models.io import ModelFileError, load_classifier
 from leukodiff.taxonomy import CellType
-from leukodiff.training.cells import CropGeometry, load_cell_tensors
+from leukodiff.training.cells import (
+    CameraJitter,
+    CropGeometry,
+    StainJitter,
+    augmentation,
+    load_cell_tensors,
+)
 from leukodiff.training.classifier import (
     ClassifierConfig,
     TrainingError,
@@ -88,6 +94,25 @@ def test_runs_are_never_overwritten_and_bad_configs_are_refused(tmp_path, shared
     assert ClassifierConfig(task="polymorphonuclear",
                             classes=("eosinophil", "SNE")).class_names() == (
         "neutrophil", "eosinophil")
+    with pytest.raises(TrainingError, match="unknown augmentation"):
+        ClassifierConfig(augmentation="strong").class_names()
+
+
+def test_lab_augmentation_changes_stain_and_camera_but_not_the_cell(shared_data):
+    cells = [c for c in load_cells("pbc", shared_data).records[:4]]
+    images = load_cell_tensors(cells, CropGeometry(64, 2.6))
+    assert torch.equal(StainJitter(0.0, 0.0)(images[0]), images[0])  # HED round trip exact
+    torch.manual_seed(0)
+    lab = augmentation("lab", 64)
+    changed = torch.stack([lab(image) for image in images])
+    assert changed.dtype == torch.uint8 and changed.shape == images.shape
+    # colours move (stain amounts, white balance, gamma)
+    means = (changed.float().mean((0, 2, 3)) - images.float().mean((0, 2, 3))).abs()
+    assert float(means.max()) > 2
+    gain = CameraJitter(gain=0.0, gamma=0.0, soften=1.0)(images[0])  # resolution only
+    assert float((gain.float() - images[0].float()).abs().mean()) < 12
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augmentation("strong", 64)
 
 
 def test_model_files_are_checked_against_their_manifest(tmp_path, shared_data):

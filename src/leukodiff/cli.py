@@ -579,6 +579,7 @@ def evaluate_labs_command(
     detector_epochs: int = typer.Option(10, help="Detector epochs per fold (shipped: 40)."),
     max_per_class: int = typer.Option(400, help="Level-2 training cells per class, source "
                                       "and part (0: all, as shipped)."),
+    augmentation: str = typer.Option("basic", help="Level-2 augmentation: basic | lab."),
     quick: bool = typer.Option(False, help="Every step on a few images (minutes); the "
                                "numbers mean nothing."),
     docs: Path | None = typer.Option(None, help="Also write the section of RESULTS.md, "
@@ -599,7 +600,8 @@ def evaluate_labs_command(
         raise _fail(f"unknown lab(s) {', '.join(unknown)}; labs: {', '.join(LABS)}")
     config = LabsConfig.quick(chosen) if quick else LabsConfig(
         labs=chosen, seed=seed, classifier_epochs=classifier_epochs,
-        detector_epochs=detector_epochs, max_per_class=max_per_class, threads=threads or None)
+        detector_epochs=detector_epochs, max_per_class=max_per_class,
+        augmentation=augmentation, threads=threads or None)
     try:
         results = evaluate_labs(out, config, data_root=data_root, weights_dir=weights_dir,
                                 track=_track, log=console.print)

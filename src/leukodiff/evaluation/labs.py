@@ -119,11 +119,17 @@ class FoldMismatchError(ValueError):
     """A fold folder holding models trained with another recipe than the one asked for."""
 
 
-def _check_reuse(model: Path, recipe: dict) -> None:
-    """A finished fold model is reused only if it was trained with `recipe`."""
+def _settings(config: ClassifierConfig | DetectorConfig) -> dict:
+    """A training config as its manifest stores it (tuples as lists; no detector spec)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "spec"}))
+
+
+def _check_reuse(model: Path, recipe: ClassifierConfig | DetectorConfig) -> None:
+    """A finished fold model is reused only if it was trained with `recipe` (a setting
+    its manifest lacks was added later: the model had its default)."""
     trained = json.loads(model.with_suffix(".json").read_text())["training"]
-    wanted = json.loads(json.dumps(recipe))  # tuples as lists, as in the manifest
-    differ = sorted(k for k, v in wanted.items() if trained.get(k) != v)
+    wanted, default = _settings(recipe), _settings(type(recipe)())
+    differ = sorted(k for k, v in wanted.items() if trained.get(k, default[k]) != v)
     if differ:
         raise FoldMismatchError(f"{model} was trained with other settings ({', '.join(differ)})"
                                 "; choose another --out or remove that fold's folder")
@@ -140,7 +146,7 @@ def _train_level2(lab: str, task: str, sources: Sequence[str], config: LabsConfi
                               max_per_class=config.max_per_class, seed=config.seed,
                               augmentation=config.augmentation)
     if model.exists():
-        _check_reuse(model, asdict(recipe))
+        _check_reuse(model, recipe)
     else:
         log(f"without {lab}: level 2 {task} on {', '.join(sources)}")
         train_classifier(
@@ -164,7 +170,7 @@ def _train_detector(lab: str, sources: Sequence[str], config: LabsConfig, fold_d
                             max_val_fields=config.max_measured,
                             group_pbc_per_type=config.group_pbc_per_type)
     if model.exists():
-        _check_reuse(model, {k: v for k, v in asdict(recipe).items() if k != "spec"})
+        _check_reuse(model, recipe)
     else:
         log(f"without {lab}: detector on {', '.join(sources)}")
         train_detector(
@@ -313,6 +319,10 @@ def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root
     started = time.perf_counter()
     results: dict = {"config": asdict(config), "labs_present": present, "folds": {},
                      "shipped": {}}
+    earlier = _earlier_results(out_dir / "labs.json", config)
+    for kind in ("folds", "shipped"):  # folds run before with the same schedule are kept
+        results[kind].update({lab: run for lab, run in earlier.get(kind, {}).items()
+                              if lab not in config.labs})
     shipped_sources = _shipped_sources()
     for lab in config.labs:
         if not present.get(lab):
@@ -337,6 +347,18 @@ def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root
     results["minutes"] = (time.perf_counter() - started) / 60
     (out_dir / "labs.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def _earlier_results(path: Path, config: LabsConfig) -> dict:
+    """The results already in OUT/labs.json when they were made with the same schedule
+    (running `--labs` one lab at a time builds one table); else nothing."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    loose = ("labs", "threads")  # neither changes a figure
+    mine = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in loose}
+    theirs = {k: v for k, v in earlier.get("config", {}).items() if k not in loose}
+    return earlier if mine == theirs else {}
 
 
 def _shipped_sources() -> set[str]:

@@ -77,10 +77,11 @@ from leukodiff.models.detector import (
 from leukodiff.models.io import save_model
 from leukodiff.taxonomy import GROUP_OF, Group
 from leukodiff.training.cells import (
+    AUGMENTATIONS,
     CellTensorDataset,
     CropGeometry,
+    augmentation,
     load_cell_tensors,
-    training_augmentation,
 )
 from leukodiff.training.common import (
     resume_checkpoint,
@@ -130,6 +131,7 @@ class DetectorConfig:
     group_batch_size: int = 64
     group_pbc_per_type: int = 800  # PBC cells per type (0: no PBC)
     group_bccd_repeat: int = 5  # training fields' cells are drawn this many times per epoch
+    group_augmentation: str = "basic"  # training.cells.AUGMENTATIONS
     # start from a trained detector.pt (fine-tuning); with group_epochs=0 its group
     # classifier is kept as it is
     init_weights: str = ""
@@ -143,6 +145,8 @@ class DetectorConfig:
             raise DetectorTrainingError("epochs and batch_size must be at least 1")
         if not self.sources:
             raise DetectorTrainingError("sources must name at least one field data set")
+        if self.group_augmentation not in AUGMENTATIONS:
+            raise DetectorTrainingError(f"group_augmentation must be one of {AUGMENTATIONS}")
 
     @classmethod
     def from_dict(cls, data: dict) -> DetectorConfig:
@@ -740,7 +744,7 @@ def train_group_classifier(model, config: DetectorConfig, data: DetectorData, ou
     counts = torch.bincount(train_y[index], minlength=2).clamp(min=1).float()
     loss_fn = torch.nn.CrossEntropyLoss(weight=(counts.sum() / (2 * counts)).to(device))
     dataset = CellTensorDataset(train_x[index], train_y[index],
-                                training_augmentation(spec.group_input_size))
+                                augmentation(config.group_augmentation, spec.group_input_size))
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=config.group_batch_size, shuffle=True,
                         generator=generator, drop_last=len(dataset) > config.group_batch_size)
