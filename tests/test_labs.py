@@ -4,11 +4,12 @@ resume, and write their section first in RESULTS.md."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from leukodiff.evaluation.labs import LabsConfig, evaluate_labs
+from leukodiff.evaluation.labs import FoldMismatchError, LabsConfig, evaluate_labs
 from leukodiff.evaluation.results import keep_marked_sections
 from leukodiff.reports.labs import END, START, insert_section, render_section, write_labs_report
 
@@ -27,7 +28,8 @@ def test_quick_folds_train_without_the_held_out_lab_and_resume(tmp_path, shared_
     the detector learns BCCD alone. Each is measured on the held-out lab through the
     exported ONNX models; the shipped models are also measured on BCD, which they never
     saw. Run again, nothing is retrained."""
-    config = LabsConfig.quick(("pbc", "bcd"))
+    evaluate_labs(tmp_path, LabsConfig.quick(("pbc",)), data_root=shared_data)
+    config = LabsConfig.quick(("bcd",))  # one lab at a time builds one table
     results = evaluate_labs(tmp_path, config, data_root=shared_data)
     assert results["labs_present"] == {"bccd": True, "pbc": True, "chula": False, "bcd": True}
     pbc, bcd = results["folds"]["pbc"], results["folds"]["bcd"]
@@ -47,9 +49,12 @@ def test_quick_folds_train_without_the_held_out_lab_and_resume(tmp_path, shared_
     # the shipped detector finds BCD's cells (measured at 0.97) but knows it is a new lab
     assert results["shipped"]["bcd"]["unlike_training"] == 1.0
     stamp = (tmp_path / "without-pbc" / "mononuclear" / "model.pt").stat().st_mtime_ns
-    again = evaluate_labs(tmp_path, config, data_root=shared_data)
+    again = evaluate_labs(tmp_path, LabsConfig.quick(("pbc",)), data_root=shared_data)
     assert (tmp_path / "without-pbc" / "mononuclear" / "model.pt").stat().st_mtime_ns == stamp
-    assert again["folds"]["pbc"]["level2"] == pbc["level2"]
+    assert again["folds"]["pbc"]["level2"] == pbc["level2"] and "bcd" in again["folds"]
+    with pytest.raises(FoldMismatchError, match="other settings \\(epochs\\)"):
+        evaluate_labs(tmp_path, replace(LabsConfig.quick(("pbc",)), classifier_epochs=2),
+                      data_root=shared_data)
     written = write_labs_report(again, tmp_path, tmp_path / "docs")
     assert (tmp_path / "docs" / "figures" / "labs.png") in written
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
@@ -62,11 +67,14 @@ def test_section_goes_first_and_survives_a_rewrite(tmp_path):
                                "exact_count": 0.4},
                   "level2": {"accuracy": 0.6, "macro_f1": 0.55, "min_recall": 0.1,
                              "recall": {"monocyte": 0.1, "basophil": 0.9}},
-                  "end_to_end": {"cells": 10, "right": 5, "share": 0.5}}}, "shipped": {}}
+                  "end_to_end": {"cells": 10, "right": 5, "share": 0.5},
+                  "unlike_training": 0.75,
+                  "warning_on_training_labs": {"bccd": {"fields": 72, "unfamiliar": 2}}}},
+               "shipped": {}}
     section = render_section(results)
     assert section.startswith(START) and section.rstrip().endswith(END)
     assert "| Chula | left out of training | 0.500 | 0.900 | 0.800 | 40.0% | 60.0% | 0.550 " \
-           "| 0.10 (monocyte) | 5/10 (50.0%) |" in section
+           "| 0.10 (monocyte) | 5/10 (50.0%) | 75.0% | BCCD 2/72 |" in section
     path = tmp_path / "RESULTS.md"
     path.write_text("# results\n\n## 1. Table 3\n\nold text\n")
     insert_section(path, section)

@@ -344,6 +344,11 @@ def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root
                                                   data_root=data_root, track=track)
             log(f"shipped models on {lab}: {summary_line(results['shipped'][lab])}")
         (out_dir / "labs.json").write_text(json.dumps(results, indent=1) + "\n")
+    for lab, fold in results["folds"].items():
+        reference = familiarity_path(out_dir / f"without-{lab}" / "detector" / "detector.pt")
+        if reference.is_file():  # how often the warning fires on the labs it was fitted on
+            fold["warning_on_training_labs"] = json.loads(reference.read_text())["fitted"][
+                "fires_on_test_parts"]
     results["minutes"] = (time.perf_counter() - started) / 60
     (out_dir / "labs.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
