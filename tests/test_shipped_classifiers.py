@@ -10,11 +10,13 @@ from leukodiff.evaluation.classifier import evaluate_classifier
 from leukodiff.models.io import load_classifier, sha256_of, shipped
 
 # model -> {source: (minimum accuracy, minimum macro-F1)} on the held-out test part
-# (measured at shipping: mononuclear PBC 0.985 / BCCD 7 of 7; polymorphonuclear PBC 1.000,
-# BCCD 0.873 with macro-F1 0.570, pulled down by the test list's single basophil)
+# (measured at shipping, issue #14, trained on PBC + BCCD + Chula with the "lab"
+# augmentation: mononuclear PBC 0.987 / BCCD 7 of 7 / Chula 0.960; polymorphonuclear PBC
+# 0.999, BCCD 0.921 with macro-F1 0.607, pulled down by the test list's single basophil
+# (neutrophil/eosinophil F1 0.955/0.865), Chula 0.945. Chula is fetched, not in CI's data.)
 FLOORS = {
     "mononuclear": {"pbc": (0.975, 0.975), "bccd": (0.85, 0.80)},
-    "polymorphonuclear": {"pbc": (0.99, 0.99), "bccd": (0.84, 0.55)},
+    "polymorphonuclear": {"pbc": (0.99, 0.99), "bccd": (0.88, 0.58)},
 }
 
 

@@ -124,15 +124,19 @@ def _settings(config: ClassifierConfig | DetectorConfig) -> dict:
     return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "spec"}))
 
 
-def _check_reuse(model: Path, recipe: ClassifierConfig | DetectorConfig) -> None:
-    """A finished fold model is reused only if it was trained with `recipe` (a setting
-    its manifest lacks was added later: the model had its default)."""
+def _needs_training(model: Path, recipe: ClassifierConfig | DetectorConfig) -> bool:
+    """False for a finished fold model trained with `recipe` (reused); a finished one
+    trained otherwise is refused (a setting its manifest lacks was added later: the
+    model had its default)."""
+    if not model.exists():
+        return True
     trained = json.loads(model.with_suffix(".json").read_text())["training"]
     wanted, default = _settings(recipe), _settings(type(recipe)())
     differ = sorted(k for k, v in wanted.items() if trained.get(k, default[k]) != v)
     if differ:
         raise FoldMismatchError(f"{model} was trained with other settings ({', '.join(differ)})"
                                 "; choose another --out or remove that fold's folder")
+    return False
 
 
 def _train_level2(lab: str, task: str, sources: Sequence[str], config: LabsConfig,
@@ -145,13 +149,10 @@ def _train_level2(lab: str, task: str, sources: Sequence[str], config: LabsConfi
                               epochs=config.classifier_epochs,
                               max_per_class=config.max_per_class, seed=config.seed,
                               augmentation=config.augmentation)
-    if model.exists():
-        _check_reuse(model, recipe)
-    else:
+    if _needs_training(model, recipe):
         log(f"without {lab}: level 2 {task} on {', '.join(sources)}")
-        train_classifier(
-            recipe, out, data_root=data_root, weights_dir=weights_dir,
-            resume=(out / "last.pt").exists(), track=track, log=log)
+        train_classifier(recipe, out, data_root=data_root, weights_dir=weights_dir,
+                         resume=(out / "last.pt").exists(), track=track, log=log)
     if not model.with_suffix(".onnx").exists():
         export_classifier(model)
     return model, (time.perf_counter() - started) / 60
@@ -169,13 +170,10 @@ def _train_detector(lab: str, sources: Sequence[str], config: LabsConfig, fold_d
                             max_train_fields=config.max_train_fields,
                             max_val_fields=config.max_measured,
                             group_pbc_per_type=config.group_pbc_per_type)
-    if model.exists():
-        _check_reuse(model, recipe)
-    else:
+    if _needs_training(model, recipe):
         log(f"without {lab}: detector on {', '.join(sources)}")
-        train_detector(
-            recipe, out, data_root=data_root, weights_dir=weights_dir,
-            resume=(out / "last.pt").exists(), track=track, log=log)
+        train_detector(recipe, out, data_root=data_root, weights_dir=weights_dir,
+                       resume=(out / "last.pt").exists(), track=track, log=log)
     if not model.with_suffix(".onnx").exists():
         export_detector(model)
     if not familiarity_path(model).exists():
