@@ -310,7 +310,9 @@ def train_detector_command(
     group_epochs: int = typer.Option(8, help="Epochs of the group classifier (0: keep the "
                                      "one of --init-weights)."),
     group_pbc_per_type: int = typer.Option(800, help="PBC cells per type for the group "
-                                           "classifier (0: BCCD cells only)."),
+                                           "classifier (0: field cells only)."),
+    group_augmentation: str = typer.Option("basic", help="Group classifier augmentation: "
+                                           "basic | lab (+ stain and camera)."),
     colour_standardise: bool = typer.Option(False, "--colour-standardise/--raw-colours",
                                             help="Standardise each field's colours to BCCD's "
                                             "statistics inside the model."),
@@ -354,6 +356,7 @@ def train_detector_command(
                             copy_paste=copy_paste, group_epochs=group_epochs,
                             unknown_group=unknown_group,
                             group_pbc_per_type=group_pbc_per_type,
+                            group_augmentation=group_augmentation,
                             init_weights=str(init_weights or ""),
                             max_train_fields=max_train_fields,
                             sources=_split_list(sources))

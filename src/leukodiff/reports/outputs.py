@@ -129,8 +129,8 @@ def write_report(path: Path, differential: Differential, gallery: Gallery,
                            for name, reason in skipped)
     model_html = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
                          for k, v in models.items())
-    warning = (f"<p class=warning role=alert><strong>Images unlike the training labs: review "
-               f"every cell.</strong> {html.escape(differential.warning)}.</p>"
+    warning = (f"<p class=warning role=alert><strong>Images unlike the training labs.</strong> "
+               f"{html.escape(differential.warning)}.</p>"
                if differential.warning else "")
     path.write_text(f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>leukodiff differential</title>

@@ -103,7 +103,7 @@
     // The models' own confidences mean nothing on images unlike their training labs.
     $("unlike-training").hidden = !d.warning;
     $("unlike-training").textContent = d.warning
-      ? `Images unlike the training labs: review every cell. ${d.warning}.` : "";
+      ? `Images unlike the training labs. ${d.warning}.` : "";
   }
 
   function renderGallery() {
