@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from leukodiff.data.sources import load_fields
 from leukodiff.imaging import load_image
-from leukodiff.models.files import shipped
+from leukodiff.models.files import ModelFileError, shipped
 from leukodiff.pipeline import Analyzer
 from leukodiff.pipeline.familiarity import (
     FEATURES,
@@ -51,6 +52,14 @@ def test_fit_scores_and_threshold_on_synthetic_labs(tmp_path):
 def test_familiarity_lives_beside_its_detector(tmp_path):
     assert familiarity_path(tmp_path / "detector.pt") == tmp_path / "detector.familiarity.json"
     assert familiarity_path(shipped("detector")).is_file()
+    for name in ("detector.pt", "detector.json"):  # a detector with a broken reference
+        shutil.copy(shipped("detector").with_name(name), tmp_path / name)
+    (tmp_path / "detector.familiarity.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="train familiarity"):
+        Analyzer.load(tmp_path / "detector.pt", backend="torch")
+    (tmp_path / "detector.familiarity.json").unlink()  # none: no look check, no error
+    with Analyzer.load(tmp_path / "detector.pt", backend="torch") as analyzer:
+        assert analyzer.familiarity is None
 
 
 @pytest.fixture(scope="module")

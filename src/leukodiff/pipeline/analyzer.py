@@ -25,7 +25,7 @@ from PIL import Image
 from leukodiff.data.crops import cell_batch
 from leukodiff.data.records import Box
 from leukodiff.imaging import load_image, to_rgb
-from leukodiff.models.files import resolve
+from leukodiff.models.files import ModelFileError, resolve
 from leukodiff.pipeline.backends import Backend, open_backend
 from leukodiff.pipeline.boxes import Detections, agnostic_nms
 from leukodiff.pipeline.familiarity import Familiarity, familiarity_path
@@ -137,6 +137,18 @@ class GroupClassifier:
         return softmax(self.backend.classify(self.role, crops))
 
 
+def _familiarity_of(detector: str | Path) -> Familiarity | None:
+    """The detector's familiarity reference (None: it has none, so no look check)."""
+    reference = familiarity_path(resolve(detector))
+    if not reference.is_file():
+        return None
+    try:
+        return Familiarity.load(reference)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelFileError(f"{reference}: unreadable familiarity reference ({error}); refit "
+                             "it with `leukodiff train familiarity`") from None
+
+
 def pixel_roughness(image: Image.Image, window: int = 1024) -> float:
     """Median absolute gray-level step between horizontal neighbours, at full resolution
     (on a central window of at most `window` pixels a side, so huge images cost little).
@@ -190,10 +202,9 @@ class Analyzer:
         """
         models = {"detector": detector, "mononuclear": mononuclear,
                   "polymorphonuclear": polymorphonuclear}
-        reference = familiarity_path(resolve(detector))
         return cls(open_backend(backend, models, threads), min_confidence=min_confidence,
                    detection_threshold=detection_threshold,
-                   familiarity=Familiarity.load(reference) if reference.is_file() else None)
+                   familiarity=_familiarity_of(detector))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
