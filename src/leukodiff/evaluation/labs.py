@@ -225,7 +225,7 @@ def measure_fields(analyzer: Analyzer, fields: Sequence[Field], lab: str,
         found = analyzer.detect(image)
         detections.append(_as_torch(found))
         if analyzer.familiarity is not None:
-            unlike.append(analyzer.familiarity.score(image) > analyzer.familiarity.threshold)
+            unlike.append(analyzer.look(image)[1])
         cells = analyzer.classify(image, found.above(operating))
         truth = len(record.wbc_boxes) + len(ignore.get(record.image.stem, ()))
         counts.append(len(cells) - truth)

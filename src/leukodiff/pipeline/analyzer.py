@@ -106,15 +106,20 @@ class Differential:
 
     @property
     def warning(self) -> str | None:
-        """What to tell the technologist when the images look unlike the training labs."""
-        if not self.unlike_training:
-            return None
-        return (f"{self.unlike_training} of {self.fields} field(s) look unlike the images the "
-                "models learnt from (lamp colour, stain or magnification): the types and "
-                "counts may be wrong without the models knowing it; review every cell")
+        return unlike_training_warning(self.unlike_training, self.fields)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "warning": self.warning}
+
+
+def unlike_training_warning(unlike: int, fields: int) -> str | None:
+    """What to tell the technologist when `unlike` of `fields` images look unlike the
+    training labs (the report, the station and the FHIR conclusion say the same)."""
+    if not unlike:
+        return None
+    return (f"{unlike} of {fields} field(s) look unlike the images the models learnt from "
+            "(lamp colour, stain or magnification): the types and counts may be wrong "
+            "without the models knowing it; review every cell")
 
 
 class GroupClassifier:
@@ -263,10 +268,17 @@ class Analyzer:
         image = self.check(image)
         result = FieldResult(name or "image", image.width, image.height,
                              self.classify(image, self.detect(image)))
-        if look and self.familiarity is not None:
-            result.familiarity = self.familiarity.score(image)
-            result.unlike_training = result.familiarity > self.familiarity.threshold
+        if look:
+            result.familiarity, result.unlike_training = self.look(image)
         return result
+
+    def look(self, image: Image.Image) -> tuple[float | None, bool]:
+        """How far `image` looks from the training labs, and whether that is beyond the
+        reference's threshold ((None, False) for a detector without a reference)."""
+        if self.familiarity is None:
+            return None, False
+        score = self.familiarity.score(image)
+        return score, score > self.familiarity.threshold
 
     @staticmethod
     def check(image: Image.Image) -> Image.Image:

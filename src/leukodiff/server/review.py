@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
+from leukodiff.pipeline.analyzer import unlike_training_warning
 from leukodiff.server.db import (
     LABELS,
     NOT_WBC,
@@ -69,12 +70,7 @@ class CaseDifferential:
 
     @property
     def warning(self) -> str | None:
-        """As `Analyzer.differential`'s: images unlike the training labs."""
-        if not self.unlike_training:
-            return None
-        return (f"{self.unlike_training} of {self.fields} field(s) look unlike the images "
-                "the models learnt from (lamp colour, stain or magnification): the model's "
-                "types and counts may be wrong without it knowing; review every cell")
+        return unlike_training_warning(self.unlike_training, self.fields)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "warning": self.warning}
