@@ -42,3 +42,15 @@ def make_image(tmp_path: Path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on a shared 2-core machine, two threads that wait for each other
+    make these small models several times slower, not faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

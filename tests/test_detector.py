@@ -22,6 +22,7 @@ from leukodiff.models.detector import (
     predict,
     standardise_colour,
 )
+from leukodiff.models.files import group_manifest
 from leukodiff.models.io import ModelFileError, load_detector, shipped
 from leukodiff.taxonomy import Group
 from leukodiff.training.detector import (
@@ -32,20 +33,14 @@ from leukodiff.training.detector import (
     field_target,
     has_mononuclear,
     prepare_fields,
+    retrain_group_classifier,
     train_detector,
 )
 
 LIGHT = DetectorSpec(group_classifier=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads that wait for each other
-    make these small models several times slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -318,6 +313,27 @@ def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_
     assert loaded["sha256"] == manifest["sha256"] and model.spec.rpn_post_nms_test == 50
     with pytest.raises(DetectorTrainingError, match="finished"):
         train_detector(config, tmp_path, data_root=shared_data, data=data, resume=True)
+
+    # the group classifier alone, trained again with stain normalisation: boxes unchanged
+    again = retrain_group_classifier(tmp_path / "detector.pt", tmp_path / "group",
+                                     augmentation="lab", stain="reinhard",
+                                     data_root=shared_data)
+    assert again["architecture"]["group_stain"] == "reinhard"
+    assert again["training"]["group_augmentation"] == "lab"
+    assert again["training"]["group_retrained_from"]["sha256"] == manifest["sha256"]
+    assert group_manifest(again)["input"]["stain"] == "reinhard"
+    retrained, _ = load_detector(tmp_path / "group" / "detector.pt")
+    assert retrained.spec.group_stain == "reinhard"
+    before, after = model.state_dict(), retrained.state_dict()
+    group = [k for k in before if k.startswith("group_classifier.")]
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in group)
+    assert not all(torch.equal(before[k], after[k]) for k in group)
+    with pytest.raises(DetectorTrainingError, match="already holds"):
+        retrain_group_classifier(tmp_path / "detector.pt", tmp_path / "group",
+                                 augmentation="lab", stain="none", data_root=shared_data)
+    with pytest.raises(DetectorTrainingError, match="unknown stain"):
+        retrain_group_classifier(tmp_path / "detector.pt", tmp_path / "other",
+                                 augmentation="lab", stain="macenko", data_root=shared_data)
 
 
 def test_altered_detector_file_is_refused(tmp_path):

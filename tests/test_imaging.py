@@ -73,3 +73,73 @@ def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(imaging, "MAX_PIXELS", 10_000)
     with pytest.raises(ImageError, match="too large"):
         load_image(path)
+
+
+def test_lab_conversion_round_trips():
+    rgb = np.random.default_rng(0).random((500, 3))
+    assert np.abs(imaging.lab_to_srgb(imaging.srgb_to_lab(rgb)) - rgb).max() < 1e-9
+    white = imaging.srgb_to_lab(np.ones(3))
+    assert np.allclose(white, [100, 0, 0], atol=0.02)
+
+
+def _smear_like(seed: int) -> np.ndarray:
+    """A pale background with darker pink discs and one purple blob (a cell crop)."""
+    rng = np.random.default_rng(seed)
+    image = np.full((96, 96, 3), (232, 220, 226), np.float64)
+    yy, xx = np.mgrid[:96, :96]
+    for _ in range(12):
+        cy, cx = rng.integers(0, 96, 2)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < 100] = (205, 150, 160)
+    image[(yy - 48) ** 2 + (xx - 48) ** 2 < 196] = (90, 60, 140)
+    return image
+
+
+def test_stain_normalisation_brings_another_lamp_and_stain_to_one_look():
+    lab_a = _smear_like(0)
+    # the same smear under a bluish, dimmer, flatter lamp
+    lab_b = 40 + (lab_a - 40) * np.array([0.55, 0.6, 0.75])
+    a = imaging.normalise_stain(lab_a.round().astype(np.uint8))
+    b = imaging.normalise_stain(lab_b.round().astype(np.uint8))
+    assert a.dtype == np.uint8 and a.shape == (96, 96, 3)
+    before = np.abs(lab_a - lab_b).mean()
+    after = np.abs(a.astype(float) - b.astype(float)).mean()
+    assert before > 40 and after < 6
+    stats = imaging.srgb_to_lab(a / 255).reshape(-1, 3)
+    assert np.allclose(stats.mean(0), imaging.STAIN_MEAN, atol=2.5)
+    assert np.allclose(stats.std(0), imaging.STAIN_STD, rtol=0.1)
+
+
+def test_stain_normalisation_none_unknown_and_flat_images():
+    pixels = _smear_like(1).astype(np.uint8)
+    assert imaging.normalise_stain(pixels, "none") is pixels
+    with pytest.raises(ValueError, match="unknown stain normalisation 'macenko'"):
+        imaging.normalise_stain(pixels, "macenko")
+    flat = imaging.normalise_stain(np.full((8, 8, 3), 200, np.uint8))  # no spread: no NaN
+    assert flat.dtype == np.uint8 and len(np.unique(flat.reshape(-1, 3), axis=0)) == 1
+
+
+def test_pipeline_crops_are_the_training_crops_with_stain_normalisation(tmp_path):
+    from leukodiff.data.crops import cell_batch, cell_input
+    from leukodiff.data.records import Box, Cell
+
+    field = np.tile(_smear_like(2), (3, 4, 1)).astype(np.uint8)
+    Image.fromarray(field).save(tmp_path / "field.png")
+    box = Box(120, 100, 170, 150)
+    cell = Cell(tmp_path / "field.png", "test", "lymphocyte", "g", "sha", box=box)
+    trained = np.asarray(cell_input(cell, 2.6, 64, "reinhard"))
+    analysed = cell_batch(load_image(tmp_path / "field.png"), [box], 2.6, 64, "reinhard")[0]
+    assert np.array_equal((analysed * 255).round().astype(np.uint8).transpose(1, 2, 0), trained)
+    raw = np.asarray(cell_input(cell, 2.6, 64))
+    assert not np.array_equal(raw, trained)
+
+
+def test_fast_stain_normalisation_is_the_reinhard_formula_within_one_grey_level():
+    rng = np.random.default_rng(3)
+    for seed in range(4):
+        pixels = np.clip(_smear_like(seed) * rng.uniform(0.6, 1.1, 3)
+                         + rng.normal(0, 6, (96, 96, 3)), 0, 255).astype(np.uint8)
+        lab = imaging.srgb_to_lab(pixels / 255)
+        flat = lab.reshape(-1, 3)
+        lab = (lab - flat.mean(0)) / flat.std(0) * imaging.STAIN_STD + imaging.STAIN_MEAN
+        formula = np.round(imaging.lab_to_srgb(lab) * 255)
+        assert np.abs(imaging.normalise_stain(pixels) - formula).max() <= 1

@@ -7,19 +7,12 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from leukodiff.evaluation.labs import FoldMismatchError, LabsConfig, evaluate_labs
 from leukodiff.evaluation.results import keep_marked_sections
 from leukodiff.reports.labs import END, START, insert_section, render_section, write_labs_report
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

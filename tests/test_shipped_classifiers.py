@@ -10,13 +10,15 @@ from leukodiff.evaluation.classifier import evaluate_classifier
 from leukodiff.models.io import load_classifier, sha256_of, shipped
 
 # model -> {source: (minimum accuracy, minimum macro-F1)} on the held-out test part
-# (measured at shipping, issue #14, trained on PBC + BCCD + Chula with the "lab"
-# augmentation: mononuclear PBC 0.987 / BCCD 7 of 7 / Chula 0.960; polymorphonuclear PBC
-# 0.999, BCCD 0.921 with macro-F1 0.607, pulled down by the test list's single basophil
-# (neutrophil/eosinophil F1 0.955/0.865), Chula 0.945. Chula is fetched, not in CI's data.)
+# (measured at shipping, issue #14 second pass: trained on PBC + BCCD + Chula with the "lab"
+# augmentation and Reinhard-normalised crops: mononuclear PBC 0.987 / BCCD 7 of 7 / Chula
+# 0.880; polymorphonuclear PBC 0.997 (macro-F1 0.997), BCCD 0.825 with macro-F1 0.517:
+# 10 of 20 eosinophils called neutrophils (16 of 20 before the normalisation, which won
+# on labs never trained on) and the test list's single basophil; Chula 0.945. Chula is
+# fetched, not in CI's data.)
 FLOORS = {
     "mononuclear": {"pbc": (0.975, 0.975), "bccd": (0.85, 0.80)},
-    "polymorphonuclear": {"pbc": (0.99, 0.99), "bccd": (0.88, 0.58)},
+    "polymorphonuclear": {"pbc": (0.99, 0.99), "bccd": (0.79, 0.49)},
 }
 
 
@@ -35,3 +37,27 @@ def test_shipped_model_keeps_its_floor_on_held_out_cells(name, shared_data):
     for source, (accuracy, macro_f1) in FLOORS[name].items():
         assert results[source]["accuracy"] >= accuracy, (source, results[source]["accuracy"])
         assert results[source]["macro_f1"] >= macro_f1, (source, results[source]["macro_f1"])
+
+
+def test_shipped_crop_classifiers_see_stain_normalised_crops(shared_data):
+    """The group refiner and both level-2 models were trained on Reinhard-normalised crops
+    (issue #14): the pipeline must cut and normalise exactly so, on either backend."""
+    import numpy as np
+
+    from leukodiff.data.crops import cell_batch
+    from leukodiff.data.sources import load_fields
+    from leukodiff.imaging import load_image
+    from leukodiff.pipeline.analyzer import Analyzer, softmax
+
+    field = next(f for f in load_fields("bccd", shared_data).records
+                 if f.subset == "test" and len(f.wbc_boxes) == 1)
+    image, boxes = load_image(field.image), field.wbc_boxes
+    with Analyzer.load(backend="onnx", threads=1) as analyzer:
+        for clf in (analyzer.group_refiner, *analyzer.classifiers.values()):
+            assert clf.stain == "reinhard"
+            said = clf(image, boxes)
+            crops = cell_batch(image, boxes, clf.crop_scale, clf.input_size, "reinhard")
+            raw = cell_batch(image, boxes, clf.crop_scale, clf.input_size)
+            logits = clf.backend.classify(clf.role, crops)
+            assert np.allclose(said, softmax(logits), atol=1e-6)
+            assert not np.allclose(logits, clf.backend.classify(clf.role, raw), atol=1e-3)

@@ -233,6 +233,8 @@ def train_classifier_command(
     max_per_class: int = typer.Option(0, help="Cap cells per class, source and part (quick runs)."),
     augmentation: str = typer.Option("basic", help="basic (flips, turns, zoom, colour "
                                      "jitter) | lab (+ stain and camera: other labs' look)."),
+    stain: str = typer.Option("none", help="Colour normalisation of each crop: none | "
+                              "reinhard (every crop to one reference look)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
@@ -243,7 +245,8 @@ def train_classifier_command(
     config = ClassifierConfig(task=task, classes=_split_list(classes),
                               sources=_split_list(sources), mode=mode, epochs=epochs,
                               batch_size=batch_size, lr=lr, seed=seed, crop_scale=crop_scale,
-                              max_per_class=max_per_class, augmentation=augmentation)
+                              max_per_class=max_per_class, augmentation=augmentation,
+                              stain=stain)
     try:
         manifest = train_classifier(config, out, data_root=data_root, weights_dir=weights_dir,
                                     resume=resume, track=_track, log=console.print)
@@ -313,6 +316,8 @@ def train_detector_command(
                                            "classifier (0: field cells only)."),
     group_augmentation: str = typer.Option("basic", help="Group classifier augmentation: "
                                            "basic | lab (+ stain and camera)."),
+    group_stain: str = typer.Option("none", help="Group classifier crop colour "
+                                    "normalisation: none | reinhard."),
     colour_standardise: bool = typer.Option(False, "--colour-standardise/--raw-colours",
                                             help="Standardise each field's colours to BCCD's "
                                             "statistics inside the model."),
@@ -340,7 +345,8 @@ def train_detector_command(
     )
     from leukodiff.training.familiarity import write_familiarity
 
-    spec = DetectorSpec(group_classifier=group_classifier, colour_standardise=colour_standardise)
+    spec = DetectorSpec(group_classifier=group_classifier, colour_standardise=colour_standardise,
+                        group_stain=group_stain)
     try:
         scales = tuple(float(v) for v in _split_list(scale_range))
         jitter = tuple(float(v) for v in _split_list(colour_jitter))
@@ -380,6 +386,42 @@ def train_detector_command(
     path, report = write_familiarity(out / "detector.pt", config.sources, data_root,
                                      seed=seed, track=_track, command=_command())
     console.print(f"wrote {path}: {_fires(report)}")
+
+
+@train_app.command("group")
+def train_group_command(
+    detector: str = typer.Option("detector", help="Trained detector.pt (or the shipped "
+                                 "'detector') whose group classifier is trained again."),
+    out: Path = typer.Option(..., help="Folder for the new detector.pt and its manifest."),
+    augmentation: str = typer.Option("lab", help="basic | lab (+ stain and camera)."),
+    stain: str = typer.Option("reinhard", help="Colour normalisation of each crop: none | "
+                              "reinhard."),
+    data_root: Path | None = DataRoot,
+    weights_dir: Path | None = WeightsDir,
+) -> None:
+    """Train only the detector's group classifier (mononuclear / polymorphonuclear) again,
+    on the detector's own training labs; the detector's boxes stay as they are."""
+    import shutil
+
+    from leukodiff.models.files import resolve
+    from leukodiff.pipeline.familiarity import familiarity_path
+    from leukodiff.training.detector import DetectorTrainingError, retrain_group_classifier
+
+    try:
+        manifest = retrain_group_classifier(detector, out, augmentation=augmentation,
+                                            stain=stain, data_root=data_root,
+                                            weights_dir=weights_dir, track=_track,
+                                            log=console.print)
+    except (DetectorTrainingError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    group = manifest["training"]["group_classifier"]
+    best = group["history"][group["best_epoch"] - 1]["val"]
+    console.print(f"group classifier: val balanced accuracy {best['balanced_accuracy']:.3f} "
+                  f"(epoch {group['best_epoch']})")
+    reference = familiarity_path(resolve(detector))
+    if reference.is_file():  # the same training labs: the same look reference
+        shutil.copyfile(reference, familiarity_path(out / "detector.pt"))
+    console.print(f"wrote {out / 'detector.pt'} and {out / 'detector.json'}")
 
 
 def _command() -> str:
@@ -582,7 +624,10 @@ def evaluate_labs_command(
     detector_epochs: int = typer.Option(10, help="Detector epochs per fold (shipped: 40)."),
     max_per_class: int = typer.Option(400, help="Level-2 training cells per class, source "
                                       "and part (0: all, as shipped)."),
-    augmentation: str = typer.Option("basic", help="Level-2 augmentation: basic | lab."),
+    augmentation: str = typer.Option("basic", help="Crop classifiers' augmentation (level 2 "
+                                     "and the group classifier): basic | lab."),
+    stain: str = typer.Option("none", help="Crop classifiers' colour normalisation: none | "
+                              "reinhard."),
     quick: bool = typer.Option(False, help="Every step on a few images (minutes); the "
                                "numbers mean nothing."),
     docs: Path | None = typer.Option(None, help="Also write the section of RESULTS.md, "
@@ -604,7 +649,7 @@ def evaluate_labs_command(
     config = LabsConfig.quick(chosen) if quick else LabsConfig(
         labs=chosen, seed=seed, classifier_epochs=classifier_epochs,
         detector_epochs=detector_epochs, max_per_class=max_per_class,
-        augmentation=augmentation, threads=threads or None)
+        augmentation=augmentation, stain=stain, threads=threads or None)
     try:
         results = evaluate_labs(out, config, data_root=data_root, weights_dir=weights_dir,
                                 track=_track, log=console.print)
@@ -613,6 +658,45 @@ def evaluate_labs_command(
         raise _fail(str(error)) from None
     console.print(labs_table(results))
     for path in write_labs_report(results, out, docs):
+        console.print(f"wrote {path}")
+
+
+@evaluate_app.command("adaptation")
+def evaluate_adaptation_command(
+    labs_dir: Path = typer.Option(Path("runs/labs-v2"), help="`evaluate labs --out` folder "
+                                  "holding each lab's fold models (without-LAB/)."),
+    out: Path = typer.Option(Path("runs/adaptation"), help="adaptation.json, figure, table."),
+    labs: str = typer.Option("chula,bccd,pbc", help="Labs to adapt to, in this order."),
+    shots: str = typer.Option("0,5,10,25,50", help="Reviewed cells per type."),
+    draws: int = typer.Option(3, help="Draws per k (seeded)."),
+    epochs: int = typer.Option(8, help="Adaptation epochs (as `leukodiff adapt`)."),
+    docs: Path | None = typer.Option(None, help="Also write the section of RESULTS.md, "
+                                     "adaptation.json and the figure into this docs folder."),
+    data_root: Path | None = DataRoot,
+) -> None:
+    """How fast a lab teaches level 2 its look: k reviewed cells per type from a lab the
+    models never saw, adapted, measured on that lab's test part."""
+    _require_torch()
+    from leukodiff.evaluation.adaptation import AdaptationConfig, evaluate_adaptation
+    from leukodiff.evaluation.labs import TYPED_LABS
+    from leukodiff.reports.adaptation import write_adaptation_report
+    from leukodiff.training.adapt import AdaptConfig
+
+    chosen = _split_list(labs)
+    if unknown := [lab for lab in chosen if lab not in TYPED_LABS]:
+        raise _fail(f"unknown typed lab(s) {', '.join(unknown)}; labs: {', '.join(TYPED_LABS)}")
+    try:
+        ks = tuple(int(k) for k in _split_list(shots))
+    except ValueError:
+        raise _fail("--shots takes comma-separated whole numbers") from None
+    config = AdaptationConfig(labs=chosen, shots=ks, draws=draws,
+                              adapt=AdaptConfig(epochs=epochs))
+    try:
+        results = evaluate_adaptation(labs_dir, out, config, data_root=data_root,
+                                      track=_track, log=console.print)
+    except (FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    for path in write_adaptation_report(results, out, docs):
         console.print(f"wrote {path}")
 
 
@@ -647,6 +731,118 @@ def evaluate_all_command(
         raise _fail(str(error)) from None
     console.print(f"wrote {out / 'RESULTS.md'} and {len(results['figures'])} figures in "
                   f"{results['timing']['total_s'] / 60:.1f} min")
+
+
+@app.command()
+def adapt(
+    cells: list[str] = typer.Option([], help="The lab's reviewed cells: a class-folder tree "
+                                    "(e.g. CELLS/lymphocyte/*.png, as `export-training` "
+                                    "writes) or a data-set name; repeat for several."),
+    station: Path | None = typer.Option(None, help="A review station's data folder: its "
+                                        "signed cases' reviewed cells (grouped by case)."),
+    out: Path = typer.Option(..., help="New folder for the adapted models (never the "
+                             "shipped ones)."),
+    mononuclear: str = typer.Option("mononuclear", help="Base lymphocyte/monocyte model."),
+    polymorphonuclear: str = typer.Option("polymorphonuclear", help="Base neutrophil/"
+                                          "eosinophil/basophil model."),
+    epochs: int = typer.Option(8, help="Passes over the lab's cells (and the replay)."),
+    replay_per_class: int = typer.Option(100, help="Cells per type from the base models' "
+                                         "own training data, so nothing is forgotten."),
+    held_out: float = typer.Option(0.3, help="Share of the lab's cases/slides kept to "
+                                   "measure before and after."),
+    group_by: str = typer.Option("prefix", help="How a class-folder image names its case "
+                                 "or slide: 'prefix' (file name up to '-field', as "
+                                 "`export-training` writes ACCESSION-fieldN-cellN.png, else "
+                                 "up to the first '-') or 'file' (every image its own)."),
+    force: bool = typer.Option(False, help="Write the adapted models even when they are "
+                               "worse on the held-out cells."),
+    data_root: Path | None = DataRoot,
+) -> None:
+    """Teach the level-2 models your lab's look from its reviewed cells (fine-tuning with
+    replay); before/after on held-out cases; writes a new model set to --out."""
+    _require_torch()
+    import tempfile
+
+    if group_by not in ("prefix", "file"):
+        raise _fail("--group-by is 'prefix' or 'file'")
+    if not cells and station is None:
+        raise _fail("give the lab's reviewed cells: --cells FOLDER and/or --station DATA_DIR")
+    with tempfile.TemporaryDirectory() as exported:
+        sources = list(cells)
+        if station is not None:
+            from leukodiff.server.cli import export_signed_cases
+            from leukodiff.server.settings import DATABASE_FILE
+
+            if not (station / DATABASE_FILE).is_file():
+                raise _fail(f"--station {station}: no review station database there "
+                            f"({DATABASE_FILE})")
+            written, ids = export_signed_cases(station, None, Path(exported) / "station")
+            console.print(f"station: {written} files from {len(ids)} signed case(s)")
+            if (Path(exported) / "station" / "cells").is_dir():
+                sources.append(str(Path(exported) / "station" / "cells"))
+        _adapt_from(sources, out, mononuclear, polymorphonuclear, epochs, replay_per_class,
+                    held_out, group_by, force, data_root)
+
+
+def _adapt_from(cells: list[str], out: Path, mononuclear: str, polymorphonuclear: str,
+                epochs: int, replay_per_class: int, held_out: float, group_by: str,
+                force: bool, data_root: Path | None) -> None:
+    from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, read_class_folders
+    from leukodiff.taxonomy import CellType
+    from leukodiff.training.adapt import AdaptConfig, AdaptError, AdaptRefused, case_of
+    from leukodiff.training.adapt import adapt as adapt_models
+    from leukodiff.training.classifier import TrainingError, select_cells
+
+    lab = []
+    try:
+        for source in cells:
+            if source in CELL_SOURCES or source in FIELD_SOURCES:
+                lab.extend(select_cells([source], [str(t) for t in CellType], data_root,
+                                        _track)[0])
+                continue
+            root = Path(source)
+            if not root.is_dir():
+                raise _fail(f"--cells {source}: neither a folder nor a data set")
+            key = (lambda p, r=root: f"{r.name}:{case_of(p.name)}") \
+                if group_by == "prefix" else None
+            loaded = read_class_folders(root, source=root.name, group_key=key, track=_track)
+            for skipped in loaded.skipped:
+                console.print(f"skipped {skipped.path}: {skipped.reason}")
+            lab.extend(loaded.records)
+        config = AdaptConfig(epochs=epochs, replay_per_class=replay_per_class,
+                             held_out=held_out)
+        results = adapt_models(cells, out, config, cells=lab, force=force,
+                               bases={"mononuclear": mononuclear,
+                                      "polymorphonuclear": polymorphonuclear},
+                               data_root=data_root, track=_track, log=console.print)
+    except AdaptRefused as refused:
+        _print_adaptation(refused.results)
+        raise _fail(str(refused)) from None
+    except (AdaptError, TrainingError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    _print_adaptation(results)
+    console.print(f"wrote the adapted models to {out}; use them with `leukodiff analyze "
+                  f"--mononuclear {out / 'mononuclear.pt'} --polymorphonuclear "
+                  f"{out / 'polymorphonuclear.pt'}`")
+
+
+def _print_adaptation(results: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="held-out cases of your lab: before -> after adaptation")
+    for column in ("model", "type", "cells", "right before", "right after"):
+        table.add_column(column)
+    for task, result in results.items():
+        if "skipped" in result:
+            table.add_row(task, "-", "-", result["skipped"], "")
+            continue
+        before, after = result["before"], result["after"]
+        for name, support in after["support"].items():
+            table.add_row(task, name, str(support), str(before["right"][name]),
+                          str(after["right"][name]))
+        table.add_row(task, "macro-F1", str(after["n"]), f"{before['macro_f1']:.3f}",
+                      f"{after['macro_f1']:.3f}")
+    console.print(table)
 
 
 @app.command()

@@ -82,3 +82,24 @@ def test_export_training_command_writes_a_folder(sqlite_station, bccd: Path,
     again = CliRunner().invoke(app, ["--out", str(out), "--data-dir",
                                      str(sqlite_station.settings.data_dir)])
     assert again.exit_code == 1 and "empty --out folder" in again.output
+
+
+def test_adapt_reads_a_stations_signed_cases(sqlite_station, bccd: Path, tmp_path: Path
+                                             ) -> None:
+    """`leukodiff adapt --station`: the signed cases' reviewed cells, grouped by case; one
+    case is too little to hold any out, and says so; no database is a clear error."""
+    from leukodiff.cli import app
+
+    signed_case(sqlite_station, bccd)
+    data_dir = str(sqlite_station.settings.data_dir)
+    result = CliRunner().invoke(app, ["adapt", "--station", data_dir,
+                                      "--out", str(tmp_path / "set")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, said
+    assert "from 1 signed case(s)" in said and "at least two cases" in said
+    assert not (tmp_path / "set").exists()
+    missing = CliRunner().invoke(app, ["adapt", "--station", str(tmp_path / "nothing"),
+                                       "--out", str(tmp_path / "set")])
+    assert missing.exit_code == 1
+    assert "no review station database" in " ".join(missing.output.split())
+    assert not (tmp_path / "nothing").exists()

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from leukodiff.data.records import Box, Cell, Field
-from leukodiff.imaging import load_image
+from leukodiff.imaging import load_image, normalise_stain
 
 
 def square_window(box: Box, scale: float, image_size: tuple[int, int]) -> tuple[int, ...]:
@@ -57,25 +57,30 @@ def load_cell_image(cell: Cell, crop_scale: float) -> Image.Image:
     return image if cell.box is None else crop_cell(image, cell.box, crop_scale)
 
 
-def square_input(image: Image.Image, size: int) -> Image.Image:
-    """Centre square of a whole-cell image, resized to the network's input side."""
+def square_input(image: Image.Image, size: int, stain: str = "none") -> Image.Image:
+    """Centre square of a cell image, resized to the network's input side, its colour
+    normalised by `stain` (`imaging.normalise_stain`; "none" leaves it as it is)."""
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     square = image.crop((left, top, left + side, top + side))
-    return square.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    square = square.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return square if stain == "none" else Image.fromarray(
+        normalise_stain(np.asarray(square), stain))
 
 
-def cell_input(cell: Cell, crop_scale: float, size: int) -> Image.Image:
-    """The model's view of a cell: cropped (boxes) or centre-squared (whole images), resized."""
-    return square_input(load_cell_image(cell, crop_scale), size)
+def cell_input(cell: Cell, crop_scale: float, size: int, stain: str = "none") -> Image.Image:
+    """The model's view of a cell: cropped (boxes) or centre-squared (whole images), resized
+    and stain-normalised."""
+    return square_input(load_cell_image(cell, crop_scale), size, stain)
 
 
 def cell_batch(image: Image.Image, boxes: Iterable[Box], crop_scale: float,
-               size: int) -> np.ndarray:
+               size: int, stain: str = "none") -> np.ndarray:
     """A network's input for the cells in `boxes`: (N, 3, size, size) float32 in [0, 1],
-    each cut and resized exactly as the training crops were (`crop_cell`, `square_input`)."""
-    crops = [np.asarray(square_input(crop_cell(image, box, crop_scale), size))
+    each cut, resized and normalised exactly as the training crops were (`crop_cell`,
+    `square_input`)."""
+    crops = [np.asarray(square_input(crop_cell(image, box, crop_scale), size, stain))
              for box in boxes]
     if not crops:
         return np.zeros((0, 3, size, size), dtype=np.float32)

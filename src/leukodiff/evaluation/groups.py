@@ -58,7 +58,7 @@ def group_cross_validation(folds: int = 5, seed: int = 0, *, data_root=None,
     records = [r for r in records if group_cells([r])[0]]  # fields with a cell of known group
     config = DetectorConfig(seed=seed)
     spec = DetectorSpec()
-    geometry = CropGeometry(spec.group_input_size, spec.group_crop_scale)
+    geometry = CropGeometry(spec.group_input_size, spec.group_crop_scale, spec.group_stain)
     per_fold, truth_all, predicted_all = [], [], []
     for fold, (train_all, test) in enumerate(field_folds(records, folds, seed)):
         seed_everything(seed + fold)

@@ -48,6 +48,7 @@ from leukodiff.evaluation.detector import detection_metrics
 from leukodiff.evaluation.metrics import classification_metrics
 from leukodiff.evaluation.pipeline import match_truth
 from leukodiff.imaging import load_image
+from leukodiff.models.detector import DetectorSpec
 from leukodiff.models.export import export_classifier, export_detector
 from leukodiff.models.files import shipped
 from leukodiff.pipeline.analyzer import Analyzer, softmax
@@ -74,7 +75,9 @@ class LabsConfig:
     seed: int = 0
     classifier_epochs: int = 20  # as shipped
     max_per_class: int = 400  # cells per class, source and part (shipped: all)
-    augmentation: str = "basic"  # level 2 (training.cells.AUGMENTATIONS)
+    # every crop classifier's (level 2 and the detector's group classifier)
+    augmentation: str = "basic"  # training.cells.AUGMENTATIONS
+    stain: str = "none"  # imaging.STAIN_NORMALISATIONS
     detector_epochs: int = 10  # shipped: 40
     mono_oversample: int = 2  # shipped: 5 (BCCD alone is 1 mononuclear in 6; Chula 2 in 5)
     group_epochs: int = 6  # shipped: 8
@@ -120,8 +123,8 @@ class FoldMismatchError(ValueError):
 
 
 def _settings(config: ClassifierConfig | DetectorConfig) -> dict:
-    """A training config as its manifest stores it (tuples as lists; no detector spec)."""
-    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "spec"}))
+    """A training config as its manifest stores it (tuples as lists)."""
+    return json.loads(json.dumps(asdict(config)))
 
 
 def _needs_training(model: Path, recipe: ClassifierConfig | DetectorConfig) -> bool:
@@ -131,6 +134,8 @@ def _needs_training(model: Path, recipe: ClassifierConfig | DetectorConfig) -> b
     if not model.exists():
         return True
     trained = json.loads(model.with_suffix(".json").read_text())["training"]
+    if isinstance(recipe, DetectorConfig):  # the spec too, fields added later at defaults
+        trained = _settings(DetectorConfig.from_dict(trained))
     wanted, default = _settings(recipe), _settings(type(recipe)())
     differ = sorted(k for k, v in wanted.items() if trained.get(k, default[k]) != v)
     if differ:
@@ -139,16 +144,16 @@ def _needs_training(model: Path, recipe: ClassifierConfig | DetectorConfig) -> b
     return False
 
 
-def _train_level2(lab: str, task: str, sources: Sequence[str], config: LabsConfig,
-                  fold_dir: Path, data_root, weights_dir, track: Track,
-                  log: Callable[[str], None]) -> tuple[Path, float]:
+def train_level2(lab: str, task: str, sources: Sequence[str], config: LabsConfig,
+                 fold_dir: Path, data_root, weights_dir, track: Track,
+                 log: Callable[[str], None]) -> tuple[Path, float]:
     out = fold_dir / task
     model = out / "model.pt"
     started = time.perf_counter()
     recipe = ClassifierConfig(task=task, sources=tuple(sources),
                               epochs=config.classifier_epochs,
                               max_per_class=config.max_per_class, seed=config.seed,
-                              augmentation=config.augmentation)
+                              augmentation=config.augmentation, stain=config.stain)
     if _needs_training(model, recipe):
         log(f"without {lab}: level 2 {task} on {', '.join(sources)}")
         train_classifier(recipe, out, data_root=data_root, weights_dir=weights_dir,
@@ -169,7 +174,9 @@ def _train_detector(lab: str, sources: Sequence[str], config: LabsConfig, fold_d
                             group_epochs=config.group_epochs, seed=config.seed,
                             max_train_fields=config.max_train_fields,
                             max_val_fields=config.max_measured,
-                            group_pbc_per_type=config.group_pbc_per_type)
+                            group_pbc_per_type=config.group_pbc_per_type,
+                            group_augmentation=config.augmentation,
+                            spec=DetectorSpec(group_stain=config.stain))
     if _needs_training(model, recipe):
         log(f"without {lab}: detector on {', '.join(sources)}")
         train_detector(recipe, out, data_root=data_root, weights_dir=weights_dir,
@@ -191,8 +198,8 @@ def train_fold(lab: str, present: dict[str, bool], config: LabsConfig, out_dir: 
     typed = [x for x in TYPED_LABS if x != lab and present[x]]
     if lab in TYPED_LABS and typed:
         for task in ("mononuclear", "polymorphonuclear"):
-            path, minutes = _train_level2(lab, task, typed, config, fold_dir, data_root,
-                                          weights_dir, track, log)
+            path, minutes = train_level2(lab, task, typed, config, fold_dir, data_root,
+                                         weights_dir, track, log)
             setattr(models, task, path)
             models.minutes[task] = minutes
     boxed = [x for x in DETECTION_LABS if x != lab and present[x]]
@@ -267,7 +274,7 @@ def measure_types(analyzer: Analyzer, cells: Sequence[Cell], lab: str,
         mine = [c for c in cells if GROUP_OF[c.cell_type] is group]
         for start in track(range(0, len(mine), batch), f"Typing {lab} {group} cells"):
             chunk = mine[start:start + batch]
-            crops = np.stack([np.asarray(cell_input(c, clf.crop_scale, clf.input_size))
+            crops = np.stack([np.asarray(cell_input(c, clf.crop_scale, clf.input_size, clf.stain))
                               for c in chunk]).transpose(0, 3, 1, 2).astype(np.float32) / 255
             probs = softmax(clf.backend.classify(clf.role, crops))
             truth += [TYPES.index(str(c.cell_type)) for c in chunk]

@@ -92,6 +92,7 @@ class DetectorSpec:
     group_crop_scale: float = 2.6
     group_input_size: int = 128
     group_hidden: int = 128
+    group_stain: str = "none"  # imaging.STAIN_NORMALISATIONS of the group classifier's crops
     refine_min_score: float = 0.2  # only boxes scoring at least this are relabelled
     refine_max: int = 10
     # Per-image colour standardisation (stain/lamp differences between labs): each RGB
@@ -370,7 +371,7 @@ def refine_groups(model: FasterRCNN, image: torch.Tensor, found: Detections) -> 
     pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     boxes = [Box(*box) for box in found.boxes[chosen].tolist()]
     crops = torch.from_numpy(cell_batch(Image.fromarray(pixels), boxes, spec.group_crop_scale,
-                                        spec.group_input_size)).to(image.device)
+                                        spec.group_input_size, spec.group_stain)).to(image.device)
     classifier = model.group_classifier
     classifier.eval()
     groups = classifier(crops).argmax(1).cpu() + 1  # 0 mononuclear -> label 1, 1 -> label 2

@@ -61,7 +61,8 @@ def group_manifest(detector_manifest: dict[str, Any]) -> dict[str, Any]:
     spec = detector_manifest["architecture"]
     return {"classes": ["mononuclear", "polymorphonuclear"],
             "input": {"size": int(spec["group_input_size"]),
-                      "crop_scale": float(spec["group_crop_scale"])}}
+                      "crop_scale": float(spec["group_crop_scale"]),
+                      "stain": str(spec.get("group_stain", "none"))}}
 
 
 def onnx_paths(models: dict[str, str | Path]) -> dict[str, Path]:

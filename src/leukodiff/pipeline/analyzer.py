@@ -131,6 +131,7 @@ class GroupClassifier:
         self.classes = [str(c) for c in manifest["classes"]]
         self.crop_scale = float(manifest["input"]["crop_scale"])
         self.input_size = int(manifest["input"]["size"])
+        self.stain = str(manifest["input"].get("stain", "none"))  # before issue #14: none
         calibrated = manifest.get("calibration", {}).get("threshold", 0.0)
         self.threshold = calibrated if threshold is None else threshold
 
@@ -138,7 +139,7 @@ class GroupClassifier:
         """Class probabilities (N, classes) of the cells in `boxes`."""
         if not boxes:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        crops = cell_batch(image, boxes, self.crop_scale, self.input_size)
+        crops = cell_batch(image, boxes, self.crop_scale, self.input_size, self.stain)
         return softmax(self.backend.classify(self.role, crops))
 
 

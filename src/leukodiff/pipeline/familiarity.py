@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from leukodiff.imaging import srgb_to_lab
 from leukodiff.pipeline.scale import correlation_length
 
 FEATURES = ("background L", "background a", "background b", "stain L", "stain a", "stain b",
@@ -43,17 +44,6 @@ SHRINK, VARIANCE_FLOOR = 0.2, 1.0
 SIDE = 480  # features are read on a copy whose longer side is this (speed, and camera size)
 
 
-def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """CIELAB (D65) of sRGB values in [0, 1], shape (..., 3)."""
-    linear = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722],
-                             [0.0193, 0.1192, 0.9505]]).T
-    xyz /= np.array([0.95047, 1.0, 1.08883])
-    f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
-                     200 * (f[..., 1] - f[..., 2])], axis=-1)
-
-
 def image_features(image: Image.Image) -> np.ndarray:
     """The image's look, as the FEATURES vector (CIELAB medians of its brightest quarter,
     darkest 2% and middle band of pixels; lightness spread; red-cell correlation length in
@@ -65,7 +55,7 @@ def image_features(image: Image.Image) -> np.ndarray:
         rgb_image = rgb_image.resize((max(1, round(rgb_image.width * scale)),
                                       max(1, round(rgb_image.height * scale))),
                                      Image.Resampling.BILINEAR, reducing_gap=2.0)
-    lab = _srgb_to_lab(np.asarray(rgb_image, dtype=np.float64).reshape(-1, 3) / 255)
+    lab = srgb_to_lab(np.asarray(rgb_image, dtype=np.float64).reshape(-1, 3) / 255)
     lightness = lab[:, 0]
     low, q30, q60, high = np.percentile(lightness, [2, 30, 60, 75])
     background = np.median(lab[lightness >= high], axis=0)

@@ -177,12 +177,10 @@ def deactivate_user_command(
     console.print(f"{user.username!r} is {'active' if user.active else 'deactivated'}")
 
 
-def export_training_command(
-    out: Path = typer.Option(..., help="Folder to write cells/<type>/ and fields/ (VOC) into."),
-    data_dir: Path = DataDir,
-    database_url: str | None = DatabaseUrl,
-) -> None:
-    """Write every signed case's reviewed cells as training data `leukodiff train` reads."""
+def export_signed_cases(data_dir: Path, database_url: str | None, out: Path
+                        ) -> tuple[int, list[int]]:
+    """(files written, case ids): every signed case's reviewed cells and fields under `out`
+    (`server.exports.write_training`; FileExistsError rather than replace a file)."""
     from sqlalchemy import select
 
     from leukodiff.server.db import Case
@@ -194,11 +192,21 @@ def export_training_command(
     views = ViewCache(BlobStore(settings.blob_dir, settings.data_dir / "tmp"), settings.cache_dir)
     try:
         with db.reading() as session:
-            ids = session.scalars(select(Case.id).where(Case.signed_at.is_not(None))).all()
-            written = write_training([load_case(session, i) for i in ids], views, out)
-    except FileExistsError as error:
-        raise _fail(f"{error}: choose an empty --out folder") from None
+            ids = list(session.scalars(select(Case.id).where(Case.signed_at.is_not(None))))
+            return write_training([load_case(session, i) for i in ids], views, out), ids
     finally:
         db.dispose()
+
+
+def export_training_command(
+    out: Path = typer.Option(..., help="Folder to write cells/<type>/ and fields/ (VOC) into."),
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+) -> None:
+    """Write every signed case's reviewed cells as training data `leukodiff train` reads."""
+    try:
+        written, ids = export_signed_cases(data_dir, database_url, out)
+    except FileExistsError as error:
+        raise _fail(f"{error}: choose an empty --out folder") from None
     console.print(f"wrote {written} files from {len(ids)} signed case(s) to {out}; train with "
                   f"`leukodiff train classifier --sources {out / 'cells'}`")

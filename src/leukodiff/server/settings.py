@@ -21,12 +21,14 @@ class SettingsError(ValueError):
     """A data directory or database setting that cannot be used."""
 
 
+DATABASE_FILE = "leukodiff.sqlite3"  # in the data dir, unless a database URL is given
+
 @dataclass
 class Settings:
     """Paths, database and limits of one server; `data_dir` holds the SQLite file and images."""
 
     data_dir: Path
-    database_url: str | None = None  # None: SQLite file data_dir/leukodiff.sqlite3
+    database_url: str | None = None  # None: SQLite file data_dir/DATABASE_FILE
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_files_per_request: int = DEFAULT_MAX_FILES_PER_REQUEST
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -51,7 +53,7 @@ class Settings:
 
     @property
     def url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'leukodiff.sqlite3'}"
+        return self.database_url or f"sqlite:///{self.data_dir / DATABASE_FILE}"
 
     def prepare(self) -> None:
         """Create the data folders and the session-signing key (kept across restarts)."""

@@ -32,6 +32,7 @@ class CropGeometry:
 
     input_size: int = 128
     crop_scale: float = 2.6
+    stain: str = "none"  # imaging.STAIN_NORMALISATIONS, applied to each resized crop
 
 
 def load_cell_tensors(
@@ -42,7 +43,7 @@ def load_cell_tensors(
     out = torch.empty((len(cells), 3, size, size), dtype=torch.uint8)
 
     def load(index: int) -> None:
-        image = cell_input(cells[index], geometry.crop_scale, size)
+        image = cell_input(cells[index], geometry.crop_scale, size, geometry.stain)
         out[index] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -50,6 +51,25 @@ def load_cell_tensors(
         for future in track(futures, "Loading cell images"):
             future.result()
     return out
+
+
+class CellImages:
+    """Network inputs of cells, each cut and decoded once: an evaluation that adapts a
+    model many times to one lab reads each of the lab's field images only once."""
+
+    def __init__(self, geometry: CropGeometry) -> None:
+        self.geometry = geometry
+        self._done: dict[Cell, torch.Tensor] = {}
+
+    def __call__(self, cells: Sequence[Cell], track: Track = no_progress) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(cells) if c not in self._done]
+        if missing:
+            self._done.update(zip(missing, load_cell_tensors(missing, self.geometry, track),
+                                  strict=True))
+        if not cells:
+            size = self.geometry.input_size
+            return torch.empty((0, 3, size, size), dtype=torch.uint8)
+        return torch.stack([self._done[c] for c in cells])
 
 
 def training_augmentation(input_size: int) -> v2.Compose:

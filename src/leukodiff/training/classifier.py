@@ -32,6 +32,7 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, load_cells, read_class_folders
 from leukodiff.data.splits import holdout
 from leukodiff.evaluation.metrics import calibrate_confidence, classification_metrics
+from leukodiff.imaging import STAIN_NORMALISATIONS
 from leukodiff.models.io import save_model
 from leukodiff.models.mobilenet import MobileNetClassifier
 from leukodiff.models.tflite import load_imagenet_backbone
@@ -83,6 +84,7 @@ class ClassifierConfig:
     # small source (BCCD's ~200 field crops beside PBC's thousands) is not drowned out.
     source_balance: float = 0.5
     augmentation: str = "basic"  # training.cells.AUGMENTATIONS: "lab" adds stain and camera
+    stain: str = "none"  # imaging.STAIN_NORMALISATIONS: "reinhard" normalises each crop
 
     def class_names(self) -> tuple[str, ...]:
         if self.task not in TASKS:
@@ -92,6 +94,9 @@ class ClassifierConfig:
         if self.augmentation not in AUGMENTATIONS:
             raise TrainingError(f"unknown augmentation {self.augmentation!r}; choose one of "
                                 f"{', '.join(AUGMENTATIONS)}")
+        if self.stain not in STAIN_NORMALISATIONS:
+            raise TrainingError(f"unknown stain normalisation {self.stain!r}; choose one of "
+                                f"{', '.join(STAIN_NORMALISATIONS)}")
         allowed = TASKS[self.task]
         if not self.classes:
             return tuple(str(t) for t in allowed)
@@ -103,7 +108,7 @@ class ClassifierConfig:
 
     @property
     def geometry(self) -> CropGeometry:
-        return CropGeometry(self.input_size, self.crop_scale)
+        return CropGeometry(self.input_size, self.crop_scale, self.stain)
 
 
 @dataclass
@@ -355,6 +360,7 @@ def train_classifier(
         "task": config.task,
         "classes": list(data.classes),
         "input": {"size": config.input_size, "crop_scale": config.crop_scale,
+                  "stain": config.stain,
                   "whole_images": "centre square", "pixels": "RGB float in [0, 1]; the "
                   "model normalises to (p*255 - 128) / 128 itself"},
         "training": {**asdict(config), "cells": data.counts(),

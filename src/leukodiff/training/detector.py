@@ -65,7 +65,7 @@ from leukodiff.data.sources import load_cells, load_fields
 from leukodiff.data.sources.bccd import unboxed_white_cells
 from leukodiff.data.splits import holdout, monte_carlo
 from leukodiff.evaluation.detector import detection_metrics
-from leukodiff.imaging import load_image
+from leukodiff.imaging import STAIN_NORMALISATIONS, load_image
 from leukodiff.models.detector import (
     CLASSES,
     LABEL_OF,
@@ -74,7 +74,8 @@ from leukodiff.models.detector import (
     parameter_count,
     predict,
 )
-from leukodiff.models.io import save_model
+from leukodiff.models.files import resolve
+from leukodiff.models.io import load_detector, save_model
 from leukodiff.taxonomy import GROUP_OF, Group
 from leukodiff.training.cells import (
     AUGMENTATIONS,
@@ -147,6 +148,9 @@ class DetectorConfig:
             raise DetectorTrainingError("sources must name at least one field data set")
         if self.group_augmentation not in AUGMENTATIONS:
             raise DetectorTrainingError(f"group_augmentation must be one of {AUGMENTATIONS}")
+        if self.spec.group_stain not in STAIN_NORMALISATIONS:
+            raise DetectorTrainingError(f"unknown stain normalisation {self.spec.group_stain!r}"
+                                        f"; choose one of {', '.join(STAIN_NORMALISATIONS)}")
 
     @classmethod
     def from_dict(cls, data: dict) -> DetectorConfig:
@@ -601,14 +605,7 @@ def train_detector(
         group_info = train_group_classifier(model, config, data, out_dir, device=run_device,
                                             data_root=data_root, track=track, log=log)
     model = model.cpu()
-    metrics = {"val": validate(model, data.val, val_images)}
-    for source in config.sources:
-        tested = [r for r in data.test if r.source == source]
-        if tested:
-            metrics[test_key(source)] = validate(model, tested)
-    if config.spec.group_classifier:
-        metrics["test, Faster R-CNN labels (no group classifier)"] = validate(
-            model, data.test, refine=False)
+    metrics = final_metrics(model, config, data, val_images)
     manifest = {
         "architecture": {"name": "fasterrcnn_mobilenet_v1", **config.spec.to_dict(),
                          "parameters": parameter_count(model)},
@@ -636,10 +633,89 @@ def train_detector(
         + "; other sources: data.splits.holdout(seed) by slide or field",
         "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
         else "",
-        "metrics": {name: _short(m) for name, m in metrics.items()},
+        "metrics": metrics,
         "torch": torch.__version__,
     }
     return save_model(model, manifest, out_dir / "detector.pt")
+
+
+def final_metrics(model, config: DetectorConfig, data: DetectorData,
+                  val_images: FieldImages | None = None) -> dict:
+    """What a finished detector's manifest reports: val, each source's test part, and the
+    test part with Faster R-CNN's own group labels (when a group classifier relabels)."""
+    metrics = {"val": validate(model, data.val, val_images)}
+    for source in config.sources:
+        tested = [r for r in data.test if r.source == source]
+        if tested:
+            metrics[test_key(source)] = validate(model, tested)
+    if config.spec.group_classifier:
+        metrics["test, Faster R-CNN labels (no group classifier)"] = validate(
+            model, data.test, refine=False)
+    return {name: _short(m) for name, m in metrics.items()}
+
+
+def retrain_group_classifier(
+    detector: str | Path,
+    out_dir: Path,
+    *,
+    augmentation: str,
+    stain: str,
+    data_root: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    track: Track = no_progress,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """A trained detector with only its group classifier trained again, from ImageNet,
+    with another augmentation and crop stain normalisation (`train group`).
+
+    The group phase runs after the detector's epochs and never touches the detector's
+    own weights, so the result is the detector its whole recipe would have given with
+    these group settings, minutes instead of an hour. Written to `out_dir/detector.pt`
+    with a manifest naming the detector it came from; the source is never changed.
+    """
+    source = resolve(detector)
+    model, manifest = load_detector(source)
+    out_dir = Path(out_dir)
+    if (out_dir / "detector.pt").exists():
+        raise DetectorTrainingError(f"{out_dir} already holds a detector; choose another --out")
+    if resolve(out_dir / "detector.pt") == source:
+        raise DetectorTrainingError("--out must not be the source detector's folder")
+    trained = DetectorConfig.from_dict(manifest["training"])
+    if not trained.spec.group_classifier:
+        raise DetectorTrainingError(f"{source} has no group classifier")
+    config = replace(trained, group_augmentation=augmentation,
+                     spec=replace(trained.spec, group_stain=stain))
+    config.check()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    fresh = build_detector(config.spec, weights_dir=weights_dir,
+                           frozen_blocks=config.frozen_blocks).group_classifier
+    model.group_classifier.load_state_dict(fresh.state_dict())
+    model.spec = config.spec  # type: ignore[attr-defined]  # crops as the new group model's
+    data = prepare_fields(config, data_root, track)
+    info = train_group_classifier(model, config, data, out_dir, device=torch.device("cpu"),
+                                  data_root=data_root, track=track, log=log)
+    manifest = {
+        **manifest,
+        "architecture": {**manifest["architecture"], **config.spec.to_dict()},
+        "training": {**manifest["training"], **json.loads(json.dumps(asdict(config))),
+                     "group_classifier": info,
+                     "group_retrained_from": {"model": _shown(source),
+                                              "sha256": manifest["sha256"]}},
+        "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
+        else "",
+        "metrics": final_metrics(model, config, data),
+        "torch": torch.__version__,
+    }
+    return save_model(model, manifest, out_dir / "detector.pt")
+
+
+def _shown(path: Path) -> str:
+    """A path as a manifest records it: relative to the working folder when inside it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def test_key(source: str) -> str:
@@ -732,7 +808,7 @@ def train_group_classifier(model, config: DetectorConfig, data: DetectorData, ou
         log("group classifier: reusing group.pt")
         return checkpoint["info"]
     spec = config.spec
-    geometry = CropGeometry(spec.group_input_size, spec.group_crop_scale)
+    geometry = CropGeometry(spec.group_input_size, spec.group_crop_scale, spec.group_stain)
     bccd_cells, bccd_targets = group_cells(data.train)
     pbc_cells, pbc_targets = _pbc_cells(config.group_pbc_per_type, config.seed, data_root, track)
     val_cells, val_targets = group_cells(data.val)

@@ -1,0 +1,298 @@
+"""`leukodiff adapt`: teach the level-2 models a lab's own look from its reviewed cells.
+
+Every lab's stain, microscope and camera differ, and a model is best on the lab it has
+learnt. A lab's reviewed cells (class folders, e.g. the station's `export-training`
+output, or any typed data set the readers know), mixed with a replay sample of the
+cells the models first learnt from (so nothing is forgotten), fine-tune both level-2
+models in a minute or two on a CPU.
+
+Part of the lab's cells, grouped by case or slide (never by cell), is held out; the
+base and the adapted models are measured on it (accuracy, macro-F1, per-type recall
+with the counts behind them). The adapted set is written to a new folder (weights,
+ONNX, a manifest naming the base model's hash, the data counts, the command and the
+before/after figures) only when it is not worse on the held-out part, unless forced;
+the models it started from are never touched. Too few cells of a type to learn from
+is refused with the types and counts.
+
+This is the level-2 part of issue #15; the detector and the group classifier are not
+adapted yet.
+"""
+
+from __future__ import annotations
+
+import random
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from leukodiff.data.records import Cell
+from leukodiff.data.root import DataNotFoundError
+from leukodiff.data.scan import Track, no_progress
+from leukodiff.data.splits import holdout, monte_carlo
+from leukodiff.evaluation.metrics import classification_metrics
+from leukodiff.models.export import export_classifier
+from leukodiff.models.files import resolve
+from leukodiff.models.io import load_classifier, save_model
+from leukodiff.training.cells import (
+    CellImages,
+    CellTensorDataset,
+    CropGeometry,
+    augmentation,
+)
+from leukodiff.training.classifier import class_weights, predict_logits, select_cells
+from leukodiff.training.common import seed_everything
+
+TASKS = ("mononuclear", "polymorphonuclear")
+
+
+class AdaptError(ValueError):
+    """Nothing sound can be learnt from what was given (too few cells, no held-out part)."""
+
+
+class AdaptRefused(RuntimeError):
+    """The adapted models are worse on the lab's held-out cells; nothing was written."""
+
+    def __init__(self, message: str, results: dict) -> None:
+        super().__init__(message)
+        self.results = results
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    epochs: int = 8
+    lr: float = 1e-4  # a tenth of training's: the base already knows cells
+    batch_size: int = 32
+    replay_per_class: int = 100  # cells per type from the base model's own training part
+    held_out: float = 0.3  # share of the lab's cases/slides kept to measure before/after
+    min_per_type: int = 5  # fewer reviewed cells of a type than this: refused
+    seed: int = 0
+
+
+@dataclass
+class Adapted:
+    """One level-2 model adapted in memory, with what it was measured at."""
+
+    task: str
+    model: torch.nn.Module
+    manifest: dict
+    before: dict
+    after: dict
+    cells: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def case_of(file_name: str) -> str:
+    """The case or slide a reviewed cell's file names: up to "-field" (`export-training`
+    writes ACCESSION-fieldN-cellN.png; an accession may hold '-'), else up to the first '-'."""
+    if "-field" in file_name:
+        return file_name.rsplit("-field", 1)[0]
+    return file_name.split("-")[0]
+
+
+def lab_split(cells: Sequence[Cell], held_out: float, seed: int) -> tuple[list[Cell], list[Cell]]:
+    """(learn, held out) parts of the lab's cells, grouped by case/slide (`group_key`)."""
+    split = monte_carlo(cells, repeats=1, train_fraction=1 - held_out, seed=seed,
+                        grouped=True)[0]
+    return [cells[i] for i in split.train], [cells[i] for i in split.test]
+
+
+def replay_cells(manifest: dict, per_class: int, seed: int, data_root=None,
+                 track: Track = no_progress, log: Callable[[str], None] = lambda m: None
+                 ) -> list[Cell]:
+    """Up to `per_class` cells of each type from the base model's own *training* part (its
+    split is re-drawn from its manifest, so none of its test cells are used); a source
+    that is not on this machine is left out, and said so."""
+    trained = manifest["training"]
+    classes = [str(c) for c in manifest["classes"]]
+    cells: list[Cell] = []
+    for source in trained["sources"]:
+        try:
+            found, _ = select_cells([source], classes, data_root, track)
+        except (DataNotFoundError, FileNotFoundError, ValueError) as error:
+            log(f"replay: {source} left out ({error})")
+            continue
+        cells.extend(found)
+    if not cells:
+        return []
+    parts = holdout(cells, val_fraction=trained["val_fraction"],
+                    test_fraction=trained["test_fraction"], seed=trained["seed"])
+    by_type: dict[str, list[Cell]] = {}
+    for i in parts["train"]:
+        by_type.setdefault(str(cells[i].cell_type), []).append(cells[i])
+    rng = random.Random(seed)
+    chosen = []
+    for name in sorted(by_type):
+        pool = sorted(by_type[name], key=lambda c: (c.source, c.group_key, str(c.image)))
+        chosen.extend(rng.sample(pool, per_class) if len(pool) > per_class else pool)
+    return chosen
+
+
+def measure(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
+            classes: Sequence[str]) -> dict:
+    """`scores` of the model's calls on `images`."""
+    predicted = predict_logits(model, images).argmax(1).tolist() if len(targets) else []
+    return scores(targets.tolist(), predicted, classes)
+
+
+def scores(truth: Sequence[int], predicted: Sequence[int], classes: Sequence[str]) -> dict:
+    """Accuracy, macro-F1 and per-type recall with its counts (types present only)."""
+    metrics = classification_metrics(list(truth), list(predicted), list(classes))
+    present = [c for c in classes if metrics["per_class"][c]["support"]]
+    return {"n": metrics["n"], "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "recall": {c: metrics["per_class"][c]["recall"] for c in present},
+            "right": {c: round(metrics["per_class"][c]["recall"]
+                               * metrics["per_class"][c]["support"]) for c in present},
+            "support": {c: metrics["per_class"][c]["support"] for c in present}}
+
+
+def plan_task(task: str, classes: Sequence[str], lab_cells: Sequence[Cell],
+              config: AdaptConfig) -> tuple[list[Cell], list[Cell]] | None:
+    """The lab's cells of one model's types, as (learn, held out); None when there are
+    none; AdaptError when a type has too few to learn from or nothing can be held out."""
+    mine = [c for c in lab_cells if str(c.cell_type) in classes]
+    if not mine:
+        return None
+    if len({c.group_key for c in mine}) < 2:
+        raise AdaptError(f"{task}: no held-out cells to measure on; the cells must come "
+                         "from at least two cases or slides")
+    learn, held = lab_split(mine, config.held_out, config.seed)
+    counts = Counter(str(c.cell_type) for c in learn)
+    few = {t: n for t, n in sorted(counts.items()) if n < config.min_per_type}
+    if few:
+        listed = ", ".join(f"{t} {n}" for t, n in few.items())
+        raise AdaptError(f"{task}: too few reviewed cells to learn from ({listed}; at least "
+                         f"{config.min_per_type} of a type, outside the held-out cases)")
+    if not held:
+        raise AdaptError(f"{task}: no held-out cells to measure on; the cells must come "
+                         "from at least two cases or slides")
+    return learn, held
+
+
+def crop_geometry(manifest: dict) -> CropGeometry:
+    """How the model's manifest says its cells are cut, sized and normalised."""
+    given = manifest["input"]
+    return CropGeometry(int(given["size"]), float(given["crop_scale"]),
+                        str(given.get("stain", "none")))
+
+
+def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequence[Cell],
+               config: AdaptConfig, *, data_root=None, images: CellImages | None = None,
+               replay: Sequence[Cell] | None = None, track: Track = no_progress,
+               log: Callable[[str], None] = lambda m: None) -> Adapted:
+    """Fine-tune one level-2 model on the lab's `learn` cells (+ replay); measure the
+    base and the result on `held`. `images` (the model's crop geometry) and `replay`
+    may be given when one lab is adapted to many times."""
+    started = time.perf_counter()
+    model, manifest = load_classifier(base)
+    classes = [str(c) for c in manifest["classes"]]
+    counts = Counter(str(c.cell_type) for c in learn)
+    geometry = crop_geometry(manifest)
+    images = images or CellImages(geometry)
+    if images.geometry != geometry:
+        raise ValueError(f"cell images cut as {images.geometry}, the model wants {geometry}")
+    if replay is None:
+        replay = replay_cells(manifest, config.replay_per_class, config.seed, data_root,
+                              track, log)
+    train_cells = [*learn, *replay]
+    train_x = images(train_cells, track)
+    train_y = torch.tensor([classes.index(str(c.cell_type)) for c in train_cells])
+    test_x = images(held, track)
+    test_y = torch.tensor([classes.index(str(c.cell_type)) for c in held])
+    before = measure(model, test_x, test_y, classes)
+
+    seed_everything(config.seed)
+    # the lab's cells weigh as much as the replay together, whatever their numbers
+    weights = torch.tensor([1 / len(learn)] * len(learn) + [1 / max(1, len(replay))]
+                           * len(replay), dtype=torch.double)
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = WeightedRandomSampler(weights, num_samples=max(2 * len(learn), len(train_y)),
+                                    generator=generator)
+    aug = str(manifest["training"].get("augmentation", "basic"))
+    loader = DataLoader(CellTensorDataset(train_x, train_y, augmentation(aug, geometry.input_size)),
+                        batch_size=config.batch_size, sampler=sampler)
+    model.unfreeze_backbone(train_batchnorm=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-7)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_y, len(classes)))
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        total = 0.0
+        for images, targets in track(loader, f"adapting {task} {epoch}/{config.epochs}"):
+            loss = loss_fn(model(images.contiguous(memory_format=torch.channels_last)), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(targets)
+        log(f"{task} epoch {epoch}: loss {total / len(sampler):.4f}")
+    model.eval()
+    after = measure(model, test_x, test_y, classes)
+    cells = {"learnt": dict(sorted(counts.items())),
+             "held_out": dict(sorted(Counter(str(c.cell_type) for c in held).items())),
+             "replay": dict(sorted(Counter(str(c.cell_type) for c in replay).items())),
+             "held_out_groups": len({c.group_key for c in held})}
+    return Adapted(task, model, manifest, before, after, cells, time.perf_counter() - started)
+
+
+def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = AdaptConfig(), *,
+          bases: dict[str, str | Path] | None = None, force: bool = False, data_root=None,
+          cells: Sequence[Cell] | None = None, track: Track = no_progress,
+          log: Callable[[str], None] = lambda m: None) -> dict:
+    """Adapt both level-2 models to the lab's cells (`lab_sources`: class-folder paths or
+    data-set names; or `cells` given directly); write them to `out_dir` unless worse.
+
+    Returns {task: {"before", "after", "cells", "seconds", "written"}}; raises AdaptError
+    (too little to learn from) or AdaptRefused (worse on the held-out cells, not forced).
+    """
+    out_dir = Path(out_dir)
+    bases = {task: (bases or {}).get(task, task) for task in TASKS}
+    if any((out_dir / f"{task}.pt").exists() for task in TASKS):
+        raise AdaptError(f"{out_dir} already holds adapted models; choose another --out")
+    if cells is None:
+        classes = [c for task in TASKS for c in load_classifier(bases[task])[1]["classes"]]
+        cells, _ = select_cells(list(lab_sources), classes, data_root, track)
+    results: dict = {}
+    plans = {task: plan_task(task, [str(c) for c in load_classifier(bases[task])[1]["classes"]],
+                             cells, config) for task in TASKS}  # every refusal before training
+    if not any(plans.values()):
+        raise AdaptError("none of the lab's cells is of a type the models know")
+    adapted = []
+    for task, plan in plans.items():
+        if plan is None:
+            results[task] = {"skipped": "no reviewed cells of this group"}
+            continue
+        done = adapt_task(task, bases[task], *plan, config, data_root=data_root, track=track,
+                          log=log)
+        adapted.append(done)
+        results[task] = {"before": done.before, "after": done.after, "cells": done.cells,
+                         "seconds": done.seconds}
+        log(f"{task}: held-out macro-F1 {done.before['macro_f1']:.3f} -> "
+            f"{done.after['macro_f1']:.3f}, accuracy {done.before['accuracy']:.3f} -> "
+            f"{done.after['accuracy']:.3f} ({done.after['n']} cells)")
+    worse = [a.task for a in adapted if a.after["macro_f1"] < a.before["macro_f1"]]
+    if worse and not force:
+        raise AdaptRefused(f"the adapted {' and '.join(worse)} model is worse on the lab's "
+                           "held-out cells than the one it started from; nothing written "
+                           "(--force writes it anyway)", results)
+    command = shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0] else ""
+    for done in adapted:
+        source = resolve(bases[done.task])
+        manifest = {**done.manifest,
+                    "adapted": {"base": {"model": str(source), "sha256": done.manifest["sha256"]},
+                                "lab": [str(s) for s in lab_sources],
+                                "config": asdict(config), "cells": done.cells,
+                                "before": done.before, "after": done.after,
+                                "forced": bool(force and done.task in worse),
+                                "minutes": done.seconds / 60, "command": command}}
+        path = out_dir / f"{done.task}.pt"
+        save_model(done.model, manifest, path)
+        export_classifier(path)
+        results[done.task]["written"] = str(path)
+    return results

@@ -1,0 +1,134 @@
+"""`leukodiff adapt`: a lab's reviewed cells fine-tune the level-2 models, safely."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from leukodiff.data.sources import load_cells, read_class_folders
+from leukodiff.models.io import load_classifier, sha256_of, shipped
+from leukodiff.pipeline.analyzer import Analyzer
+from leukodiff.training.adapt import (
+    AdaptConfig,
+    AdaptError,
+    AdaptRefused,
+    adapt,
+    case_of,
+)
+
+QUICK = AdaptConfig(epochs=1, replay_per_class=6, batch_size=16)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def lab_folder(tmp_path_factory, shared_data):
+    """A lab's reviewed cells as `export-training` writes them: CELLS/TYPE/CASE-...png,
+    4 cases of 4 lymphocytes and 3 monocytes each (PBC images standing in)."""
+    root = tmp_path_factory.mktemp("lab") / "cells"
+    cells = load_cells("pbc", shared_data).records
+    for name, per_case in (("lymphocyte", 4), ("monocyte", 3)):
+        chosen = sorted((c for c in cells if str(c.cell_type) == name),
+                        key=lambda c: c.image.name)[:4 * per_case]
+        (root / name).mkdir(parents=True)
+        for i, cell in enumerate(chosen):
+            shutil.copy(cell.image, root / name / f"case{i % 4}-field1-cell{i}.jpg")
+    return root
+
+
+def _lab_cells(root):
+    return read_class_folders(root, source="mylab",
+                              group_key=lambda p: case_of(p.name)).records
+
+
+def test_adapt_writes_a_new_model_set_with_before_and_after(lab_folder, tmp_path,
+                                                             shared_data):
+    shipped_hash = sha256_of(shipped("mononuclear"))
+    results = adapt([str(lab_folder)], tmp_path / "set", QUICK, cells=_lab_cells(lab_folder),
+                    data_root=shared_data)
+    assert results["polymorphonuclear"] == {"skipped": "no reviewed cells of this group"}
+    mono = results["mononuclear"]
+    held = mono["cells"]["held_out"]
+    assert sum(held.values()) == mono["after"]["n"] == mono["before"]["n"] > 0
+    assert sum(mono["cells"]["learnt"].values()) + sum(held.values()) == 28
+    assert mono["cells"]["held_out_groups"] >= 1 and sum(mono["cells"]["replay"].values()) > 0
+    _, manifest = load_classifier(tmp_path / "set" / "mononuclear.pt")
+    assert manifest["adapted"]["base"]["sha256"] == shipped_hash
+    assert manifest["adapted"]["after"] == json.loads(json.dumps(mono["after"]))
+    assert manifest["input"] == json.loads(shipped("mononuclear", ".json").read_text())["input"]
+    assert (tmp_path / "set" / "mononuclear.onnx").exists()
+    assert sha256_of(shipped("mononuclear")) == shipped_hash  # the base is never touched
+    with Analyzer.load(mononuclear=tmp_path / "set" / "mononuclear.pt", backend="onnx",
+                       threads=1) as analyzer:
+        assert analyzer.classifiers  # the adapted set runs in the shipped pipeline
+    with pytest.raises(AdaptError, match="already holds"):
+        adapt([str(lab_folder)], tmp_path / "set", QUICK, cells=_lab_cells(lab_folder),
+              data_root=shared_data)
+
+
+def test_cells_are_grouped_by_the_case_their_file_names():
+    assert case_of("2026-0042-field7-cell31.png") == "2026-0042"
+    assert case_of("slideA-003.jpg") == "slideA"
+    assert case_of("cell.png") == "cell.png"
+
+
+def test_adapt_refuses_too_few_cells_of_a_type_and_names_them(lab_folder, tmp_path,
+                                                              shared_data):
+    cells = _lab_cells(lab_folder)
+    few = [c for c in cells if str(c.cell_type) == "lymphocyte"] + \
+        [c for c in cells if str(c.cell_type) == "monocyte"][:4]
+    with pytest.raises(AdaptError, match=r"too few .*monocyte [0-4];"):
+        adapt(["mylab"], tmp_path / "few", QUICK, cells=few, data_root=shared_data)
+    one_case = [replace(c, group_key="case0") for c in cells]
+    with pytest.raises(AdaptError, match="at least two cases"):
+        adapt(["mylab"], tmp_path / "one", QUICK, cells=one_case, data_root=shared_data)
+    assert not (tmp_path / "few").exists() and not (tmp_path / "one").exists()
+
+
+def test_worse_after_adaptation_writes_nothing_unless_forced(lab_folder, tmp_path,
+                                                            shared_data):
+    ruinous = replace(QUICK, lr=0.5, epochs=2)  # a learning rate that wrecks the model
+    with pytest.raises(AdaptRefused, match="worse") as refused:
+        adapt(["mylab"], tmp_path / "bad", ruinous, cells=_lab_cells(lab_folder),
+              data_root=shared_data)
+    mono = refused.value.results["mononuclear"]
+    assert mono["after"]["macro_f1"] < mono["before"]["macro_f1"]
+    assert not (tmp_path / "bad" / "mononuclear.pt").exists()
+    adapt(["mylab"], tmp_path / "forced", ruinous, cells=_lab_cells(lab_folder), force=True,
+          data_root=shared_data)
+    _, manifest = load_classifier(tmp_path / "forced" / "mononuclear.pt")
+    assert manifest["adapted"]["forced"] is True
+
+
+def test_adaptation_curve_and_its_results_section(tmp_path, shared_data):
+    """`evaluate adaptation` mechanics on BCCD, with the shipped models standing in for
+    the fold trained without BCCD (the figures mean nothing here)."""
+    from leukodiff.evaluation.adaptation import AdaptationConfig, evaluate_adaptation
+    from leukodiff.reports.adaptation import write_adaptation_report
+
+    for task in ("mononuclear", "polymorphonuclear"):
+        fold = tmp_path / "labs" / "without-bccd" / task
+        fold.mkdir(parents=True)
+        shutil.copy(shipped(task), fold / "model.pt")
+        shutil.copy(shipped(task, ".json"), fold / "model.json")
+    config = AdaptationConfig(labs=("bccd", "pbc"), shots=(0, 5), draws=1,
+                              adapt=replace(QUICK, replay_per_class=4))
+    results = evaluate_adaptation(tmp_path / "labs", tmp_path / "out", config,
+                                  data_root=shared_data)
+    assert "no fold models" in results["labs"]["pbc"]["skipped"]
+    curve = results["labs"]["bccd"]
+    assert [(r["k"], r["draw"]) for r in curve["runs"]] == [(0, 0), (5, 0)]
+    assert curve["runs"][0]["cells"] == 0 and 0 < curve["runs"][1]["cells"] <= 25
+    assert curve["runs"][0]["n"] == curve["test_cells"] > 0
+    assert all(0 <= r["macro_f1"] <= 1 for r in curve["runs"])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text("# results\n\n<!-- labs:start -->\nfolds\n"
+                                     "<!-- labs:end -->\n\n## 1. Other\n")
+    write_adaptation_report(results, tmp_path / "out", docs)
+    text = (docs / "RESULTS.md").read_text()
+    assert text.index("labs:end") < text.index("adaptation:start") < text.index("## 1. Other")
+    assert "| BCCD |" in text and "k = 5" in text
+    assert (docs / "figures" / "adaptation.png").stat().st_size > 1000
