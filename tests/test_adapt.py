@@ -52,7 +52,9 @@ def test_adapt_writes_a_new_model_set_with_before_and_after(lab_folder, tmp_path
     mono = results["mononuclear"]
     held = mono["cells"]["held_out"]
     assert sum(held.values()) == mono["after"]["n"] == mono["before"]["n"] > 0
-    assert sum(mono["cells"]["learnt"].values()) + sum(held.values()) == 28
+    parts = (mono["cells"][p] for p in ("learnt", "validation", "held_out"))
+    assert sum(sum(part.values()) for part in parts) == 28
+    assert mono["cells"]["validation"] and 0 <= mono["cells"]["best_epoch"] <= QUICK.epochs
     assert mono["cells"]["held_out_groups"] >= 1 and sum(mono["cells"]["replay"].values()) > 0
     _, manifest = load_classifier(tmp_path / "set" / "mononuclear.pt")
     assert manifest["adapted"]["base"]["sha256"] == shipped_hash
@@ -87,9 +89,23 @@ def test_adapt_refuses_too_few_cells_of_a_type_and_names_them(lab_folder, tmp_pa
     assert not (tmp_path / "few").exists() and not (tmp_path / "one").exists()
 
 
+def test_a_ruinous_adaptation_keeps_the_base_chosen_on_validation_cases(lab_folder,
+                                                                        tmp_path,
+                                                                        shared_data):
+    ruinous = replace(QUICK, lr=0.5, epochs=2)  # a learning rate that wrecks the model
+    results = adapt(["mylab"], tmp_path / "kept", ruinous, cells=_lab_cells(lab_folder),
+                    data_root=shared_data)
+    mono = results["mononuclear"]
+    assert mono["cells"]["best_epoch"] == 0 and mono["after"] == mono["before"]
+    history = mono["cells"]["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert max(h["val_macro_f1"] for h in history[1:]) <= history[0]["val_macro_f1"]
+
+
 def test_worse_after_adaptation_writes_nothing_unless_forced(lab_folder, tmp_path,
                                                             shared_data):
-    ruinous = replace(QUICK, lr=0.5, epochs=2)  # a learning rate that wrecks the model
+    # no validation cases: the last epoch is kept, and the held-out cases judge it
+    ruinous = replace(QUICK, lr=0.5, epochs=2, validation=0.0)
     with pytest.raises(AdaptRefused, match="worse") as refused:
         adapt(["mylab"], tmp_path / "bad", ruinous, cells=_lab_cells(lab_folder),
               data_root=shared_data)
@@ -132,3 +148,22 @@ def test_adaptation_curve_and_its_results_section(tmp_path, shared_data):
     assert text.index("labs:end") < text.index("adaptation:start") < text.index("## 1. Other")
     assert "| BCCD |" in text and "k = 5" in text
     assert (docs / "figures" / "adaptation.png").stat().st_size > 1000
+
+
+def test_adapt_command_prints_before_and_after_and_names_the_new_files(lab_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from leukodiff.cli import app
+
+    out = tmp_path / "cli-set"
+    result = CliRunner().invoke(app, ["adapt", "--cells", str(lab_folder), "--out", str(out),
+                                      "--epochs", "1", "--replay-per-class", "4"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert "before -> after" in said and "macro-F1" in said and "lymphocyte" in said
+    assert (out / "mononuclear.onnx").exists() and not (out / "polymorphonuclear.pt").exists()
+    _, manifest = load_classifier(out / "mononuclear.pt")
+    assert manifest["adapted"]["lab"] == [str(lab_folder)]
+    assert manifest["adapted"]["cells"]["held_out_groups"] >= 1
+    refused = CliRunner().invoke(app, ["adapt", "--out", str(out)])
+    assert refused.exit_code == 1 and "--station" in refused.output

@@ -768,7 +768,7 @@ def adapt(
     if not cells and station is None:
         raise _fail("give the lab's reviewed cells: --cells FOLDER and/or --station DATA_DIR")
     with tempfile.TemporaryDirectory() as exported:
-        sources = list(cells)
+        sources, shown = list(cells), list(cells)
         if station is not None:
             from leukodiff.server.cli import export_signed_cases
             from leukodiff.server.settings import DATABASE_FILE
@@ -780,13 +780,14 @@ def adapt(
             console.print(f"station: {written} files from {len(ids)} signed case(s)")
             if (Path(exported) / "station" / "cells").is_dir():
                 sources.append(str(Path(exported) / "station" / "cells"))
-        _adapt_from(sources, out, mononuclear, polymorphonuclear, epochs, replay_per_class,
-                    held_out, group_by, force, data_root)
+                shown.append(f"station {station} (signed cases {', '.join(map(str, ids))})")
+        _adapt_from(sources, shown, out, mononuclear, polymorphonuclear, epochs,
+                    replay_per_class, held_out, group_by, force, data_root)
 
 
-def _adapt_from(cells: list[str], out: Path, mononuclear: str, polymorphonuclear: str,
-                epochs: int, replay_per_class: int, held_out: float, group_by: str,
-                force: bool, data_root: Path | None) -> None:
+def _adapt_from(cells: list[str], shown: list[str], out: Path, mononuclear: str,
+                polymorphonuclear: str, epochs: int, replay_per_class: int, held_out: float,
+                group_by: str, force: bool, data_root: Path | None) -> None:
     from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, read_class_folders
     from leukodiff.taxonomy import CellType
     from leukodiff.training.adapt import AdaptConfig, AdaptError, AdaptRefused, case_of
@@ -811,7 +812,7 @@ def _adapt_from(cells: list[str], out: Path, mononuclear: str, polymorphonuclear
             lab.extend(loaded.records)
         config = AdaptConfig(epochs=epochs, replay_per_class=replay_per_class,
                              held_out=held_out)
-        results = adapt_models(cells, out, config, cells=lab, force=force,
+        results = adapt_models(shown, out, config, cells=lab, force=force,
                                bases={"mononuclear": mononuclear,
                                       "polymorphonuclear": polymorphonuclear},
                                data_root=data_root, track=_track, log=console.print)

@@ -6,6 +6,8 @@ output, or any typed data set the readers know), mixed with a replay sample of t
 cells the models first learnt from (so nothing is forgotten), fine-tune both level-2
 models in a minute or two on a CPU.
 
+A quarter of the lab's learning cases choose the epoch, the base model (epoch 0)
+included, so an adaptation that does not help on the lab's own cases is not taken.
 Part of the lab's cells, grouped by case or slide (never by cell), is held out; the
 base and the adapted models are measured on it (accuracy, macro-F1, per-type recall
 with the counts behind them). The adapted set is written to a new folder (weights,
@@ -71,6 +73,9 @@ class AdaptConfig:
     batch_size: int = 32
     replay_per_class: int = 100  # cells per type from the base model's own training part
     held_out: float = 0.3  # share of the lab's cases/slides kept to measure before/after
+    # share of the learning cases that choose the epoch (0: the base model kept unless
+    # an epoch beats it on them); 0 here: train on all of them, keep the last epoch
+    validation: float = 0.25
     min_per_type: int = 5  # fewer reviewed cells of a type than this: refused
     seed: int = 0
 
@@ -153,6 +158,15 @@ def scores(truth: Sequence[int], predicted: Sequence[int], classes: Sequence[str
             "support": {c: metrics["per_class"][c]["support"] for c in present}}
 
 
+def validation_split(learn: Sequence[Cell], share: float, seed: int
+                     ) -> tuple[list[Cell], list[Cell]]:
+    """(fit, validation) of the lab's learning cells, grouped by case/slide; no validation
+    (everything fits, the last epoch is kept) when the cells come from one case only."""
+    if share <= 0 or len({c.group_key for c in learn}) < 2:
+        return list(learn), []
+    return lab_split(learn, share, seed + 1)
+
+
 def plan_task(task: str, classes: Sequence[str], lab_cells: Sequence[Cell],
               config: AdaptConfig) -> tuple[list[Cell], list[Cell]] | None:
     """The lab's cells of one model's types, as (learn, held out); None when there are
@@ -193,7 +207,6 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
     started = time.perf_counter()
     model, manifest = load_classifier(base)
     classes = [str(c) for c in manifest["classes"]]
-    counts = Counter(str(c.cell_type) for c in learn)
     geometry = crop_geometry(manifest)
     images = images or CellImages(geometry)
     if images.geometry != geometry:
@@ -201,19 +214,22 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
     if replay is None:
         replay = replay_cells(manifest, config.replay_per_class, config.seed, data_root,
                               track, log)
-    train_cells = [*learn, *replay]
+    fit, val = validation_split(learn, config.validation, config.seed)
+    train_cells = [*fit, *replay]
     train_x = images(train_cells, track)
     train_y = torch.tensor([classes.index(str(c.cell_type)) for c in train_cells])
+    val_x = images(val, track)
+    val_y = torch.tensor([classes.index(str(c.cell_type)) for c in val])
     test_x = images(held, track)
     test_y = torch.tensor([classes.index(str(c.cell_type)) for c in held])
     before = measure(model, test_x, test_y, classes)
 
     seed_everything(config.seed)
     # the lab's cells weigh as much as the replay together, whatever their numbers
-    weights = torch.tensor([1 / len(learn)] * len(learn) + [1 / max(1, len(replay))]
+    weights = torch.tensor([1 / len(fit)] * len(fit) + [1 / max(1, len(replay))]
                            * len(replay), dtype=torch.double)
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = WeightedRandomSampler(weights, num_samples=max(2 * len(learn), len(train_y)),
+    sampler = WeightedRandomSampler(weights, num_samples=max(2 * len(fit), len(train_y)),
                                     generator=generator)
     aug = str(manifest["training"].get("augmentation", "basic"))
     loader = DataLoader(CellTensorDataset(train_x, train_y, augmentation(aug, geometry.input_size)),
@@ -222,22 +238,39 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-7)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_y, len(classes)))
+    # epoch 0 is the base model: adapting must beat it on the lab's own validation cases
+    best = (measure(model, val_x, val_y, classes)["macro_f1"] if val else -1.0, 0)
+    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    history = [{"epoch": 0, "val_macro_f1": best[0] if val else None}]
     for epoch in range(1, config.epochs + 1):
         model.train()
         total = 0.0
-        for images, targets in track(loader, f"adapting {task} {epoch}/{config.epochs}"):
-            loss = loss_fn(model(images.contiguous(memory_format=torch.channels_last)), targets)
+        for batch, targets in track(loader, f"adapting {task} {epoch}/{config.epochs}"):
+            loss = loss_fn(model(batch.contiguous(memory_format=torch.channels_last)), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(targets)
-        log(f"{task} epoch {epoch}: loss {total / len(sampler):.4f}")
+        score = measure(model, val_x, val_y, classes)["macro_f1"] if val else float(epoch)
+        history.append({"epoch": epoch, "loss": total / len(sampler),
+                        "val_macro_f1": score if val else None})
+        log(f"{task} epoch {epoch}: loss {total / len(sampler):.4f}"
+            + (f"  validation macro-F1 {score:.3f}" if val else ""))
+        if score > best[0]:  # ties keep the earlier epoch, the base first of all
+            best = (score, epoch)
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
     model.eval()
+    if val:
+        log(f"{task}: epoch {best[1]} chosen on {len(val)} validation cells"
+            + (" (the base model: no epoch beat it)" if best[1] == 0 else ""))
     after = measure(model, test_x, test_y, classes)
-    cells = {"learnt": dict(sorted(counts.items())),
+    cells = {"learnt": dict(sorted(Counter(str(c.cell_type) for c in fit).items())),
+             "validation": dict(sorted(Counter(str(c.cell_type) for c in val).items())),
              "held_out": dict(sorted(Counter(str(c.cell_type) for c in held).items())),
              "replay": dict(sorted(Counter(str(c.cell_type) for c in replay).items())),
-             "held_out_groups": len({c.group_key for c in held})}
+             "held_out_groups": len({c.group_key for c in held}),
+             "best_epoch": best[1], "history": history}
     return Adapted(task, model, manifest, before, after, cells, time.perf_counter() - started)
 
 
