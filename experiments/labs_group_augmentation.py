@@ -39,7 +39,6 @@ from pathlib import Path
 import torch
 
 from leukodiff.data.sources import load_cells
-from leukodiff.models.detector import build_detector
 from leukodiff.models.io import load_detector
 from leukodiff.taxonomy import GROUP_OF, Group
 from leukodiff.training.cells import CropGeometry, load_cell_tensors
@@ -47,6 +46,7 @@ from leukodiff.training.detector import (
     DetectorConfig,
     _group_eval,
     prepare_fields,
+    restart_group_classifier,
     train_group_classifier,
 )
 
@@ -72,9 +72,7 @@ for lab in ("bccd", "chula"):
         config = replace(trained, group_augmentation=name,
                          spec=replace(trained.spec, group_stain=stain))
         spec = config.spec
-        torch.manual_seed(config.seed)  # each variant starts where training starts: ImageNet
-        fresh = build_detector(spec, frozen_blocks=config.frozen_blocks).group_classifier
-        model.group_classifier.load_state_dict(fresh.state_dict())
+        restart_group_classifier(model, config)  # each variant starts from ImageNet
         info = train_group_classifier(model, config, data, out, device=torch.device("cpu"),
                                       log=lambda m: print(m, flush=True))
         images = load_cell_tensors(cells, CropGeometry(spec.group_input_size,

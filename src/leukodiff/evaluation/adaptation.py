@@ -27,6 +27,7 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells
 from leukodiff.data.splits import holdout
 from leukodiff.evaluation.labs import TYPED_LABS, available_labs
+from leukodiff.models.files import read_checked
 from leukodiff.models.io import load_classifier
 from leukodiff.taxonomy import CellType
 from leukodiff.training.adapt import (
@@ -77,7 +78,7 @@ def adaptation_curve(lab: str, bases: dict[str, Path], config: AdaptationConfig,
     with k cells per type, for every k and draw."""
     cells = load_cells(lab, data_root, track).records
     pool, test = lab_parts(cells, config.seed)
-    manifests = {task: load_classifier(bases[task])[1] for task in TASKS}
+    manifests = {task: read_checked(bases[task])[1] for task in TASKS}
     classes = {task: [str(c) for c in manifests[task]["classes"]] for task in TASKS}
     images = {task: CellImages(crop_geometry(manifests[task])) for task in TASKS}
     replay = {task: replay_cells(manifests[task], config.adapt.replay_per_class,

@@ -40,7 +40,7 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import holdout, monte_carlo
 from leukodiff.evaluation.metrics import classification_metrics
 from leukodiff.models.export import export_classifier
-from leukodiff.models.files import resolve
+from leukodiff.models.files import read_checked, resolve
 from leukodiff.models.io import load_classifier, save_model
 from leukodiff.training.cells import (
     CellImages,
@@ -288,12 +288,14 @@ def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = Adapt
     bases = {task: (bases or {}).get(task, task) for task in TASKS}
     if any((out_dir / f"{task}.pt").exists() for task in TASKS):
         raise AdaptError(f"{out_dir} already holds adapted models; choose another --out")
+    classes = {task: [str(c) for c in read_checked(bases[task])[1]["classes"]]
+               for task in TASKS}
     if cells is None:
-        classes = [c for task in TASKS for c in load_classifier(bases[task])[1]["classes"]]
-        cells, _ = select_cells(list(lab_sources), classes, data_root, track)
+        cells, _ = select_cells(list(lab_sources), [c for t in TASKS for c in classes[t]],
+                                data_root, track)
     results: dict = {}
-    plans = {task: plan_task(task, [str(c) for c in load_classifier(bases[task])[1]["classes"]],
-                             cells, config) for task in TASKS}  # every refusal before training
+    # every refusal before any training
+    plans = {task: plan_task(task, classes[task], cells, config) for task in TASKS}
     if not any(plans.values()):
         raise AdaptError("none of the lab's cells is of a type the models know")
     adapted = []

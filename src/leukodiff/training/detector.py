@@ -654,6 +654,16 @@ def final_metrics(model, config: DetectorConfig, data: DetectorData,
     return {name: _short(m) for name, m in metrics.items()}
 
 
+def restart_group_classifier(model, config: DetectorConfig, weights_dir=None) -> None:
+    """Put `model`'s group classifier back where training starts it (ImageNet base, fresh
+    seeded head) and give the model `config.spec` (how the new group model cuts crops)."""
+    seed_everything(config.seed)
+    fresh = build_detector(config.spec, weights_dir=weights_dir,
+                           frozen_blocks=config.frozen_blocks).group_classifier
+    model.group_classifier.load_state_dict(fresh.state_dict())
+    model.spec = config.spec
+
+
 def retrain_group_classifier(
     detector: str | Path,
     out_dir: Path,
@@ -687,11 +697,7 @@ def retrain_group_classifier(
                      spec=replace(trained.spec, group_stain=stain))
     config.check()
     out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(config.seed)
-    fresh = build_detector(config.spec, weights_dir=weights_dir,
-                           frozen_blocks=config.frozen_blocks).group_classifier
-    model.group_classifier.load_state_dict(fresh.state_dict())
-    model.spec = config.spec  # type: ignore[attr-defined]  # crops as the new group model's
+    restart_group_classifier(model, config, weights_dir)
     data = prepare_fields(config, data_root, track)
     info = train_group_classifier(model, config, data, out_dir, device=torch.device("cpu"),
                                   data_root=data_root, track=track, log=log)
