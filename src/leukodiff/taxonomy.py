@@ -55,6 +55,10 @@ CELL_TYPES_OF: dict[Group, tuple[CellType, ...]] = {
 
 Label = CellType | Group | ObjectKind
 
+#: `leukodiff adapt` refuses a type with fewer reviewed cells than this (outside the cases it
+#: holds out); here, torch-free, so the review station can show how many more each type needs.
+MIN_REVIEWED_PER_TYPE = 5
+
 # Spellings seen in the shared sets (BCCD/KBC upper case, PBC folder names and
 # file prefixes such as SNE_/EO_/BA_) and the usual lab abbreviations.
 # Keys are normalised by `_normalise`.

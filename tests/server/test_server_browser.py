@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -60,6 +61,28 @@ def count_cell(page, label: str):
 
 def count_of(page, label: str) -> int:
     return int(count_cell(page, label).inner_text())
+
+
+def sign_in(page, url: str, username: str) -> None:
+    page.goto(f"{url}/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{url}/")
+
+
+def shown(page) -> list[int]:
+    """The gallery's cell ids, in the order on screen."""
+    return [int(i) for i in page.locator("#gallery .thumb").evaluate_all(
+        "nodes => nodes.map(n => n.dataset.cell)")]
+
+
+def selected(page):
+    return page.locator("#gallery .thumb.selected")
+
+
+def selected_id(page) -> int:
+    return int(selected(page).get_attribute("data-cell"))
 
 
 def test_review_in_the_browser(live_server, browser_page, bccd: Path, tmp_path: Path) -> None:
@@ -120,3 +143,78 @@ def test_review_in_the_browser(live_server, browser_page, bccd: Path, tmp_path: 
     assert report["identifier"][0]["value"] == "BROWSER-1"
     assert len(report["result"]) == 5
     shutil.copy(saved, ARTIFACTS / "BROWSER-1.fhir.json")
+
+
+def test_gallery_least_confident_first_and_the_keys_follow_it(live_server, browser_page,
+                                                              bccd: Path) -> None:
+    """Issue #15: the gallery ordered by the model's confidence, least confident first,
+    remembered by the browser; J / K and the step after a label follow the order shown."""
+    page = browser_page
+    live_server.station.add_user("tess", "technologist")
+    sign_in(page, live_server.url, "tess")
+    page.fill("input[name=accession]", "ORDER-1")
+    page.click("#new-case button[type=submit]")
+    page.wait_for_url("**/cases/*")
+    case_id = page.url.rsplit("/", 1)[1]
+    # Uploaded so that (with today's models) neither order shown is the cells' ids.
+    page.set_input_files("#file-input", [str(bccd / FIELDS[i]) for i in (1, 2, 0)])
+    expect(page.locator("#progress-text")).to_have_text(
+        re.compile(r"^Analysed 3 of 3 field\(s\)$"), timeout=60_000)
+    case = page.request.get(f"{live_server.url}/api/cases/{case_id}").json()
+    cells = {c["id"]: c for field in case["fields"] for c in field["cells"]}
+    assert len(cells) >= 3, "the Analyzer found too few white cells in three BCCD fields"
+    expect(page.locator("#gallery .thumb")).to_have_count(len(cells))
+
+    # Each crop shows the model's confidence in its type.
+    for cell_id, cell in cells.items():
+        text = page.locator(f'#gallery .thumb[data-cell="{cell_id}"] .confidence').inner_text()
+        confidence = cell["model_confidence"]
+        rounded = min(math.floor(100 * confidence + 0.5), 99 if confidence < 1 else 100)
+        assert text == f"{rounded}%"
+
+    # By type (the default): J walks the groups as shown, K goes back.
+    assert page.input_value("#gallery-order") == "type"
+    by_type = shown(page)
+    walked = []
+    for _ in by_type:
+        page.keyboard.press("j")
+        walked.append(selected_id(page))
+    assert walked == by_type
+    page.keyboard.press("k")
+    assert selected_id(page) == by_type[-2]
+
+    # Least confident first; J / K follow it.
+    page.select_option("#gallery-order", "confidence")
+    least_first = sorted(cells, key=lambda i: (cells[i]["model_confidence"], i))
+    assert shown(page) == least_first
+    page.locator(f'#gallery .thumb[data-cell="{least_first[0]}"]').click()
+    page.keyboard.press("j")
+    assert selected_id(page) == least_first[1]
+    page.keyboard.press("k")
+    assert selected_id(page) == least_first[0]
+    # A label set moves on to the next cell as shown; the order stays (it is the model's).
+    page.keyboard.press("2")
+    expect(selected(page)).to_have_attribute("data-cell", str(least_first[1]))
+    assert shown(page) == least_first
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#gallery").screenshot(path=str(ARTIFACTS / "review-gallery-confidence.png"))
+
+    # Remembered by this browser.
+    page.reload()
+    expect(page.locator("#gallery .thumb")).to_have_count(len(cells))
+    assert page.input_value("#gallery-order") == "confidence"
+    assert shown(page) == least_first
+
+    # Back by type: a new label moves the cell to another group, yet the next cell
+    # selected is the one after it where the reviewer was looking.
+    page.select_option("#gallery-order", "type")
+    by_type = shown(page)
+    first = page.locator(f'#gallery .thumb[data-cell="{by_type[0]}"]')
+    label = first.locator("xpath=ancestor::div[@class='gallery-section']").get_attribute(
+        "data-label")
+    new_label = next(t for t in TYPES if t != label)
+    first.click()
+    page.keyboard.press(str(TYPES.index(new_label) + 1))
+    expect(selected(page)).to_have_attribute("data-cell", str(by_type[1]))
+    expect(page.locator(f'.gallery-section[data-label="{new_label}"] '
+                        f'.thumb[data-cell="{by_type[0]}"]')).to_have_count(1)

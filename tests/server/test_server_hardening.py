@@ -290,3 +290,201 @@ def test_sign_off_refused_for_a_case_already_signed(sqlite_station, bccd) -> Non
     assert tech.patch(f"/api/cases/{case['id']}", json={
         "target_count": 200, "revision": case["revision"] + 1}).status_code == 423
     assert tech.get(f"/api/cases/{case['id']}").json()["status"] == CaseStatus.SIGNED
+
+
+# --- issue #16 ----------------------------------------------------------------------------
+
+def _id_routes(app) -> list[tuple[str, str]]:
+    """(method, path) of every route with an id in its path."""
+    from fastapi.routing import APIRoute
+
+    return [(method, route.path) for route in app.routes if isinstance(route, APIRoute)
+            if re.search(r"\{\w+_id\}", route.path) for method in sorted(route.methods)]
+
+
+def test_ids_beyond_the_databases_range_are_not_found(station) -> None:
+    """SQLite raised OverflowError on an id past 64 bits, PostgreSQL "integer out of range"
+    past 32 bits (both a 500): every route with an id says 404."""
+    tech = station.client("tess")
+    case = tech.post("/api/cases", json={"accession": "ID-1"}).json()
+    routes = _id_routes(station.app)
+    assert len(routes) >= 15
+    for big in (2**31, 2**63, 2**64 + 5, 10**40, -(2**31) - 1, -(2**63) - 1):
+        for method, path in routes:
+            url = re.sub(r"\{\w+_id\}", str(big), path)
+            response = tech.request(method, url, params={"version": 1}, json={})
+            assert response.status_code == 404, (method, url, response.status_code)
+        # A real case, an impossible cell or field inside it.
+        cell = f"/api/cases/{case['id']}/cells/{big}"
+        assert tech.patch(cell, json={"label": "monocyte", "version": 1}).status_code == 404
+        assert tech.delete(cell, params={"version": 1}).status_code == 404
+        drawn = tech.post(f"/api/cases/{case['id']}/cells",
+                          json={"field_id": big, "box": [0, 0, 50, 50], "label": "monocyte"})
+        assert drawn.status_code in (404, 422), drawn.text
+    # The largest possible id (32-bit: PostgreSQL's integer) is a plain miss, named as such.
+    largest = tech.get(f"/api/cases/{2**31 - 1}")
+    assert largest.status_code == 404 and "no case" in largest.json()["detail"]
+    assert tech.get(f"/api/cases/{case['id']}").status_code == 200
+
+
+def _try_login(client: TestClient, username: str, password: str):
+    page = client.get("/login").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    return client.post("/login", data={"username": username, "password": password,
+                                       "csrf_token": token}, follow_redirects=False)
+
+
+def test_throttle_does_not_lock_an_account_for_another_names_failures(make_station) -> None:
+    """Usernames are case-sensitive, but the throttle lowercased them: TESS's failed
+    sign-ins locked out tess."""
+    station = make_station(None, login_max_failures=2)
+    station.add_user("TESS", "technologist")
+    station.add_user("tess", "technologist")
+    client = TestClient(station.app)
+    assert [_try_login(client, "TESS", "wrong").status_code for _ in range(2)] == [401] * 2
+    assert _try_login(client, "TESS", PASSWORD).status_code == 429
+    assert _try_login(client, "tess", PASSWORD).status_code == 303
+
+
+def test_json_bodies_capped_uploads_keep_their_limit(sqlite_station, bccd, tmp_path) -> None:
+    """A 300 MB JSON body was accepted by POST /api/cases: JSON routes now take 64 KiB."""
+    tech = sqlite_station.client("tess")
+    padded = {"accession": "BODY-1", "padding": "x" * 100_000}
+    response = tech.post("/api/cases", json=padded)
+    assert response.status_code == 413 and "64 kB" in response.json()["detail"]
+    chunks = (b" " * 16_384 for _ in range(8))  # chunked (no Content-Length): cut off too
+    response = tech.post("/api/cases", content=chunks,
+                         headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "64 kB" in response.json()["detail"]
+    assert tech.get("/api/cases").json() == []
+    case = tech.post("/api/cases", json={"accession": "BODY-2"})
+    assert case.status_code == 201
+    # An image upload keeps its own, larger limit.
+    from PIL import Image as PILImage
+
+    big = tmp_path / "field.png"
+    PILImage.open(bccd / FIELDS[0]).save(big, format="PNG")
+    assert big.stat().st_size > 2 * 65_536
+    response = upload(tech, case.json()["id"], big)
+    assert response.status_code == 200, response.text
+    wait_analysed(tech, case.json()["id"])
+
+
+def test_data_dir_files_are_private(make_station, bccd) -> None:
+    """The database (and its WAL/SHM) was 0644 with password hashes inside: every file the
+    station makes is 0600 (images read-only: 0400), every folder 0700, whatever the umask."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        station = make_station(None)
+        tech = station.client("tess")
+        case = tech.post("/api/cases", json={"accession": "PERM-1"}).json()
+        assert upload(tech, case["id"], bccd / FIELDS[0]).status_code == 200
+        field = wait_analysed(tech, case["id"])["fields"][0]
+        assert tech.get(f"/api/fields/{field['id']}/image").status_code == 200
+    finally:
+        os.umask(previous)
+    data_dir = station.settings.data_dir
+    names = {p.name for p in data_dir.iterdir()}
+    assert {"leukodiff.sqlite3", "leukodiff.sqlite3-wal", "leukodiff.sqlite3-shm",
+            "secret_key"} <= names
+    paths = [data_dir, *data_dir.rglob("*")]
+    assert any(p.parent.parent == station.settings.blob_dir for p in paths)
+    assert any(p.parent == station.settings.cache_dir for p in paths)
+    for path in paths:
+        mode = path.stat().st_mode & 0o777
+        if path.is_dir():
+            assert mode == 0o700, (path, oct(mode))
+        else:
+            assert mode in (0o600, 0o400), (path, oct(mode))
+
+
+def test_failed_forms_keep_what_was_typed(sqlite_station) -> None:
+    """A failed sign-in or a duplicate accession re-rendered an empty form."""
+    sqlite_station.add_user("tess", "technologist")
+    client = TestClient(sqlite_station.app)
+    failed = _try_login(client, "tess", "wrong password")
+    assert failed.status_code == 401
+    assert re.search(r'name="username"[^>]*value="tess"', failed.text), failed.text
+    assert "wrong password" not in failed.text
+    hostile = _try_login(client, '"><script>x</script>', "secret pass")
+    assert '"><script>' not in hostile.text and "secret pass" not in hostile.text
+
+    tech = sqlite_station.client("tom")
+    form = {"accession": "DUP-7", "target_count": "250",
+            "csrf_token": tech.headers["X-CSRF-Token"]}
+    assert tech.post("/cases", data=form, follow_redirects=False).status_code == 303
+    again = tech.post("/cases", data=form, follow_redirects=False)
+    assert again.status_code == 409 and "already exists" in again.text
+    assert re.search(r'name="accession"[^>]*value="DUP-7"', again.text), again.text
+    assert re.search(r'name="target_count"[^>]*value="250"', again.text), again.text
+    fresh = tech.get("/").text
+    assert re.search(r'name="target_count"[^>]*value="100"', fresh)
+    assert not re.search(r'name="accession"[^>]*value="DUP-7"', fresh)
+
+
+def test_signed_case_hides_edit_controls_and_refuses_edits(sqlite_station, bccd) -> None:
+    """Target and draw controls stayed visible on a signed case; the API refuses edits."""
+    tech = sqlite_station.client("tess")
+    reviewer = sqlite_station.client("rita", "reviewer")
+    case = tech.post("/api/cases", json={"accession": "LOCK-1"}).json()
+    upload(tech, case["id"], bccd / FIELDS[0])
+    case = wait_analysed(tech, case["id"])
+    page = tech.get(f"/cases/{case['id']}").text
+    for control in ('id="target-form"', 'id="draw-mode"'):
+        tag = re.search(rf"<[^>]*{control}[^>]*>", page).group(0)
+        assert " hidden" not in tag, tag
+    cell, field = all_cells(case)[0], case["fields"][0]
+    if cell["label"] == "unidentified":
+        cell = tech.patch(f"/api/cases/{case['id']}/cells/{cell['id']}",
+                          json={"label": "monocyte", "version": cell["version"]}
+                          ).json()["cell"]
+    case = tech.get(f"/api/cases/{case['id']}").json()
+    signed = reviewer.post(f"/api/cases/{case['id']}/sign-off",
+                           json={"revision": case["revision"]})
+    assert signed.status_code == 200, signed.text
+    revision = signed.json()["revision"]
+
+    page = tech.get(f"/cases/{case['id']}").text
+    for control in ('id="target-form"', 'id="draw-mode"'):
+        tag = re.search(rf"<[^>]*{control}[^>]*>", page).group(0)
+        assert " hidden" in tag, tag
+    base = f"/api/cases/{case['id']}"
+    edits = [
+        tech.patch(base, json={"target_count": 200, "revision": revision}),
+        tech.patch(f"{base}/cells/{cell['id']}",
+                   json={"label": "basophil", "version": cell["version"]}),
+        tech.delete(f"{base}/cells/{cell['id']}", params={"version": cell["version"]}),
+        tech.post(f"{base}/cells", json={"field_id": field["id"], "box": [5, 5, 60, 60],
+                                         "label": "monocyte"}),
+        upload(tech, case["id"], bccd / FIELDS[1]),
+    ]
+    assert [e.status_code for e in edits] == [423] * 5, [e.text for e in edits]
+    after = tech.get(base).json()
+    assert after["revision"] == revision and after["target_count"] == case["target_count"]
+    assert all_cells(after) == all_cells(signed.json())
+
+
+def test_deleted_cells_crops_are_not_served(sqlite_station, bccd) -> None:
+    """Issue #16: a deleted detection left the case, yet `/api/cells/N/crop` still served it."""
+    tech = sqlite_station.client("tess")
+    case = tech.post("/api/cases", json={"accession": "GONE-1"}).json()
+    upload(tech, case["id"], bccd / FIELDS[0])
+    case = wait_analysed(tech, case["id"])
+    model = all_cells(case)[0]
+    drawn = tech.post(f"/api/cases/{case['id']}/cells",
+                      json={"field_id": case["fields"][0]["id"], "box": [5, 5, 60, 60],
+                            "label": "monocyte"}).json()["cell"]
+    kept = tech.post(f"/api/cases/{case['id']}/cells",
+                     json={"field_id": case["fields"][0]["id"], "box": [70, 5, 130, 60],
+                           "label": "lymphocyte"}).json()["cell"]
+    for cell in (model, drawn, kept):
+        assert tech.get(f"/api/cells/{cell['id']}/crop").status_code == 200
+    for cell in (model, drawn):
+        gone = tech.delete(f"/api/cases/{case['id']}/cells/{cell['id']}",
+                           params={"version": cell["version"]})
+        assert gone.status_code == 200 and gone.json()["deleted"]
+        crop = tech.get(f"/api/cells/{cell['id']}/crop")
+        assert crop.status_code == 404 and crop.headers["content-type"] == "application/json"
+    assert tech.get(f"/api/cells/{kept['id']}/crop").status_code == 200

@@ -42,7 +42,9 @@ def signed_case(station, bccd: Path) -> dict:
 
 
 def expected_counts(case: dict) -> Counter:
-    return Counter(c["label"] for c in all_cells(case) if c["label"] in set(CellType))
+    """The cell types of the cells a person reviewed: only those are exported."""
+    return Counter(c["label"] for c in all_cells(case)
+                   if c["reviewed"] and c["label"] in set(CellType))
 
 
 def test_training_zip_reads_back(sqlite_station, bccd: Path, tmp_path: Path) -> None:
@@ -103,3 +105,49 @@ def test_adapt_reads_a_stations_signed_cases(sqlite_station, bccd: Path, tmp_pat
     assert missing.exit_code == 1
     assert "no review station database" in " ".join(missing.output.split())
     assert not (tmp_path / "nothing").exists()
+
+
+def test_training_zip_holds_only_reviewed_cells(sqlite_station, bccd: Path,
+                                                tmp_path: Path) -> None:
+    """Cells nobody reviewed (the model's calls, left as they were) went into training.zip.
+
+    Field A: its cell confirmed; field B: left alone; field C: a missed cell drawn, the
+    model's cell left alone. Only A's cell and C's drawn cell are exported as crops, only
+    field A (every cell reviewed) as a VOC pair; README.txt says what was left out.
+    """
+    tech = sqlite_station.client("tess")
+    reviewer = sqlite_station.client("rita", "reviewer")
+    case = tech.post("/api/cases", json={"accession": "REV-1"}).json()
+    upload(tech, case["id"], *(bccd / name for name in FIELDS))
+    case = wait_analysed(tech, case["id"])
+    field_a, field_b, field_c = case["fields"]
+    model_cells = all_cells(case)
+    assert all(c["label"] in set(CellType) for c in model_cells), model_cells
+    for cell in field_a["cells"]:
+        assert tech.patch(f"/api/cases/{case['id']}/cells/{cell['id']}",
+                          json={"label": cell["label"], "version": cell["version"]}).is_success
+    drawn = tech.post(f"/api/cases/{case['id']}/cells", json={
+        "field_id": field_c["id"], "box": [5, 5, 80, 80], "label": "basophil"})
+    assert drawn.status_code == 201, drawn.text
+    case = tech.get(f"/api/cases/{case['id']}").json()
+    signed = reviewer.post(f"/api/cases/{case['id']}/sign-off",
+                           json={"revision": case["revision"]})
+    assert signed.status_code == 200, signed.text
+
+    response = tech.get(f"/api/cases/{case['id']}/training.zip")
+    assert response.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        archive.extractall(tmp_path / "export")
+    reviewed = {field_a["cells"][0]["id"], drawn.json()["cell"]["id"]}
+    crops = sorted(p.name for p in (tmp_path / "export" / "cells").rglob("*.png"))
+    assert crops == sorted(f"REV-1-field{f}-cell{c['id']}.png"
+                           for f, c in [(field_a["id"], field_a["cells"][0]),
+                                        (field_c["id"], drawn.json()["cell"])])
+    assert {c["id"] for c in all_cells(case) if c["reviewed"]} == reviewed
+    assert not any(f"field{field_b['id']}-" in name for name in crops)
+    fields = read_voc(tmp_path / "export" / "fields")
+    assert [f.image.name for f in fields.records] == [f"REV-1-field{field_a['id']}.png"]
+    readme = (tmp_path / "export" / "README.txt").read_text()
+    left_out = len(model_cells) - len(field_a["cells"])
+    assert f"{left_out} cell(s) left out" in readme, readme
+    assert "2 field(s) left out" in readme, readme

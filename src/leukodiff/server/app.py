@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from leukodiff.pipeline import Analyzer
@@ -29,8 +32,9 @@ PACKAGE = Path(__file__).parent
 log = logging.getLogger(__name__)
 # Room for the multipart framing around the largest allowed set of files.
 MULTIPART_OVERHEAD = 64 * 1024
-# Without a signed-in session only the login form may be posted: a few hundred bytes.
-ANONYMOUS_BODY_LIMIT = 64 * 1024
+# Every body but an image upload's (JSON, forms; without a signed-in session, any body):
+# a few hundred bytes in practice.
+BODY_LIMIT = 64 * 1024
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
        "script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
@@ -96,6 +100,14 @@ def _wants_json(request: Request) -> bool:
 
 
 def _add_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> Response:
+        """A path that names no possible row (an id beyond the database's integers, or not a
+        number) is a 404, like an id that is merely unused; other invalid input stays a 422."""
+        if any(e.get("loc", ())[:1] == ("path",) for e in error.errors()):
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        return await request_validation_exception_handler(request, error)
+
     @app.exception_handler(NotAuthenticated)
     async def not_authenticated(request: Request, _error: NotAuthenticated) -> Response:
         if _wants_json(request):
@@ -123,8 +135,10 @@ def _add_handlers(app: FastAPI) -> None:
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
     limit = settings.max_upload_bytes * settings.max_files_per_request + MULTIPART_OVERHEAD
-    app.add_middleware(RequestGuard, signed_in_limit=limit,
-                       anonymous_limit=min(limit, ANONYMOUS_BODY_LIMIT))
+    uploads = [route for route in app.routes
+               if getattr(getattr(route, "endpoint", None), "large_body", False)]
+    app.add_middleware(RequestGuard, upload_routes=uploads, upload_limit=limit,
+                       body_limit=min(limit, BODY_LIMIT))
     # Added last, so it runs first: the session is decoded before the guard and routes need it.
     app.add_middleware(SessionMiddleware, secret_key=settings.secret_key,
                        session_cookie="leukodiff_session", same_site="lax",
@@ -146,22 +160,31 @@ class RequestGuard:
 
     A Content-Length over the limit is refused before anything is read; a chunked
     body (no Content-Length) is counted as it arrives and cut off at the limit, so
-    nothing is spooled to disk beyond it. Requests without a signed-in session get
-    only `anonymous_limit` (the login form), so strangers cannot fill the disk.
+    nothing is spooled to disk beyond it. Only a signed-in request to one of
+    `upload_routes` (image uploads) gets `upload_limit`; every other body (JSON, forms,
+    anything from strangers) gets `body_limit`, so no one can fill memory or disk.
     Plain ASGI: Starlette's BaseHTTPMiddleware cannot stop a body mid-stream.
     """
 
-    def __init__(self, app: ASGIApp, signed_in_limit: int, anonymous_limit: int) -> None:
+    def __init__(self, app: ASGIApp, upload_routes: list[BaseRoute], upload_limit: int,
+                 body_limit: int) -> None:
         self.app = app
-        self.signed_in_limit, self.anonymous_limit = signed_in_limit, anonymous_limit
+        self.upload_routes = upload_routes
+        self.upload_limit, self.body_limit = upload_limit, body_limit
+
+    def _limit(self, scope: Scope) -> int:
+        session = scope.get("session")
+        signed_in = isinstance(session, dict) and isinstance(session.get("uid"), int)
+        if signed_in and any(route.matches(scope)[0] == Match.FULL
+                             for route in self.upload_routes):
+            return self.upload_limit
+        return self.body_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        session = scope.get("session")
-        signed_in = isinstance(session, dict) and isinstance(session.get("uid"), int)
-        limit = self.signed_in_limit if signed_in else self.anonymous_limit
+        limit = self._limit(scope)
         started = False
 
         async def send_with_headers(message: Message) -> None:

@@ -171,7 +171,9 @@ class LoginThrottle:
 
     def _keys(self, username: str, address: str) -> tuple[tuple[str, int], ...]:
         # A name that cannot exist is counted by address only (no key per junk string).
-        name = username.lower() if USERNAME.match(username) else None
+        # Exactly as typed: accounts are matched case-sensitively (`authenticate`), so
+        # "TESS" and "tess" are two accounts and must not share a lock.
+        name = username if USERNAME.match(username) else None
         keys = [(f"addr:{address[:64]}", 4 * self.max_failures)]
         if name is not None:
             keys += [(f"pair:{name}|{address[:64]}", self.max_failures),

@@ -12,6 +12,7 @@ import io
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,41 +137,83 @@ def fhir_report(case: Case) -> dict[str, Any]:
             "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in entries]}
 
 
-def training_files(cases: Iterable[Case], views: ViewCache) -> Iterator[tuple[str, bytes]]:
-    """(relative path, bytes) of every reviewed cell's crop and every field's VOC pair.
+@dataclass
+class TrainingSummary:
+    """What a training export held and what it left out (filled in by `training_files`)."""
 
-    Only signed cases are exported: their labels are a reviewer's, not the model's.
-    Unidentified cells go into the VOC boxes as plain "WBC" and into no class folder;
-    cells marked not-a-white-cell and deleted detections are left out.
+    cells: int = 0  # reviewed cells exported as crops
+    cells_left_out: int = 0  # live cells nobody reviewed (the model's call stands unchecked)
+    fields: int = 0  # fields exported as VOC pairs (every live cell in them reviewed)
+    fields_left_out: int = 0  # fields with a cell nobody reviewed
+
+    def readme(self, cases: Iterable[Case]) -> str:
+        names = [c.accession for c in cases if c.signed_at is not None]
+        listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        return (f"leukodiff training export of {len(names)} signed case(s): {listed}\n\n"
+                "Only cells a person reviewed (classified, confirmed or drawn) are in it.\n"
+                f"cells/<type>/: {self.cells} reviewed cell crop(s); {self.cells_left_out} "
+                "cell(s) left out because nobody reviewed them (unidentified, not-a-white-"
+                "cell and deleted detections are never exported as crops).\n"
+                f"fields/ (Pascal VOC): {self.fields} field(s) whose every cell was reviewed; "
+                f"{self.fields_left_out} field(s) left out because some of their cells were "
+                "not reviewed (their boxes would be unchecked or missing).\n")
+
+
+def training_files(cases: Iterable[Case], views: ViewCache,
+                   summary: TrainingSummary | None = None) -> Iterator[tuple[str, bytes]]:
+    """(relative path, bytes) of every reviewed cell's crop and every reviewed field's VOC pair.
+
+    Only signed cases are exported, and of them only what a person reviewed (`reviewed`:
+    reclassified, confirmed or drawn): a cell whose label is still the model's own call is
+    left out, and so is the VOC pair of a field holding such a cell (its boxes would teach
+    unchecked calls, or miss a white cell if the box were dropped). Unidentified cells go
+    into the VOC boxes as plain "WBC" and into no class folder; cells marked
+    not-a-white-cell and deleted detections are left out. `summary`, if given, is filled
+    in with what was exported and left out.
     """
+    summary = summary if summary is not None else TrainingSummary()
     for case in cases:
         if case.signed_at is None:
             continue
         for field in case.fields:
-            cells = [c for c in field.cells if not c.deleted and c.label != NOT_WBC]
-            if not cells:
+            live = [c for c in field.cells if not c.deleted]
+            unreviewed = sum(not c.reviewed for c in live)
+            summary.cells_left_out += unreviewed
+            summary.fields_left_out += bool(unreviewed)
+            white = [c for c in live if c.label != NOT_WBC]
+            crops = [c for c in white if c.reviewed and c.label != UNIDENTIFIED]
+            whole = bool(white) and not unreviewed
+            if not crops and not whole:
                 continue
             image = views.image(field.image_sha256)
             stem = f"{_safe(case.accession)}-field{field.id}"
-            for cell in cells:
-                if cell.label == UNIDENTIFIED:
-                    continue
+            for cell in crops:
                 crop = crop_cell(image, Box(*cell.box), CROP_SCALE)
+                summary.cells += 1
                 yield f"cells/{cell.label}/{stem}-cell{cell.id}.png", _png(crop)
-            yield f"fields/JPEGImages/{stem}.png", _png(image)
-            yield f"fields/Annotations/{stem}.xml", _voc_xml(f"{stem}.png", image.size, cells)
+            if whole:
+                summary.fields += 1
+                yield f"fields/JPEGImages/{stem}.png", _png(image)
+                yield f"fields/Annotations/{stem}.xml", _voc_xml(f"{stem}.png", image.size,
+                                                                 white)
 
 
 def write_training(cases: Iterable[Case], views: ViewCache, out: Path) -> int:
-    """Write `training_files` under `out`; an existing file is never replaced (FileExistsError)."""
+    """Write `training_files` and a README.txt (what was left out) under `out`; an existing
+    file is never replaced (FileExistsError). The number of files written."""
+    cases, summary = list(cases), TrainingSummary()
     count = 0
-    for relative, data in training_files(cases, views):
-        target = out / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("xb") as handle:
-            handle.write(data)
+    for relative, data in training_files(cases, views, summary):
+        _write_new(out / relative, data)
         count += 1
-    return count
+    _write_new(out / "README.txt", summary.readme(cases).encode())
+    return count + 1
+
+
+def _write_new(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("xb") as handle:
+        handle.write(data)
 
 
 def _safe(text: str) -> str:

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
@@ -33,7 +33,7 @@ from leukodiff.server.db import (
     utcnow,
 )
 from leukodiff.server.storage import StoredImage
-from leukodiff.taxonomy import CellType
+from leukodiff.taxonomy import MIN_REVIEWED_PER_TYPE, CellType
 
 ACCESSION_MAX = 64
 TARGET_RANGE = (10, 2000)
@@ -91,6 +91,33 @@ def differential(case: Case) -> CaseDifferential:
         target=case.target_count, identified=identified,
         fields=sum(f.status == FieldStatus.DONE for f in case.fields),
         unlike_training=sum(f.unlike_training for f in case.fields))
+
+
+def adaptation_progress(session: Session) -> dict[str, Any]:
+    """Reviewed cells per type across signed cases, and how many more each type needs.
+
+    The cells counted are those `leukodiff adapt --station` learns from (the training
+    export): in a signed case, not deleted, reviewed by a person, labelled one of the
+    five types. `leukodiff adapt` refuses a type with fewer than `MIN_REVIEWED_PER_TYPE`
+    of them outside the cases it holds out to measure on, so reaching the minimum here
+    is needed, not always enough.
+    """
+    types = [str(t) for t in CellType]
+    rows = session.execute(
+        select(CellRecord.label, func.count(CellRecord.id))
+        .join(FieldImage, CellRecord.field_id == FieldImage.id)
+        .join(Case, FieldImage.case_id == Case.id)
+        .where(Case.status == CaseStatus.SIGNED, CellRecord.reviewed.is_(True),
+               CellRecord.deleted.is_(False), CellRecord.label.in_(types))
+        .group_by(CellRecord.label)).all()
+    reviewed = {label: 0 for label in types} | {label: n for label, n in rows}
+    signed = session.scalar(select(func.count(Case.id)).where(
+        Case.status == CaseStatus.SIGNED))
+    return {"minimum": MIN_REVIEWED_PER_TYPE, "signed_cases": signed,
+            "types": {label: {"reviewed": reviewed[label],
+                              "needed": max(0, MIN_REVIEWED_PER_TYPE - reviewed[label])}
+                      for label in types},
+            "ready": all(reviewed[label] >= MIN_REVIEWED_PER_TYPE for label in types)}
 
 
 def load_case(session: Session, case_id: int, *, lock: bool = False) -> Case:

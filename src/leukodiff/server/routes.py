@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from PIL import Image as PILImage
 from pydantic import BaseModel, Field
@@ -40,9 +40,19 @@ from leukodiff.server.auth import (
     set_password,
     start_session,
 )
-from leukodiff.server.db import LABELS, AuditEvent, Case, CellRecord, FieldImage, Role, User
+from leukodiff.server.db import (
+    LABELS,
+    AuditEvent,
+    Case,
+    CaseStatus,
+    CellRecord,
+    FieldImage,
+    Role,
+    User,
+)
 from leukodiff.server.exports import (
     ExportError,
+    TrainingSummary,
     audit_dict,
     case_json,
     cases_csv,
@@ -55,6 +65,19 @@ from leukodiff.server.storage import UploadError, display_name
 THUMBNAIL = 128
 IMAGE_CACHE = "private, max-age=86400"  # field views and crops never change for an id
 STATIC = {"app.css": "text/css", "app.js": "text/javascript"}
+# Row ids are Integer columns: 32-bit on PostgreSQL ("integer out of range" beyond) and
+# 64-bit rowids on SQLite (OverflowError beyond), both a 500 once sent to the database.
+# No row can have an id outside the narrower, 32-bit range (SQLite would need 2**31 rows),
+# so an id in a path outside it is refused by validation, which app.py answers with a 404.
+ID_MIN, ID_MAX = -(2**31), 2**31 - 1
+Id = Annotated[int, Path(ge=ID_MIN, le=ID_MAX)]
+
+
+def large_body(endpoint: Callable) -> Callable:
+    """Mark a route whose body may be up to the upload limit (image files); every other
+    route's body is capped at `app.BODY_LIMIT` (64 KiB) before it is read."""
+    endpoint.large_body = True
+    return endpoint
 
 
 def current_user(request: Request) -> User:
@@ -81,11 +104,13 @@ def login_form(request: Request) -> Response:
     return _login_page(request, None)
 
 
-def _login_page(request: Request, message: str | None, status: int = 200) -> Response:
+def _login_page(request: Request, message: str | None, status: int = 200,
+                username: str = "") -> Response:
+    """The sign-in form; after a failed try it keeps the username typed (never the password)."""
     css = (PACKAGE / "static" / "app.css").read_text()
     return state_of(request).templates.TemplateResponse(
-        request, "login.html", {"csrf": csrf_token(request), "message": message, "css": css},
-        status_code=status)
+        request, "login.html", {"csrf": csrf_token(request), "message": message, "css": css,
+                                "username": username}, status_code=status)
 
 
 @public.post("/login", dependencies=[Depends(check_csrf)])
@@ -97,13 +122,14 @@ def login(request: Request, username: Annotated[str, Form()],
     if wait > 0:  # refused before the password is checked: guessing gains nothing
         response = _login_page(request, "Too many failed sign-ins for this account or "
                                f"address: try again in {math.ceil(wait / 60)} min.",
-                               status=429)
+                               status=429, username=username)
         response.headers["Retry-After"] = str(math.ceil(wait))
         return response
     with state.db.reading() as session:
         user = authenticate(session, username, password)
     if user is None:
-        return _login_page(request, "Wrong username or password.", status=401)
+        return _login_page(request, "Wrong username or password.", status=401,
+                           username=username)
     state.logins.succeeded(username, address)
     start_session(request, user)
     return RedirectResponse("/", status_code=303)
@@ -176,8 +202,9 @@ def cases_page(request: Request, user: UserDep) -> Response:
     return _cases_page(request, user, None)
 
 
-def _cases_page(request: Request, user: User, message: str | None, status: int = 200
-                ) -> Response:
+def _cases_page(request: Request, user: User, message: str | None, status: int = 200,
+                form: dict[str, Any] | None = None) -> Response:
+    """The case list and new-case form; `form`: what was typed, kept after a refusal."""
     state = state_of(request)
     with state.db.reading() as session:
         cases = session.scalars(select(Case).options(selectinload(Case.fields))
@@ -185,9 +212,12 @@ def _cases_page(request: Request, user: User, message: str | None, status: int =
         rows = [{"id": c.id, "accession": c.accession, "status": c.status,
                  "fields": len(c.fields), "created": f"{c.created_at:%Y-%m-%d %H:%M}"}
                 for c in cases]
+        adaptation = review.adaptation_progress(session)
     return state.templates.TemplateResponse(
         request, "cases.html", {"user": user, "cases": rows, "csrf": csrf_token(request),
-                                "message": message}, status_code=status)
+                                "message": message, "adaptation": adaptation,
+                                "form": form or {"accession": "", "target_count": 100}},
+        status_code=status)
 
 
 @pages.post("/cases")
@@ -197,19 +227,21 @@ def create_case_form(request: Request, user: UserDep, accession: Annotated[str, 
         with state_of(request).db.writing() as session:
             case = review.create_case(session, user, accession, target_count)
     except ReviewError as error:
-        return _cases_page(request, user, error.message, error.status)
+        return _cases_page(request, user, error.message, error.status,
+                           form={"accession": accession, "target_count": target_count})
     return RedirectResponse(f"/cases/{case.id}", status_code=303)
 
 
 @pages.get("/cases/{case_id}", response_class=HTMLResponse)
-def case_page(request: Request, user: UserDep, case_id: int) -> Response:
+def case_page(request: Request, user: UserDep, case_id: Id) -> Response:
     state = state_of(request)
     with state.db.reading() as session:
         case = review.load_case(session, case_id)
-        accession = case.accession
+        accession, signed = case.accession, case.status == CaseStatus.SIGNED
+    # A signed case is locked: its edit controls are not shown (the API refuses edits too).
     return state.templates.TemplateResponse(
         request, "case.html", {"user": user, "case_id": case_id, "accession": accession,
-                               "csrf": csrf_token(request), "labels": LABELS,
+                               "signed": signed, "csrf": csrf_token(request), "labels": LABELS,
                                "max_mb": state.settings.max_upload_bytes // (1024 * 1024)})
 
 
@@ -324,6 +356,14 @@ def account_audit(request: Request, user: UserDep) -> list[dict[str, Any]]:
         return [audit_dict(e) for e in events]
 
 
+@api.get("/adaptation")
+def adaptation(request: Request) -> dict[str, Any]:
+    """Reviewed cells per type across signed cases, and how many more each type needs
+    before `leukodiff adapt` will learn it (the cases page shows the same table)."""
+    with state_of(request).db.reading() as session:
+        return review.adaptation_progress(session)
+
+
 @api.get("/cases")
 def list_cases(request: Request) -> list[dict[str, Any]]:
     with state_of(request).db.reading() as session:
@@ -345,12 +385,12 @@ def _case(request: Request, case_id: int) -> dict[str, Any]:
 
 
 @api.get("/cases/{case_id}")
-def get_case(request: Request, case_id: int) -> dict[str, Any]:
+def get_case(request: Request, case_id: Id) -> dict[str, Any]:
     return _case(request, case_id)
 
 
 @api.patch("/cases/{case_id}")
-def update_case(request: Request, user: UserDep, case_id: int, body: CaseUpdate
+def update_case(request: Request, user: UserDep, case_id: Id, body: CaseUpdate
                 ) -> dict[str, Any]:
     with state_of(request).db.writing() as session:
         review.set_target(session, user, case_id, body.target_count, body.revision)
@@ -358,14 +398,14 @@ def update_case(request: Request, user: UserDep, case_id: int, body: CaseUpdate
 
 
 @api.post("/cases/{case_id}/sign-off")
-def sign_off(request: Request, user: UserDep, case_id: int, body: Revision) -> dict[str, Any]:
+def sign_off(request: Request, user: UserDep, case_id: Id, body: Revision) -> dict[str, Any]:
     with state_of(request).db.writing() as session:
         review.sign_off(session, user, case_id, body.revision)
     return _case(request, case_id)
 
 
 @api.get("/cases/{case_id}/audit")
-def case_audit(request: Request, case_id: int) -> list[dict[str, Any]]:
+def case_audit(request: Request, case_id: Id) -> list[dict[str, Any]]:
     with state_of(request).db.reading() as session:
         review.load_case(session, case_id)
         return [audit_dict(e) for e in _events(session, case_id)]
@@ -379,7 +419,8 @@ def _events(session, case_id: int) -> list[AuditEvent]:
 # --- api: uploads and images --------------------------------------------------------------
 
 @api.post("/cases/{case_id}/fields")
-def upload_fields(request: Request, user: UserDep, case_id: int,
+@large_body
+def upload_fields(request: Request, user: UserDep, case_id: Id,
                   files: Annotated[list[UploadFile], File()]) -> Response:
     """Store each file (checked by content), add it to the case and queue its analysis."""
     state = state_of(request)
@@ -418,7 +459,7 @@ def _found(session, model, row_id: int, what: str):
 
 
 @api.get("/fields/{field_id}/image")
-def field_image(request: Request, field_id: int) -> Response:
+def field_image(request: Request, field_id: Id) -> Response:
     state = state_of(request)
     with state.db.reading() as session:
         sha256 = _found(session, FieldImage, field_id, "field").image_sha256
@@ -427,10 +468,12 @@ def field_image(request: Request, field_id: int) -> Response:
 
 
 @api.get("/cells/{cell_id}/crop")
-def cell_crop(request: Request, cell_id: int) -> Response:
+def cell_crop(request: Request, cell_id: Id) -> Response:
     state = state_of(request)
     with state.db.reading() as session:
         cell = _found(session, CellRecord, cell_id, "cell")
+        if cell.deleted:  # a false detection, removed: gone from every view of the case
+            raise ReviewError(f"no cell {cell_id}", status=404)
         box, sha256 = cell.box, cell.field.image_sha256
     with PILImage.open(state.views.view_path(sha256)) as image:
         crop = cell_thumbnail(image, box, THUMBNAIL, margin=1.4)
@@ -448,7 +491,7 @@ class LabelChange(BaseModel):
 
 
 class NewCell(BaseModel):
-    field_id: int
+    field_id: int = Field(ge=ID_MIN, le=ID_MAX)
     box: list[float]
     label: str
 
@@ -463,7 +506,7 @@ def _edit_response(request: Request, case_id: int, cell_id: int) -> dict[str, An
 
 
 @api.patch("/cases/{case_id}/cells/{cell_id}")
-def reclassify(request: Request, user: UserDep, case_id: int, cell_id: int,
+def reclassify(request: Request, user: UserDep, case_id: Id, cell_id: Id,
                body: LabelChange) -> dict[str, Any]:
     with state_of(request).db.writing() as session:
         review.set_label(session, user, case_id, cell_id, body.label, body.version)
@@ -471,14 +514,14 @@ def reclassify(request: Request, user: UserDep, case_id: int, cell_id: int,
 
 
 @api.post("/cases/{case_id}/cells", status_code=201)
-def add_cell(request: Request, user: UserDep, case_id: int, body: NewCell) -> dict[str, Any]:
+def add_cell(request: Request, user: UserDep, case_id: Id, body: NewCell) -> dict[str, Any]:
     with state_of(request).db.writing() as session:
         cell = review.add_cell(session, user, case_id, body.field_id, body.box, body.label)
     return _edit_response(request, case_id, cell.id)
 
 
 @api.delete("/cases/{case_id}/cells/{cell_id}")
-def delete_cell(request: Request, user: UserDep, case_id: int, cell_id: int,
+def delete_cell(request: Request, user: UserDep, case_id: Id, cell_id: Id,
                 version: int) -> dict[str, Any]:
     with state_of(request).db.writing() as session:
         review.delete_cell(session, user, case_id, cell_id, version)
@@ -508,14 +551,14 @@ def _stem(case: Case) -> str:
 
 
 @api.get("/cases/{case_id}/export.csv")
-def export_csv(request: Request, case_id: int) -> Response:
+def export_csv(request: Request, case_id: Id) -> Response:
     with state_of(request).db.reading() as session:
         case = _signed_case(session, case_id)
         return _download(cases_csv(case).encode(), "text/csv", f"{_stem(case)}.csv")
 
 
 @api.get("/cases/{case_id}/export.json")
-def export_json(request: Request, case_id: int) -> Response:
+def export_json(request: Request, case_id: Id) -> Response:
     with state_of(request).db.reading() as session:
         case = _signed_case(session, case_id)
         content = json.dumps(case_json(case, _events(session, case_id)), indent=2)
@@ -523,7 +566,7 @@ def export_json(request: Request, case_id: int) -> Response:
 
 
 @api.get("/cases/{case_id}/fhir.json")
-def export_fhir(request: Request, case_id: int) -> Response:
+def export_fhir(request: Request, case_id: Id) -> Response:
     with state_of(request).db.reading() as session:
         case = _signed_case(session, case_id)
         content = json.dumps(fhir_report(case), indent=2)
@@ -531,12 +574,14 @@ def export_fhir(request: Request, case_id: int) -> Response:
 
 
 @api.get("/cases/{case_id}/training.zip")
-def export_training(request: Request, case_id: int) -> Response:
+def export_training(request: Request, case_id: Id) -> Response:
     state = state_of(request)
     with state.db.reading() as session:
         case = _signed_case(session, case_id)
         buffer = io.BytesIO()
+        summary = TrainingSummary()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-            for path, data in training_files([case], state.views):
+            for path, data in training_files([case], state.views, summary):
                 archive.writestr(path, data)
+            archive.writestr("README.txt", summary.readme([case]))
         return _download(buffer.getvalue(), "application/zip", f"{_stem(case)}-training.zip")

@@ -22,6 +22,9 @@ class SettingsError(ValueError):
 
 
 DATABASE_FILE = "leukodiff.sqlite3"  # in the data dir, unless a database URL is given
+# Everything the station makes in its data dir is its owner's alone (password hashes,
+# patient images), whatever the umask: set explicitly after creation.
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 @dataclass
 class Settings:
@@ -56,10 +59,17 @@ class Settings:
         return self.database_url or f"sqlite:///{self.data_dir / DATABASE_FILE}"
 
     def prepare(self) -> None:
-        """Create the data folders and the session-signing key (kept across restarts)."""
+        """Create the data folders, the SQLite file and the session-signing key (kept across
+        restarts), all private to the server's user (0700 folders, 0600 files)."""
         try:
-            for folder in (self.data_dir, self.blob_dir, self.cache_dir, self.data_dir / "tmp"):
-                folder.mkdir(parents=True, exist_ok=True)
+            created = not self.data_dir.exists()
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            if created:  # a folder given to us that already existed keeps its mode
+                os.chmod(self.data_dir, PRIVATE_DIR)
+            for folder in (self.blob_dir, self.cache_dir, self.data_dir / "tmp"):
+                private_dir(folder)
+            if self.database_url is None:
+                self._private_database()
         except OSError as error:
             raise SettingsError(
                 f"data dir {self.data_dir}: cannot create ({error.strerror})") from None
@@ -71,12 +81,29 @@ class Settings:
             raise SettingsError(f"{source}: session key shorter than {MIN_SECRET_KEY} "
                                 "characters; delete the file to have a new one made")
 
+    def _private_database(self) -> None:
+        """The SQLite file made 0600 before SQLite opens it: SQLite gives its -wal and -shm
+        files the database file's mode. Files of an older, laxer station are tightened."""
+        database = self.data_dir / DATABASE_FILE
+        os.close(os.open(database, os.O_RDONLY | os.O_CREAT, PRIVATE_FILE))  # empty: valid
+        for path in (database, *(database.with_name(database.name + suffix)
+                                 for suffix in ("-wal", "-shm", "-journal"))):
+            if path.exists():
+                os.chmod(path, PRIVATE_FILE)
+
+
+def private_dir(folder: Path) -> None:
+    """`folder` made if missing (with its parents) and set to 0700, whatever the umask."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, PRIVATE_DIR)
+
 
 def _load_or_create_key(path: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     key = secrets.token_urlsafe(48)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    os.fchmod(descriptor, PRIVATE_FILE)  # the umask may have taken bits away, never added
     with os.fdopen(descriptor, "w") as handle:
         handle.write(key)
     return key

@@ -1,7 +1,8 @@
 """Uploaded images: checked by content, stored once under their sha256, never overwritten.
 
 A user's filename is only ever a label shown back to them; files on disk are
-named by the server (a random temporary name, then the content hash).
+named by the server (a random temporary name, then the content hash). Every file and
+folder made here is its owner's alone (0600 / 0400 files, 0700 folders), whatever the umask.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import BinaryIO
 from PIL import Image as PILImage
 
 from leukodiff.imaging import MAX_PIXELS, ImageError, load_image, probe_image
+from leukodiff.server.settings import PRIVATE_FILE, private_dir
 
 # Formats a camera or slide scanner writes; checked on the decoded content, not the name.
 ALLOWED_FORMATS = {"JPEG", "PNG", "TIFF", "BMP", "WEBP"}
@@ -73,7 +75,9 @@ class BlobStore:
     @staticmethod
     def _copy_bounded(stream: BinaryIO, target: Path, max_bytes: int) -> tuple[str, int]:
         digest, size = hashlib.sha256(), 0
-        with target.open("xb") as out:
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+        os.fchmod(descriptor, PRIVATE_FILE)
+        with os.fdopen(descriptor, "wb") as out:
             while chunk := stream.read(CHUNK):
                 size += len(chunk)
                 if size > max_bytes:
@@ -110,12 +114,12 @@ class BlobStore:
     @staticmethod
     def _keep(tmp_path: Path, final: Path) -> None:
         """Link the checked file into place; an existing blob (same bytes) is left untouched."""
-        final.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(final.parent)
         try:
             os.link(tmp_path, final)  # atomic, and fails rather than overwrite
         except FileExistsError:
             return
-        os.chmod(final, 0o440)
+        os.chmod(final, 0o400)
 
 
 class ViewCache:
@@ -132,6 +136,12 @@ class ViewCache:
         target = self.root / f"{sha256}.jpg"
         if not target.exists():
             tmp = self.root / f".{sha256}.{secrets.token_hex(4)}.tmp"
-            self.image(sha256).save(tmp, format="JPEG", quality=90)
-            os.replace(tmp, target)  # derived data: replacing an identical rendering is harmless
+            descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+            os.fchmod(descriptor, PRIVATE_FILE)
+            try:
+                with os.fdopen(descriptor, "wb") as out:
+                    self.image(sha256).save(out, format="JPEG", quality=90)
+                os.replace(tmp, target)  # derived data: replacing an identical one is harmless
+            finally:
+                tmp.unlink(missing_ok=True)  # gone after the replace; a failed save's leftover
         return target

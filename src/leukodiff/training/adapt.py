@@ -42,6 +42,7 @@ from leukodiff.evaluation.metrics import classification_metrics
 from leukodiff.models.export import export_classifier
 from leukodiff.models.files import read_checked, resolve
 from leukodiff.models.io import load_classifier, save_model
+from leukodiff.taxonomy import MIN_REVIEWED_PER_TYPE
 from leukodiff.training.cells import (
     CellImages,
     CellTensorDataset,
@@ -76,7 +77,7 @@ class AdaptConfig:
     # share of the learning cases that choose the epoch (0: the base model kept unless
     # an epoch beats it on them); 0 here: train on all of them, keep the last epoch
     validation: float = 0.25
-    min_per_type: int = 5  # fewer reviewed cells of a type than this: refused
+    min_per_type: int = MIN_REVIEWED_PER_TYPE  # fewer reviewed cells of a type: refused
     seed: int = 0
 
 

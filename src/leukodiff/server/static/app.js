@@ -9,8 +9,10 @@
   const NAMES = { not_wbc: "not a white cell" };
   const KEYS = { 1: "lymphocyte", 2: "monocyte", 3: "neutrophil", 4: "eosinophil", 5: "basophil",
     u: "unidentified", x: "not_wbc" };
+  const ORDER_KEY = "leukodiff.galleryOrder";  // the gallery order, remembered per browser
   const $ = (id) => document.getElementById(id);
   let data = null;
+  let order = storedOrder();  // "type": grouped by label; "confidence": least confident first
   let selected = null;   // cell id
   let drawing = false;
   let poll = null;
@@ -50,6 +52,46 @@
     return data.fields.flatMap((f) => f.cells);
   }
 
+  function storedOrder() {
+    try {
+      return localStorage.getItem(ORDER_KEY) === "confidence" ? "confidence" : "type";
+    } catch {
+      return "type";  // storage turned off: the default order, not remembered
+    }
+  }
+
+  function setOrder(value) {
+    order = value === "confidence" ? "confidence" : "type";
+    try { localStorage.setItem(ORDER_KEY, order); } catch { /* not remembered */ }
+    $("gallery-order").value = order;
+    if (data) renderGallery();
+  }
+
+  // Least confident first: the model's doubtful calls teach it most. Cells with no model
+  // confidence (drawn by a person) come last; equal ones by id.
+  function byConfidence(a, b) {
+    const ca = a.model_confidence ?? Infinity;
+    const cb = b.model_confidence ?? Infinity;
+    return ca - cb || a.id - b.id;
+  }
+
+  // The gallery's sections, in the order shown; J/K and the step after an edit follow it.
+  function gallerySections() {
+    if (order === "confidence") {
+      const sorted = cells().sort(byConfidence);
+      return sorted.length
+        ? [{ label: null, title: `least confident first (${sorted.length})`, cells: sorted }] : [];
+    }
+    const byLabel = Object.fromEntries(ORDER.map((l) => [l, []]));
+    for (const cell of cells()) byLabel[cell.label].push(cell);
+    return ORDER.filter((l) => byLabel[l].length).map((label) => ({
+      label, title: `${NAMES[label] || label} (${byLabel[label].length})`, cells: byLabel[label] }));
+  }
+
+  function shownCells() {
+    return gallerySections().flatMap((s) => s.cells);
+  }
+
   async function load() {
     const { ok, result } = await call("GET", `/api/cases/${caseId}`);
     if (!ok) { say(result.detail || "could not load the case", "error"); return; }
@@ -66,6 +108,10 @@
     $("status").className = `badge ${data.status}`;
     $("signed").textContent = signed ? `by ${data.signed_by} at ${data.signed_at.slice(0, 16)} UTC` : "";
     $("upload-card").hidden = signed;
+    // A signed case is locked: no target to set, no box to draw (the API refuses them too).
+    $("target-form").hidden = signed;
+    $("draw-mode").hidden = signed;
+    if (signed && drawing) setDrawing(false);
     $("sign-off").hidden = signed || body.dataset.role !== "reviewer";
     $("exports").hidden = !signed;
     for (const [id, path] of [["export-csv", "export.csv"], ["export-json", "export.json"],
@@ -107,22 +153,35 @@
   }
 
   function renderGallery() {
-    const byLabel = Object.fromEntries(ORDER.map((l) => [l, []]));
-    for (const cell of cells()) byLabel[cell.label].push(cell);
-    const sections = ORDER.filter((l) => byLabel[l].length).map((label) =>
-      el("div", { class: "gallery-section", "data-label": label },
-        el("h3", { style: `color:var(--${label})` }, `${NAMES[label] || label} (${byLabel[label].length})`),
-        el("div", { class: "thumbs" }, ...byLabel[label].map(thumb))));
+    $("gallery").dataset.order = order;
+    const sections = gallerySections().map(({ label, title, cells: shown }) => label
+      ? el("div", { class: "gallery-section", "data-label": label },
+        el("h3", { style: `color:var(--${label})` }, title),
+        el("div", { class: "thumbs" }, ...shown.map((c) => thumb(c, false))))
+      : el("div", { class: "gallery-section", "data-order": "confidence" },
+        el("h3", {}, title), el("div", { class: "thumbs" }, ...shown.map((c) => thumb(c, true)))));
     $("gallery").replaceChildren(...(sections.length ? sections : [el("p", {}, "No cells yet.")]));
   }
 
-  function thumb(cell) {
+  // Rounded, but never up to 100% (a model 99.6% sure is not certain).
+  function percent(confidence) {
+    return `${Math.min(Math.round(100 * confidence), confidence < 1 ? 99 : 100)}%`;
+  }
+
+  // One crop; `named`: show its label too (the confidence order mixes the types).
+  function thumb(cell, named) {
     const classes = ["thumb", cell.reviewed ? "reviewed" : "", cell.id === selected ? "selected" : ""];
     const note = cell.model_label && cell.model_label !== cell.label ? ` (was ${cell.model_label})` : "";
+    const known = cell.model_confidence !== null && cell.model_confidence !== undefined;
+    const confidence = known ? ` · model ${percent(cell.model_confidence)}` : "";
     return el("button", { type: "button", class: classes.join(" "), "data-cell": cell.id,
-      title: `cell ${cell.id}${note}`, onclick: () => select(cell.id) },
+      "data-confidence": known ? String(cell.model_confidence) : "",
+      title: `cell ${cell.id}${note}${confidence}`, onclick: () => select(cell.id) },
       el("img", { src: `/api/cells/${cell.id}/crop`, alt: `cell ${cell.id}`, loading: "lazy" }),
-      `#${cell.id}${note}`);
+      named ? el("span", { class: "dot", style: `background:var(--${cell.label})` }) : "",
+      `#${cell.id}${named ? ` ${NAMES[cell.label] || cell.label}` : ""}${note}`,
+      known ? el("span", { class: "confidence", title: "the model's confidence in its type" },
+        percent(cell.model_confidence)) : "");
   }
 
   function renderFields() {
@@ -160,13 +219,29 @@
     for (const node of document.querySelectorAll(`[data-cell="${cellId}"]`)) node.classList.add("selected");
   }
 
+  function show(cellId) {
+    select(cellId);
+    document.querySelector(`.thumb[data-cell="${cellId}"]`)?.scrollIntoView({ block: "nearest" });
+  }
+
+  // Next / previous cell in the gallery's order as shown; from nothing selected, the first
+  // (J) or the last (K).
   function step(delta) {
-    const list = cells();
+    const list = shownCells();
     if (!list.length) return;
     const index = list.findIndex((c) => c.id === selected);
-    const next = list[(index + delta + list.length) % list.length];
-    select(next.id);
-    document.querySelector(`.thumb[data-cell="${next.id}"]`)?.scrollIntoView({ block: "nearest" });
+    const next = index < 0 ? list[delta > 0 ? 0 : list.length - 1]
+      : list[(index + delta + list.length) % list.length];
+    show(next.id);
+  }
+
+  // The cell shown after this one, taken before an edit moves it (by type, a new label
+  // moves a cell to another group): the review goes on where the reviewer was looking.
+  function following(cellId) {
+    const list = shownCells();
+    const index = list.findIndex((c) => c.id === cellId);
+    if (index < 0 || list.length < 2) return null;
+    return list[(index + 1) % list.length].id;
   }
 
   function applyEdit(result) {
@@ -190,22 +265,26 @@
   async function setLabel(label) {
     const cell = cells().find((c) => c.id === selected);
     if (!cell || data.status === "signed") return;
+    const next = following(cell.id);
     const { ok, status, result } = await call("PATCH", `/api/cases/${caseId}/cells/${cell.id}`,
       { label, version: cell.version });
     if (!ok) return refused(status, result);
     applyEdit(result);
     say(`cell ${cell.id}: ${NAMES[label] || label}`, "ok");
-    step(1);
+    show(next ?? cell.id);
   }
 
   async function deleteCell() {
     const cell = cells().find((c) => c.id === selected);
     if (!cell || data.status === "signed") return;
+    const next = following(cell.id);
     const { ok, status, result } = await call("DELETE",
       `/api/cases/${caseId}/cells/${cell.id}?version=${cell.version}`);
     if (!ok) return refused(status, result);
+    selected = null;
     applyEdit(result);
     say(`cell ${cell.id} deleted`, "ok");
+    if (next !== null) show(next);
   }
 
   function setDrawing(on) {
@@ -314,11 +393,16 @@
     } else if (key === "delete" || key === "backspace") { event.preventDefault(); deleteCell(); }
     else if (key === "j" || key === "arrowright") { event.preventDefault(); step(1); }
     else if (key === "k" || key === "arrowleft") { event.preventDefault(); step(-1); }
-    else if (key === "b") setDrawing(!drawing);
+    else if (key === "b" && data && data.status !== "signed") setDrawing(!drawing);
     else if (key === "escape") setDrawing(false);
   });
 
   $("draw-mode").addEventListener("click", () => setDrawing(!drawing));
+  $("gallery-order").value = order;
+  $("gallery-order").addEventListener("change", (event) => {
+    setOrder(event.target.value);
+    event.target.blur();  // back to the keys: J / K walk the new order at once
+  });
   $("sign-off").addEventListener("click", signOff);
   $("target-form").addEventListener("submit", setTarget);
   $("audit-box").addEventListener("toggle", loadAudit);
