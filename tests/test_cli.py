@@ -28,3 +28,21 @@ def test_partial_data_root_reports_the_missing_sets(tmp_path, shared_data):
     assert result.exit_code == 0, result.output
     assert "data set 'pbc' not found" in result.output
     assert "103" in result.output
+
+
+def test_module_entry_point_knows_the_station_commands():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "leukodiff.cli", "serve", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "No such command" not in done.stdout + done.stderr and "--data-dir" in done.stdout
+
+
+def test_analyzer_is_importable_from_the_package():
+    import leukodiff
+    from leukodiff import Analyzer
+    from leukodiff.pipeline.analyzer import Analyzer as Direct
+
+    assert Analyzer is Direct and "Analyzer" in leukodiff.__all__

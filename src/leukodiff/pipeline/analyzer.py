@@ -3,6 +3,7 @@
     analyzer = Analyzer.load()                 # shipped models
     field = analyzer("BloodImage_00001.jpg")   # FieldResult: every cell, box + group + type
     report = analyzer.differential([field, ...])
+    field.to_geojson(); field.to_coco(); field.to_pandas()   # for QuPath, COCO tools, pandas
 
 Each box goes to the level-2 model of its group; all crops of one group go in
 one batch, and the two group models run concurrently (paper, section 4).
@@ -18,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -31,9 +33,32 @@ from leukodiff.pipeline.boxes import Detections, agnostic_nms
 from leukodiff.pipeline.familiarity import Familiarity, familiarity_path
 from leukodiff.pipeline.scale import SHRINK_ABOVE, cell_size_ratio
 from leukodiff.pipeline.tiling import detect_tiled
-from leukodiff.taxonomy import CellType, Group
+from leukodiff.taxonomy import DETECTOR_LABEL_OF, GROUP_OF, CellType, Group
+
+if TYPE_CHECKING:
+    import pandas
 
 UNIDENTIFIED = "unidentified"
+# Each label's colour (RGB) wherever cells are drawn: annotated fields, the HTML report,
+# the classification colour in QuPath (`FieldResult.to_geojson`).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "lymphocyte": (31, 119, 180),
+    "monocyte": (44, 160, 44),
+    "neutrophil": (255, 127, 14),
+    "eosinophil": (214, 39, 40),
+    "basophil": (148, 103, 189),
+    UNIDENTIFIED: (127, 127, 127),
+}
+#: COCO category id of each cell label, fixed (files written by one version are read by
+#: the next): the five types in `CellType` order, then "unidentified".
+COCO_CATEGORY_IDS: dict[str, int] = {
+    "lymphocyte": 1,
+    "monocyte": 2,
+    "neutrophil": 3,
+    "eosinophil": 4,
+    "basophil": 5,
+    UNIDENTIFIED: 6,
+}
 # The smallest field that can hold a white cell (~12 um) at any useful magnification.
 MIN_SIDE = 32
 # Bright-field smears have a bright background (BCCD's is ~200/255): a field whose
@@ -48,6 +73,17 @@ MAX_ROUGHNESS = 24
 
 class AnalysisError(ValueError):
     """An image that cannot be analysed, with the reason (reported, never a traceback)."""
+
+
+def coco_categories(category_ids: dict[str, int] | None = None) -> list[dict]:
+    """The COCO "categories" list of `category_ids` (default `COCO_CATEGORY_IDS`), the
+    supercategory being the type's group ("white cell" for unidentified cells)."""
+    category_ids = COCO_CATEGORY_IDS if category_ids is None else category_ids
+    types = {str(t) for t in CellType}
+    return [{"id": number, "name": label,
+             "supercategory": str(GROUP_OF[CellType(label)]) if label in types
+             else "white cell"}
+            for label, number in sorted(category_ids.items(), key=lambda item: item[1])]
 
 
 @dataclass(frozen=True)
@@ -91,6 +127,81 @@ class FieldResult:
         return {"image": self.image, "width": self.width, "height": self.height,
                 "cells": [c.to_dict() for c in self.cells], "counts": dict(self.counts()),
                 "familiarity": self.familiarity, "unlike_training": self.unlike_training}
+
+    def to_geojson(self) -> dict:
+        """The cells as a GeoJSON FeatureCollection that QuPath (0.4 and later) imports as
+        detection objects (File > Import objects, or drop the file on the open image).
+
+        One Feature per cell, in `cells` order: its box as a closed Polygon ring in the
+        image's pixels (origin top left, y down; for an EXIF-rotated JPEG, the upright
+        image that was analysed). `properties`: "objectType" "detection"; "name" the
+        cell's number and label as on the annotated field ("3 neutrophil");
+        "classification" {"name": the label, "color": its RGB as in the report};
+        "measurements" (numbers only) "Detection score", "Type confidence", "Group" (1
+        mononuclear, 2 polymorphonuclear: the detector's class) and "P(<type>)" for each
+        type of the cell's group model; "metadata" {"group": the group's name}.
+        """
+        features = []
+        for index, cell in enumerate(self.cells, start=1):
+            x0, y0, x1, y1 = (round(float(v), 2) for v in cell.box)
+            measurements = {"Detection score": round(cell.group_confidence, 4),
+                            "Type confidence": round(cell.type_confidence, 4),
+                            "Group": DETECTOR_LABEL_OF[cell.group],
+                            **{f"P({name})": round(p, 4)
+                               for name, p in cell.probabilities.items()}}
+            features.append({
+                "type": "Feature",
+                "geometry": {"type": "Polygon",
+                             "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1],
+                                              [x0, y0]]]},
+                "properties": {
+                    "objectType": "detection",
+                    "name": f"{index} {cell.label}",
+                    "classification": {"name": cell.label, "color": list(COLOURS[cell.label])},
+                    "measurements": measurements,
+                    "metadata": {"group": str(cell.group)},
+                },
+            })
+        return {"type": "FeatureCollection", "features": features}
+
+    def to_coco(self, image_id: int = 1,
+                category_ids: dict[str, int] | None = None) -> list[dict]:
+        """The cells in COCO's *results* format (what detectors hand to COCO evaluation):
+        one {"image_id", "category_id", "bbox": [x, y, width, height], "score"} per cell,
+        in `cells` order. `category_ids` maps each label to its category (default:
+        `COCO_CATEGORY_IDS`; `coco_categories()` gives the matching "categories" list).
+        The box is in the analysed image's pixels, unrounded; "score" is the detection score
+        times the type confidence: how sure the pipeline is of a cell *of that type* there.
+        """
+        category_ids = COCO_CATEGORY_IDS if category_ids is None else category_ids
+        results = []
+        for cell in self.cells:
+            x0, y0, x1, y1 = (float(v) for v in cell.box)
+            results.append({"image_id": image_id, "category_id": category_ids[cell.label],
+                            "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "score": cell.group_confidence * cell.type_confidence})
+        return results
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """One row per cell (in `cells` order), a pandas DataFrame with the columns of
+        `cells.csv`: image, cell (1, 2, ...), x0, y0, x1, y1, group, group_confidence (the
+        detection score), label, type_confidence; then p_<type> for each of the five types
+        (NaN for the types of the other group's model). Needs pandas: the [pandas] extra."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("FieldResult.to_pandas needs pandas: pip install "
+                              "'leukodiff[pandas]' (or pip install pandas)") from None
+        types = [str(t) for t in CellType]
+        rows = [{"image": self.image, "cell": index,
+                 **dict(zip(("x0", "y0", "x1", "y1"), map(float, cell.box), strict=True)),
+                 "group": str(cell.group), "group_confidence": cell.group_confidence,
+                 "label": cell.label, "type_confidence": cell.type_confidence,
+                 **{f"p_{t}": cell.probabilities.get(t, float("nan")) for t in types}}
+                for index, cell in enumerate(self.cells, start=1)]
+        columns = ["image", "cell", "x0", "y0", "x1", "y1", "group", "group_confidence",
+                   "label", "type_confidence", *(f"p_{t}" for t in types)]
+        return pd.DataFrame(rows, columns=columns)
 
 
 @dataclass
@@ -153,6 +264,23 @@ def _familiarity_of(detector: str | Path) -> Familiarity | None:
     except (ValueError, KeyError, TypeError) as error:
         raise ModelFileError(f"{reference}: unreadable familiarity reference ({error}); refit "
                              "it with `leukodiff train familiarity`") from None
+
+
+def as_image(image: Image.Image | np.ndarray) -> Image.Image:
+    """A PIL image of `image`: as it is, or a uint8 numpy array (H, W, 3) RGB, (H, W) gray
+    or (H, W, 4) RGBA; AnalysisError for other arrays, TypeError for other objects."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise AnalysisError(f"image array has shape {image.shape}; expected (H, W, 3) RGB, "
+                                "(H, W) gray or (H, W, 4) RGBA")
+        if image.dtype != np.uint8:
+            raise AnalysisError(f"image array has dtype {image.dtype}; expected uint8 (scale "
+                                "it to 0-255, then .astype(numpy.uint8))")
+        return Image.fromarray(np.ascontiguousarray(image))  # L, RGB or RGBA by its shape
+    raise TypeError(f"cannot analyse a {type(image).__name__}: give a file path, a PIL image "
+                    "or a uint8 numpy array (H, W, 3) RGB, (H, W) gray or (H, W, 4) RGBA")
 
 
 def pixel_roughness(image: Image.Image, window: int = 1024) -> float:
@@ -258,15 +386,17 @@ class Analyzer:
         groups = self.group_refiner(image, boxes).argmax(1) + 1  # column 0: mononuclear
         return Detections(found.boxes, groups.astype(np.int64), found.scores)
 
-    def __call__(self, image: Image.Image | str | Path, name: str | None = None, *,
-                 look: bool = False) -> FieldResult:
+    def __call__(self, image: Image.Image | np.ndarray | str | Path, name: str | None = None,
+                 *, look: bool = False) -> FieldResult:
         """Every white cell in one image; raises AnalysisError for images it cannot use.
+        `image`: a file path, a PIL image (any mode) or a uint8 numpy array, (H, W, 3) RGB
+        (not OpenCV's BGR), (H, W) gray or (H, W, 4) RGBA (`as_image`).
         With `look`, also how far the image looks from the training labs (15-100 ms more
         a field: `analyze` and the station do it, per-field benchmarks do not)."""
         if isinstance(image, str | Path):
             name = name or str(image)
             image = load_image(image)
-        image = self.check(image)
+        image = self.check(as_image(image))
         result = FieldResult(name or "image", image.width, image.height,
                              self.classify(image, self.detect(image)))
         if look:

@@ -1,4 +1,5 @@
-"""What `leukodiff analyze` writes: annotated fields, per-cell CSV, JSON, and an HTML report.
+"""What `leukodiff analyze` writes: annotated fields, per-cell CSV, JSON, and an HTML report,
+and the cells in formats other tools read (GeoJSON for QuPath, COCO detection results).
 
 The HTML report is one self-contained file (thumbnails embedded) with the
 counts, the percentages and a gallery of every cell grouped by type: the view
@@ -18,17 +19,15 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from leukodiff.pipeline.analyzer import UNIDENTIFIED, Differential, FieldResult
+from leukodiff.pipeline.analyzer import (
+    COLOURS,  # each label's colour; kept here under its old name
+    UNIDENTIFIED,
+    Differential,
+    FieldResult,
+    coco_categories,
+)
 from leukodiff.taxonomy import CellType
 
-COLOURS = {
-    "lymphocyte": (31, 119, 180),
-    "monocyte": (44, 160, 44),
-    "neutrophil": (255, 127, 14),
-    "eosinophil": (214, 39, 40),
-    "basophil": (148, 103, 189),
-    UNIDENTIFIED: (127, 127, 127),
-}
 ORDER = [*(str(t) for t in CellType), UNIDENTIFIED]
 CSV_COLUMNS = ["image", "cell", "x0", "y0", "x1", "y1", "group", "group_confidence", "label",
                "type_confidence"]
@@ -58,8 +57,39 @@ def field_stem(result: FieldResult, index: int) -> str:
 
 
 def write_field(out_dir: Path, stem: str, image: Image.Image, result: FieldResult) -> None:
+    """fields/STEM.png (annotated), STEM.json (every cell) and STEM.geojson (the cells as
+    QuPath detections: `FieldResult.to_geojson`)."""
     annotate(image, result).save(out_dir / "fields" / f"{stem}.png")
     (out_dir / "fields" / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=2))
+    (out_dir / "fields" / f"{stem}.geojson").write_text(json.dumps(result.to_geojson()) + "\n")
+
+
+def coco_detections(results: Sequence[FieldResult]) -> dict:
+    """Every cell of a run as one self-contained COCO file: the layout of a COCO detection
+    data set ("info", "images", "categories", "annotations") whose annotations are COCO
+    *results* (`FieldResult.to_coco`: image_id, category_id, bbox [x, y, w, h], score) with
+    the "id", "area" and "iscrowd" a data set needs. So pycocotools' `COCO(path)` opens it,
+    and `COCO.loadRes(json.load(f)["annotations"])` takes it as detections to evaluate.
+
+    Image ids are 1, 2, ... in `results` order: the number that starts the field's name in
+    fields/ (0003_... is image 3); "file_name" is the input as given; categories are
+    `COCO_CATEGORY_IDS` (`coco_categories()`).
+    """
+    images, annotations = [], []
+    for image_id, result in enumerate(results, start=1):
+        images.append({"id": image_id, "file_name": result.image, "width": result.width,
+                       "height": result.height})
+        for entry in result.to_coco(image_id):
+            annotations.append({"id": len(annotations) + 1, **entry,
+                                "area": entry["bbox"][2] * entry["bbox"][3], "iscrowd": 0})
+    return {"info": {"description": "leukodiff analyze: white-cell detections (COCO results)",
+                     "date_created": datetime.now(UTC).isoformat(timespec="seconds")},
+            "images": images, "categories": coco_categories(), "annotations": annotations}
+
+
+def write_coco(path: Path, results: Sequence[FieldResult]) -> None:
+    """detections.coco.json of a run (`coco_detections`)."""
+    path.write_text(json.dumps(coco_detections(results), indent=1) + "\n")
 
 
 def write_cells_csv(path: Path, results: Sequence[FieldResult]) -> None:

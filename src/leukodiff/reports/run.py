@@ -15,6 +15,7 @@ from leukodiff.reports.outputs import (
     Gallery,
     field_stem,
     write_cells_csv,
+    write_coco,
     write_field,
     write_report,
 )
@@ -83,6 +84,7 @@ def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir:
         run.results.append(result)
     run.differential = analyzer.differential(run.results)
     write_cells_csv(out_dir / "cells.csv", run.results)
+    write_coco(out_dir / "detections.coco.json", run.results)
     (out_dir / "differential.json").write_text(json.dumps(
         {**run.differential.to_dict(), "skipped": [{"input": i, "reason": r}
                                                    for i, r in run.skipped]}, indent=2) + "\n")
