@@ -32,9 +32,12 @@ from leukodiff.training.detector import (
     FieldImages,
     field_target,
     has_mononuclear,
+    lab_statistics,
+    pbc_donors,
     prepare_fields,
     retrain_group_classifier,
     train_detector,
+    unknown_group_boxes,
 )
 
 LIGHT = DetectorSpec(group_classifier=False)
@@ -149,6 +152,37 @@ def test_augmentation_keeps_boxes_inside_and_pastes_mononuclear_cells(shared_dat
     assert pasted > 0
 
 
+def test_pbc_cells_of_every_type_are_boxed_coloured_and_sized_like_the_field(shared_data):
+    config = DetectorConfig(pbc_paste=1.0, pbc_paste_per_type=2, copy_paste=0.0,
+                            sources=("bcd",), max_train_fields=4)
+    donors = pbc_donors(config, shared_data)
+    assert sorted({d.cell_type for d in donors}) == [
+        "basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    for donor in donors:  # PBC centres a cell of 100-250 px in 360x363 images
+        _, height, width = donor.patch.shape
+        assert 60 <= max(height, width) <= 300 and donor.patch.dtype == torch.uint8
+    data = prepare_fields(config, shared_data)
+    augment = Augmenter(config, FieldImages(data.train), donors)
+    torch.manual_seed(0)
+    field = augment.images.image(0)
+    cells = unknown_group_boxes(data.train[0])  # BCD: every box (its type is unknown)
+    image, boxes, labels = augment.paste_pbc(0, field, cells, torch.full((len(cells),), -1))
+    assert len(boxes) == len(cells) + 1 and int(labels[-1]) in (1, 2)
+    x0, y0, x1, y1 = (round(v) for v in boxes[-1].tolist())
+    cell_size = max(b.width for b in data.train[0].wbc_boxes)  # BCD: ~100 px, PBC ~150
+    assert 0.4 * cell_size <= max(x1 - x0, y1 - y0) <= 1.6 * cell_size
+    for cell in cells.tolist():  # on a free spot
+        assert min(x1, cell[2]) <= max(x0, cell[0]) or min(y1, cell[3]) <= max(y0, cell[1])
+    outside = image.clone()
+    outside[:, y0:y1, x0:x1] = field[:, y0:y1, x0:x1]
+    assert torch.equal(outside, field) and not torch.equal(image, field)
+    # the pasted cell takes the field's look: its colours nearer the field's than PBC's
+    lab_of = lab_statistics(image[:, y0:y1, x0:x1].permute(1, 2, 0).numpy(), step=1)[0]
+    field_lab = lab_statistics(field.permute(1, 2, 0).numpy())[0]
+    pbc_lab = np.mean([d.lab_mean for d in donors], axis=0)
+    assert abs(lab_of[2] - field_lab[2]) < abs(lab_of[2] - pbc_lab[2])  # BCD is bluer
+
+
 def test_large_fields_train_as_native_windows_around_their_cells():
     augment = Augmenter(DetectorConfig(window_on_cell=1.0), FieldImages([]))
     image = torch.zeros(3, 900, 1440, dtype=torch.uint8)
@@ -252,9 +286,9 @@ def test_detection_metrics_perfect_wrong_and_missing(bccd):
 
 
 def test_unboxed_white_cells_are_ignored_not_counted_false(bccd):
-    from leukodiff.data.sources.bccd import unboxed_white_cells
+    from leukodiff.data.sources.unboxed import unboxed_white_cells
 
-    unboxed = unboxed_white_cells()
+    unboxed = unboxed_white_cells("bccd")
     by_name = {r.image.stem: r for r in bccd}
     assert len(unboxed) == 8 and set(unboxed) <= set(by_name)
     # every BCCD field without a white-cell box is listed: labels.csv names a cell there

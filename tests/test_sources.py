@@ -128,6 +128,28 @@ def test_chula_fields_by_slide_with_its_quirks_reported():
         "chula:M-8"}
 
 
+def test_reviewed_unboxed_white_cells_of_chula_lie_off_its_boxes():
+    from leukodiff.data.sources.unboxed import unboxed_white_cells
+
+    unboxed = unboxed_white_cells("chula")
+    assert sum(map(len, unboxed.values())) == 64 and len(unboxed) == 49
+    for boxes in unboxed.values():
+        for box in boxes:
+            assert 0 <= box.x0 < box.x1 <= 1440 and 0 <= box.y0 < box.y1 <= 900
+            assert box.group is None and 60 < max(box.width, box.height) < 260
+    assert unboxed_white_cells("bcd") == {}  # nobody reviewed it: nothing added
+    if not has_dataset("chula", None, "WBC_Samples"):
+        pytest.skip("Chula is not in any data root (fetched data; see data.root.FETCHED_SETS)")
+    by_name = {f.image.stem: f for f in load_fields("chula").records}
+    assert set(unboxed) <= set(by_name)
+    for name, boxes in unboxed.items():  # a second cell of the field, not its boxed one
+        for box in boxes:
+            for boxed in by_name[name].wbc_boxes:
+                overlap = max(0.0, min(box.x1, boxed.x1) - max(box.x0, boxed.x0)) * max(
+                    0.0, min(box.y1, boxed.y1) - max(box.y0, boxed.y0))
+                assert overlap < 0.3 * box.width * box.height
+
+
 def test_slide_of_a_chula_name():
     assert slide_of(Path("M-5Bb_0026.jpg")) == "M-5Bb"
     assert slide_of(Path("HF-M-8_0037.jpg")) == "M-8"

@@ -160,7 +160,12 @@ def analyze(
         "(onnx when the exported ONNX files are there)."),
     threads: int | None = typer.Option(None, help="CPU threads [default: all cores]."),
 ) -> None:
-    """Find, classify and count the white cells of smear images; write a report."""
+    """Find, classify and count the white cells of smear images; write a report.
+
+    Besides the report, fields/*.png, fields/*.json, cells.csv and differential.json:
+    fields/*.geojson (each field's cells as QuPath detections) and detections.coco.json
+    (every cell of the run as COCO detection results, with the images and categories).
+    """
     from leukodiff.models.files import ModelFileError
     from leukodiff.pipeline import Analyzer
     from leukodiff.pipeline.backends import BackendError
@@ -188,6 +193,8 @@ def analyze(
         console.print(f"[bold yellow]warning[/]: {diff.warning}", highlight=False)
     console.print(f"report: {out / 'report.html'}  (per field: {out / 'fields'}, "
                   f"per cell: {out / 'cells.csv'}, counts: {out / 'differential.json'})")
+    console.print(f"for other tools: {out / 'fields'}/*.geojson (QuPath), "
+                  f"{out / 'detections.coco.json'} (COCO)", highlight=False)
     if not run.results:
         raise _fail("no image could be analysed")
 
@@ -301,6 +308,8 @@ def train_detector_command(
                                         "drawn per epoch."),
     copy_paste: float = typer.Option(0.5, help="Probability of pasting a mononuclear cell "
                                      "from another training field."),
+    pbc_paste: float = typer.Option(0.0, help="Probability of pasting a PBC cell (any of the "
+                                    "five types, coloured and sized like the field)."),
     scale_range: str = typer.Option("0.5,1.25", help="Scale jitter: min,max factor."),
     colour_jitter: str = typer.Option("0.25,0.25,0.25,0.04", help="Colour jitter: "
                                       "brightness,contrast,saturation,hue."),
@@ -359,7 +368,8 @@ def train_detector_command(
                             scale_range=scales, color_jitter=jitter,
                             channel_gain=channel_gain, blur=blur,
                             validation=validation, mono_oversample=mono_oversample,
-                            copy_paste=copy_paste, group_epochs=group_epochs,
+                            copy_paste=copy_paste, pbc_paste=pbc_paste,
+                            group_epochs=group_epochs,
                             unknown_group=unknown_group,
                             group_pbc_per_type=group_pbc_per_type,
                             group_augmentation=group_augmentation,
@@ -628,6 +638,8 @@ def evaluate_labs_command(
                                      "and the group classifier): basic | lab."),
     stain: str = typer.Option("none", help="Crop classifiers' colour normalisation: none | "
                               "reinhard."),
+    pbc_paste: float = typer.Option(0.0, help="Detectors: probability of pasting a PBC cell "
+                                    "(any type) into a training field."),
     quick: bool = typer.Option(False, help="Every step on a few images (minutes); the "
                                "numbers mean nothing."),
     docs: Path | None = typer.Option(None, help="Also write the section of RESULTS.md, "
@@ -649,7 +661,7 @@ def evaluate_labs_command(
     config = LabsConfig.quick(chosen) if quick else LabsConfig(
         labs=chosen, seed=seed, classifier_epochs=classifier_epochs,
         detector_epochs=detector_epochs, max_per_class=max_per_class,
-        augmentation=augmentation, stain=stain, threads=threads or None)
+        augmentation=augmentation, stain=stain, pbc_paste=pbc_paste, threads=threads or None)
     try:
         results = evaluate_labs(out, config, data_root=data_root, weights_dir=weights_dir,
                                 track=_track, log=console.print)
@@ -866,9 +878,6 @@ def params(
     console.print(parameter_table(model, input_size=input_size))
 
 
-if __name__ == "__main__":
-    app()
-
 
 # The review station (leukodiff.server): listed after the analysis commands.
 app.command("serve")(serve)
@@ -876,3 +885,7 @@ app.command("create-user")(create_user_command)
 app.command("set-password")(set_password_command)
 app.command("deactivate-user")(deactivate_user_command)
 app.command("export-training")(export_training_command)
+
+
+if __name__ == "__main__":  # after every command is registered (`python -m leukodiff.cli serve`)
+    app()

@@ -100,7 +100,7 @@ def detection_metrics(detections: Sequence, records: Sequence[Field], *,
     white cells; for per-group AP they are marked crowd (ignored) in both
     groups, and they are left out of the group accuracy. `ignore` maps a field
     name to regions holding a white cell the annotation left out (e.g.
-    `data.sources.bccd.unboxed_white_cells()`): COCO crowd regions, so a
+    `data.sources.unboxed.unboxed_white_cells`): COCO crowd regions, so a
     detection mostly inside one (intersection over its own area >= `iou`) is
     neither a hit nor a false positive.
     """
@@ -299,7 +299,7 @@ def evaluate_detector(
     """Metrics of a detector (a .pt with manifest, a shipped name, or a model) on BCCD's
     VOC test list and on BCD; with `out_dir`, also metrics.json and annotated PNGs."""
     from leukodiff.data.sources import load_fields
-    from leukodiff.data.sources.bccd import unboxed_white_cells
+    from leukodiff.data.sources.unboxed import unboxed_white_cells
     from leukodiff.imaging import load_image
 
     network, manifest = _resolve(model)
@@ -317,9 +317,9 @@ def evaluate_detector(
         "bccd_test": detection_metrics(detections, test, score_threshold=threshold),
         # BCCD leaves some white cells unboxed (4 test fields have no WBC box although
         # one is visible), so finding them counts as false. Reported beside the official
-        # figure: those cells as ignore regions (data.sources.bccd.unboxed_white_cells).
+        # figure: those cells as ignore regions (data.sources.unboxed).
         "bccd_test_unboxed_ignored": _without_per_image(detection_metrics(
-            detections, test, score_threshold=threshold, ignore=unboxed_white_cells())),
+            detections, test, score_threshold=threshold, ignore=unboxed_white_cells("bccd"))),
         "bccd_test_fields_with_a_wbc_box": _without_per_image(detection_metrics(
             [d for d, r in zip(detections, test, strict=True) if r.wbc_boxes],
             [r for r in test if r.wbc_boxes], score_threshold=threshold)),

@@ -8,7 +8,8 @@ labelled image of the held-out lab through the shipped pipeline on onnxruntime:
 
 - level 1 (held-out BCCD, BCD, Chula): precision and recall at IoU 0.5 and the
   operating threshold, COCO AP50, and the share of fields whose white-cell count
-  is exact (BCCD's reviewed unboxed cells are ignore regions and count as cells);
+  is exact (the reviewed unboxed cells of BCCD and Chula,
+  `data.sources.unboxed`, are ignore regions and count as cells);
 - level 2 (held-out BCCD, PBC, Chula): each true box (PBC: each image) cropped as
   the pipeline crops it and given to its true group's model: 5-type accuracy,
   macro-F1, per-type recall, confusion;
@@ -43,7 +44,7 @@ from leukodiff.data.records import Cell, Field
 from leukodiff.data.root import has_dataset
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells, load_fields
-from leukodiff.data.sources.bccd import unboxed_white_cells
+from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.evaluation.detector import detection_metrics
 from leukodiff.evaluation.metrics import classification_metrics
 from leukodiff.evaluation.pipeline import match_truth
@@ -82,6 +83,7 @@ class LabsConfig:
     mono_oversample: int = 2  # shipped: 5 (BCCD alone is 1 mononuclear in 6; Chula 2 in 5)
     group_epochs: int = 6  # shipped: 8
     group_pbc_per_type: int = 400  # shipped: 800
+    pbc_paste: float = 0.0  # detectors: DetectorConfig.pbc_paste
     threads: int | None = None
     # quick runs and tests only: training fields per detector, measured images per lab
     max_train_fields: int = 0
@@ -176,6 +178,7 @@ def _train_detector(lab: str, sources: Sequence[str], config: LabsConfig, fold_d
                             max_val_fields=config.max_measured,
                             group_pbc_per_type=config.group_pbc_per_type,
                             group_augmentation=config.augmentation,
+                            pbc_paste=config.pbc_paste,
                             spec=DetectorSpec(group_stain=config.stain))
     if _needs_training(model, recipe):
         log(f"without {lab}: detector on {', '.join(sources)}")
@@ -224,7 +227,7 @@ def measure_fields(analyzer: Analyzer, fields: Sequence[Field], lab: str,
     `analyzer` must detect down to a low threshold (for AP); cells at or above the
     detector's operating threshold are then typed, as `analyze` would."""
     operating = float(analyzer.spec["score_threshold"])
-    ignore = unboxed_white_cells() if lab == "bccd" else {}
+    ignore = unboxed_white_cells(lab)
     detections, counts, said, unlike = [], [], Counter(), []
     per_type: dict[str, Counter] = {t: Counter() for t in TYPES}
     for record in track(fields, f"Analysing {lab} fields"):

@@ -19,12 +19,20 @@ labels than boxes: 9 boxes in 5 of 205 VOC train fields; every BCD box) are not
 guessed: they are "ignore" boxes (`DetectorConfig.unknown_group="ignore"`): the
 class-agnostic RPN learns them as cells, the RoI heads neither as a group nor as
 background (`models.detector.IgnoringRPN`, `IgnoringRoIHeads`), while the field's
-other cells train as usual. `unknown_group="drop"` leaves such fields out instead.
+other cells train as usual. `unknown_group="drop"` leaves such fields out instead. The
+white cells a source leaves unboxed altogether (reviewed lists of BCCD and Chula,
+`data.sources.unboxed`) join the training and validation fields as such boxes.
 
 Balance (BCCD's train list has ~36 mononuclear vs ~170 polymorphonuclear
 boxes): fields holding a mononuclear cell are drawn `mono_oversample` times
 per epoch, and with probability `copy_paste` a mononuclear cell cut from
 another training field (elliptical, feathered mask) is pasted into the field.
+
+Cells of every type (`pbc_paste`): the field sets hold almost no basophils and few
+eosinophils or monocytes, so with probability `pbc_paste` a PBC cell of any of the
+five types is pasted too (`pbc_donors`: boxed by the shipped detector), its colours
+moved from PBC's to the field's (CIELAB statistics of the whole image) and its size
+to the field's own white cells.
 
 Augmentation (torchvision.transforms.v2 with tv_tensors.BoundingBoxes):
 flips, 90-degree rotations (one per batch, so batches need no padding),
@@ -62,10 +70,10 @@ from torchvision.transforms.v2 import functional as TF
 from leukodiff.data.records import Cell, Field
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells, load_fields
-from leukodiff.data.sources.bccd import unboxed_white_cells
+from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.data.splits import holdout, monte_carlo
 from leukodiff.evaluation.detector import detection_metrics
-from leukodiff.imaging import STAIN_NORMALISATIONS, load_image
+from leukodiff.imaging import STAIN_NORMALISATIONS, lab_to_srgb, load_image, srgb_to_lab
 from leukodiff.models.detector import (
     CLASSES,
     LABEL_OF,
@@ -74,7 +82,7 @@ from leukodiff.models.detector import (
     parameter_count,
     predict,
 )
-from leukodiff.models.files import resolve
+from leukodiff.models.files import read_checked, resolve
 from leukodiff.models.io import load_detector, save_model
 from leukodiff.taxonomy import GROUP_OF, Group
 from leukodiff.training.cells import (
@@ -136,6 +144,13 @@ class DetectorConfig:
     # start from a trained detector.pt (fine-tuning); with group_epochs=0 its group
     # classifier is kept as it is
     init_weights: str = ""
+    # Cells of every type from another lab: with this probability a field gets one PBC
+    # cell pasted in (`pbc_donors`), coloured like the field and sized like its white
+    # cells. The detection labs have almost no basophils (BCCD names 4; BCD: untyped): without
+    # this a detector trained on them misses most basophils of a new lab.
+    pbc_paste: float = 0.0
+    pbc_paste_per_type: int = 100  # PBC cells per type to draw from
+    pbc_box_detector: str = "detector"  # the detector that boxes the PBC cells
 
     def check(self) -> None:
         if self.validation not in VALIDATIONS:
@@ -148,6 +163,8 @@ class DetectorConfig:
             raise DetectorTrainingError("sources must name at least one field data set")
         if self.group_augmentation not in AUGMENTATIONS:
             raise DetectorTrainingError(f"group_augmentation must be one of {AUGMENTATIONS}")
+        if not 0.0 <= self.pbc_paste <= 1.0:
+            raise DetectorTrainingError("pbc_paste is a probability: 0 to 1")
         if self.spec.group_stain not in STAIN_NORMALISATIONS:
             raise DetectorTrainingError(f"unknown stain normalisation {self.spec.group_stain!r}"
                                         f"; choose one of {', '.join(STAIN_NORMALISATIONS)}")
@@ -216,7 +233,7 @@ def _bccd_parts(config: DetectorConfig, data_root, track: Track
     left out, they would teach the detector that a white cell is background. Test
     fields stay as annotated."""
     records = sorted(load_fields("bccd", data_root, track).records, key=lambda r: r.image.name)
-    unboxed = unboxed_white_cells()
+    unboxed = unboxed_white_cells("bccd")
     by_subset: dict[str, list[Field]] = {"train": [], "val": [], "test": []}
     for record in records:
         if record.subset in ("train", "val") and record.image.stem in unboxed:
@@ -234,10 +251,17 @@ def _bccd_parts(config: DetectorConfig, data_root, track: Track
 
 def _holdout_parts(source: str, config: DetectorConfig, data_root, track: Track
                    ) -> dict[str, list[Field]]:
-    """Any other field set: grouped (by slide or field) train / val / test parts."""
+    """Any other field set: grouped (by slide or field) train / val / test parts. Its
+    reviewed unboxed white cells (`data.sources.unboxed`) join the train and val fields
+    as boxes of unknown group, as BCCD's do; test fields stay as annotated."""
     records = sorted(load_fields(source, data_root, track).records, key=lambda r: r.image.name)
     parts = holdout(records, seed=config.seed)
-    return {name: [records[i] for i in indices] for name, indices in parts.items()}
+    unboxed = unboxed_white_cells(source)
+    by_part = {name: [records[i] for i in indices] for name, indices in parts.items()}
+    for name in ("train", "val"):
+        by_part[name] = [replace(r, boxes=r.boxes + unboxed.get(r.image.stem, ()))
+                         for r in by_part[name]]
+    return by_part
 
 
 def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
@@ -266,6 +290,68 @@ def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
         raise DetectorTrainingError(f"no training or validation fields found in "
                                     f"{', '.join(config.sources)}")
     return DetectorData(train, val, by_part["test"], dropped)
+
+
+@dataclass(frozen=True)
+class PastedCell:
+    """A white cell from another lab, ready to paste: its box's pixels, the colour
+    statistics (CIELAB mean and spread) of the image it came from, and its group."""
+
+    patch: torch.Tensor  # uint8 (3, h, w)
+    lab_mean: np.ndarray
+    lab_std: np.ndarray
+    group: Group
+    cell_type: str
+
+
+def lab_statistics(pixels: np.ndarray, step: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """CIELAB mean and standard deviation of an (H, W, 3) uint8 image (every `step`th
+    pixel: the statistics, not the detail)."""
+    lab = srgb_to_lab(pixels[::step, ::step].reshape(-1, 3).astype(np.float32) / 255)
+    return lab.mean(0), lab.std(0) + 1e-3
+
+
+def pbc_donors(config: DetectorConfig, data_root: str | Path | None = None,
+               track: Track = no_progress) -> list[PastedCell]:
+    """`pbc_paste_per_type` PBC cells of each type (seeded), each boxed by
+    `pbc_box_detector`: its most confident box (score >= 0.5) holding the image centre
+    (PBC centres its cell), kept when whole (off the image border) and 60-300 px across.
+
+    PBC gives no boxes, and a box drawn from colour alone misses pale cytoplasm; the
+    shipped detector boxes all five types well (30 of 30 of each checked by eye). It
+    learnt BCCD, so a fold without BCCD gets BCCD's sense of where a cell ends, never
+    its pixels."""
+    cells = [c for c in load_cells("pbc", data_root, track).records if c.cell_type in GROUP_OF]
+    rng = random.Random(config.seed)
+    chosen = []
+    for cell_type in sorted({c.cell_type for c in cells}):
+        mine = sorted((c for c in cells if c.cell_type == cell_type), key=lambda c: c.image.name)
+        chosen += rng.sample(mine, min(config.pbc_paste_per_type, len(mine)))
+    model, _ = load_detector(config.pbc_box_detector)
+    donors = []
+    for start in track(range(0, len(chosen), 16), "Boxing PBC cells to paste"):
+        batch = chosen[start:start + 16]
+        pixels = [np.asarray(load_image(c.image), dtype=np.uint8) for c in batch]
+        found = predict(model, pixels, refine=False, score_threshold=0.5,
+                        batch_size=len(batch))
+        for cell, image, detections in zip(batch, pixels, found, strict=True):
+            height, width = image.shape[:2]
+            best = None
+            for box, score in zip(detections.boxes.tolist(), detections.scores.tolist(),
+                                  strict=True):
+                x0, y0, x1, y1 = box
+                central = x0 < width / 2 < x1 and y0 < height / 2 < y1
+                whole = x0 > 2 and y0 > 2 and x1 < width - 2 and y1 < height - 2
+                if central and whole and 60 <= max(x1 - x0, y1 - y0) <= 300 and (
+                        best is None or score > best[1]):
+                    best = (box, score)
+            if best is None:
+                continue
+            x0, y0, x1, y1 = (round(v) for v in best[0])
+            patch = torch.from_numpy(image[y0:y1, x0:x1].copy()).permute(2, 0, 1).contiguous()
+            donors.append(PastedCell(patch, *lab_statistics(image), GROUP_OF[cell.cell_type],
+                                     str(cell.cell_type)))
+    return donors
 
 
 class FieldImages:
@@ -307,9 +393,11 @@ class Augmenter:
     """Windows of large fields, copy-paste of mononuclear cells, then flips, rotation,
     scale and colour jitter."""
 
-    def __init__(self, config: DetectorConfig, images: FieldImages) -> None:
+    def __init__(self, config: DetectorConfig, images: FieldImages,
+                 pbc: Sequence[PastedCell] = ()) -> None:
         self.config = config
         self.images = images
+        self.pbc = list(pbc)
         # donor cells: whole (not border-cut) mononuclear boxes of the training fields
         self.donors: list[tuple[int, tuple[int, int, int, int]]] = []
         for index, record in enumerate(images.records):
@@ -361,6 +449,34 @@ class Augmenter:
             return image, boxes, labels
         donor, (x0, y0, x1, y1) = donors[int(torch.randint(len(donors), ()))]
         patch = self.images.image(donor)[:, y0:y1, x0:x1].float()
+        return self._place(patch, Group.MONONUCLEAR, image, boxes, labels)
+
+    def paste_pbc(self, index: int, image: torch.Tensor, boxes: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One PBC cell, its colours moved from PBC's to this field's (CIELAB mean and
+        spread of the whole image: the lab's look, not the cell's) and its size to the
+        field's own white cells (median box; as cut when the field has none)."""
+        donor = self.pbc[int(torch.randint(len(self.pbc), ()))]
+        sizes = [max(b.width, b.height) for b in self.images.records[index].wbc_boxes]
+        _, ph, pw = donor.patch.shape
+        factor = min(max(float(np.median(sizes)) / max(ph, pw), 0.4), 2.5) if sizes else 1.0
+        factor *= _rand(0.85, 1.15)  # cells of one lab differ in size too
+        patch = TF.resize(donor.patch, [max(8, round(ph * factor)), max(8, round(pw * factor))],
+                          antialias=True)
+        mean, std = lab_statistics(image.permute(1, 2, 0).numpy())
+        lab = srgb_to_lab(patch.permute(1, 2, 0).numpy().astype(np.float32) / 255)
+        # spreads scaled at most 2x either way: a field of saturated red cells would
+        # otherwise paint the donor's granules an unnatural red
+        lab = (lab - donor.lab_mean) * np.clip(std / donor.lab_std, 0.5, 2.0) + mean
+        rgb = lab_to_srgb(lab) * 255
+        patch = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)
+        return self._place(patch, donor.group, image, boxes, labels)
+
+    def _place(self, patch: torch.Tensor, group: Group, image: torch.Tensor,
+               boxes: torch.Tensor, labels: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`patch` (float, 0-255) flipped, turned and blended (feathered ellipse) into a
+        free spot of `image`, touching no white cell already there; its box added."""
         if torch.rand(()) < 0.5:
             patch = patch.flip(-1)
         patch = torch.rot90(patch, int(torch.randint(4, ())), dims=(1, 2))
@@ -386,7 +502,7 @@ class Augmenter:
         image[:, py:py + ph, px:px + pw] = (alpha * patch + (1 - alpha) * region).round().to(
             torch.uint8)
         return (image, torch.cat([boxes, new]),
-                torch.cat([labels, torch.tensor([LABEL_OF[Group.MONONUCLEAR]])]))
+                torch.cat([labels, torch.tensor([LABEL_OF[group]])]))
 
     def __call__(self, index: int, rotation: int, scale: float
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -399,6 +515,8 @@ class Augmenter:
         image, boxes, labels = self.cut_window(image, boxes, labels)
         if self.config.copy_paste and torch.rand(()) < self.config.copy_paste:
             image, boxes, labels = self.paste(index, image, boxes, labels)
+        if self.pbc and torch.rand(()) < self.config.pbc_paste:
+            image, boxes, labels = self.paste_pbc(index, image, boxes, labels)
         height, width = image.shape[-2:]
         image = tv_tensors.Image(image)
         target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY",
@@ -523,7 +641,10 @@ def train_detector(
         f"({parameter_count(model, trainable=True):,} trained) on {run_device}")
     train_images = FieldImages(data.train)
     val_images = FieldImages(data.val)
-    augment = Augmenter(config, train_images)
+    donors = pbc_donors(config, data_root, track) if config.pbc_paste else []
+    if donors:
+        log(f"PBC cells to paste: {len(donors)}")
+    augment = Augmenter(config, train_images, donors)
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(epoch_order(data.train, config.mono_oversample,
                                                 torch.Generator().manual_seed(0)))
@@ -620,11 +741,16 @@ def train_detector(
                      "best_epoch": state["best_epoch"], "history": state["history"],
                      "train_minutes": state["seconds"] / 60, "device": str(run_device),
                      "imagenet_backbone": "mobilenet_v1_0.5_160_quant.tflite",
+                     "pbc_pasted_cells": {t: sum(d.cell_type == t for d in donors)
+                                          for t in sorted({d.cell_type for d in donors})},
+                     "pbc_box_detector_sha256": (read_checked(config.pbc_box_detector)[1]
+                                                 ["sha256"] if donors else None),
                      "group_classifier": group_info},
         "data": {"sources": list(config.sources), "origin": {
             "bccd": "Shenggan/BCCD_Dataset fields with labels.csv groups",
             "bcd": "draaslan/blood-cell-detection-dataset (white cells of unknown group)",
             "chula": "singgihbekti/WBC_Dataset @ 45759ab1e6258b9746377a0935077e2eef0da41b",
+            **({"pbc": "PBC cells pasted into training fields (pbc_paste)"} if donors else {}),
         }},
         "split": ("BCCD VOC lists: train to train, val to select the epoch, test only reported"
                   if config.validation == "voc" else

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import csv
 from dataclasses import replace
-from importlib import resources
 from pathlib import Path
 
 from leukodiff.data.records import Box, Field, Loaded, Skipped
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources.generic import read_voc
-from leukodiff.taxonomy import GROUP_OF, CellType, Group, UnknownLabelError, parse_cell_type
+from leukodiff.taxonomy import GROUP_OF, CellType, UnknownLabelError, parse_cell_type
 
 SOURCE = "bccd"
 VOC_SUBSETS = ("train", "val", "test")
-UNBOXED_CSV = "bccd_unboxed.csv"
 
 
 def read_labels(path: Path) -> tuple[dict[str, tuple[CellType, ...]], list[Skipped]]:
@@ -89,25 +87,3 @@ def read_bccd(root: Path, *, track: Track = no_progress) -> Loaded[Field]:
         for field in loaded.records
     ]
     return loaded
-
-
-def unboxed_white_cells() -> dict[str, tuple[Box, ...]]:
-    """White cells that BCCD shows but leaves without a VOC box, by field name.
-
-    Found by reviewing, by eye, every confident detection (score >= 0.5) of the
-    shipped detector that matched no box, in all 364 fields (train, val and test
-    alike); kept only where a white cell is plainly there. Six are the only white
-    cell of a field that `labels.csv` names but that has no box at all, so their
-    type is known. Evaluation treats them as "ignore" regions (COCO crowd): finding
-    one is not a false positive, missing one is not a miss; detector training adds
-    those of train and val fields as boxes. The VOC annotations are not changed.
-    """
-    text = resources.files(__package__).joinpath(UNBOXED_CSV).read_text()
-    found: dict[str, list[Box]] = {}
-    for row in csv.DictReader(text.splitlines()):
-        label = row["label"].strip()
-        known = {"cell_type": parse_cell_type(label)} if label in set(CellType) else (
-            {"group": Group(label)} if label else {})
-        box = Box(*(float(row[k]) for k in ("x0", "y0", "x1", "y1")), **known)
-        found.setdefault(row["field"], []).append(box)
-    return {name: tuple(boxes) for name, boxes in found.items()}
