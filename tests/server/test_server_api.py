@@ -85,11 +85,16 @@ def test_review_sign_off_and_exports(station, bccd: Path) -> None:
     stale = reviewer.post(f"/api/cases/{case['id']}/sign-off",
                           json={"revision": case["revision"] - 1})
     assert stale.status_code == 409
+    # Far below the 200 target: sign-off needs a reason (issue #16).
+    short = reviewer.post(f"/api/cases/{case['id']}/sign-off",
+                          json={"revision": case["revision"]})
+    assert short.status_code == 422 and "of 200 target cells" in short.json()["detail"]
     signed = reviewer.post(f"/api/cases/{case['id']}/sign-off",
-                           json={"revision": case["revision"]})
+                           json={"revision": case["revision"], "reason": "test sample"})
     assert signed.status_code == 200, signed.text
     case = signed.json()
     assert case["status"] == "signed" and case["signed_by"] == "rita"
+    assert case["sign_off_reason"] == "test sample"
     cell = all_cells(case)[0]
     locked = tech.patch(f"/api/cases/{case['id']}/cells/{cell['id']}",
                         json={"label": "monocyte", "version": cell["version"]})
@@ -148,7 +153,7 @@ def test_fields_unlike_the_training_labs_are_flagged_through_to_the_report(
                           json={"label": label, "version": cell["version"]}).is_success
     case = tech.get(f"/api/cases/{case['id']}").json()
     signed = reviewer.post(f"/api/cases/{case['id']}/sign-off",
-                           json={"revision": case["revision"]})
+                           json={"revision": case["revision"], "reason": "test sample"})
     assert signed.status_code == 200, signed.text
     report = tech.get(f"/api/cases/{case['id']}/fhir.json").json()["entry"][0]["resource"]
     assert "Warning: 1 of 2 field(s) look unlike" in report["conclusion"]
@@ -220,7 +225,7 @@ def test_schema_migrates_once_and_restarts_keep_data(make_station) -> None:
         assert [c.accession for c in session.scalars(select(Case))] == ["KEEP-1"]
         version = session.connection().exec_driver_sql(
             "SELECT version_num FROM alembic_version").scalar_one()
-    assert version == "0003"
+    assert version == "0004"
     app.state.leukodiff.db.dispose()
 
 
@@ -339,5 +344,38 @@ def test_migration_0002_keeps_data_and_downgrades(database_url, tmp_path: Path) 
         with db.engine.begin() as connection:
             rows = connection.execute(text("SELECT case_id, action FROM audit_events")).all()
             assert [tuple(r) for r in rows] == [(1, "create_case")]
+    finally:
+        db.dispose()
+
+
+def test_migration_0004_keeps_signed_cases(database_url, tmp_path: Path) -> None:
+    """A 0003 database with a case signed before reasons existed upgrades (no reason:
+    NULL), takes a reason, and goes back down with the case intact."""
+    from sqlalchemy import text
+
+    from leukodiff.server.db import Database
+
+    db = Database(database_url or f"sqlite:///{tmp_path / 'old.sqlite3'}")
+    at = "'2026-11-26 10:00:00+00'"
+    try:
+        _alembic(db, "upgrade", "0003")
+        with db.engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO users (id, username, password_hash, role, active, created_at, "
+                f"session_epoch) VALUES (1, 'rita', 'h', 'reviewer', true, {at}, 0)"))
+            connection.execute(text(
+                "INSERT INTO cases (id, accession, status, target_count, revision, "
+                "created_at, created_by_id, signed_at, signed_by_id, version) VALUES "
+                f"(1, 'OLD-1', 'signed', 100, 3, {at}, 1, {at}, 1, 2)"))
+        _alembic(db, "upgrade", "head")
+        with db.engine.begin() as connection:
+            row = connection.execute(text(
+                "SELECT sign_off_reason, amendments, amend_reason FROM cases")).one()
+            assert tuple(row) == (None, 0, None)
+            connection.execute(text("UPDATE cases SET sign_off_reason = 'short sample'"))
+        _alembic(db, "downgrade", "0003")
+        with db.engine.begin() as connection:
+            row = connection.execute(text("SELECT accession, status FROM cases")).one()
+            assert tuple(row) == ("OLD-1", "signed")
     finally:
         db.dispose()

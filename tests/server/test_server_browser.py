@@ -131,8 +131,16 @@ def test_review_in_the_browser(live_server, browser_page, bccd: Path, tmp_path: 
     page.locator("#gallery").screenshot(path=str(ARTIFACTS / "review-gallery.png"))
     page.screenshot(path=str(ARTIFACTS / "review-page.png"), full_page=True)
 
+    # Sign-off asks for confirmation: counted vs target, unreviewed, failed; a reason is
+    # required below the target (issue #16).
     page.click("#sign-off")
+    expect(page.locator("#sign-off-confirm")).to_be_visible()
+    expect(page.locator("#confirm-target")).to_have_text("100")
+    expect(page.locator("#sign-off-problems")).to_contain_text("of 100 target cells")
+    page.fill("#sign-off-reason", "browser test sample")
+    page.click("#sign-off-confirm-button")
     expect(page.locator("#status")).to_have_text("signed")
+    expect(page.locator("#signed-reason-text")).to_have_text("browser test sample")
     with page.expect_download() as download_info:
         page.click("#export-fhir")
     saved = tmp_path / "report.fhir.json"
@@ -143,6 +151,15 @@ def test_review_in_the_browser(live_server, browser_page, bccd: Path, tmp_path: 
     assert report["identifier"][0]["value"] == "BROWSER-1"
     assert len(report["result"]) == 5
     shutil.copy(saved, ARTIFACTS / "BROWSER-1.fhir.json")
+
+    # Amend: a reviewer reopens the signed case with a reason; its edit controls come back.
+    page.click("#reopen")
+    page.fill("#reopen-reason", "wrong cell type")
+    page.click("#reopen-confirm-button")
+    expect(page.locator("#status")).to_have_text("open")
+    expect(page.locator("#amended")).to_contain_text("reopened because: wrong cell type")
+    expect(page.locator("#sign-off")).to_be_visible()
+    expect(page.locator("#target-form")).to_be_visible()
 
 
 def test_gallery_least_confident_first_and_the_keys_follow_it(live_server, browser_page,

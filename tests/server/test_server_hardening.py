@@ -163,7 +163,7 @@ def test_signed_case_exports_valid_fhir_ascii_filenames_inert_csv(station, bccd)
                        json={"label": "neutrophil", "version": cell["version"]})
     case = tech.get(f"/api/cases/{case['id']}").json()
     signed = reviewer.post(f"/api/cases/{case['id']}/sign-off",
-                           json={"revision": case["revision"]})
+                           json={"revision": case["revision"], "reason": "test sample"})
     assert signed.status_code == 200, signed.text
     assert _aware(signed.json()["signed_at"])
 
@@ -282,8 +282,8 @@ def test_sign_off_refused_for_a_case_already_signed(sqlite_station, bccd) -> Non
             tech.patch(f"/api/cases/{case['id']}/cells/{cell['id']}",
                        json={"label": "lymphocyte", "version": cell["version"]})
     case = tech.get(f"/api/cases/{case['id']}").json()
-    assert reviewer.post(f"/api/cases/{case['id']}/sign-off",
-                         json={"revision": case["revision"]}).status_code == 200
+    assert reviewer.post(f"/api/cases/{case['id']}/sign-off", json={
+        "revision": case["revision"], "reason": "test sample"}).status_code == 200
     again = reviewer.post(f"/api/cases/{case['id']}/sign-off",
                           json={"revision": case["revision"] + 1})
     assert again.status_code == 423
@@ -442,7 +442,7 @@ def test_signed_case_hides_edit_controls_and_refuses_edits(sqlite_station, bccd)
                           ).json()["cell"]
     case = tech.get(f"/api/cases/{case['id']}").json()
     signed = reviewer.post(f"/api/cases/{case['id']}/sign-off",
-                           json={"revision": case["revision"]})
+                           json={"revision": case["revision"], "reason": "test sample"})
     assert signed.status_code == 200, signed.text
     revision = signed.json()["revision"]
 

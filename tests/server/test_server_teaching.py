@@ -114,7 +114,7 @@ def test_adaptation_counts_reviewed_cells_of_signed_cases_only(station, bccd: Pa
 
     case = tech.get(f"/api/cases/{case['id']}").json()
     signed = reviewer.post(f"/api/cases/{case['id']}/sign-off",
-                           json={"revision": case["revision"]})
+                           json={"revision": case["revision"], "reason": "test sample"})
     assert signed.status_code == 200, signed.text
     progress = tech.get("/api/adaptation").json()
     assert progress == expected_progress(reviewed, 1)

@@ -36,7 +36,7 @@ def signed_case(station, bccd: Path) -> dict:
                                                       "label": "monocyte"})
     case = tech.get(f"/api/cases/{case['id']}").json()
     signed = reviewer.post(f"/api/cases/{case['id']}/sign-off",
-                           json={"revision": case["revision"]})
+                           json={"revision": case["revision"], "reason": "test sample"})
     assert signed.status_code == 200, signed.text
     return signed.json()
 
@@ -131,7 +131,7 @@ def test_training_zip_holds_only_reviewed_cells(sqlite_station, bccd: Path,
     assert drawn.status_code == 201, drawn.text
     case = tech.get(f"/api/cases/{case['id']}").json()
     signed = reviewer.post(f"/api/cases/{case['id']}/sign-off",
-                           json={"revision": case["revision"]})
+                           json={"revision": case["revision"], "reason": "test sample"})
     assert signed.status_code == 200, signed.text
 
     response = tech.get(f"/api/cases/{case['id']}/training.zip")

@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Text,
     TypeDecorator,
     UniqueConstraint,
     create_engine,
@@ -134,6 +135,11 @@ class Case(Base):
     created_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     signed_at: Mapped[datetime | None] = mapped_column(default=None)
     signed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    # Why the reviewer signed short of the target, with unreviewed cells or failed fields.
+    sign_off_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    # Times a signed case was reopened to amend it; its next sign-off issues an amended report.
+    amendments: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    amend_reason: Mapped[str | None] = mapped_column(Text, default=None)  # the latest reopening's
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     created_by: Mapped[User] = relationship(foreign_keys=[created_by_id])

@@ -19,7 +19,7 @@ from typing import Any
 from leukodiff.data.crops import crop_cell
 from leukodiff.data.records import Box
 from leukodiff.server.db import NOT_WBC, UNIDENTIFIED, AuditEvent, Case, CellRecord
-from leukodiff.server.review import case_dict, differential
+from leukodiff.server.review import case_dict, differential, sign_off_check
 from leukodiff.server.storage import ViewCache
 from leukodiff.taxonomy import CellType
 
@@ -75,7 +75,8 @@ def cases_csv(case: Case) -> str:
 
 
 def case_json(case: Case, events: Iterable[AuditEvent]) -> dict[str, Any]:
-    return {**case_dict(case), "audit": [audit_dict(e) for e in events]}
+    return {**case_dict(case), "conclusion": conclusion(case),
+            "audit": [audit_dict(e) for e in events]}
 
 
 def audit_dict(event: AuditEvent) -> dict[str, Any]:
@@ -98,10 +99,12 @@ def fhir_report(case: Case) -> dict[str, Any]:
                  "value": case.accession}
     lab = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
                        "code": "laboratory", "display": "Laboratory"}]}
+    # A case reopened and signed again: this report replaces the one issued before.
+    status = "amended" if case.amendments else "final"
     observations = []
     for cell_type, (code, display) in LOINC_PERCENT.items():
         observations.append({
-            "resourceType": "Observation", "id": str(uuid.uuid4()), "status": "final",
+            "resourceType": "Observation", "id": str(uuid.uuid4()), "status": status,
             "category": [lab],
             "code": {"coding": [{"system": LOINC, "code": code, "display": display}],
                      "text": f"{str(cell_type).capitalize()}s %"},
@@ -113,7 +116,7 @@ def fhir_report(case: Case) -> dict[str, Any]:
                               "cells counted"}],
         })
     report = {
-        "resourceType": "DiagnosticReport", "id": str(uuid.uuid4()), "status": "final",
+        "resourceType": "DiagnosticReport", "id": str(uuid.uuid4()), "status": status,
         "identifier": [accession],
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
                                   "code": "HM", "display": "Hematology"}]}],
@@ -124,17 +127,34 @@ def fhir_report(case: Case) -> dict[str, Any]:
         "result": [{"reference": f"urn:uuid:{o['id']}"} for o in observations],
         # Says how many cells a person actually looked at: sign-off needs every cell
         # named, not every cell opened, so "every cell verified" would overstate it.
-        "conclusion": (f"{summary.counted} white cells counted over {len(case.fields)} "
-                       f"field(s); {summary.not_wbc} objects marked not a white cell. "
-                       f"Pre-classified by leukodiff; {summary.reviewed} of {summary.counted} "
-                       f"white cells individually reviewed; signed off by "
-                       f"{case.signed_by.username}."
-                       + (f" Warning: {summary.warning}." if summary.warning else "")),
+        "conclusion": conclusion(case),
     }
     entries = [report, *observations]
     return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection",
             "timestamp": signed,
             "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in entries]}
+
+
+def conclusion(case: Case) -> str:
+    """The report's summary line: what was counted over which fields, what a person
+    reviewed, who signed, and why they signed short of the mark if they did."""
+    summary, check = differential(case), sign_off_check(case)
+    failed = (f" ({summary.failed_fields} more field(s) failed analysis: none of their "
+              "cells is counted)" if summary.failed_fields else "")
+    text = (f"{summary.counted} white cells counted over {summary.fields} analysed "
+            f"field(s){failed}; {summary.not_wbc} objects marked not a white cell. "
+            f"Pre-classified by leukodiff; {summary.reviewed} of {summary.counted} white "
+            f"cells individually reviewed; target {summary.target} white cells; signed off "
+            f"by {case.signed_by.username if case.signed_by else 'nobody'}.")
+    if summary.warning:
+        text += f" Warning: {summary.warning}."
+    if case.sign_off_reason:
+        why = f" ({', '.join(check.problems)})" if check.problems else ""
+        text += f" Sign-off reason{why}: {case.sign_off_reason}"
+    if case.amendments:
+        text = (f"Amended report (amendment {case.amendments}; reopened because: "
+                f"{case.amend_reason}). " + text)
+    return text
 
 
 @dataclass

@@ -37,6 +37,7 @@ from leukodiff.taxonomy import MIN_REVIEWED_PER_TYPE, CellType
 
 ACCESSION_MAX = 64
 TARGET_RANGE = (10, 2000)
+REASON_MAX = 1000
 
 
 class ReviewError(ValueError):
@@ -65,8 +66,9 @@ class CaseDifferential:
     reviewed: int
     target: int
     identified: int  # white cells of one of the five types: the percentages' base
-    fields: int = 0  # analysed fields
+    fields: int = 0  # analysed fields (failed ones left out: no cell of theirs is counted)
     unlike_training: int = 0  # of them, fields that look unlike the models' training labs
+    failed_fields: int = 0  # fields whose analysis failed: not counted, not analysed
 
     @property
     def warning(self) -> str | None:
@@ -90,7 +92,48 @@ def differential(case: Case) -> CaseDifferential:
         reviewed=sum(1 for c in cells if c.reviewed and c.label != NOT_WBC),
         target=case.target_count, identified=identified,
         fields=sum(f.status == FieldStatus.DONE for f in case.fields),
-        unlike_training=sum(f.unlike_training for f in case.fields))
+        unlike_training=sum(f.unlike_training for f in case.fields),
+        failed_fields=sum(f.status == FieldStatus.FAILED for f in case.fields))
+
+
+@dataclass
+class SignOffCheck:
+    """What a reviewer confirms at sign-off: the count against the target, the white
+    cells nobody reviewed and the fields whose analysis failed. Any shortfall needs a
+    written reason (`sign_off` refuses without one)."""
+
+    counted: int
+    target: int
+    unreviewed: int  # white cells (counted) whose label no person set or confirmed
+    failed_fields: int
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if self.counted < self.target:
+            found.append(f"{self.counted} of {self.target} target cells")
+        if self.unreviewed:
+            found.append(f"{self.unreviewed} cell{'s' if self.unreviewed != 1 else ''} "
+                         "unreviewed")
+        if self.failed_fields:
+            found.append(f"{self.failed_fields} field{'s' if self.failed_fields != 1 else ''}"
+                         " failed analysis")
+        return found
+
+    @property
+    def reason_required(self) -> bool:
+        return bool(self.problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "problems": self.problems,
+                "reason_required": self.reason_required}
+
+
+def sign_off_check(case: Case) -> SignOffCheck:
+    summary = differential(case)
+    return SignOffCheck(counted=summary.counted, target=summary.target,
+                        unreviewed=summary.counted - summary.reviewed,
+                        failed_fields=summary.failed_fields)
 
 
 def adaptation_progress(session: Session) -> dict[str, Any]:
@@ -157,6 +200,9 @@ def case_dict(case: Case) -> dict[str, Any]:
             "created_by": case.created_by.username,
             "signed_at": case.signed_at.isoformat() if case.signed_at else None,
             "signed_by": case.signed_by.username if case.signed_by else None,
+            "sign_off_reason": case.sign_off_reason,
+            "amendments": case.amendments, "amend_reason": case.amend_reason,
+            "sign_off_check": sign_off_check(case).to_dict(),
             "fields": [field_dict(f) for f in case.fields],
             "progress": progress(case), "differential": differential(case).to_dict()}
 
@@ -359,10 +405,50 @@ def set_target(session: Session, user: User, case_id: int, target: int, revision
     return case
 
 
-def sign_off(session: Session, user: User, case_id: int, revision: int) -> Case:
-    """Lock the case: only a reviewer, only as seen (revision), only when every cell is named."""
+def _reason(reason: str | None) -> str | None:
+    """A reason as stored: stripped, None if blank; refused (422) if too long."""
+    reason = (reason or "").strip() or None
+    if reason is not None and len(reason) > REASON_MAX:
+        raise ReviewError(f"the reason is too long (at most {REASON_MAX} characters)",
+                          status=422)
+    return reason
+
+
+def reopen(session: Session, user: User, case_id: int, revision: int,
+           reason: str | None) -> Case:
+    """Unlock a signed case to amend it: a reviewer, with a reason. The earlier sign-off
+    stays in the audit trail; the next sign-off issues an amended report."""
+    if user.role != Role.REVIEWER:
+        raise ReviewError(f"only a reviewer reopens a signed case (you are a {user.role})",
+                          status=403)
+    reason = _reason(reason)
+    case = load_case(session, case_id, lock=True)
+    if case.status != CaseStatus.SIGNED:
+        raise ReviewError(f"case {case.accession} is not signed off: nothing to reopen",
+                          status=409)
+    _check_version("case", case.revision, revision, None)
+    if reason is None:
+        raise ReviewError("a reason is required to reopen a signed case", status=422)
+    before = {"status": case.status, "signed_by": case.signed_by.username
+              if case.signed_by else None,
+              "signed_at": case.signed_at.isoformat() if case.signed_at else None,
+              "sign_off_reason": case.sign_off_reason, "amendments": case.amendments}
+    case.status, case.signed_at, case.signed_by_id = CaseStatus.OPEN, None, None
+    case.sign_off_reason, case.amend_reason = None, reason
+    case.amendments += 1
+    session.flush()
+    audit(session, case, user, "reopen", before=before,
+          after={"status": CaseStatus.OPEN, "reason": reason, "amendments": case.amendments})
+    return case
+
+
+def sign_off(session: Session, user: User, case_id: int, revision: int,
+             reason: str | None = None) -> Case:
+    """Lock the case: only a reviewer, only as seen (revision), only when every cell is named;
+    below the target, with unreviewed cells or failed fields, only with a written reason."""
     if user.role != Role.REVIEWER:
         raise ReviewError(f"only a reviewer signs off (you are a {user.role})", status=403)
+    reason = _reason(reason)
     case = load_case(session, case_id, lock=True)
     _open_case(case)
     _check_version("case", case.revision, revision, None)
@@ -376,8 +462,15 @@ def sign_off(session: Session, user: User, case_id: int, revision: int) -> Case:
         raise ReviewError(f"{summary.unidentified} cell(s) are still unidentified: classify "
                           "each one (or mark it X, not a white cell) before signing off",
                           status=409)
+    check = sign_off_check(case)
+    if check.reason_required and reason is None:
+        raise ReviewError(f"{', '.join(check.problems)}: a reason is required to sign off",
+                          status=422)
     case.status, case.signed_at, case.signed_by_id = CaseStatus.SIGNED, utcnow(), user.id
+    case.sign_off_reason = reason
     session.flush()
     audit(session, case, user, "sign_off", before={"status": CaseStatus.OPEN},
-          after={"status": CaseStatus.SIGNED, "differential": summary.to_dict()})
+          after={"status": CaseStatus.SIGNED, "differential": summary.to_dict(),
+                 "check": check.to_dict(), "reason": reason,
+                 "amendment": case.amendments})
     return case

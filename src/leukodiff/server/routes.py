@@ -238,10 +238,12 @@ def case_page(request: Request, user: UserDep, case_id: Id) -> Response:
     with state.db.reading() as session:
         case = review.load_case(session, case_id)
         accession, signed = case.accession, case.status == CaseStatus.SIGNED
+        reason = case.sign_off_reason
     # A signed case is locked: its edit controls are not shown (the API refuses edits too).
     return state.templates.TemplateResponse(
         request, "case.html", {"user": user, "case_id": case_id, "accession": accession,
-                               "signed": signed, "csrf": csrf_token(request), "labels": LABELS,
+                               "signed": signed, "sign_off_reason": reason,
+                               "csrf": csrf_token(request), "labels": LABELS,
                                "max_mb": state.settings.max_upload_bytes // (1024 * 1024)})
 
 
@@ -265,8 +267,15 @@ class CaseUpdate(BaseModel):
     revision: int
 
 
-class Revision(BaseModel):
+class SignOff(BaseModel):
     revision: int
+    # Required (non-empty) below the target, with unreviewed cells or failed fields.
+    reason: str | None = None
+
+
+class Reopen(BaseModel):
+    revision: int
+    reason: str | None = None  # required: why the signed case is amended
 
 
 class NewUser(BaseModel):
@@ -398,9 +407,20 @@ def update_case(request: Request, user: UserDep, case_id: Id, body: CaseUpdate
 
 
 @api.post("/cases/{case_id}/sign-off")
-def sign_off(request: Request, user: UserDep, case_id: Id, body: Revision) -> dict[str, Any]:
+def sign_off(request: Request, user: UserDep, case_id: Id, body: SignOff) -> dict[str, Any]:
+    """Sign off and lock the case; `case.sign_off_check` says beforehand whether a
+    reason is required (and why)."""
     with state_of(request).db.writing() as session:
-        review.sign_off(session, user, case_id, body.revision)
+        review.sign_off(session, user, case_id, body.revision, body.reason)
+    return _case(request, case_id)
+
+
+@api.post("/cases/{case_id}/reopen")
+def reopen(request: Request, user: UserDep, case_id: Id, body: Reopen) -> dict[str, Any]:
+    """Unlock a signed case to amend it (a reviewer, with a reason); the next sign-off
+    issues an amended report."""
+    with state_of(request).db.writing() as session:
+        review.reopen(session, user, case_id, body.revision, body.reason)
     return _case(request, case_id)
 
 

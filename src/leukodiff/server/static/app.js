@@ -112,7 +112,17 @@
     $("target-form").hidden = signed;
     $("draw-mode").hidden = signed;
     if (signed && drawing) setDrawing(false);
-    $("sign-off").hidden = signed || body.dataset.role !== "reviewer";
+    if (signed) $("sign-off-confirm").hidden = true;
+    const confirming = !$("sign-off-confirm").hidden;
+    $("sign-off").hidden = signed || body.dataset.role !== "reviewer" || confirming;
+    if (confirming) fillSignOff();  // the numbers follow edits made while it is open
+    $("signed-reason").hidden = !data.sign_off_reason;
+    if (!signed) $("reopen-confirm").hidden = true;
+    $("reopen").hidden = !signed || body.dataset.role !== "reviewer" || !$("reopen-confirm").hidden;
+    $("amended").hidden = !data.amendments;
+    $("amended").textContent = data.amendments
+      ? `Amendment ${data.amendments}: reopened because: ${data.amend_reason}` : "";
+    $("signed-reason-text").textContent = data.sign_off_reason || "";
     $("exports").hidden = !signed;
     for (const [id, path] of [["export-csv", "export.csv"], ["export-json", "export.json"],
       ["export-fhir", "fhir.json"], ["export-training", "training.zip"]]) {
@@ -354,13 +364,61 @@
     });
   }
 
-  async function signOff() {
+  // Sign-off is two steps: the panel shows counted vs target, unreviewed cells and failed
+  // fields; a shortfall needs a written reason (the API refuses without one, 422).
+  function showSignOff() {
+    fillSignOff();
+    $("sign-off-confirm").hidden = false;
+    $("sign-off").hidden = true;
+    $("sign-off-reason").focus();
+  }
+
+  function fillSignOff() {
+    const c = data.sign_off_check;
+    $("confirm-counted").textContent = String(c.counted);
+    $("confirm-target").textContent = String(c.target);
+    $("confirm-unreviewed").textContent = String(c.unreviewed);
+    $("confirm-failed").textContent = String(c.failed_fields);
+    $("sign-off-problems").hidden = !c.reason_required;
+    $("sign-off-problems").textContent = c.reason_required
+      ? `${c.problems.join(", ")}: give a reason to sign off anyway.` : "";
+    $("reason-required").textContent = c.reason_required ? "(required)" : "(optional)";
+    $("sign-off-reason").required = c.reason_required;
+  }
+
+  function hideSignOff() {
+    $("sign-off-confirm").hidden = true;
+    $("sign-off").hidden = data.status === "signed" || body.dataset.role !== "reviewer";
+  }
+
+  async function signOff(event) {
+    event.preventDefault();
+    const reason = $("sign-off-reason").value.trim();
+    if (data.sign_off_check.reason_required && !reason) {
+      say("A reason is required to sign off this case.", "error");
+      return;
+    }
     const { ok, status, result } = await call("POST", `/api/cases/${caseId}/sign-off`,
-      { revision: data.revision });
-    if (!ok) return refused(status, result);
+      { revision: data.revision, reason: reason || null });
+    if (!ok) { await refused(status, result); if (data.status !== "signed") showSignOff(); return; }
     data = result;
+    $("sign-off-reason").value = "";
     render();
     say("Case signed off and locked.", "ok");
+    loadAudit();
+  }
+
+  async function reopen(event) {
+    event.preventDefault();
+    const reason = $("reopen-reason").value.trim();
+    if (!reason) { say("A reason is required to reopen a signed case.", "error"); return; }
+    const { ok, status, result } = await call("POST", `/api/cases/${caseId}/reopen`,
+      { revision: data.revision, reason });
+    if (!ok) return refused(status, result);
+    data = result;
+    $("reopen-reason").value = "";
+    render();
+    say("Case reopened: its next sign-off issues an amended report.", "ok");
     loadAudit();
   }
 
@@ -403,7 +461,19 @@
     setOrder(event.target.value);
     event.target.blur();  // back to the keys: J / K walk the new order at once
   });
-  $("sign-off").addEventListener("click", signOff);
+  $("sign-off").addEventListener("click", showSignOff);
+  $("sign-off-cancel").addEventListener("click", hideSignOff);
+  $("sign-off-confirm").addEventListener("submit", signOff);
+  $("reopen").addEventListener("click", () => {
+    $("reopen-confirm").hidden = false;
+    $("reopen").hidden = true;
+    $("reopen-reason").focus();
+  });
+  $("reopen-cancel").addEventListener("click", () => {
+    $("reopen-confirm").hidden = true;
+    $("reopen").hidden = false;
+  });
+  $("reopen-confirm").addEventListener("submit", reopen);
   $("target-form").addEventListener("submit", setTarget);
   $("audit-box").addEventListener("toggle", loadAudit);
   wireUpload();
