@@ -138,7 +138,8 @@ def fhir_report(case: Case) -> dict[str, Any]:
 def conclusion(case: Case) -> str:
     """The report's summary line: what was counted over which fields, what a person
     reviewed, who signed, and why they signed short of the mark if they did."""
-    summary, check = differential(case), sign_off_check(case)
+    summary = differential(case)
+    check = sign_off_check(summary)
     failed = (f" ({summary.failed_fields} more field(s) failed analysis: none of their "
               "cells is counted)" if summary.failed_fields else "")
     text = (f"{summary.counted} white cells counted over {summary.fields} analysed "

@@ -129,8 +129,8 @@ class SignOffCheck:
                 "reason_required": self.reason_required}
 
 
-def sign_off_check(case: Case) -> SignOffCheck:
-    summary = differential(case)
+def sign_off_check(summary: CaseDifferential) -> SignOffCheck:
+    """What sign-off needs, from the case's differential (computed once by the caller)."""
     return SignOffCheck(counted=summary.counted, target=summary.target,
                         unreviewed=summary.counted - summary.reviewed,
                         failed_fields=summary.failed_fields)
@@ -194,6 +194,7 @@ def field_dict(field: FieldImage) -> dict[str, Any]:
 
 
 def case_dict(case: Case) -> dict[str, Any]:
+    summary = differential(case)
     return {"id": case.id, "accession": case.accession, "status": case.status,
             "target_count": case.target_count, "revision": case.revision,
             "created_at": case.created_at.isoformat(),
@@ -202,9 +203,9 @@ def case_dict(case: Case) -> dict[str, Any]:
             "signed_by": case.signed_by.username if case.signed_by else None,
             "sign_off_reason": case.sign_off_reason,
             "amendments": case.amendments, "amend_reason": case.amend_reason,
-            "sign_off_check": sign_off_check(case).to_dict(),
+            "sign_off_check": sign_off_check(summary).to_dict(),
             "fields": [field_dict(f) for f in case.fields],
-            "progress": progress(case), "differential": differential(case).to_dict()}
+            "progress": progress(case), "differential": summary.to_dict()}
 
 
 def progress(case: Case) -> dict[str, int]:
@@ -462,7 +463,7 @@ def sign_off(session: Session, user: User, case_id: int, revision: int,
         raise ReviewError(f"{summary.unidentified} cell(s) are still unidentified: classify "
                           "each one (or mark it X, not a white cell) before signing off",
                           status=409)
-    check = sign_off_check(case)
+    check = sign_off_check(summary)
     if check.reason_required and reason is None:
         raise ReviewError(f"{', '.join(check.problems)}: a reason is required to sign off",
                           status=422)
