@@ -8,6 +8,7 @@ its group. Every reader, model and report takes its class names from here.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -131,3 +132,105 @@ def parse_cell_type(text: str) -> CellType:
     if not isinstance(label, CellType):
         raise UnknownLabelError(f"label {text!r} is a {type(label).__name__}, not a cell type")
     return label
+
+
+# --- The review station's classes -----------------------------------------------------------
+# The models predict the five `CellType`s; a reviewer may assign any class below. This one
+# registry names them, gives each its key and colour (served to the review page, never copied
+# into its script or style sheet) and says how it is counted.
+
+
+class Counting(StrEnum):
+    """How the cells of a class enter a differential (lab convention)."""
+
+    DIFFERENTIAL = "differential"  # a white cell: in the WBC count, with its share of it (%)
+    UNCLASSIFIED = "unclassified"  # a white cell of unknown type: in the WBC count, no share
+    PER_100_WBC = "per_100_wbc"  # not a white cell (NRBC): reported per 100 WBC, not in them
+    APART = "apart"  # reported apart (smudge): a count and per 100 WBC, not in the differential
+    NOT_COUNTED = "not_counted"  # not counted at all (artefacts, objects that are not cells)
+
+    @property
+    def white_cell(self) -> bool:
+        """In the WBC count: what the target, sign-off and percentages count."""
+        return self in (Counting.DIFFERENTIAL, Counting.UNCLASSIFIED)
+
+    @property
+    def per_100_wbc(self) -> bool:
+        """Reported as a count and per 100 counted white cells, outside the WBC count."""
+        return self in (Counting.PER_100_WBC, Counting.APART)
+
+
+@dataclass(frozen=True)
+class ReviewClass:
+    """A label a reviewed cell may carry: stored name, title shown, key, colour, counting."""
+
+    name: str  # stored in the database and exports; never renamed
+    title: str
+    key: str  # the review page's keyboard shortcut (one character, lower case)
+    colour: str  # "#rrggbb"
+    counting: Counting
+
+    @property
+    def model_type(self) -> bool:
+        """One of the five types the models predict (and `leukodiff adapt` learns)."""
+        return self.name in _MODEL_TYPES
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return tuple(int(self.colour[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, str | bool]:
+        return {"name": self.name, "title": self.title, "key": self.key,
+                "colour": self.colour, "counting": str(self.counting),
+                "model_type": self.model_type}
+
+
+_MODEL_TYPES = frozenset(str(t) for t in CellType)
+UNIDENTIFIED = "unidentified"
+NOT_WBC = "not_wbc"
+_D, _U = Counting.DIFFERENTIAL, Counting.UNCLASSIFIED
+
+#: Every class, in display order (gallery groups, differential rows, the keys card). Keys
+#: 1-5 and U / X are the station's first ones; the page also uses J, K, B, Enter, Delete,
+#: Backspace, Escape and the arrows, which no class may take.
+REVIEW_CLASSES: tuple[ReviewClass, ...] = (
+    ReviewClass(CellType.LYMPHOCYTE.value, "lymphocyte", "1", "#1f77b4", _D),
+    ReviewClass(CellType.MONOCYTE.value, "monocyte", "2", "#2ca02c", _D),
+    ReviewClass(CellType.NEUTROPHIL.value, "neutrophil", "3", "#ff7f0e", _D),
+    ReviewClass(CellType.EOSINOPHIL.value, "eosinophil", "4", "#d62728", _D),
+    ReviewClass(CellType.BASOPHIL.value, "basophil", "5", "#9467bd", _D),
+    ReviewClass("band_neutrophil", "band neutrophil", "6", "#8c564b", _D),
+    # metamyelocytes, myelocytes and promyelocytes together, as most differentials report them
+    ReviewClass("immature_granulocyte", "immature granulocyte", "7", "#556b2f", _D),
+    ReviewClass("blast", "blast", "8", "#c2185b", _D),
+    ReviewClass("reactive_lymphocyte", "reactive lymphocyte", "9", "#00838f", _D),
+    ReviewClass("plasma_cell", "plasma cell", "0", "#393b79", _D),
+    ReviewClass(UNIDENTIFIED, "unidentified", "u", "#7f7f7f", _U),
+    ReviewClass("nucleated_red_cell", "nucleated red cell", "n", "#800000",
+                Counting.PER_100_WBC),
+    ReviewClass("smudge_cell", "smudge cell", "s", "#708090", Counting.APART),
+    ReviewClass("artefact", "artefact", "a", "#b8860b", Counting.NOT_COUNTED),
+    ReviewClass(NOT_WBC, "not a white cell", "x", "#333333", Counting.NOT_COUNTED),
+)
+REVIEW_CLASS: dict[str, ReviewClass] = {c.name: c for c in REVIEW_CLASSES}
+#: Every label a reviewed cell may carry, in display order.
+REVIEW_LABELS: tuple[str, ...] = tuple(REVIEW_CLASS)
+#: The review page's keys that are not class keys (navigation, confirm, delete, draw).
+RESERVED_KEYS = frozenset({"j", "k", "b", "enter", "delete", "backspace", "escape",
+                           "arrowleft", "arrowright", "arrowup", "arrowdown", "?", "z", " "})
+
+
+#: What each kind of counting means, as the review page heads its differential rows.
+COUNTING_NOTES: dict[Counting, str] = {
+    Counting.DIFFERENTIAL: "white cells: % of the WBC count",
+    Counting.UNCLASSIFIED: "white cells of unknown type: in the WBC count, no %",
+    Counting.PER_100_WBC: "not white cells: per 100 WBC, not in the WBC count",
+    Counting.APART: "reported apart: per 100 WBC, not in the differential",
+    Counting.NOT_COUNTED: "not counted",
+}
+
+
+def review_taxonomy() -> dict[str, object]:
+    """What the review page builds its keys, rows, gallery groups and colours from."""
+    return {"classes": [c.to_dict() for c in REVIEW_CLASSES],
+            "counting": {str(k): v for k, v in COUNTING_NOTES.items()}}

@@ -33,22 +33,23 @@ from leukodiff.pipeline.boxes import Detections, agnostic_nms
 from leukodiff.pipeline.familiarity import Familiarity, familiarity_path
 from leukodiff.pipeline.scale import SHRINK_ABOVE, cell_size_ratio
 from leukodiff.pipeline.tiling import detect_tiled
-from leukodiff.taxonomy import DETECTOR_LABEL_OF, GROUP_OF, CellType, Group
+from leukodiff.taxonomy import (
+    DETECTOR_LABEL_OF,
+    GROUP_OF,
+    REVIEW_CLASS,
+    UNIDENTIFIED,
+    CellType,
+    Group,
+)
 
 if TYPE_CHECKING:
     import pandas
 
-UNIDENTIFIED = "unidentified"
 # Each label's colour (RGB) wherever cells are drawn: annotated fields, the HTML report,
-# the classification colour in QuPath (`FieldResult.to_geojson`).
+# the classification colour in QuPath (`FieldResult.to_geojson`); the review station's
+# colours, from the one registry (`taxonomy.REVIEW_CLASSES`).
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "lymphocyte": (31, 119, 180),
-    "monocyte": (44, 160, 44),
-    "neutrophil": (255, 127, 14),
-    "eosinophil": (214, 39, 40),
-    "basophil": (148, 103, 189),
-    UNIDENTIFIED: (127, 127, 127),
-}
+    label: REVIEW_CLASS[label].rgb for label in (*(str(t) for t in CellType), UNIDENTIFIED)}
 #: COCO category id of each cell label, fixed (files written by one version are read by
 #: the next): the five types in `CellType` order, then "unidentified".
 COCO_CATEGORY_IDS: dict[str, int] = {
