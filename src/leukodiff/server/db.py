@@ -38,13 +38,14 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from leukodiff.taxonomy import CellType
+from leukodiff.taxonomy import NOT_WBC as NOT_WBC  # re-exported: the server's modules
+from leukodiff.taxonomy import REVIEW_LABELS
+from leukodiff.taxonomy import UNIDENTIFIED as UNIDENTIFIED
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-UNIDENTIFIED = "unidentified"
-NOT_WBC = "not_wbc"
-# Every label a reviewed cell may carry, in display order.
-LABELS = [*(str(t) for t in CellType), UNIDENTIFIED, NOT_WBC]
+# Every label a reviewed cell may carry, in display order (`taxonomy.REVIEW_CLASSES`); plain
+# strings in `cells.label`, so a new class needs no migration.
+LABELS = list(REVIEW_LABELS)
 
 
 def utcnow() -> datetime:

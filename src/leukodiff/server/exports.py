@@ -21,7 +21,7 @@ from leukodiff.data.records import Box
 from leukodiff.server.db import NOT_WBC, UNIDENTIFIED, AuditEvent, Case, CellRecord
 from leukodiff.server.review import case_dict, differential, sign_off_check
 from leukodiff.server.storage import ViewCache
-from leukodiff.taxonomy import CellType
+from leukodiff.taxonomy import REVIEW_CLASS, REVIEW_CLASSES, CellType
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -33,12 +33,30 @@ LOINC_PERCENT = {
     CellType.EOSINOPHIL: ("26450-7", "Eosinophils/100 leukocytes in Blood"),
     CellType.BASOPHIL: ("30180-4", "Basophils/100 leukocytes in Blood"),
 }
+# The classes a reviewer adds to the models' five (reported only when seen). Method-less
+# codes like the five's, each checked against two published tables (HL7 mCODE's CBC value
+# set and others; 19048-8 on loinc.org itself). Every reported class has one; a class
+# without a verified LOINC code would need a local code system here instead.
+LOINC_PERCENT_OTHER = {
+    "band_neutrophil": ("26508-2", "Band form neutrophils/100 leukocytes in Blood"),
+    "immature_granulocyte": ("38518-7", "Immature granulocytes/100 leukocytes in Blood"),
+    "blast": ("26446-5", "Blasts/100 leukocytes in Blood"),
+    # LOINC's "variant lymphocytes" (formerly atypical) are the reactive lymphocytes
+    "reactive_lymphocyte": ("13046-8", "Variant lymphocytes/100 leukocytes in Blood"),
+    "plasma_cell": ("13047-6", "Plasma cells/100 leukocytes in Blood"),
+}
+# Reported per 100 counted white cells, outside the WBC count.
+LOINC_PER_100_WBC = {
+    "nucleated_red_cell": ("19048-8", "Nucleated erythrocytes/100 leukocytes in Blood"),
+    "smudge_cell": ("34992-8", "Smudge cells/100 leukocytes in Blood"),
+}
+PER_100_WBC_UNIT = {"unit": "/100 WBC", "system": UCUM, "code": "/100{WBCs}"}
 PANEL = ("57023-4", "Auto Differential panel - Blood")
 # Crop side / box side of exported cell crops: the default of `leukodiff train classifier`.
 CROP_SCALE = 2.6
 CSV_COLUMNS = ["accession", "field_id", "field_name", "cell_id", "x0", "y0", "x1", "y1",
                "origin", "model_label", "model_confidence", "label", "reviewed",
-               "updated_by", "updated_at"]
+               "updated_by", "updated_at", "counting"]
 
 
 class ExportError(ValueError):
@@ -70,8 +88,14 @@ def cases_csv(case: Case) -> str:
                          "" if cell.model_confidence is None else f"{cell.model_confidence:.4f}",
                          cell.label, int(cell.reviewed),
                          _text(cell.updated_by.username) if cell.updated_by else "",
-                         cell.updated_at.isoformat()])
+                         cell.updated_at.isoformat(), _counting(cell.label)])
     return buffer.getvalue()
+
+
+def _counting(label: str) -> str:
+    """How the label is counted (`taxonomy.Counting`): a spreadsheet can total by it."""
+    known = REVIEW_CLASS.get(label)
+    return str(known.counting) if known else ""
 
 
 def case_json(case: Case, events: Iterable[AuditEvent]) -> dict[str, Any]:
@@ -101,20 +125,35 @@ def fhir_report(case: Case) -> dict[str, Any]:
                        "code": "laboratory", "display": "Laboratory"}]}
     # A case reopened and signed again: this report replaces the one issued before.
     status = "amended" if case.amendments else "final"
-    observations = []
-    for cell_type, (code, display) in LOINC_PERCENT.items():
-        observations.append({
+    def observation(code: str, display: str, text: str, value: float, unit: dict[str, str],
+                    note: str) -> dict[str, Any]:
+        return {
             "resourceType": "Observation", "id": str(uuid.uuid4()), "status": status,
             "category": [lab],
             "code": {"coding": [{"system": LOINC, "code": code, "display": display}],
-                     "text": f"{str(cell_type).capitalize()}s %"},
+                     "text": text},
             "identifier": [accession], "effectiveDateTime": signed, "issued": signed,
-            "performer": [reviewer],
-            "valueQuantity": {"value": summary.percentages[str(cell_type)], "unit": "%",
-                              "system": UCUM, "code": "%"},
-            "note": [{"text": f"{summary.counts[str(cell_type)]} of {summary.counted} white "
-                              "cells counted"}],
-        })
+            "performer": [reviewer], "valueQuantity": {"value": value, **unit},
+            "note": [{"text": note}],
+        }
+
+    percent = {"unit": "%", "system": UCUM, "code": "%"}
+    counted = summary.counted
+    # The five types always (0 is a result); the other white-cell classes when seen.
+    observations = [
+        observation(code, display, f"{REVIEW_CLASS[label].title.capitalize()}s %",
+                    summary.percentages[label], percent,
+                    f"{summary.counts[label]} of {counted} white cells counted")
+        for label, (code, display) in [*((str(t), v) for t, v in LOINC_PERCENT.items()),
+                                       *LOINC_PERCENT_OTHER.items()]
+        if REVIEW_CLASS[label].model_type or summary.counts[label]]
+    # Nucleated red cells and smudge cells: per 100 white cells, outside the WBC count.
+    observations += [
+        observation(code, display, f"{REVIEW_CLASS[label].title.capitalize()}s /100 WBC",
+                    summary.per_100_wbc[label], PER_100_WBC_UNIT,
+                    f"{summary.counts[label]} seen while counting {counted} white cells; "
+                    "not in the white-cell count")
+        for label, (code, display) in LOINC_PER_100_WBC.items() if summary.counts[label]]
     report = {
         "resourceType": "DiagnosticReport", "id": str(uuid.uuid4()), "status": status,
         "identifier": [accession],
@@ -142,8 +181,13 @@ def conclusion(case: Case) -> str:
     check = sign_off_check(summary)
     failed = (f" ({summary.failed_fields} more field(s) failed analysis: none of their "
               "cells is counted)" if summary.failed_fields else "")
+    apart = "".join(f"; {summary.counts[label]} {REVIEW_CLASS[label].title}(s) "
+                    f"({summary.per_100_wbc[label]} per 100 white cells) reported apart"
+                    for label in summary.per_100_wbc if summary.counts[label])
+    artefacts = summary.counts["artefact"]
     text = (f"{summary.counted} white cells counted over {summary.fields} analysed "
-            f"field(s){failed}; {summary.not_wbc} objects marked not a white cell. "
+            f"field(s){failed}{apart}; {summary.not_wbc} objects marked not a white cell"
+            f"{f' and {artefacts} artefact(s)' if artefacts else ''}, not counted. "
             f"Pre-classified by leukodiff; {summary.reviewed} of {summary.counted} white "
             f"cells individually reviewed; target {summary.target} white cells; signed off "
             f"by {case.signed_by.username if case.signed_by else 'nobody'}.")
@@ -166,6 +210,7 @@ class TrainingSummary:
     cells_left_out: int = 0  # live cells nobody reviewed (the model's call stands unchecked)
     fields: int = 0  # fields exported as VOC pairs (every live cell in them reviewed)
     fields_left_out: int = 0  # fields with a cell nobody reviewed
+    cells_other_classes: int = 0  # reviewed cells of a class the models do not learn
 
     def readme(self, cases: Iterable[Case]) -> str:
         names = [c.accession for c in cases if c.signed_at is not None]
@@ -175,9 +220,15 @@ class TrainingSummary:
                 f"cells/<type>/: {self.cells} reviewed cell crop(s); {self.cells_left_out} "
                 "cell(s) left out because nobody reviewed them (unidentified, not-a-white-"
                 "cell and deleted detections are never exported as crops).\n"
+                f"Only the five types the models learn get a folder: {self.cells_other_classes} "
+                "reviewed cell(s) of the station's other classes (band neutrophil, immature "
+                "granulocyte, blast, reactive lymphocyte, plasma cell, nucleated red cell, "
+                "smudge cell, artefact) are left out of cells/.\n"
                 f"fields/ (Pascal VOC): {self.fields} field(s) whose every cell was reviewed; "
                 f"{self.fields_left_out} field(s) left out because some of their cells were "
-                "not reviewed (their boxes would be unchecked or missing).\n")
+                "not reviewed (their boxes would be unchecked or missing). White cells of "
+                "the other classes are boxed as plain WBC; nucleated red cells, smudge cells, "
+                "artefacts and not-a-white-cell objects get no box.\n")
 
 
 def training_files(cases: Iterable[Case], views: ViewCache,
@@ -187,10 +238,12 @@ def training_files(cases: Iterable[Case], views: ViewCache,
     Only signed cases are exported, and of them only what a person reviewed (`reviewed`:
     reclassified, confirmed or drawn): a cell whose label is still the model's own call is
     left out, and so is the VOC pair of a field holding such a cell (its boxes would teach
-    unchecked calls, or miss a white cell if the box were dropped). Unidentified cells go
-    into the VOC boxes as plain "WBC" and into no class folder; cells marked
-    not-a-white-cell and deleted detections are left out. `summary`, if given, is filled
-    in with what was exported and left out.
+    unchecked calls, or miss a white cell if the box were dropped). Only what the models
+    can learn goes in: crops of the five types; VOC boxes of every white cell (`taxonomy.
+    Counting.white_cell`), named by type, or plain "WBC" for unidentified cells and the
+    white-cell classes the models do not predict (band neutrophil, blast...). Nucleated
+    red cells, smudge cells, artefacts, not-a-white-cell objects and deleted detections get
+    no box. `summary`, if given, is filled in with what was exported and left out.
     """
     summary = summary if summary is not None else TrainingSummary()
     for case in cases:
@@ -201,8 +254,10 @@ def training_files(cases: Iterable[Case], views: ViewCache,
             unreviewed = sum(not c.reviewed for c in live)
             summary.cells_left_out += unreviewed
             summary.fields_left_out += bool(unreviewed)
-            white = [c for c in live if c.label != NOT_WBC]
-            crops = [c for c in white if c.reviewed and c.label != UNIDENTIFIED]
+            white = [c for c in live if c.label in _WHITE_CELLS]
+            crops = [c for c in live if c.reviewed and c.label in _MODEL_TYPES]
+            summary.cells_other_classes += sum(
+                c.reviewed and c.label in _OTHER_CLASSES for c in live)
             whole = bool(white) and not unreviewed
             if not crops and not whole:
                 continue
@@ -217,6 +272,14 @@ def training_files(cases: Iterable[Case], views: ViewCache,
                 yield f"fields/JPEGImages/{stem}.png", _png(image)
                 yield f"fields/Annotations/{stem}.xml", _voc_xml(f"{stem}.png", image.size,
                                                                  white)
+
+
+_MODEL_TYPES = frozenset(str(t) for t in CellType)
+_WHITE_CELLS = frozenset(c.name for c in REVIEW_CLASSES if c.counting.white_cell)
+# Reviewed classes the models do not learn, counted in the README (unidentified and
+# not-a-white-cell are never exported as crops either, but say nothing about a class).
+_OTHER_CLASSES = frozenset(c.name for c in REVIEW_CLASSES if not c.model_type) - {
+    UNIDENTIFIED, NOT_WBC}
 
 
 def write_training(cases: Iterable[Case], views: ViewCache, out: Path) -> int:
@@ -256,7 +319,8 @@ def _voc_xml(filename: str, size: tuple[int, int], cells: list[CellRecord]) -> b
         ET.SubElement(size_element, name).text = str(value)
     for cell in cells:
         obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = "WBC" if cell.label == UNIDENTIFIED else cell.label
+        # A white cell of no model type (unidentified, band, blast...): a box, of no type.
+        ET.SubElement(obj, "name").text = cell.label if cell.label in _MODEL_TYPES else "WBC"
         ET.SubElement(obj, "difficult").text = "0"
         box = ET.SubElement(obj, "bndbox")
         for name, value in zip(("xmin", "ymin", "xmax", "ymax"), cell.box, strict=True):

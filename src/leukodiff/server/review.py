@@ -33,7 +33,7 @@ from leukodiff.server.db import (
     utcnow,
 )
 from leukodiff.server.storage import StoredImage
-from leukodiff.taxonomy import MIN_REVIEWED_PER_TYPE, CellType
+from leukodiff.taxonomy import MIN_REVIEWED_PER_TYPE, REVIEW_CLASSES, CellType, Counting
 
 ACCESSION_MAX = 64
 TARGET_RANGE = (10, 2000)
@@ -51,21 +51,27 @@ class ReviewError(ValueError):
 
 @dataclass
 class CaseDifferential:
-    """Counts of the reviewed (current) labels; percentages are of identified white cells.
+    """Counts of the reviewed (current) labels, by lab convention (`taxonomy.Counting`).
 
-    As in `Analyzer.differential`: an unidentified cell is a white cell (it counts
-    towards the target) whose type is unknown, so it has no share of any type; a
-    not-a-white-cell object is in nothing but `not_wbc`.
+    `counted` is the WBC count: the white-cell classes (the five types, band neutrophils,
+    immature granulocytes, blasts, reactive lymphocytes, plasma cells) and unidentified
+    cells; it is what the target and sign-off compare. Percentages are of `identified`
+    white cells: as in `Analyzer.differential`, an unidentified cell counts towards the
+    target but has no share of any class (a signed case has none, so there the base is
+    `counted`). Nucleated red cells and smudge cells are reported apart, per 100 counted
+    white cells, and are in no WBC figure; artefacts and not-a-white-cell objects are in
+    nothing but their counts.
     """
 
-    counts: dict[str, int]  # the five types + unidentified
-    percentages: dict[str, float]  # the five types, of `identified`
-    counted: int  # white cells: the five types + unidentified (not-WBC and deleted left out)
+    counts: dict[str, int]  # every class (`taxonomy.REVIEW_CLASSES`)
+    percentages: dict[str, float]  # the white-cell classes with a share, of `identified`
+    per_100_wbc: dict[str, float]  # nucleated red cells and smudge cells per 100 `counted`
+    counted: int  # the WBC count (deleted cells and every class outside it left out)
     unidentified: int
     not_wbc: int
-    reviewed: int
+    reviewed: int  # of the counted white cells, those a person labelled or confirmed
     target: int
-    identified: int  # white cells of one of the five types: the percentages' base
+    identified: int  # white cells of a named class: the percentages' base
     fields: int = 0  # analysed fields (failed ones left out: no cell of theirs is counted)
     unlike_training: int = 0  # of them, fields that look unlike the models' training labs
     failed_fields: int = 0  # fields whose analysis failed: not counted, not analysed
@@ -81,19 +87,28 @@ class CaseDifferential:
 def differential(case: Case) -> CaseDifferential:
     cells = [c for f in case.fields for c in f.cells if not c.deleted]
     counts = Counter(c.label for c in cells)
-    types = [str(t) for t in CellType]
-    identified = sum(counts[label] for label in types)
+    named = [c.name for c in REVIEW_CLASSES if c.counting is Counting.DIFFERENTIAL]
+    identified = sum(counts[label] for label in named)
+    counted = sum(counts[c.name] for c in REVIEW_CLASSES if c.counting.white_cell)
     return CaseDifferential(
-        counts={label: counts[label] for label in [*types, UNIDENTIFIED]},
-        percentages={label: round(100.0 * counts[label] / identified, 1) if identified else 0.0
-                     for label in types},
-        counted=identified + counts[UNIDENTIFIED], unidentified=counts[UNIDENTIFIED],
-        not_wbc=counts[NOT_WBC],
-        reviewed=sum(1 for c in cells if c.reviewed and c.label != NOT_WBC),
+        counts={c.name: counts[c.name] for c in REVIEW_CLASSES},
+        percentages={label: _share(counts[label], identified) for label in named},
+        per_100_wbc={c.name: _share(counts[c.name], counted) for c in REVIEW_CLASSES
+                     if c.counting.per_100_wbc},
+        counted=counted, unidentified=counts[UNIDENTIFIED], not_wbc=counts[NOT_WBC],
+        reviewed=sum(1 for c in cells if c.reviewed and c.label in _WHITE_CELL_LABELS),
         target=case.target_count, identified=identified,
         fields=sum(f.status == FieldStatus.DONE for f in case.fields),
         unlike_training=sum(f.unlike_training for f in case.fields),
         failed_fields=sum(f.status == FieldStatus.FAILED for f in case.fields))
+
+
+_WHITE_CELL_LABELS = frozenset(c.name for c in REVIEW_CLASSES if c.counting.white_cell)
+
+
+def _share(count: int, base: int) -> float:
+    """`count` per 100 of `base`, rounded to 0.1 (0 when there is no base)."""
+    return round(100.0 * count / base, 1) if base else 0.0
 
 
 @dataclass

@@ -41,7 +41,6 @@ from leukodiff.server.auth import (
     start_session,
 )
 from leukodiff.server.db import (
-    LABELS,
     AuditEvent,
     Case,
     CaseStatus,
@@ -61,6 +60,7 @@ from leukodiff.server.exports import (
 )
 from leukodiff.server.review import ReviewError
 from leukodiff.server.storage import UploadError, display_name
+from leukodiff.taxonomy import REVIEW_CLASSES, review_taxonomy
 
 THUMBNAIL = 128
 IMAGE_CACHE = "private, max-age=86400"  # field views and crops never change for an id
@@ -243,7 +243,8 @@ def case_page(request: Request, user: UserDep, case_id: Id) -> Response:
     return state.templates.TemplateResponse(
         request, "case.html", {"user": user, "case_id": case_id, "accession": accession,
                                "signed": signed, "sign_off_reason": reason,
-                               "csrf": csrf_token(request), "labels": LABELS,
+                               "csrf": csrf_token(request), "classes": REVIEW_CLASSES,
+                               "taxonomy": review_taxonomy(),
                                "max_mb": state.settings.max_upload_bytes // (1024 * 1024)})
 
 
@@ -363,6 +364,13 @@ def account_audit(request: Request, user: UserDep) -> list[dict[str, Any]]:
                                  .options(selectinload(AuditEvent.user))
                                  .order_by(AuditEvent.id))
         return [audit_dict(e) for e in events]
+
+
+@api.get("/taxonomy")
+def taxonomy() -> dict[str, Any]:
+    """Every class a reviewer may assign: name, title, key, colour and how it is counted
+    (the case page carries the same JSON; `taxonomy.REVIEW_CLASSES` is the one source)."""
+    return review_taxonomy()
 
 
 @api.get("/adaptation")
