@@ -222,10 +222,10 @@ RESERVED_KEYS = frozenset({"j", "k", "b", "enter", "delete", "backspace", "escap
 
 #: What each kind of counting means, as the review page heads its differential rows.
 COUNTING_NOTES: dict[Counting, str] = {
-    Counting.DIFFERENTIAL: "white cells: % of the WBC count",
-    Counting.UNCLASSIFIED: "white cells of unknown type: in the WBC count, no %",
-    Counting.PER_100_WBC: "not white cells: per 100 WBC, not in the WBC count",
-    Counting.APART: "reported apart: per 100 WBC, not in the differential",
+    Counting.DIFFERENTIAL: "white cells (% of WBC)",
+    Counting.UNCLASSIFIED: "white cells of unknown type (in the WBC count, no %)",
+    Counting.PER_100_WBC: "not white cells (per 100 WBC, not in the count)",
+    Counting.APART: "reported apart (per 100 WBC, not in the count)",
     Counting.NOT_COUNTED: "not counted",
 }
 

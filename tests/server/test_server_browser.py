@@ -120,6 +120,17 @@ def test_review_in_the_browser(live_server, browser_page, bccd: Path, tmp_path: 
     expect(count_cell(page, new_label)).to_have_text(str(before + 1))
     assert count_of(page, new_label) == before + 1
 
+    # A class the models never predict, by its key from the served taxonomy (blast: 8);
+    # its colour reaches the page as a CSS custom property set from the same taxonomy.
+    taxonomy = json.loads(page.locator("#taxonomy").text_content())
+    blast = next(c for c in taxonomy["classes"] if c["name"] == "blast")
+    page.locator("#gallery .thumb").first.click()
+    page.keyboard.press(blast["key"])
+    expect(count_cell(page, "blast")).to_have_text("1")
+    expect(page.locator(".gallery-section[data-label='blast'] .thumb")).to_have_count(1)
+    assert page.evaluate("getComputedStyle(document.documentElement)"
+                         ".getPropertyValue('--blast').trim()") == blast["colour"]
+
     # Classify whatever is still unidentified (neutrophil, key 3) so the case can be signed.
     while page.locator(".gallery-section[data-label='unidentified'] .thumb").count():
         remaining = count_of(page, "unidentified")
@@ -149,7 +160,7 @@ def test_review_in_the_browser(live_server, browser_page, bccd: Path, tmp_path: 
     report = bundle["entry"][0]["resource"]
     assert report["resourceType"] == "DiagnosticReport"
     assert report["identifier"][0]["value"] == "BROWSER-1"
-    assert len(report["result"]) == 5
+    assert len(report["result"]) == 6  # the five types and the blast seen
     shutil.copy(saved, ARTIFACTS / "BROWSER-1.fhir.json")
 
     # Amend: a reviewer reopens the signed case with a reason; its edit controls come back.

@@ -4,13 +4,17 @@
   const body = document.body;
   const caseId = body.dataset.caseId;
   const csrf = body.dataset.csrf;
-  const TYPES = ["lymphocyte", "monocyte", "neutrophil", "eosinophil", "basophil"];
-  const ORDER = [...TYPES, "unidentified", "not_wbc"];
-  const NAMES = { not_wbc: "not a white cell" };
-  const KEYS = { 1: "lymphocyte", 2: "monocyte", 3: "neutrophil", 4: "eosinophil", 5: "basophil",
-    u: "unidentified", x: "not_wbc" };
   const ORDER_KEY = "leukodiff.galleryOrder";  // the gallery order, remembered per browser
   const $ = (id) => document.getElementById(id);
+  // Every class a reviewer may assign, with its title, key, colour and counting: the
+  // server's taxonomy (leukodiff/taxonomy.py, REVIEW_CLASSES), rendered into the page.
+  const TAXONOMY = JSON.parse($("taxonomy").textContent);
+  const CLASSES = TAXONOMY.classes;
+  const ORDER = CLASSES.map((c) => c.name);
+  const NAMES = Object.fromEntries(CLASSES.map((c) => [c.name, c.title]));
+  const KEYS = Object.fromEntries(CLASSES.map((c) => [c.key, c.name]));
+  // Each class's colour as a CSS custom property (var(--name)) for dots, boxes and headings.
+  for (const c of CLASSES) document.documentElement.style.setProperty(`--${c.name}`, c.colour);
   let data = null;
   let order = storedOrder();  // "type": grouped by label; "confidence": least confident first
   let selected = null;   // cell id
@@ -82,10 +86,13 @@
       return sorted.length
         ? [{ label: null, title: `least confident first (${sorted.length})`, cells: sorted }] : [];
     }
-    const byLabel = Object.fromEntries(ORDER.map((l) => [l, []]));
-    for (const cell of cells()) byLabel[cell.label].push(cell);
-    return ORDER.filter((l) => byLabel[l].length).map((label) => ({
-      label, title: `${NAMES[label] || label} (${byLabel[label].length})`, cells: byLabel[label] }));
+    const byLabel = new Map(ORDER.map((l) => [l, []]));
+    for (const cell of cells()) {
+      if (!byLabel.has(cell.label)) byLabel.set(cell.label, []);  // a label the page lacks
+      byLabel.get(cell.label).push(cell);
+    }
+    return [...byLabel].filter(([, list]) => list.length).map(([label, list]) => ({
+      label, title: `${NAMES[label] || label} (${list.length})`, cells: list }));
   }
 
   function shownCells() {
@@ -141,18 +148,37 @@
     if (document.activeElement !== $("target")) $("target").value = data.target_count;
   }
 
+  // A class's share: % of the WBC count, or per 100 WBC for those outside it (NRBC,
+  // smudge); unidentified cells count towards the target but have no share of any class.
+  function share(d, name) {
+    if (name in d.percentages) return d.percentages[name].toFixed(1);
+    if (name in d.per_100_wbc) return `${d.per_100_wbc[name].toFixed(1)}/100`;
+    return "-";
+  }
+
   function renderDifferential() {
     const d = data.differential;
-    const rows = [...TYPES, "unidentified"].map((label, i) => el("tr", { "data-label": label },
-      el("td", {}, el("span", { class: "dot", style: `background:var(--${label})` }), label),
-      el("td", {}, label === "unidentified" ? "U" : String(i + 1)),
-      el("td", { class: "count" }, String(d.counts[label])),
-      // Unidentified cells count towards the target but have no share of any type.
-      el("td", {}, label in d.percentages ? d.percentages[label].toFixed(1) : "-")));
+    const rows = [];
+    let group = null;
+    for (const c of CLASSES) {
+      if (c.counting !== group) {  // rows grouped by how they are counted, each headed
+        group = c.counting;
+        rows.push(el("tr", { class: "group" }, el("th", { colspan: "4" }, TAXONOMY.counting[group])));
+      }
+      rows.push(el("tr", { "data-label": c.name, "data-counting": c.counting },
+        el("td", {}, el("span", { class: "dot", style: `background:var(--${c.name})` }), c.title),
+        el("td", {}, c.key.toUpperCase()),
+        el("td", { class: "count" }, String(d.counts[c.name] ?? 0)),
+        el("td", {}, share(d, c.name))));
+    }
     $("differential").tBodies[0].replaceChildren(...rows);
+    const apart = CLASSES.filter((c) => c.name in d.per_100_wbc)
+      .map((c) => ` · ${c.title}: ${d.counts[c.name]}`).join("");
+    const notCounted = CLASSES.filter((c) => c.counting === "not_counted")
+      .reduce((n, c) => n + (d.counts[c.name] ?? 0), 0);
     const tally = $("tally");
-    tally.textContent = `Counted ${d.counted} / ${d.target} WBC` +
-      ` · ${d.unidentified} unidentified · ${d.not_wbc} not WBC · ${d.reviewed} reviewed`;
+    tally.textContent = `Counted ${d.counted} / ${d.target} WBC · ${d.unidentified} unidentified` +
+      `${apart} · ${notCounted} not counted · ${d.reviewed} reviewed`;
     tally.classList.toggle("reached", d.counted >= d.target);
     $("tally-bar").max = d.target;
     $("tally-bar").value = Math.min(d.counted, d.target);
@@ -218,7 +244,7 @@
       `width:${(100 * (x1 - x0)) / field.width}%;height:${(100 * (y1 - y0)) / field.height}%;` +
       `border-color:var(--${cell.label})`;
     return el("button", { type: "button", class: `box${cell.id === selected ? " selected" : ""}`,
-      style, "data-cell": cell.id, title: cell.label,
+      style, "data-cell": cell.id, title: NAMES[cell.label] || cell.label,
       onmousedown: (event) => event.stopPropagation(), onclick: () => select(cell.id) },
       el("span", { style: `background:var(--${cell.label})` }, `${cell.id} ${NAMES[cell.label] || cell.label}`));
   }
@@ -330,7 +356,7 @@
       setDrawing(false);
       applyEdit(result);
       select(result.cell.id);
-      say(`cell ${result.cell.id} added: press 1-5 to classify it`, "ok");
+      say(`cell ${result.cell.id} added: press a class key to classify it`, "ok");
     };
     window.addEventListener("mousemove", move);
     window.addEventListener("mouseup", up);
