@@ -19,7 +19,7 @@ from typing import Any
 from leukodiff.data.crops import crop_cell
 from leukodiff.data.records import Box
 from leukodiff.server.db import NOT_WBC, UNIDENTIFIED, AuditEvent, Case, CellRecord
-from leukodiff.server.review import case_dict, differential, sign_off_check
+from leukodiff.server.review import case_dict, counted_fields, differential, sign_off_check
 from leukodiff.server.storage import ViewCache
 from leukodiff.taxonomy import CellType
 
@@ -46,7 +46,9 @@ class ExportError(ValueError):
 
 
 def _live_cells(case: Case) -> Iterator[CellRecord]:
-    for field in case.fields:
+    """The cells the differential counts from: not deleted, in fields not excluded (the
+    CSV leaves excluded fields out; the JSON export lists them, marked, with their reason)."""
+    for field in counted_fields(case):
         yield from (c for c in field.cells if not c.deleted)
 
 
@@ -142,6 +144,9 @@ def conclusion(case: Case) -> str:
     check = sign_off_check(summary)
     failed = (f" ({summary.failed_fields} more field(s) failed analysis: none of their "
               "cells is counted)" if summary.failed_fields else "")
+    if summary.excluded_fields:
+        failed += (f" ({summary.excluded_fields} field(s) excluded by a person: none of their "
+                   "cells is counted)")
     text = (f"{summary.counted} white cells counted over {summary.fields} analysed "
             f"field(s){failed}; {summary.not_wbc} objects marked not a white cell. "
             f"Pre-classified by leukodiff; {summary.reviewed} of {summary.counted} white "
@@ -166,6 +171,7 @@ class TrainingSummary:
     cells_left_out: int = 0  # live cells nobody reviewed (the model's call stands unchecked)
     fields: int = 0  # fields exported as VOC pairs (every live cell in them reviewed)
     fields_left_out: int = 0  # fields with a cell nobody reviewed
+    fields_excluded: int = 0  # fields excluded from the case's differential: none of it exported
 
     def readme(self, cases: Iterable[Case]) -> str:
         names = [c.accession for c in cases if c.signed_at is not None]
@@ -177,7 +183,9 @@ class TrainingSummary:
                 "cell and deleted detections are never exported as crops).\n"
                 f"fields/ (Pascal VOC): {self.fields} field(s) whose every cell was reviewed; "
                 f"{self.fields_left_out} field(s) left out because some of their cells were "
-                "not reviewed (their boxes would be unchecked or missing).\n")
+                "not reviewed (their boxes would be unchecked or missing).\n"
+                f"{self.fields_excluded} field(s) excluded from their case's differential "
+                "left out entirely (neither crops nor VOC pairs).\n")
 
 
 def training_files(cases: Iterable[Case], views: ViewCache,
@@ -189,14 +197,16 @@ def training_files(cases: Iterable[Case], views: ViewCache,
     left out, and so is the VOC pair of a field holding such a cell (its boxes would teach
     unchecked calls, or miss a white cell if the box were dropped). Unidentified cells go
     into the VOC boxes as plain "WBC" and into no class folder; cells marked
-    not-a-white-cell and deleted detections are left out. `summary`, if given, is filled
-    in with what was exported and left out.
+    not-a-white-cell and deleted detections are left out, and so are excluded fields (a
+    person judged the image unfit to count from). `summary`, if given, is filled in with
+    what was exported and left out.
     """
     summary = summary if summary is not None else TrainingSummary()
     for case in cases:
         if case.signed_at is None:
             continue
-        for field in case.fields:
+        summary.fields_excluded += len(case.fields) - len(counted_fields(case))
+        for field in counted_fields(case):
             live = [c for c in field.cells if not c.deleted]
             unreviewed = sum(not c.reviewed for c in live)
             summary.cells_left_out += unreviewed

@@ -548,6 +548,31 @@ def delete_cell(request: Request, user: UserDep, case_id: Id, cell_id: Id,
     return _edit_response(request, case_id, cell_id)
 
 
+# --- api: fields --------------------------------------------------------------------------
+
+class Exclusion(BaseModel):
+    reason: str | None = None  # required to exclude; optional to include again
+
+
+@api.post("/fields/{field_id}/exclude")
+def exclude_field(request: Request, user: UserDep, field_id: Id, body: Exclusion
+                  ) -> dict[str, Any]:
+    """Take a field out of the differential, counts and exports, with a reason (audited);
+    its cells and image are kept. Technologists and reviewers, open cases only."""
+    with state_of(request).db.writing() as session:
+        case_id = review.exclude_field(session, user, field_id, body.reason).case_id
+    return _case(request, case_id)
+
+
+@api.post("/fields/{field_id}/include")
+def include_field(request: Request, user: UserDep, field_id: Id, body: Exclusion
+                  ) -> dict[str, Any]:
+    """Count an excluded field again (audited)."""
+    with state_of(request).db.writing() as session:
+        case_id = review.include_field(session, user, field_id, body.reason).case_id
+    return _case(request, case_id)
+
+
 # --- api: exports -------------------------------------------------------------------------
 
 def _signed_case(session, case_id: int) -> Case:
