@@ -225,7 +225,7 @@ def test_schema_migrates_once_and_restarts_keep_data(make_station) -> None:
         assert [c.accession for c in session.scalars(select(Case))] == ["KEEP-1"]
         version = session.connection().exec_driver_sql(
             "SELECT version_num FROM alembic_version").scalar_one()
-    assert version == "0004"
+    assert version == "0005"
     app.state.leukodiff.db.dispose()
 
 
@@ -377,5 +377,54 @@ def test_migration_0004_keeps_signed_cases(database_url, tmp_path: Path) -> None
         with db.engine.begin() as connection:
             row = connection.execute(text("SELECT accession, status FROM cases")).one()
             assert tuple(row) == ("OLD-1", "signed")
+    finally:
+        db.dispose()
+
+
+def test_migration_0005_keeps_fields_and_accounts(database_url, tmp_path: Path) -> None:
+    """A 0004 database with a user, a case, a field and a cell upgrades (the field counted,
+    not excluded; the user's password theirs, never signed in since), takes an exclusion,
+    and goes back down with the field and its cell intact."""
+    from sqlalchemy import text
+
+    from leukodiff.server.db import Database
+
+    db = Database(database_url or f"sqlite:///{tmp_path / 'old.sqlite3'}")
+    at = "'2026-11-26 10:00:00+00'"
+    try:
+        _alembic(db, "upgrade", "0004")
+        with db.engine.begin() as connection:
+            for statement in (
+                    "INSERT INTO users (id, username, password_hash, role, active, created_at, "
+                    f"session_epoch) VALUES (1, 'tess', 'h', 'technologist', true, {at}, 0)",
+                    "INSERT INTO cases (id, accession, status, target_count, revision, "
+                    f"created_at, created_by_id, version, amendments) VALUES (1, 'OLD-1', "
+                    f"'open', 100, 1, {at}, 1, 1, 0)",
+                    "INSERT INTO images (sha256, size_bytes, format, width, height, created_at)"
+                    f" VALUES ('{'a' * 64}', 10, 'JPEG', 640, 480, {at})",
+                    "INSERT INTO fields (id, case_id, image_sha256, original_name, status, "
+                    f"uploaded_at, uploaded_by_id, unlike_training) VALUES (1, 1, '{'a' * 64}', "
+                    f"'f.jpg', 'done', {at}, 1, false)",
+                    "INSERT INTO cells (id, field_id, x0, y0, x1, y1, origin, label, reviewed, "
+                    f"deleted, updated_at, version) VALUES (1, 1, 0, 0, 9, 9, 'model', "
+                    f"'neutrophil', false, false, {at}, 1)"):
+                connection.execute(text(statement))
+        _alembic(db, "upgrade", "head")
+        with db.engine.begin() as connection:
+            row = connection.execute(text(
+                "SELECT excluded, exclude_reason, excluded_at, excluded_by FROM fields")).one()
+            assert (bool(row[0]), *row[1:]) == (False, None, None, None)
+            row = connection.execute(text(
+                "SELECT must_change_password, last_login_at FROM users")).one()
+            assert (bool(row[0]), row[1]) == (False, None)
+            connection.execute(text("UPDATE fields SET excluded = true, "
+                                    "exclude_reason = 'blurred', excluded_by = 'tess'"))
+            connection.execute(text("UPDATE users SET must_change_password = true"))
+        _alembic(db, "downgrade", "0004")
+        with db.engine.begin() as connection:
+            assert connection.execute(text(
+                "SELECT f.original_name, c.label FROM fields f JOIN cells c ON c.field_id = f.id"
+            )).one() == ("f.jpg", "neutrophil")
+            assert connection.execute(text("SELECT username FROM users")).scalar_one() == "tess"
     finally:
         db.dispose()

@@ -246,3 +246,49 @@ def test_gallery_least_confident_first_and_the_keys_follow_it(live_server, brows
     expect(selected(page)).to_have_attribute("data-cell", str(by_type[1]))
     expect(page.locator(f'.gallery-section[data-label="{new_label}"] '
                         f'.thumb[data-cell="{by_type[0]}"]')).to_have_count(1)
+
+
+def test_exclude_and_include_a_field_in_the_browser(live_server, browser_page, bccd: Path
+                                                    ) -> None:
+    """Issue #16 item 4 on the page: *Exclude field...* asks for a reason; the field greys,
+    its cells move to a frozen gallery group and leave the tally; *Include again* undoes it;
+    the sign-off confirmation lists the excluded field."""
+    page = browser_page
+    station = live_server.station
+    station.add_user("rita", "reviewer")
+    client = station.client("tess")
+    case = client.post("/api/cases", json={"accession": "BROWSER-X"}).json()
+    files = [("files", (n, (bccd / n).read_bytes(), "image/jpeg")) for n in FIELDS[:2]]
+    assert client.post(f"/api/cases/{case['id']}/fields", files=files).status_code == 200
+    sign_in(page, live_server.url, "rita")
+    page.goto(f"{live_server.url}/cases/{case['id']}")
+    expect(page.locator("#progress-text")).to_have_text(
+        re.compile(r"^Analysed 2 of 2 field\(s\)$"), timeout=60_000)
+    page.wait_for_selector("#gallery .thumb")
+    tally = page.locator("#tally").inner_text()
+    before = int(re.search(r"Counted (\d+)", tally).group(1))
+    second = page.locator("figure.field").nth(1)
+    in_second = second.locator(".box").count()
+
+    second.locator("button.exclude-field").click()
+    second.locator(".exclude-form input").fill("   ")  # blank: refused before the API
+    second.locator(".exclude-form button[type=submit]").click()
+    expect(page.locator("#message")).to_have_text("A reason is required to exclude a field.")
+    second.locator(".exclude-form input").fill("Blurred.")
+    second.locator(".exclude-form button[type=submit]").click()
+    expect(page.locator("figure.field.excluded")).to_have_count(1)
+    expect(page.locator(".excluded-note")).to_contain_text("Excluded by rita: Blurred.")
+    expect(page.locator("#progress-text")).to_contain_text("1 excluded")
+    expect(page.locator(".gallery-section.excluded .thumb")).to_have_count(in_second)
+    counted = int(re.search(r"Counted (\d+)", page.locator("#tally").inner_text()).group(1))
+    assert counted < before
+
+    page.click("#sign-off")
+    expect(page.locator("#confirm-excluded")).to_have_text("1")
+    expect(page.locator("#confirm-fields")).to_contain_text(f"{FIELDS[1]}: excluded by rita "
+                                                            "(Blurred.)")
+    page.click("#sign-off-cancel")
+
+    page.locator("figure.field.excluded button.include-field").click()
+    expect(page.locator("figure.field.excluded")).to_have_count(0)
+    expect(page.locator("#tally")).to_contain_text(f"Counted {before} ")

@@ -21,7 +21,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from leukodiff.pipeline import Analyzer
 from leukodiff.server.analysis import AnalysisQueue
-from leukodiff.server.auth import Forbidden, LoginThrottle, NotAuthenticated
+from leukodiff.server.auth import (
+    Forbidden,
+    LoginThrottle,
+    NotAuthenticated,
+    PasswordChangeRequired,
+)
 from leukodiff.server.db import Database
 from leukodiff.server.exports import ExportError
 from leukodiff.server.review import ReviewError
@@ -113,6 +118,14 @@ def _add_handlers(app: FastAPI) -> None:
         if _wants_json(request):
             return JSONResponse({"detail": "sign in first"}, status_code=401)
         return RedirectResponse("/login", status_code=303)
+
+    @app.exception_handler(PasswordChangeRequired)
+    async def password_change_required(request: Request, error: PasswordChangeRequired
+                                       ) -> Response:
+        if _wants_json(request):
+            return JSONResponse({"detail": error.message, "must_change_password": True},
+                                status_code=403)
+        return RedirectResponse("/account", status_code=303)
 
     @app.exception_handler(Forbidden)
     async def forbidden(_request: Request, error: Forbidden) -> Response:

@@ -7,6 +7,10 @@ raises it, which ends every session of that user, stolen cookie copies included)
 Account changes go into the audit trail with no case. Failed sign-ins are throttled per
 account and per client address (`LoginThrottle`), so a password cannot be guessed
 at the speed of the network.
+
+A password an admin chose (a new account, a reset) is temporary: the account is marked
+`must_change_password`, and until its owner picks a new one every page and API call but
+those in `PASSWORD_CHANGE_PATHS` is refused (`PasswordChangeRequired`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, object_session
 from starlette.requests import Request
 
@@ -33,6 +37,11 @@ MIN_PASSWORD = 8
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+# What an account with a temporary password may reach: the password form and its API,
+# who am I (the CSRF token the API change needs), signing out, and the static files.
+PASSWORD_CHANGE_PATHS = frozenset({"/account", "/account/password", "/api/me",
+                                   "/api/me/password", "/logout"})
+PASSWORD_CHANGE_PREFIXES = ("/static/",)
 MAX_THROTTLE_KEYS = 10_000
 
 _hasher = PasswordHasher()
@@ -52,6 +61,15 @@ class NotAuthenticated(Exception):
     """No valid session: API calls get 401, pages redirect to the login form."""
 
 
+class PasswordChangeRequired(Exception):
+    """Signed in with a temporary password: pages redirect to the account page, API calls
+    get 403, until a new password is chosen."""
+
+    message = ("your password was set by an administrator and must be changed before you "
+               "go on: choose a new one on the account page (/account) or with POST "
+               "/api/me/password")
+
+
 class Forbidden(Exception):
     """Signed in, but this role may not do this."""
 
@@ -69,10 +87,11 @@ def password_fingerprint(password_hash: str) -> str:
 
 
 def create_user(session: Session, username: str, password: str, role: str,
-                by: User | None = None) -> User:
+                by: User | None = None, temporary: bool = False) -> User:
     """A new account, audited; AccountError on a bad name, short password, role or duplicate.
 
     `by`: the admin who made it; None: the command line (someone with the server's files).
+    `temporary`: the password must be changed at the first sign-in.
     """
     if not USERNAME.match(username):
         raise AccountError("username: 2-64 letters, digits or . _ @ -")
@@ -83,7 +102,8 @@ def create_user(session: Session, username: str, password: str, role: str,
         raise AccountError(f"role must be one of: {', '.join(Role)}") from None
     if session.scalar(select(User).where(User.username == username)) is not None:
         raise AccountError(f"user {username!r} already exists")
-    user = User(username=username, password_hash=hash_password(password), role=role)
+    user = User(username=username, password_hash=hash_password(password), role=role,
+                must_change_password=temporary)
     session.add(user)
     session.flush()
     _audit_account(session, by, "create_user", None, user)
@@ -95,29 +115,44 @@ def check_password(password: str) -> None:
         raise AccountError(f"password: at least {MIN_PASSWORD} characters")
 
 
-def set_password(session: Session, username: str, password: str, by: User | None = None
-                 ) -> User:
+def set_password(session: Session, username: str, password: str, by: User | None = None,
+                 temporary: bool = False) -> User:
     """A new password (every session of the user ends), audited without the password.
 
-    `by`: the user themself (a change) or an admin (a reset); None: the command line.
+    `by`: the user themself (a change, which clears a temporary password) or an admin (a
+    reset); None: the command line. `temporary` (a reset only): the user must change it
+    at their next sign-in.
     """
     check_password(password)
     user = session.scalar(select(User).where(User.username == username))
     if user is None:
         raise NoSuchUser(f"no user {username!r}")
+    own = by is not None and by.id == user.id
     user.password_hash = hash_password(password)
+    user.must_change_password = temporary and not own
     end_sessions(user)
-    action = "change_password" if by is not None and by.id == user.id else "reset_password"
+    action = "change_password" if own else "reset_password"
     _audit_account(session, by, action, None, user)
     return user
 
 
-def set_active(session: Session, username: str, active: bool, by: User | None = None
-               ) -> User:
-    """Deactivate (every session of the user ends at its next request) or reactivate."""
+def set_active(session: Session, username: str, active: bool, by: User | None = None,
+               keep_an_admin: bool = True) -> User:
+    """Deactivate (every session of the user ends at its next request) or reactivate.
+
+    An admin cannot deactivate themself, and (`keep_an_admin`) nobody can deactivate the
+    last active admin: the command line, the way back in, passes False.
+    """
     user = session.scalar(select(User).where(User.username == username))
     if user is None:
         raise NoSuchUser(f"no user {username!r}")
+    if not active and by is not None and by.id == user.id:
+        raise AccountError("an admin cannot deactivate their own account")
+    if (not active and keep_an_admin and user.active and user.role == Role.ADMIN
+            and session.scalar(select(func.count(User.id)).where(
+                User.role == Role.ADMIN, User.active.is_(True))) <= 1):
+        raise AccountError(f"{username!r} is the last active admin: make another admin "
+                           "first")
     if user.active != active:
         before = _account(user)
         user.active = active
@@ -128,7 +163,9 @@ def set_active(session: Session, username: str, active: bool, by: User | None = 
 
 
 def _account(user: User) -> dict[str, object]:
-    return {"username": user.username, "role": user.role, "active": user.active}
+    # `temporary`: must_change_password (audit rows never name a password, not even a key).
+    return {"username": user.username, "role": user.role, "active": user.active,
+            "temporary": user.must_change_password}
 
 
 def _audit_account(session: Session, by: User | None, action: str,
@@ -244,6 +281,15 @@ def session_user(request: Request, session: Session) -> User:
             or request.session.get("ep") != user.session_epoch):
         raise NotAuthenticated()
     return user
+
+
+def check_password_changed(request: Request, user: User) -> None:
+    """PasswordChangeRequired if the user still has a temporary password and this
+    request is for anything but changing it (or signing out)."""
+    path = request.url.path
+    if user.must_change_password and path not in PASSWORD_CHANGE_PATHS and not path.startswith(
+            PASSWORD_CHANGE_PREFIXES):
+        raise PasswordChangeRequired()
 
 
 def csrf_token(request: Request) -> str:

@@ -26,6 +26,10 @@ DataDir = typer.Option(Path("leukodiff-data"), "--data-dir",
 Username = typer.Argument(..., help="Login name.")
 PasswordStdin = typer.Option(False, "--password-stdin", help="Read the password from "
                              "standard input (scripts) instead of prompting.")
+Temporary = typer.Option(True, "--temporary/--permanent", help="--temporary: the user must "
+                         "choose a new password at their next sign-in (nothing else opens "
+                         "until they do); --permanent: the password stays theirs (e.g. your "
+                         "own account, typed here by you).")
 DatabaseUrl = typer.Option(None, "--database-url", envvar="LEUKODIFF_DATABASE_URL",
                            help="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db "
                            "[default: SQLite file in --data-dir].")
@@ -108,14 +112,19 @@ def create_user_command(
     data_dir: Path = DataDir,
     database_url: str | None = DatabaseUrl,
     password_stdin: bool = PasswordStdin,
+    temporary: bool = Temporary,
 ) -> None:
-    """Create a user account (the first admin, or any account) without the web UI."""
+    """Create a user account (the first admin, or any account) without the web UI.
+
+    The password is temporary unless --permanent: it must be changed at the first sign-in.
+    """
     from leukodiff.server.auth import create_user
 
     password = _read_password(password_stdin)
-    user = _change_account(data_dir, database_url,
-                           lambda session: create_user(session, username, password, role))
-    console.print(f"created {user.role} {user.username!r}")
+    user = _change_account(data_dir, database_url, lambda session: create_user(
+        session, username, password, role, temporary=temporary))
+    console.print(f"created {user.role} {user.username!r}" + (
+        " (temporary password: to be changed at the first sign-in)" if temporary else ""))
 
 
 def set_password_command(
@@ -123,14 +132,19 @@ def set_password_command(
     data_dir: Path = DataDir,
     database_url: str | None = DatabaseUrl,
     password_stdin: bool = PasswordStdin,
+    temporary: bool = Temporary,
 ) -> None:
-    """Reset a password (a locked-out admin, a forgotten password); the user's sessions end."""
+    """Reset a password (a locked-out admin, a forgotten password); the user's sessions end.
+
+    The password is temporary unless --permanent: it must be changed at the next sign-in.
+    """
     from leukodiff.server.auth import set_password
 
     password = _read_password(password_stdin)
-    user = _change_account(data_dir, database_url,
-                           lambda session: set_password(session, username, password))
-    console.print(f"new password set for {user.username!r}")
+    user = _change_account(data_dir, database_url, lambda session: set_password(
+        session, username, password, temporary=temporary))
+    console.print(f"new password set for {user.username!r}" + (
+        " (temporary: to be changed at the next sign-in)" if temporary else ""))
 
 
 def _change_account(data_dir: Path, database_url: str | None,
@@ -169,11 +183,12 @@ def deactivate_user_command(
     """Lock an account out (its open sessions end at their next request), or let it back in.
 
     Accounts are never deleted: their names stay on the cases and audit events they made.
+    Unlike the web page, this may lock out the last active admin: it is the way back in.
     """
     from leukodiff.server.auth import set_active
 
-    user = _change_account(data_dir, database_url,
-                           lambda session: set_active(session, username, active=reactivate))
+    user = _change_account(data_dir, database_url, lambda session: set_active(
+        session, username, active=reactivate, keep_an_admin=False))
     console.print(f"{user.username!r} is {'active' if user.active else 'deactivated'}")
 
 

@@ -107,6 +107,10 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # In every session cookie; raised by signing out, which ends all of the user's sessions.
     session_epoch: Mapped[int] = mapped_column(default=0, server_default="0")
+    # Set when an admin (or the command line) chose the password: the next sign-in must
+    # choose a new one before anything else (`auth.PASSWORD_CHANGE_PATHS`).
+    must_change_password: Mapped[bool] = mapped_column(default=False, server_default=false())
+    last_login_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Image(Base):
@@ -169,6 +173,13 @@ class FieldImage(Base):
     # distance to the models' training labs (pipeline.familiarity; None: not measured)
     familiarity: Mapped[float | None] = mapped_column(Float, default=None)
     unlike_training: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # Excluded by a person (blurred, wrong slide...): out of the differential, counts and
+    # exports; its cells and file are kept, and it can be included again. Who: a username
+    # (accounts are never renamed or deleted; the audit event holds the id).
+    excluded: Mapped[bool] = mapped_column(default=False, server_default=false())
+    exclude_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    excluded_at: Mapped[datetime | None] = mapped_column(default=None)
+    excluded_by: Mapped[str | None] = mapped_column(String(64), default=None)
 
     case: Mapped[Case] = relationship(back_populates="fields")
     image: Mapped[Image] = relationship()

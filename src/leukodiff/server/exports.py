@@ -19,7 +19,7 @@ from typing import Any
 from leukodiff.data.crops import crop_cell
 from leukodiff.data.records import Box
 from leukodiff.server.db import NOT_WBC, UNIDENTIFIED, AuditEvent, Case, CellRecord
-from leukodiff.server.review import case_dict, differential, sign_off_check
+from leukodiff.server.review import case_dict, counted_fields, differential, sign_off_check
 from leukodiff.server.storage import ViewCache
 from leukodiff.taxonomy import REVIEW_CLASS, REVIEW_CLASSES, CellType
 
@@ -64,7 +64,9 @@ class ExportError(ValueError):
 
 
 def _live_cells(case: Case) -> Iterator[CellRecord]:
-    for field in case.fields:
+    """The cells the differential counts from: not deleted, in fields not excluded (the
+    CSV leaves excluded fields out; the JSON export lists them, marked, with their reason)."""
+    for field in counted_fields(case):
         yield from (c for c in field.cells if not c.deleted)
 
 
@@ -185,6 +187,9 @@ def conclusion(case: Case) -> str:
                     f"({summary.per_100_wbc[label]} per 100 white cells) reported apart"
                     for label in summary.per_100_wbc if summary.counts[label])
     artefacts = summary.counts["artefact"]
+    if summary.excluded_fields:
+        failed += (f" ({summary.excluded_fields} field(s) excluded by a person: none of their "
+                   "cells is counted)")
     text = (f"{summary.counted} white cells counted over {summary.fields} analysed "
             f"field(s){failed}{apart}; {summary.not_wbc} objects marked not a white cell"
             f"{f' and {artefacts} artefact(s)' if artefacts else ''}, not counted. "
@@ -211,6 +216,7 @@ class TrainingSummary:
     fields: int = 0  # fields exported as VOC pairs (every live cell in them reviewed)
     fields_left_out: int = 0  # fields with a cell nobody reviewed
     cells_other_classes: int = 0  # reviewed cells of a class the models do not learn
+    fields_excluded: int = 0  # fields excluded from the case's differential: none of it exported
 
     def readme(self, cases: Iterable[Case]) -> str:
         names = [c.accession for c in cases if c.signed_at is not None]
@@ -228,7 +234,9 @@ class TrainingSummary:
                 f"{self.fields_left_out} field(s) left out because some of their cells were "
                 "not reviewed (their boxes would be unchecked or missing). White cells of "
                 "the other classes are boxed as plain WBC; nucleated red cells, smudge cells, "
-                "artefacts and not-a-white-cell objects get no box.\n")
+                "artefacts and not-a-white-cell objects get no box.\n"
+                f"{self.fields_excluded} field(s) excluded from their case's differential "
+                "left out entirely (neither crops nor VOC pairs).\n")
 
 
 def training_files(cases: Iterable[Case], views: ViewCache,
@@ -243,13 +251,15 @@ def training_files(cases: Iterable[Case], views: ViewCache,
     Counting.white_cell`), named by type, or plain "WBC" for unidentified cells and the
     white-cell classes the models do not predict (band neutrophil, blast...). Nucleated
     red cells, smudge cells, artefacts, not-a-white-cell objects and deleted detections get
-    no box. `summary`, if given, is filled in with what was exported and left out.
+    no box; excluded fields (a person judged the image unfit to count from) are left out
+    entirely. `summary`, if given, is filled in with what was exported and left out.
     """
     summary = summary if summary is not None else TrainingSummary()
     for case in cases:
         if case.signed_at is None:
             continue
-        for field in case.fields:
+        summary.fields_excluded += len(case.fields) - len(counted_fields(case))
+        for field in counted_fields(case):
             live = [c for c in field.cells if not c.deleted]
             unreviewed = sum(not c.reviewed for c in live)
             summary.cells_left_out += unreviewed

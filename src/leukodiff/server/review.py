@@ -6,6 +6,7 @@ user with its HTTP status); the routes only translate requests into these calls.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -72,9 +73,15 @@ class CaseDifferential:
     reviewed: int  # of the counted white cells, those a person labelled or confirmed
     target: int
     identified: int  # white cells of a named class: the percentages' base
-    fields: int = 0  # analysed fields (failed ones left out: no cell of theirs is counted)
+    fields: int = 0  # analysed fields counted (failed and excluded ones left out)
     unlike_training: int = 0  # of them, fields that look unlike the models' training labs
     failed_fields: int = 0  # fields whose analysis failed: not counted, not analysed
+    excluded_fields: int = 0  # fields a person excluded: none of their cells is counted
+    # The fields left out, named for the sign-off confirmation and the audit:
+    # failed: {id, name, error}; excluded: {id, name, reason, by} (a failed field that
+    # was then excluded is listed as excluded only).
+    failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    excluded: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def warning(self) -> str | None:
@@ -84,8 +91,14 @@ class CaseDifferential:
         return {**asdict(self), "warning": self.warning}
 
 
+def counted_fields(case: Case) -> list[FieldImage]:
+    """The case's fields whose cells count: every field but the excluded ones."""
+    return [f for f in case.fields if not f.excluded]
+
+
 def differential(case: Case) -> CaseDifferential:
-    cells = [c for f in case.fields for c in f.cells if not c.deleted]
+    included = counted_fields(case)
+    cells = [c for f in included for c in f.cells if not c.deleted]
     counts = Counter(c.label for c in cells)
     named = [c.name for c in REVIEW_CLASSES if c.counting is Counting.DIFFERENTIAL]
     identified = sum(counts[label] for label in named)
@@ -98,9 +111,14 @@ def differential(case: Case) -> CaseDifferential:
         counted=counted, unidentified=counts[UNIDENTIFIED], not_wbc=counts[NOT_WBC],
         reviewed=sum(1 for c in cells if c.reviewed and c.label in _WHITE_CELL_LABELS),
         target=case.target_count, identified=identified,
-        fields=sum(f.status == FieldStatus.DONE for f in case.fields),
-        unlike_training=sum(f.unlike_training for f in case.fields),
-        failed_fields=sum(f.status == FieldStatus.FAILED for f in case.fields))
+        fields=sum(f.status == FieldStatus.DONE for f in included),
+        unlike_training=sum(f.unlike_training for f in included),
+        failed_fields=sum(f.status == FieldStatus.FAILED for f in included),
+        excluded_fields=len(case.fields) - len(included),
+        failed=[{"id": f.id, "name": f.original_name, "error": f.error} for f in included
+                if f.status == FieldStatus.FAILED],
+        excluded=[{"id": f.id, "name": f.original_name, "reason": f.exclude_reason,
+                   "by": f.excluded_by} for f in case.fields if f.excluded])
 
 
 _WHITE_CELL_LABELS = frozenset(c.name for c in REVIEW_CLASSES if c.counting.white_cell)
@@ -114,13 +132,18 @@ def _share(count: int, base: int) -> float:
 @dataclass
 class SignOffCheck:
     """What a reviewer confirms at sign-off: the count against the target, the white
-    cells nobody reviewed and the fields whose analysis failed. Any shortfall needs a
-    written reason (`sign_off` refuses without one)."""
+    cells nobody reviewed, the fields whose analysis failed and the fields excluded.
+    Any shortfall needs a written reason (`sign_off` refuses without one); an excluded
+    field is listed but needs none of its own (its exclusion already gave one)."""
 
     counted: int
     target: int
     unreviewed: int  # white cells (counted) whose label no person set or confirmed
     failed_fields: int
+    excluded_fields: int = 0
+    # As in CaseDifferential: failed {id, name, error}, excluded {id, name, reason, by}.
+    failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    excluded: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -148,17 +171,19 @@ def sign_off_check(summary: CaseDifferential) -> SignOffCheck:
     """What sign-off needs, from the case's differential (computed once by the caller)."""
     return SignOffCheck(counted=summary.counted, target=summary.target,
                         unreviewed=summary.counted - summary.reviewed,
-                        failed_fields=summary.failed_fields)
+                        failed_fields=summary.failed_fields,
+                        excluded_fields=summary.excluded_fields,
+                        failed=summary.failed, excluded=summary.excluded)
 
 
 def adaptation_progress(session: Session) -> dict[str, Any]:
     """Reviewed cells per type across signed cases, and how many more each type needs.
 
     The cells counted are those `leukodiff adapt --station` learns from (the training
-    export): in a signed case, not deleted, reviewed by a person, labelled one of the
-    five types. `leukodiff adapt` refuses a type with fewer than `MIN_REVIEWED_PER_TYPE`
-    of them outside the cases it holds out to measure on, so reaching the minimum here
-    is needed, not always enough.
+    export): in a signed case, in a field not excluded, not deleted, reviewed by a
+    person, labelled one of the five types. `leukodiff adapt` refuses a type with fewer
+    than `MIN_REVIEWED_PER_TYPE` of them outside the cases it holds out to measure on,
+    so reaching the minimum here is needed, not always enough.
     """
     types = [str(t) for t in CellType]
     rows = session.execute(
@@ -166,7 +191,8 @@ def adaptation_progress(session: Session) -> dict[str, Any]:
         .join(FieldImage, CellRecord.field_id == FieldImage.id)
         .join(Case, FieldImage.case_id == Case.id)
         .where(Case.status == CaseStatus.SIGNED, CellRecord.reviewed.is_(True),
-               CellRecord.deleted.is_(False), CellRecord.label.in_(types))
+               CellRecord.deleted.is_(False), FieldImage.excluded.is_(False),
+               CellRecord.label.in_(types))
         .group_by(CellRecord.label)).all()
     reviewed = {label: 0 for label in types} | {label: n for label, n in rows}
     signed = session.scalar(select(func.count(Case.id)).where(
@@ -204,7 +230,9 @@ def field_dict(field: FieldImage) -> dict[str, Any]:
     return {"id": field.id, "name": field.original_name, "status": field.status,
             "error": field.error, "width": field.image.width, "height": field.image.height,
             "familiarity": field.familiarity, "unlike_training": field.unlike_training,
-            "sha256": field.image_sha256,
+            "sha256": field.image_sha256, "excluded": field.excluded,
+            "exclude_reason": field.exclude_reason, "excluded_by": field.excluded_by,
+            "excluded_at": field.excluded_at.isoformat() if field.excluded_at else None,
             "cells": [cell_dict(c) for c in field.cells if not c.deleted]}
 
 
@@ -289,7 +317,15 @@ def _cell_in_case(session: Session, case_id: int, cell_id: int) -> tuple[Case, C
     cell = session.get(CellRecord, cell_id)
     if cell is None or cell.deleted or cell.field.case_id != case_id:
         raise ReviewError(f"no cell {cell_id} in case {case_id}", status=404)
+    _not_excluded(cell.field)
     return case, cell
+
+
+def _not_excluded(field: FieldImage) -> None:
+    """Cells of an excluded field are frozen: they count nowhere, so edits would mislead."""
+    if field.excluded:
+        raise ReviewError(f"field {field.id} ({field.original_name}) is excluded from the "
+                          "differential: include it again to edit its cells", status=409)
 
 
 def _check_version(kind: str, current: int, sent: int, who: User | None) -> None:
@@ -336,6 +372,7 @@ def add_cell(session: Session, user: User, case_id: int, field_id: int,
     field = session.get(FieldImage, field_id)
     if field is None or field.case_id != case_id:
         raise ReviewError(f"no field {field_id} in case {case_id}", status=404)
+    _not_excluded(field)
     x0, y0, x1, y1 = _clip_box(box, field.image.width, field.image.height)
     cell = CellRecord(field_id=field.id, x0=x0, y0=y0, x1=x1, y1=y1, origin="user",
                       label=label, reviewed=True, updated_by_id=user.id)
@@ -365,8 +402,9 @@ def add_field(session: Session, user: User, case_id: int, name: str, stored: Sto
     existing = session.scalar(select(FieldImage).where(
         FieldImage.case_id == case_id, FieldImage.image_sha256 == stored.sha256))
     if existing is not None:
+        excluded = ", excluded: include it again instead" if existing.excluded else ""
         raise ReviewError(f"the same image is already in this case (field "
-                          f"{existing.id}, {existing.original_name})", status=409)
+                          f"{existing.id}, {existing.original_name}{excluded})", status=409)
     field = FieldImage(case_id=case_id, image_sha256=stored.sha256, original_name=name,
                        uploaded_by_id=user.id)
     session.add(field)
@@ -407,6 +445,60 @@ def delete_cell(session: Session, user: User, case_id: int, cell_id: int,
     _flush_versioned(session, "cell")
     audit(session, case, user, "delete_cell", field_id=cell.field_id, cell_id=cell.id,
           before={"label": cell.label, "box": list(cell.box), "version": version})
+
+
+def _field_in_open_case(session: Session, user: User, field_id: int) -> tuple[Case, FieldImage]:
+    """The field and its case, locked and open; technologists and reviewers only."""
+    if user.role not in (Role.TECHNOLOGIST, Role.REVIEWER):
+        raise ReviewError(f"only a technologist or reviewer excludes or includes fields (you "
+                          f"are a {user.role})", status=403)
+    case_id = session.scalar(select(FieldImage.case_id).where(FieldImage.id == field_id))
+    if case_id is None:
+        raise ReviewError(f"no field {field_id}", status=404)
+    case = lock_open_case(session, case_id)
+    field = session.get(FieldImage, field_id, populate_existing=True)
+    return case, field
+
+
+def exclude_field(session: Session, user: User, field_id: int, reason: str | None
+                  ) -> FieldImage:
+    """Take a field out of the differential, counts and exports, with a reason (audited).
+
+    This is how a field is removed: its cells, its stored image and its upload stay, so an
+    exclusion made by mistake is undone by `include_field` and nothing a user gave is lost.
+    """
+    case, field = _field_in_open_case(session, user, field_id)
+    reason = _reason(reason)
+    if reason is None:
+        raise ReviewError("a reason is required to exclude a field", status=422)
+    if field.excluded:
+        raise ReviewError(f"field {field.id} ({field.original_name}) is already excluded "
+                          f"(by {field.excluded_by}: {field.exclude_reason})", status=409)
+    field.excluded, field.exclude_reason = True, reason
+    field.excluded_at, field.excluded_by = utcnow(), user.username
+    session.flush()
+    audit(session, case, user, "exclude_field", field_id=field.id,
+          before={"excluded": False, "status": field.status},
+          after={"excluded": True, "name": field.original_name, "reason": reason})
+    return field
+
+
+def include_field(session: Session, user: User, field_id: int, reason: str | None = None
+                  ) -> FieldImage:
+    """Count an excluded field again (audited, with the exclusion it undoes)."""
+    case, field = _field_in_open_case(session, user, field_id)
+    reason = _reason(reason)
+    if not field.excluded:
+        raise ReviewError(f"field {field.id} ({field.original_name}) is not excluded",
+                          status=409)
+    before = {"excluded": True, "reason": field.exclude_reason, "by": field.excluded_by,
+              "at": field.excluded_at.isoformat() if field.excluded_at else None}
+    field.excluded = False
+    field.exclude_reason = field.excluded_at = field.excluded_by = None
+    session.flush()
+    audit(session, case, user, "include_field", field_id=field.id, before=before,
+          after={"excluded": False, "name": field.original_name, "reason": reason})
+    return field
 
 
 def set_target(session: Session, user: User, case_id: int, target: int, revision: int) -> Case:
@@ -461,7 +553,8 @@ def reopen(session: Session, user: User, case_id: int, revision: int,
 def sign_off(session: Session, user: User, case_id: int, revision: int,
              reason: str | None = None) -> Case:
     """Lock the case: only a reviewer, only as seen (revision), only when every cell is named;
-    below the target, with unreviewed cells or failed fields, only with a written reason."""
+    below the target, with unreviewed cells or failed fields, only with a written reason.
+    Excluded fields are left out of every count and listed in the audited check."""
     if user.role != Role.REVIEWER:
         raise ReviewError(f"only a reviewer signs off (you are a {user.role})", status=403)
     reason = _reason(reason)

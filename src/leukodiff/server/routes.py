@@ -3,7 +3,8 @@
 Three routers: `public` (login, health: the only routes without a session),
 `pages` (server-rendered HTML) and `api` (JSON for the review page's script).
 Every route of `pages` and `api` requires a session, and a CSRF token on
-anything but GET.
+anything but GET; an account with a temporary password reaches only the password
+change (`auth.PASSWORD_CHANGE_PATHS`) until it picks its own.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from leukodiff.server.auth import (
     NoSuchUser,
     authenticate,
     check_csrf,
+    check_password_changed,
     create_user,
     csrf_token,
     end_sessions,
@@ -48,6 +50,7 @@ from leukodiff.server.db import (
     FieldImage,
     Role,
     User,
+    utcnow,
 )
 from leukodiff.server.exports import (
     ExportError,
@@ -82,7 +85,9 @@ def large_body(endpoint: Callable) -> Callable:
 
 def current_user(request: Request) -> User:
     with state_of(request).db.reading() as session:
-        return session_user(request, session)
+        user = session_user(request, session)
+    check_password_changed(request, user)
+    return user
 
 
 UserDep = Annotated[User, Depends(current_user)]
@@ -131,8 +136,12 @@ def login(request: Request, username: Annotated[str, Form()],
         return _login_page(request, "Wrong username or password.", status=401,
                            username=username)
     state.logins.succeeded(username, address)
+    with state.db.writing() as session:
+        session.get(User, user.id).last_login_at = utcnow()
     start_session(request, user)
-    return RedirectResponse("/", status_code=303)
+    # A temporary password (set by an admin): straight to choosing one's own.
+    return RedirectResponse("/account" if user.must_change_password else "/",
+                            status_code=303)
 
 
 def _client_address(request: Request) -> str:
@@ -160,7 +169,9 @@ def _account_page(request: Request, user: User, message: str | None, status: int
                   done: bool = False) -> Response:
     return state_of(request).templates.TemplateResponse(
         request, "account.html", {"user": user, "csrf": csrf_token(request),
-                                  "message": message, "done": done}, status_code=status)
+                                  "message": message, "done": done,
+                                  "forced": user.must_change_password and not done},
+        status_code=status)
 
 
 @pages.post("/account/password")
@@ -193,8 +204,107 @@ def _change_own_password(request: Request, user: User, current: str, new: str) -
         if authenticate(session, user.username, current) is None:
             raise ReviewError("the current password is wrong", status=403)
     state.logins.succeeded(user.username, address)
+    if new == current:
+        raise ReviewError("the new password must differ from the current one"
+                          + (" (the temporary one an admin set)"
+                             if user.must_change_password else ""))
     start_session(request, _change_account(request, lambda session: set_password(
         session, user.username, new, by=user)))
+
+
+# --- pages: accounts (admins) -------------------------------------------------------------
+
+ACCOUNT_EVENTS_SHOWN = 50
+ADMIN_DONE = {  # ?done= after a change (post/redirect/get): a fixed message, never echoed text
+    "created": "Account {user} created. Its password is temporary: it must be changed at "
+               "the first sign-in.",
+    "deactivated": "{user} is deactivated; any open session has ended.",
+    "activated": "{user} is active again.",
+    "reset": "A temporary password is set for {user}: every session of theirs has ended, "
+             "and they must choose a new password at their next sign-in.",
+}
+
+
+@pages.get("/admin/accounts", response_class=HTMLResponse)
+def accounts_page(request: Request, user: UserDep, done: str | None = None,
+                  name: str | None = None) -> Response:
+    require_role(user, Role.ADMIN)
+    shown = ADMIN_DONE[done].format(user=repr((name or "")[:64])) if done in ADMIN_DONE else None
+    return _accounts_page(request, user, None, done=shown)
+
+
+def _accounts_page(request: Request, user: User, message: str | None, status: int = 200,
+                   done: str | None = None, form: dict[str, str] | None = None,
+                   failed_user: str | None = None) -> Response:
+    """Accounts, the new-account form and recent account events; `form`: what was typed in
+    the new-account form (never the password), kept after a refusal; `failed_user`: the
+    row whose change was refused."""
+    state = state_of(request)
+    with state.db.reading() as session:
+        users = session.scalars(select(User).order_by(User.username)).all()
+        rows = [{"username": u.username, "role": u.role, "active": u.active,
+                 "must_change": u.must_change_password, "self": u.id == user.id,
+                 "created": f"{u.created_at:%Y-%m-%d %H:%M}",
+                 "last_login": f"{u.last_login_at:%Y-%m-%d %H:%M}" if u.last_login_at
+                 else "never"}
+                for u in users]
+        events = session.scalars(select(AuditEvent).where(AuditEvent.case_id.is_(None))
+                                 .options(selectinload(AuditEvent.user))
+                                 .order_by(AuditEvent.id.desc()).limit(ACCOUNT_EVENTS_SHOWN))
+        history = [audit_dict(e) for e in events]
+    return state.templates.TemplateResponse(
+        request, "accounts.html",
+        {"user": user, "accounts": rows, "events": history, "csrf": csrf_token(request),
+         "message": message, "done": done, "roles": [str(r) for r in Role],
+         "failed_user": failed_user,
+         "form": form or {"username": "", "role": str(Role.TECHNOLOGIST)}},
+        status_code=status)
+
+
+def _admin_change(request: Request, user: User, change: Callable[[Session], User],
+                  done: str, **kept: Any) -> Response:
+    """An account change from the accounts page: back to the page with what happened,
+    or the page again with the refusal (and what was typed) if it was refused."""
+    try:
+        changed = _change_account(request, change)
+    except ReviewError as error:
+        return _accounts_page(request, user, error.message, status=error.status, **kept)
+    return RedirectResponse(f"/admin/accounts?done={done}&name={quote(changed.username)}",
+                            status_code=303)
+
+
+@pages.post("/admin/accounts")
+def create_account_form(request: Request, user: UserDep, username: Annotated[str, Form()],
+                        role: Annotated[str, Form()], password: Annotated[str, Form()]
+                        ) -> Response:
+    """A new account with a temporary password (changed at its first sign-in)."""
+    require_role(user, Role.ADMIN)
+    return _admin_change(request, user, lambda session: create_user(
+        session, username.strip(), password, role, by=user, temporary=True), "created",
+        form={"username": username, "role": role})
+
+
+@pages.post("/admin/accounts/{username}/active")
+def set_active_form(request: Request, user: UserDep, username: str,
+                    active: Annotated[bool, Form()]) -> Response:
+    """Deactivate (not oneself, not the last active admin) or reactivate an account."""
+    require_role(user, Role.ADMIN)
+    return _admin_change(request, user, lambda session: set_active(
+        session, username, active, by=user), "activated" if active else "deactivated",
+        failed_user=username)
+
+
+@pages.post("/admin/accounts/{username}/password")
+def reset_password_form(request: Request, user: UserDep, username: str,
+                        password: Annotated[str, Form()]) -> Response:
+    """Set a temporary password for someone (forgotten); they change it at next sign-in."""
+    require_role(user, Role.ADMIN)
+    if username == user.username:
+        return _accounts_page(request, user, "Change your own password on the Account page.",
+                              status=400, failed_user=username)
+    return _admin_change(request, user, lambda session: set_password(
+        session, username, password, by=user, temporary=True), "reset",
+        failed_user=username)
 
 
 @pages.get("/", response_class=HTMLResponse)
@@ -287,16 +397,20 @@ class NewUser(BaseModel):
 
 @api.get("/me")
 def me(request: Request, user: UserDep) -> dict[str, Any]:
-    """Who is signed in, and the CSRF token scripts send back (readable same-origin only)."""
-    return {"username": user.username, "role": user.role, "csrf": csrf_token(request)}
+    """Who is signed in, and the CSRF token scripts send back (readable same-origin only);
+    `must_change_password`: only the password change is open until it is done."""
+    return {"username": user.username, "role": user.role, "csrf": csrf_token(request),
+            "must_change_password": user.must_change_password}
 
 
 @api.post("/users", status_code=201)
 def add_user(request: Request, user: UserDep, body: NewUser) -> dict[str, Any]:
+    """A new account with a temporary password, changed at its first sign-in; admins only."""
     require_role(user, Role.ADMIN)
     created = _change_account(request, lambda session: create_user(
-        session, body.username, body.password, body.role, by=user))
-    return {"id": created.id, "username": created.username, "role": created.role}
+        session, body.username, body.password, body.role, by=user, temporary=True))
+    return {"id": created.id, "username": created.username, "role": created.role,
+            "must_change_password": created.must_change_password}
 
 
 class PasswordChange(BaseModel):
@@ -318,13 +432,15 @@ class PasswordReset(BaseModel):
 @api.post("/users/{username}/password")
 def reset_password(request: Request, user: UserDep, username: str, body: PasswordReset
                    ) -> dict[str, Any]:
-    """An admin sets someone's password (they forgot it); their sessions end."""
+    """An admin sets someone's password (they forgot it): a temporary one, which they
+    must change at their next sign-in; their sessions end."""
     require_role(user, Role.ADMIN)
     if username == user.username:
         raise ReviewError("change your own password with POST /api/me/password")
     changed = _change_account(request, lambda session: set_password(
-        session, username, body.password, by=user))
-    return {"username": changed.username, "changed": True}
+        session, username, body.password, by=user, temporary=True))
+    return {"username": changed.username, "changed": True,
+            "must_change_password": changed.must_change_password}
 
 
 def _change_account(request: Request, change: Callable[[Session], User]) -> User:
@@ -348,8 +464,6 @@ def set_user_active(request: Request, user: UserDep, username: str, body: Activa
                     ) -> dict[str, Any]:
     """Deactivate an account (its sessions end at once) or reactivate it; admins only."""
     require_role(user, Role.ADMIN)
-    if username == user.username and not body.active:
-        raise ReviewError("an admin cannot deactivate their own account")
     changed = _change_account(request, lambda session: set_active(
         session, username, body.active, by=user))
     return {"username": changed.username, "role": changed.role, "active": changed.active}
@@ -554,6 +668,31 @@ def delete_cell(request: Request, user: UserDep, case_id: Id, cell_id: Id,
     with state_of(request).db.writing() as session:
         review.delete_cell(session, user, case_id, cell_id, version)
     return _edit_response(request, case_id, cell_id)
+
+
+# --- api: fields --------------------------------------------------------------------------
+
+class Exclusion(BaseModel):
+    reason: str | None = None  # required to exclude; optional to include again
+
+
+@api.post("/fields/{field_id}/exclude")
+def exclude_field(request: Request, user: UserDep, field_id: Id, body: Exclusion
+                  ) -> dict[str, Any]:
+    """Take a field out of the differential, counts and exports, with a reason (audited);
+    its cells and image are kept. Technologists and reviewers, open cases only."""
+    with state_of(request).db.writing() as session:
+        case_id = review.exclude_field(session, user, field_id, body.reason).case_id
+    return _case(request, case_id)
+
+
+@api.post("/fields/{field_id}/include")
+def include_field(request: Request, user: UserDep, field_id: Id, body: Exclusion
+                  ) -> dict[str, Any]:
+    """Count an excluded field again (audited)."""
+    with state_of(request).db.writing() as session:
+        case_id = review.include_field(session, user, field_id, body.reason).case_id
+    return _case(request, case_id)
 
 
 # --- api: exports -------------------------------------------------------------------------

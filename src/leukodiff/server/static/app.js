@@ -52,8 +52,18 @@
     return { ok: response.ok, status: response.status, result };
   }
 
+  // The cells that count: those of fields not excluded (J/K, the keys and the gallery's
+  // sections walk these; excluded fields' cells are shown apart, greyed, frozen).
   function cells() {
-    return data.fields.flatMap((f) => f.cells);
+    return data.fields.filter((f) => !f.excluded).flatMap((f) => f.cells);
+  }
+
+  function excludedCells() {
+    return data.fields.filter((f) => f.excluded).flatMap((f) => f.cells);
+  }
+
+  function mayExclude() {
+    return data.status !== "signed" && ["technologist", "reviewer"].includes(body.dataset.role);
   }
 
   function storedOrder() {
@@ -140,6 +150,7 @@
     $("progress").value = p.done + p.failed;
     $("progress-text").textContent = p.total
       ? `Analysed ${p.done} of ${p.total} field(s)` + (p.failed ? `, ${p.failed} failed` : "") +
+        (data.differential.excluded_fields ? `, ${data.differential.excluded_fields} excluded` : "") +
         (p.queued + p.analysing ? " - analysing..." : "")
       : "No fields yet.";
     renderDifferential();
@@ -196,6 +207,12 @@
         el("div", { class: "thumbs" }, ...shown.map((c) => thumb(c, false))))
       : el("div", { class: "gallery-section", "data-order": "confidence" },
         el("h3", {}, title), el("div", { class: "thumbs" }, ...shown.map((c) => thumb(c, true)))));
+    const frozen = excludedCells();
+    if (frozen.length) {
+      sections.push(el("div", { class: "gallery-section excluded", "data-excluded": "true" },
+        el("h3", {}, `in excluded fields, not counted (${frozen.length})`),
+        el("div", { class: "thumbs" }, ...frozen.map((c) => thumb(c, true, true)))));
+    }
     $("gallery").replaceChildren(...(sections.length ? sections : [el("p", {}, "No cells yet.")]));
   }
 
@@ -205,14 +222,17 @@
   }
 
   // One crop; `named`: show its label too (the confidence order mixes the types).
-  function thumb(cell, named) {
-    const classes = ["thumb", cell.reviewed ? "reviewed" : "", cell.id === selected ? "selected" : ""];
+  // `frozen`: a cell of an excluded field, shown greyed and not selectable.
+  function thumb(cell, named, frozen = false) {
+    const classes = ["thumb", cell.reviewed ? "reviewed" : "", cell.id === selected ? "selected" : "",
+      frozen ? "excluded" : ""];
     const note = cell.model_label && cell.model_label !== cell.label ? ` (was ${cell.model_label})` : "";
     const known = cell.model_confidence !== null && cell.model_confidence !== undefined;
     const confidence = known ? ` · model ${percent(cell.model_confidence)}` : "";
     return el("button", { type: "button", class: classes.join(" "), "data-cell": cell.id,
       "data-confidence": known ? String(cell.model_confidence) : "",
-      title: `cell ${cell.id}${note}${confidence}`, onclick: () => select(cell.id) },
+      title: `cell ${cell.id}${note}${confidence}${frozen ? " · in an excluded field" : ""}`,
+      ...(frozen ? { disabled: "" } : { onclick: () => select(cell.id) }) },
       el("img", { src: `/api/cells/${cell.id}/crop`, alt: `cell ${cell.id}`, loading: "lazy" }),
       named ? el("span", { class: "dot", style: `background:var(--${cell.label})` }) : "",
       `#${cell.id}${named ? ` ${NAMES[cell.label] || cell.label}` : ""}${note}`,
@@ -222,7 +242,8 @@
 
   function renderFields() {
     const figures = data.fields.map((field) => {
-      const stage = el("div", { class: `stage${drawing ? " drawing" : ""}`, "data-field": field.id });
+      const stage = el("div", { class: `stage${drawing && !field.excluded ? " drawing" : ""}`,
+        "data-field": field.id });
       if (field.status === "done") {
         stage.append(el("img", { src: `/api/fields/${field.id}/image`, alt: field.name, draggable: "false" }));
         for (const cell of field.cells) stage.append(box(field, cell));
@@ -231,11 +252,45 @@
         stage.append(el("p", { class: field.status === "failed" ? "error" : "" },
           field.status === "failed" ? `Failed: ${field.error}` : `${field.status}...`));
       }
-      return el("figure", { class: "field" }, stage,
+      return el("figure", { class: `field${field.excluded ? " excluded" : ""}`, "data-field": field.id },
+        stage,
         el("figcaption", {}, `${field.name} · ${field.cells.length} cell(s)` +
-          (field.unlike_training ? " · unlike the training labs" : "")));
+          (field.unlike_training ? " · unlike the training labs" : "")),
+        field.excluded ? el("p", { class: "excluded-note" },
+          `Excluded by ${field.excluded_by}: ${field.exclude_reason} (not counted)`) : "",
+        mayExclude() ? fieldControls(field) : "");
     });
     $("fields").replaceChildren(...figures);
+  }
+
+  // Exclude (with a reason) or include again: the field's cells leave or rejoin the count.
+  function fieldControls(field) {
+    if (field.excluded) {
+      return el("button", { type: "button", class: "include-field",
+        onclick: () => changeField(field, "include", {}) }, "Include again");
+    }
+    const reason = el("input", { type: "text", maxlength: "1000", required: "",
+      placeholder: "why (blurred, wrong slide...)", "aria-label": `Reason to exclude ${field.name}` });
+    const form = el("form", { class: "exclude-form row", hidden: "",
+      onsubmit: (event) => {
+        event.preventDefault();
+        if (!reason.value.trim()) { say("A reason is required to exclude a field.", "error"); return; }
+        changeField(field, "exclude", { reason: reason.value.trim() });
+      } }, reason, el("button", { type: "submit" }, "Exclude"),
+      el("button", { type: "button", onclick: () => { form.hidden = true; open.hidden = false; } }, "Cancel"));
+    const open = el("button", { type: "button", class: "exclude-field",
+      onclick: () => { form.hidden = false; open.hidden = true; reason.focus(); } }, "Exclude field...");
+    return el("div", { class: "field-controls" }, open, form);
+  }
+
+  async function changeField(field, action, payload) {
+    const { ok, status, result } = await call("POST", `/api/fields/${field.id}/${action}`, payload);
+    if (!ok) return refused(status, result);
+    data = result;
+    if (selected !== null && !cells().some((c) => c.id === selected)) selected = null;
+    render();
+    say(action === "exclude" ? `${field.name} excluded: its cells are not counted.`
+      : `${field.name} included again: its cells count.`, "ok");
   }
 
   function box(field, cell) {
@@ -330,7 +385,7 @@
   }
 
   function startDraw(event, field, stage) {
-    if (!drawing || data.status === "signed" || event.button !== 0) return;
+    if (!drawing || data.status === "signed" || field.excluded || event.button !== 0) return;
     event.preventDefault();
     const rect = stage.getBoundingClientRect();
     const sx = field.width / rect.width;
@@ -405,6 +460,10 @@
     $("confirm-target").textContent = String(c.target);
     $("confirm-unreviewed").textContent = String(c.unreviewed);
     $("confirm-failed").textContent = String(c.failed_fields);
+    $("confirm-excluded").textContent = String(c.excluded_fields);
+    $("confirm-fields").replaceChildren(
+      ...c.failed.map((f) => el("li", { class: "error" }, `${f.name}: failed analysis (${f.error})`)),
+      ...c.excluded.map((f) => el("li", {}, `${f.name}: excluded by ${f.by} (${f.reason})`)));
     $("sign-off-problems").hidden = !c.reason_required;
     $("sign-off-problems").textContent = c.reason_required
       ? `${c.problems.join(", ")}: give a reason to sign off anyway.` : "";
