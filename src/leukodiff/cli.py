@@ -682,27 +682,43 @@ def evaluate_adaptation_command(
     shots: str = typer.Option("0,5,10,25,50", help="Reviewed cells per type."),
     draws: int = typer.Option(3, help="Draws per k (seeded)."),
     epochs: int = typer.Option(8, help="Adaptation epochs (as `leukodiff adapt`)."),
+    detector_labs: str = typer.Option("", help="Labs to adapt the fold detector to (e.g. "
+                                      "chula,bccd,bcd; empty: level 2 only). A run with "
+                                      "--labs '' keeps the level-2 curve of --out."),
+    detector_shots: str = typer.Option("0,10,25", help="Reviewed cells per type whose "
+                                       "fields adapt the detector."),
+    detector_draws: int = typer.Option(1, help="Draws per k for the detector (minutes "
+                                       "each on 2 CPU cores)."),
     docs: Path | None = typer.Option(None, help="Also write the section of RESULTS.md, "
                                      "adaptation.json and the figure into this docs folder."),
     data_root: Path | None = DataRoot,
 ) -> None:
-    """How fast a lab teaches level 2 its look: k reviewed cells per type from a lab the
-    models never saw, adapted, measured on that lab's test part."""
+    """How fast a lab teaches the models its look: k reviewed cells per type (and their
+    fields, for the detector) from a lab the models never saw, adapted, measured on that
+    lab's test part."""
     _require_torch()
     from leukodiff.evaluation.adaptation import AdaptationConfig, evaluate_adaptation
-    from leukodiff.evaluation.labs import TYPED_LABS
+    from leukodiff.evaluation.labs import DETECTION_LABS, TYPED_LABS
     from leukodiff.reports.adaptation import write_adaptation_report
     from leukodiff.training.adapt import AdaptConfig
 
     chosen = _split_list(labs)
     if unknown := [lab for lab in chosen if lab not in TYPED_LABS]:
         raise _fail(f"unknown typed lab(s) {', '.join(unknown)}; labs: {', '.join(TYPED_LABS)}")
+    boxed = _split_list(detector_labs)
+    if unknown := [lab for lab in boxed if lab not in DETECTION_LABS]:
+        raise _fail(f"unknown detection lab(s) {', '.join(unknown)}; labs: "
+                    f"{', '.join(DETECTION_LABS)}")
+    if not chosen and not boxed:
+        raise _fail("nothing to run: give --labs and/or --detector-labs")
     try:
         ks = tuple(int(k) for k in _split_list(shots))
+        detector_ks = tuple(int(k) for k in _split_list(detector_shots))
     except ValueError:
-        raise _fail("--shots takes comma-separated whole numbers") from None
+        raise _fail("--shots and --detector-shots take comma-separated whole numbers") from None
     config = AdaptationConfig(labs=chosen, shots=ks, draws=draws,
-                              adapt=AdaptConfig(epochs=epochs))
+                              adapt=AdaptConfig(epochs=epochs), detector_labs=boxed,
+                              detector_shots=detector_ks, detector_draws=detector_draws)
     try:
         results = evaluate_adaptation(labs_dir, out, config, data_root=data_root,
                                       track=_track, log=console.print)
@@ -751,9 +767,16 @@ def adapt(
                                     "(e.g. CELLS/lymphocyte/*.png, as `export-training` "
                                     "writes) or a data-set name; repeat for several."),
     station: Path | None = typer.Option(None, help="A review station's data folder: its "
-                                        "signed cases' reviewed cells (grouped by case)."),
+                                        "signed cases' reviewed cells and fields (grouped "
+                                        "by case)."),
+    fields: list[str] = typer.Option([], help="The lab's reviewed fields, to adapt the "
+                                     "detector: a Pascal VOC folder (as `export-training` "
+                                     "writes fields/) or a data-set name; repeat for "
+                                     "several. Every white cell in such a field is boxed."),
     out: Path = typer.Option(..., help="New folder for the adapted models (never the "
                              "shipped ones)."),
+    detector: str = typer.Option("detector", help="Base detector (with --fields or a "
+                                 "station's fields)."),
     mononuclear: str = typer.Option("mononuclear", help="Base lymphocyte/monocyte model."),
     polymorphonuclear: str = typer.Option("polymorphonuclear", help="Base neutrophil/"
                                           "eosinophil/basophil model."),
@@ -770,17 +793,20 @@ def adapt(
                                "worse on the held-out cells."),
     data_root: Path | None = DataRoot,
 ) -> None:
-    """Teach the level-2 models your lab's look from its reviewed cells (fine-tuning with
-    replay); before/after on held-out cases; writes a new model set to --out."""
+    """Teach the models your lab's look from its reviewed cells (level 2) and fields (the
+    detector): fine-tuning with replay; before/after on held-out cases; writes a new
+    model set to --out."""
     _require_torch()
     import tempfile
 
     if group_by not in ("prefix", "file"):
         raise _fail("--group-by is 'prefix' or 'file'")
-    if not cells and station is None:
-        raise _fail("give the lab's reviewed cells: --cells FOLDER and/or --station DATA_DIR")
+    if not cells and not fields and station is None:
+        raise _fail("give the lab's reviewed cells or fields: --cells FOLDER, --fields "
+                    "FOLDER and/or --station DATA_DIR")
     with tempfile.TemporaryDirectory() as exported:
         sources, shown = list(cells), list(cells)
+        field_sources = list(fields)
         if station is not None:
             from leukodiff.server.cli import export_signed_cases
             from leukodiff.server.settings import DATABASE_FILE
@@ -793,8 +819,72 @@ def adapt(
             if (Path(exported) / "station" / "cells").is_dir():
                 sources.append(str(Path(exported) / "station" / "cells"))
                 shown.append(f"station {station} (signed cases {', '.join(map(str, ids))})")
-        _adapt_from(sources, shown, out, mononuclear, polymorphonuclear, epochs,
-                    replay_per_class, held_out, group_by, force, data_root)
+            if (Path(exported) / "station" / "fields").is_dir():
+                field_sources.append(str(Path(exported) / "station" / "fields"))
+        if sources:
+            _adapt_from(sources, shown, out, mononuclear, polymorphonuclear, epochs,
+                        replay_per_class, held_out, group_by, force, data_root)
+        if field_sources:
+            _adapt_detector_from(field_sources, out, detector, held_out, group_by, force,
+                                 data_root)
+
+
+def _adapt_detector_from(sources: list[str], out: Path, detector: str, held_out: float,
+                         group_by: str, force: bool, data_root: Path | None) -> None:
+    from dataclasses import replace
+
+    from leukodiff.data.sources import FIELD_SOURCES, load_fields
+    from leukodiff.data.sources.generic import read_voc
+    from leukodiff.training.adapt import AdaptRefused, case_of
+    from leukodiff.training.adapt_detector import (
+        DetectorAdaptConfig,
+        DetectorAdaptError,
+        adapt_detector,
+    )
+    from leukodiff.training.detector import DetectorTrainingError
+
+    lab = []
+    try:
+        for source in sources:
+            if source in FIELD_SOURCES:
+                lab.extend(load_fields(source, data_root, _track).records)
+                continue
+            root = Path(source)
+            if not root.is_dir():
+                raise _fail(f"--fields {source}: neither a folder nor a data set")
+            loaded = read_voc(root, source=root.name, track=_track)
+            for skipped in loaded.skipped:
+                console.print(f"skipped {skipped.path}: {skipped.reason}")
+            lab.extend(replace(f, group_key=f"{root.name}:{case_of(f.image.name)}")
+                       if group_by == "prefix" else f for f in loaded.records)
+        if not lab:
+            raise _fail(f"no reviewed fields in {', '.join(sources)}")
+        result = adapt_detector(lab, out, DetectorAdaptConfig(held_out=held_out),
+                                base=detector, force=force, data_root=data_root,
+                                track=_track, log=console.print)
+    except AdaptRefused as refused:
+        _print_detector_adaptation(refused.results["detector"])
+        raise _fail(str(refused)) from None
+    except (DetectorAdaptError, DetectorTrainingError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    _print_detector_adaptation(result)
+    console.print(f"wrote the adapted detector to {out}; use it with `leukodiff analyze "
+                  f"--detector {out / 'detector.pt'}`")
+
+
+def _print_detector_adaptation(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"detector on {result['fields']['held_out']} held-out fields of "
+                  "your lab: before -> after adaptation")
+    for column in ("", "white cells", "found", "false", "precision", "recall", "threshold"):
+        table.add_column(column)
+    for name in ("before", "after"):
+        row = result[name]
+        table.add_row(name, str(row["truth"]), str(row["found"]), str(row["false"]),
+                      f"{row['precision']:.3f}", f"{row['recall']:.3f}",
+                      f"{row['threshold']:.2f}")
+    console.print(table)
 
 
 def _adapt_from(cells: list[str], shown: list[str], out: Path, mononuclear: str,

@@ -8,7 +8,11 @@ training cells), and measured on that lab's test part, which no draw touches. k 
 the model as it came. The lab's parts come from `data.splits.holdout` (grouped by slide
 or field; BCCD keeps its VOC lists), so a slide is never on both sides.
 
-Level 2 only: the detector and its group classifier are not adapted yet (issue #15).
+The detector (`detector_labs`) is adapted the same way (`training.adapt_detector`):
+the reviewed fields are those holding k drawn cells per type (untyped labs such as BCD:
+5k cells), its fold detector starts, and precision / recall at IoU 0.5 are measured on
+the lab's test fields through onnxruntime (one draw per k by default: each adaptation
+takes minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from leukodiff.data.records import Cell
+from leukodiff.data.records import Cell, Field
 from leukodiff.data.scan import Track, no_progress
-from leukodiff.data.sources import load_cells
+from leukodiff.data.sources import load_cells, load_fields
+from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.data.splits import holdout
 from leukodiff.evaluation.labs import TYPED_LABS, available_labs
 from leukodiff.models.files import read_checked
@@ -38,6 +43,12 @@ from leukodiff.training.adapt import (
     replay_cells,
     scores,
 )
+from leukodiff.training.adapt_detector import (
+    DetectorAdaptConfig,
+    adapt_detector,
+    detect_fields,
+    detection_scores,
+)
 from leukodiff.training.cells import CellImages
 from leukodiff.training.classifier import predict_logits
 
@@ -49,6 +60,11 @@ class AdaptationConfig:
     draws: int = 3
     seed: int = 0
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    # level 1: labs whose fold detector is adapted, with k reviewed cells per type
+    detector_labs: tuple[str, ...] = ()
+    detector_shots: tuple[int, ...] = (0, 10, 25)
+    detector_draws: int = 1
+    detector: DetectorAdaptConfig = field(default_factory=DetectorAdaptConfig)
 
 
 def lab_parts(cells: Sequence[Cell], seed: int) -> tuple[list[Cell], list[Cell]]:
@@ -126,6 +142,69 @@ def _summary(runs: Sequence[dict]) -> list[dict]:
     return rows
 
 
+def field_parts(fields: Sequence[Field], seed: int) -> tuple[list[Field], list[Field]]:
+    """(pool to draw reviewed fields from, test part) of a lab's fields, as `lab_parts`."""
+    parts = holdout(fields, val_fraction=0.1, test_fraction=0.3, seed=seed)
+    return ([fields[i] for i in (*parts["train"], *parts["val"])],
+            [fields[i] for i in parts["test"]])
+
+
+def draw_fields(pool: Sequence[Field], k: int, seed: int) -> list[Field]:
+    """The fields holding k drawn white cells of each type (seeded); a lab whose cells
+    have no type (BCD) gives the fields of 5k drawn cells."""
+    rng = random.Random(seed)
+    by_type: dict[str, list[int]] = {}
+    for index, record in enumerate(pool):
+        for box in record.wbc_boxes:
+            by_type.setdefault(str(box.cell_type or "untyped"), []).append(index)
+    if len(by_type) > 1:  # a typed lab: its few cells of unknown type are not drawn
+        by_type.pop("untyped", None)
+    chosen: set[int] = set()
+    for name in sorted(by_type):
+        want = 5 * k if name == "untyped" else k
+        indices = by_type[name]
+        chosen.update(rng.sample(indices, want) if len(indices) > want else indices)
+    return [pool[i] for i in sorted(chosen)]
+
+
+def detector_curve(lab: str, base: Path, config: AdaptationConfig, out: Path, *,
+                   data_root=None, threads: int | None = None, track: Track = no_progress,
+                   log: Callable[[str], None] = lambda m: None) -> dict:
+    """Detector precision / recall / F1 on the lab's test fields after adapting the fold
+    detector `base` with the fields of k reviewed cells per type, for every k and draw."""
+    fields = sorted(load_fields(lab, data_root, track).records, key=lambda r: r.image.name)
+    pool, test = field_parts(fields, config.seed)
+    ignore = unboxed_white_cells(lab)
+    base_threshold = float(read_checked(base)[1]["architecture"]["score_threshold"])
+    before = detection_scores(detect_fields(base, test, track=track,
+                                            description=f"{lab} test fields, fold detector"),
+                              test, base_threshold, ignore)
+    runs = [{"k": 0, "draw": 0, "seconds": 0.0, **before, "reviewed_fields": 0}]
+    log(f"{lab} detector: k 0: precision {before['precision']:.3f} recall "
+        f"{before['recall']:.3f} ({len(test)} test fields)")
+    for k in [k for k in config.detector_shots if k]:
+        for index in range(config.detector_draws):
+            chosen = draw_fields(pool, k, config.seed + index)
+            adapted = adapt_detector(chosen, out / f"{lab}-k{k}-draw{index}", config.detector,
+                                     base=base, held=test, ignore=ignore, before=before,
+                                     force=True, data_root=data_root, threads=threads,
+                                     track=track, log=log)
+            runs.append({"k": k, "draw": index, "seconds": adapted["seconds"],
+                         **adapted["after"], "reviewed_fields": len(chosen)})
+            log(f"{lab} detector: k {k} draw {index}: precision "
+                f"{adapted['after']['precision']:.3f} recall {adapted['after']['recall']:.3f} "
+                f"({len(chosen)} fields, {adapted['seconds']:.0f} s)")
+    summary = []
+    for k in sorted({r["k"] for r in runs}):
+        mine = [r for r in runs if r["k"] == k]
+        medians = {name: float(np.median([r[name] for r in mine]))
+                   for name in ("precision", "recall", "f1", "threshold", "seconds")}
+        summary.append({"k": k, "draws": len(mine), "reviewed_fields": float(np.mean(
+            [r["reviewed_fields"] for r in mine])), **medians})
+    return {"test_fields": len(test), "pool_fields": len(pool),
+            "test_cells": before["truth"], "runs": runs, "summary": summary}
+
+
 def evaluate_adaptation(labs_dir: Path, out: Path, config: AdaptationConfig, *,
                         data_root=None, track: Track = no_progress,
                         log: Callable[[str], None] = lambda m: None) -> dict:
@@ -134,6 +213,18 @@ def evaluate_adaptation(labs_dir: Path, out: Path, config: AdaptationConfig, *,
     out = Path(out)
     present = available_labs(data_root)
     results: dict = {"config": asdict(config), "labs_dir": str(labs_dir), "labs": {}}
+    earlier_path = Path(out) / "adaptation.json"
+    earlier = json.loads(earlier_path.read_text()) if earlier_path.exists() else {}
+    if not config.labs and earlier.get("labs"):  # a detector-only run keeps level 2's curve
+        results.update({k: earlier[k] for k in ("config", "labs_dir", "labs")})
+    if not config.detector_labs and earlier.get("detector"):
+        results.update({k: earlier[k] for k in ("detector", "detector_config")
+                        if k in earlier})
+    if config.detector_labs:
+        results["detector_config"] = {
+            "labs_dir": str(labs_dir), "labs": list(config.detector_labs),
+            "shots": list(config.detector_shots), "draws": config.detector_draws,
+            "seed": config.seed, "adapt": asdict(config.detector)}
     for lab in config.labs:
         if not present.get(lab):
             results["labs"][lab] = {"skipped": "data absent"}
@@ -147,5 +238,21 @@ def evaluate_adaptation(labs_dir: Path, out: Path, config: AdaptationConfig, *,
         results["labs"][lab] = adaptation_curve(lab, bases, config, data_root=data_root,
                                                 track=track, log=log)
         out.mkdir(parents=True, exist_ok=True)  # each lab kept as it finishes
+        (out / "adaptation.json").write_text(json.dumps(results, indent=1) + "\n")
+    if config.detector_labs:
+        results["detector"] = {}
+    for lab in config.detector_labs:
+        base = Path(labs_dir) / f"without-{lab}" / "detector" / "detector.pt"
+        if not present.get(lab):
+            results["detector"][lab] = {"skipped": "data absent"}
+        elif not base.exists():
+            results["detector"][lab] = {"skipped": f"no fold detector ({base}): run "
+                                        f"`leukodiff evaluate labs --labs {lab} --out "
+                                        f"{labs_dir}`"}
+        else:
+            results["detector"][lab] = detector_curve(lab, base, config, out / "detectors",
+                                                      data_root=data_root, track=track,
+                                                      log=log)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "adaptation.json").write_text(json.dumps(results, indent=1) + "\n")
     return results

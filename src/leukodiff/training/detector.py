@@ -774,7 +774,7 @@ def final_metrics(model, config: DetectorConfig, data: DetectorData,
         tested = [r for r in data.test if r.source == source]
         if tested:
             metrics[test_key(source)] = validate(model, tested)
-    if config.spec.group_classifier:
+    if config.spec.group_classifier and data.test:
         metrics["test, Faster R-CNN labels (no group classifier)"] = validate(
             model, data.test, refine=False)
     return {name: _short(m) for name, m in metrics.items()}
