@@ -231,7 +231,9 @@ def test_schema_migrates_once_and_restarts_keep_data(make_station) -> None:
 
 def test_migration_0003_keeps_fields_and_cells(database_url, tmp_path: Path) -> None:
     """A 0002 database with an analysed field and a cell upgrades (the field was not
-    measured: familiarity NULL, not unlike the training labs) and goes back down."""
+    measured: familiarity NULL, not unlike the training labs) and goes back down.
+    On SQLite a batch-mode 0003 copied `fields` and failed dropping the old table while
+    `cells` held foreign keys on it ("FOREIGN KEY constraint failed")."""
     from sqlalchemy import text
 
     from leukodiff.server.db import Database
@@ -251,17 +253,27 @@ def test_migration_0003_keeps_fields_and_cells(database_url, tmp_path: Path) -> 
                     f" VALUES ('{'a' * 64}', 10, 'JPEG', 640, 480, {at})",
                     "INSERT INTO fields (id, case_id, image_sha256, original_name, status, "
                     f"uploaded_at, uploaded_by_id) VALUES (1, 1, '{'a' * 64}', 'f.jpg', 'done', "
-                    f"{at}, 1)"):
+                    f"{at}, 1)",
+                    "INSERT INTO cells (id, field_id, x0, y0, x1, y1, origin, label, reviewed, "
+                    f"deleted, updated_at, version) VALUES (1, 1, 0, 0, 9, 9, 'model', "
+                    f"'neutrophil', false, false, {at}, 1)"):
                 connection.execute(text(statement))
         _alembic(db, "upgrade", "head")
+        joined = ("SELECT f.original_name, c.label FROM fields f "
+                  "JOIN cells c ON c.field_id = f.id")
         with db.engine.begin() as connection:
             row = connection.execute(text(
                 "SELECT familiarity, unlike_training FROM fields")).one()
             assert row[0] is None and not row[1]
+            assert connection.execute(text(joined)).one() == ("f.jpg", "neutrophil")
+            assert connection.execute(text("SELECT username FROM users")).scalar_one() == "tess"
+            assert connection.execute(text("SELECT accession FROM cases")).scalar_one() \
+                == "OLD-1"
+            if db.engine.dialect.name == "sqlite":  # the copy would have left no dangling keys
+                assert connection.execute(text("PRAGMA foreign_key_check")).all() == []
         _alembic(db, "downgrade", "0002")
         with db.engine.begin() as connection:
-            assert connection.execute(text("SELECT original_name FROM fields")).scalar_one() \
-                == "f.jpg"
+            assert connection.execute(text(joined)).one() == ("f.jpg", "neutrophil")
     finally:
         db.dispose()
 

@@ -23,9 +23,12 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('fields', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('familiarity', sa.Float(), nullable=True))
-        batch_op.add_column(sa.Column('unlike_training', sa.Boolean(), nullable=False,
+    # Plain ALTER TABLE ADD COLUMN, not batch mode: on SQLite a batch with an expression
+    # default (false()) copies the table, and dropping the old `fields` fails ("FOREIGN KEY
+    # constraint failed") once `cells` holds foreign keys on it (see 0002 and 0005). The
+    # resulting columns are the same as the batch copy's.
+    op.add_column('fields', sa.Column('familiarity', sa.Float(), nullable=True))
+    op.add_column('fields', sa.Column('unlike_training', sa.Boolean(), nullable=False,
                                       server_default=sa.false()))
 
 
