@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -111,7 +112,10 @@ def _add_handlers(app: FastAPI) -> None:
         number) is a 404, like an id that is merely unused; other invalid input stays a 422."""
         if any(e.get("loc", ())[:1] == ("path",) for e in error.errors()):
             return JSONResponse({"detail": "not found"}, status_code=404)
-        return await request_validation_exception_handler(request, error)
+        # FastAPI's own answer, but in ASCII: the errors echo the input, and a JSON string
+        # may hold a lone surrogate ("\ud800"), which no UTF-8 response can (was a 500).
+        return AsciiJSONResponse({"detail": jsonable_encoder(error.errors())},
+                                 status_code=422)
 
     @app.exception_handler(NotAuthenticated)
     async def not_authenticated(request: Request, _error: NotAuthenticated) -> Response:
@@ -157,6 +161,14 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
                        session_cookie="leukodiff_session", same_site="lax",
                        https_only=settings.secure_cookies,
                        max_age=int(settings.session_hours * 3600))
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped, lone surrogates included."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                          separators=(",", ":")).encode("ascii")
 
 
 class BodyTooLarge(HTTPException):

@@ -113,6 +113,19 @@ def create_user(session: Session, username: str, password: str, role: str,
 def check_password(password: str) -> None:
     if len(password) < MIN_PASSWORD:
         raise AccountError(f"password: at least {MIN_PASSWORD} characters")
+    try:  # argon2 hashes UTF-8; a JSON string may hold a lone surrogate, which it cannot
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AccountError("password: holds a character that is not text (a lone "
+                           "surrogate)") from None
+
+
+def _find_user(session: Session, username: str) -> User | None:
+    """The account of this name; a name no account can have (`USERNAME`: every account has
+    been created through it) is looked up nowhere: PostgreSQL text cannot hold a NUL."""
+    if not USERNAME.match(username):
+        return None
+    return session.scalar(select(User).where(User.username == username))
 
 
 def set_password(session: Session, username: str, password: str, by: User | None = None,
@@ -124,7 +137,7 @@ def set_password(session: Session, username: str, password: str, by: User | None
     at their next sign-in.
     """
     check_password(password)
-    user = session.scalar(select(User).where(User.username == username))
+    user = _find_user(session, username)
     if user is None:
         raise NoSuchUser(f"no user {username!r}")
     own = by is not None and by.id == user.id
@@ -143,7 +156,7 @@ def set_active(session: Session, username: str, active: bool, by: User | None = 
     An admin cannot deactivate themself, and (`keep_an_admin`) nobody can deactivate the
     last active admin: the command line, the way back in, passes False.
     """
-    user = session.scalar(select(User).where(User.username == username))
+    user = _find_user(session, username)
     if user is None:
         raise NoSuchUser(f"no user {username!r}")
     if not active and by is not None and by.id == user.id:
@@ -176,9 +189,10 @@ def _audit_account(session: Session, by: User | None, action: str,
 
 def authenticate(session: Session, username: str, password: str) -> User | None:
     """The active user with this name and password, else None (same time either way)."""
-    user = session.scalar(select(User).where(User.username == username))
-    try:
-        _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
+    user = _find_user(session, username)
+    try:  # as argon2 encodes a str, but a lone surrogate (no password has one) is kept
+        _hasher.verify(user.password_hash if user else _DUMMY_HASH,
+                       password.encode("utf-8", "surrogatepass"))
     except (VerificationError, InvalidHashError):
         return None
     return user if user is not None and user.active else None

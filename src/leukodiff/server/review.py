@@ -514,12 +514,25 @@ def set_target(session: Session, user: User, case_id: int, target: int, revision
 
 
 def _reason(reason: str | None) -> str | None:
-    """A reason as stored: stripped, None if blank; refused (422) if too long."""
+    """A reason as stored: stripped, None if blank; refused (422) if too long, or if it
+    holds what a database cannot store (a NUL: PostgreSQL; a lone surrogate, valid in
+    JSON: UTF-8)."""
     reason = (reason or "").strip() or None
     if reason is not None and len(reason) > REASON_MAX:
         raise ReviewError(f"the reason is too long (at most {REASON_MAX} characters)",
                           status=422)
+    if reason is not None and ("\x00" in reason or not _encodes(reason)):
+        raise ReviewError("the reason holds a character that is not text (NUL or a lone "
+                          "surrogate)", status=422)
     return reason
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def reopen(session: Session, user: User, case_id: int, revision: int,
