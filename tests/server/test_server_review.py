@@ -150,6 +150,8 @@ def test_a_deleted_cell_restored(station, bccd: Path) -> None:
     assert back.status_code == 200, back.text
     restored = back.json()
     assert not restored["deleted"] and restored["differential"]["counted"] == counted
+    # Each edit's answer carries the sign-off check too (the page's open panel follows it).
+    assert restored["sign_off_check"] == tech.get(f"/api/cases/{cid}").json()["sign_off_check"]
     assert restored["cell"]["label"] == cell["label"] and restored["cell"]["box"] == cell["box"]
     assert cell["id"] in {c["id"] for c in all_cells(tech.get(f"/api/cases/{cid}").json())}
     event = events(tech, cid)[-1]

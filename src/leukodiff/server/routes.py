@@ -673,9 +673,11 @@ def _edit_response(request: Request, case_id: int, cell_id: int) -> dict[str, An
     with state_of(request).db.reading() as session:
         case = review.load_case(session, case_id)
         cell = session.get(CellRecord, cell_id)
+        summary = review.differential(case)
         return {"cell": review.cell_dict(cell), "deleted": cell.deleted,
-                "revision": case.revision,
-                "differential": review.differential(case).to_dict()}
+                "revision": case.revision, "differential": summary.to_dict(),
+                # what the page's open sign-off panel shows follows each edit
+                "sign_off_check": review.sign_off_check(summary).to_dict()}
 
 
 @api.patch("/cases/{case_id}/cells/{cell_id}")
