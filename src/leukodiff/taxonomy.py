@@ -192,7 +192,7 @@ _D, _U = Counting.DIFFERENTIAL, Counting.UNCLASSIFIED
 
 #: Every class, in display order (gallery groups, differential rows, the keys card). Keys
 #: 1-5 and U / X are the station's first ones; the page also uses J, K, B, Enter, Delete,
-#: Backspace, Escape and the arrows, which no class may take.
+#: Backspace, Escape, the arrows, [ ], + - =, F, E, Z and ?, which no class may take.
 REVIEW_CLASSES: tuple[ReviewClass, ...] = (
     ReviewClass(CellType.LYMPHOCYTE.value, "lymphocyte", "1", "#1f77b4", _D),
     ReviewClass(CellType.MONOCYTE.value, "monocyte", "2", "#2ca02c", _D),
@@ -217,7 +217,9 @@ REVIEW_CLASS: dict[str, ReviewClass] = {c.name: c for c in REVIEW_CLASSES}
 REVIEW_LABELS: tuple[str, ...] = tuple(REVIEW_CLASS)
 #: The review page's keys that are not class keys (navigation, confirm, delete, draw).
 RESERVED_KEYS = frozenset({"j", "k", "b", "enter", "delete", "backspace", "escape",
-                           "arrowleft", "arrowright", "arrowup", "arrowdown", "?", "z", " "})
+                           "arrowleft", "arrowright", "arrowup", "arrowdown", "?", "z", " ",
+                           # next / previous unreviewed, zoom in / out, fit, enlarge
+                           "]", "[", "+", "=", "-", "f", "e"})
 
 
 #: What each kind of counting means, as the review page heads its differential rows.

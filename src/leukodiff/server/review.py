@@ -347,20 +347,70 @@ def _flush_versioned(session: Session, kind: str) -> None:
 
 
 def set_label(session: Session, user: User, case_id: int, cell_id: int, label: str,
-              version: int) -> CellRecord:
-    """Reclassify a cell (or confirm its label): refused if someone changed it since `version`."""
+              version: int, reviewed: bool = True) -> CellRecord:
+    """Reclassify a cell (or confirm its label): refused if someone changed it since `version`.
+
+    `reviewed=False` puts a cell back to unreviewed (the review page's undo of a confirm
+    or of a label set on a cell nobody had reviewed): audited as `unconfirm`, or as
+    `reclassify` when the label changes too."""
     if label not in LABELS:
         raise ReviewError(f"unknown label {label!r}; one of: {', '.join(LABELS)}")
     case, cell = _cell_in_case(session, case_id, cell_id)
     _check_version("cell", cell.version, version, cell.updated_by)
     before = {"label": cell.label, "reviewed": cell.reviewed, "version": cell.version}
-    cell.label, cell.reviewed = label, True
+    cell.label, cell.reviewed = label, reviewed
     cell.updated_at, cell.updated_by_id = utcnow(), user.id
     _flush_versioned(session, "cell")  # UPDATE ... WHERE version = the version read
-    audit(session, case, user, "reclassify" if before["label"] != label else "confirm",
-          field_id=cell.field_id, cell_id=cell.id, before=before,
-          after={"label": label, "reviewed": True, "version": cell.version})
+    action = ("reclassify" if before["label"] != label else "confirm" if reviewed
+              else "unconfirm")
+    audit(session, case, user, action, field_id=cell.field_id, cell_id=cell.id, before=before,
+          after={"label": label, "reviewed": reviewed, "version": cell.version})
     return cell
+
+
+def confirm_class(session: Session, user: User, case_id: int, label: str,
+                  cells: list[tuple[int, int]] | None = None, reviewed: bool = True
+                  ) -> list[CellRecord]:
+    """Accept the current label of many cells of one class at once (bulk confirm).
+
+    Without `cells`: every live cell labelled `label` in the case's counted fields whose
+    reviewed flag differs from `reviewed` (confirm: the unreviewed ones). With `cells`
+    ([(id, version)], what the page showed): exactly those, each refused (409) if it is no
+    longer a live `label` cell of a counted field or was changed since its version; the
+    page's undo sends `reviewed=False` with the cells it confirmed. One audit event
+    (`confirm_class` / `unconfirm_class`) holds the label, the count and the cell ids.
+    """
+    if label not in LABELS:
+        raise ReviewError(f"unknown label {label!r}; one of: {', '.join(LABELS)}")
+    case = lock_open_case(session, case_id)
+    live = session.scalars(
+        select(CellRecord).join(FieldImage, CellRecord.field_id == FieldImage.id)
+        .where(FieldImage.case_id == case_id, FieldImage.excluded.is_(False),
+               CellRecord.deleted.is_(False), CellRecord.label == label)
+        .order_by(CellRecord.id)).all()
+    if cells is None:
+        chosen = [c for c in live if c.reviewed != reviewed]
+    else:
+        by_id = {c.id: c for c in live}
+        chosen = []
+        for cell_id, version in dict(cells).items():
+            cell = by_id.get(cell_id)
+            if cell is None:
+                raise ReviewError(f"cell {cell_id} is not a {label} cell of a counted field "
+                                  f"in case {case_id} (changed since you loaded it?); "
+                                  "nothing was applied", status=409)
+            _check_version("cell", cell.version, version, cell.updated_by)
+            chosen.append(cell)
+    if not chosen:
+        return []
+    now = utcnow()
+    for cell in chosen:
+        cell.reviewed, cell.updated_at, cell.updated_by_id = reviewed, now, user.id
+    _flush_versioned(session, "cell")
+    audit(session, case, user, "confirm_class" if reviewed else "unconfirm_class",
+          after={"label": label, "reviewed": reviewed, "count": len(chosen),
+                 "cells": [c.id for c in chosen]})
+    return chosen
 
 
 def add_cell(session: Session, user: User, case_id: int, field_id: int,
@@ -445,6 +495,28 @@ def delete_cell(session: Session, user: User, case_id: int, cell_id: int,
     _flush_versioned(session, "cell")
     audit(session, case, user, "delete_cell", field_id=cell.field_id, cell_id=cell.id,
           before={"label": cell.label, "box": list(cell.box), "version": version})
+
+
+def restore_cell(session: Session, user: User, case_id: int, cell_id: int,
+                 version: int) -> CellRecord:
+    """Bring a deleted cell back into the count (the review page's undo of a delete, or of
+    the undo of a drawn box): refused if it is not deleted, its field is excluded, or it
+    changed since `version` (the version its delete returned)."""
+    case = lock_open_case(session, case_id)
+    cell = session.get(CellRecord, cell_id)
+    if cell is None or cell.field.case_id != case_id:
+        raise ReviewError(f"no cell {cell_id} in case {case_id}", status=404)
+    if not cell.deleted:
+        raise ReviewError(f"cell {cell_id} is not deleted: nothing to restore", status=409)
+    _not_excluded(cell.field)
+    _check_version("cell", cell.version, version, cell.updated_by)
+    cell.deleted = False
+    cell.updated_at, cell.updated_by_id = utcnow(), user.id
+    _flush_versioned(session, "cell")
+    audit(session, case, user, "restore_cell", field_id=cell.field_id, cell_id=cell.id,
+          before={"deleted": True, "version": version},
+          after={"label": cell.label, "box": list(cell.box), "version": cell.version})
+    return cell
 
 
 def _field_in_open_case(session: Session, user: User, field_id: int) -> tuple[Case, FieldImage]:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from PIL import Image as PILImage
 from pydantic import BaseModel, Field
@@ -66,6 +66,7 @@ from leukodiff.server.storage import UploadError, display_name
 from leukodiff.taxonomy import REVIEW_CLASSES, review_taxonomy
 
 THUMBNAIL = 128
+CROP_MAX = 384  # the hover enlargement's crops
 IMAGE_CACHE = "private, max-age=86400"  # field views and crops never change for an id
 STATIC = {"app.css": "text/css", "app.js": "text/javascript"}
 # Row ids are Integer columns: 32-bit on PostgreSQL ("integer out of range" beyond) and
@@ -601,16 +602,29 @@ def _found(session, model, row_id: int, what: str):
 
 
 @api.get("/fields/{field_id}/image")
-def field_image(request: Request, field_id: Id) -> Response:
+def field_image(request: Request, field_id: Id,
+                max_side: Annotated[int | None, Query(ge=64, le=4096)] = None) -> Response:
+    """The field as a JPEG, full size (the field viewer's deep zoom); `max_side`: scaled
+    down to fit that many pixels (the field navigator's thumbnails of large fields)."""
     state = state_of(request)
     with state.db.reading() as session:
         sha256 = _found(session, FieldImage, field_id, "field").image_sha256
-    return Response(state.views.view_path(sha256).read_bytes(), media_type="image/jpeg",
-                    headers={"Cache-Control": IMAGE_CACHE})
+    path = state.views.view_path(sha256)
+    content = path.read_bytes()
+    if max_side is not None:
+        with PILImage.open(path) as image:
+            if max(image.size) > max_side:
+                image.thumbnail((max_side, max_side))
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=85)
+                content = buffer.getvalue()
+    return Response(content, media_type="image/jpeg", headers={"Cache-Control": IMAGE_CACHE})
 
 
 @api.get("/cells/{cell_id}/crop")
-def cell_crop(request: Request, cell_id: Id) -> Response:
+def cell_crop(request: Request, cell_id: Id,
+              size: Annotated[int, Query(ge=32, le=CROP_MAX)] = THUMBNAIL) -> Response:
+    """The cell's crop, `size` pixels square (the page's hover enlargement asks for more)."""
     state = state_of(request)
     with state.db.reading() as session:
         cell = _found(session, CellRecord, cell_id, "cell")
@@ -618,7 +632,7 @@ def cell_crop(request: Request, cell_id: Id) -> Response:
             raise ReviewError(f"no cell {cell_id}", status=404)
         box, sha256 = cell.box, cell.field.image_sha256
     with PILImage.open(state.views.view_path(sha256)) as image:
-        crop = cell_thumbnail(image, box, THUMBNAIL, margin=1.4)
+        crop = cell_thumbnail(image, box, size, margin=1.4)
     buffer = io.BytesIO()
     crop.save(buffer, format="JPEG", quality=88)
     return Response(buffer.getvalue(), media_type="image/jpeg",
@@ -629,6 +643,23 @@ def cell_crop(request: Request, cell_id: Id) -> Response:
 
 class LabelChange(BaseModel):
     label: str
+    version: int
+    reviewed: bool = True  # False: back to unreviewed (the page's undo of a confirm)
+
+
+class CellVersion(BaseModel):
+    id: int = Field(ge=ID_MIN, le=ID_MAX)
+    version: int
+
+
+class ClassConfirm(BaseModel):
+    label: str
+    # The cells shown (each with the version seen); None: every matching cell of the case.
+    cells: list[CellVersion] | None = None
+    reviewed: bool = True  # False: the undo of a bulk confirm
+
+
+class Restore(BaseModel):
     version: int
 
 
@@ -642,16 +673,40 @@ def _edit_response(request: Request, case_id: int, cell_id: int) -> dict[str, An
     with state_of(request).db.reading() as session:
         case = review.load_case(session, case_id)
         cell = session.get(CellRecord, cell_id)
+        summary = review.differential(case)
         return {"cell": review.cell_dict(cell), "deleted": cell.deleted,
-                "revision": case.revision,
-                "differential": review.differential(case).to_dict()}
+                "revision": case.revision, "differential": summary.to_dict(),
+                # what the page's open sign-off panel shows follows each edit
+                "sign_off_check": review.sign_off_check(summary).to_dict()}
 
 
 @api.patch("/cases/{case_id}/cells/{cell_id}")
 def reclassify(request: Request, user: UserDep, case_id: Id, cell_id: Id,
                body: LabelChange) -> dict[str, Any]:
     with state_of(request).db.writing() as session:
-        review.set_label(session, user, case_id, cell_id, body.label, body.version)
+        review.set_label(session, user, case_id, cell_id, body.label, body.version,
+                         reviewed=body.reviewed)
+    return _edit_response(request, case_id, cell_id)
+
+
+@api.post("/cases/{case_id}/confirm")
+def confirm_class(request: Request, user: UserDep, case_id: Id, body: ClassConfirm
+                  ) -> dict[str, Any]:
+    """Bulk confirm: accept the label of every unreviewed live cell of one class (or of the
+    cells listed); one audit event with the count. Returns the ids changed and the case."""
+    cells = None if body.cells is None else [(c.id, c.version) for c in body.cells]
+    with state_of(request).db.writing() as session:
+        changed = [c.id for c in review.confirm_class(session, user, case_id, body.label,
+                                                      cells, reviewed=body.reviewed)]
+    return {"changed": changed, "case": _case(request, case_id)}
+
+
+@api.post("/cases/{case_id}/cells/{cell_id}/restore")
+def restore_cell(request: Request, user: UserDep, case_id: Id, cell_id: Id, body: Restore
+                 ) -> dict[str, Any]:
+    """Undo a delete: the cell counts again (audited as `restore_cell`)."""
+    with state_of(request).db.writing() as session:
+        review.restore_cell(session, user, case_id, cell_id, body.version)
     return _edit_response(request, case_id, cell_id)
 
 
