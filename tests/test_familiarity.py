@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leukodiff.data.sources import load_fields
+from leukodiff.data.sources import load_cells, load_fields
 from leukodiff.imaging import load_image
 from leukodiff.models.files import ModelFileError, shipped
 from leukodiff.pipeline import Analyzer
@@ -68,14 +68,16 @@ def reference():
 
 
 def test_shipped_reference_knows_bccd_and_flags_other_labs(reference, shared_data):
-    """The shipped detector learnt BCCD only: BCCD's test fields are familiar (3 of 72
-    flagged when fitted), BCD's tiles (another lab) and a BCCD field under a blue lamp
-    are not."""
+    """The shipped detector learnt BCCD, BCD and Chula: BCCD's test fields and BCD's tiles
+    are familiar (3 of 72 and 3 of 20 test parts flagged when fitted); PBC's images
+    (Barcelona: another lab, camera and crop) and a BCCD field under a blue lamp are not."""
     bccd = [f for f in load_fields("bccd", shared_data).records if f.subset == "test"]
     flagged = sum(reference.score(load_image(f.image)) > reference.threshold for f in bccd)
     assert flagged <= 5
     bcd = load_fields("bcd", shared_data).records[::10]
-    assert all(reference.score(load_image(f.image)) > reference.threshold for f in bcd)
+    assert sum(reference.score(load_image(f.image)) > reference.threshold for f in bcd) <= 1
+    pbc = sorted(load_cells("pbc", shared_data).records, key=lambda c: c.image.name)[::800]
+    assert all(reference.score(load_image(c.image)) > reference.threshold for c in pbc)
     field = np.asarray(load_image(bccd[0].image), dtype=np.float32)
     blue = Image.fromarray((field * np.array([0.75, 0.9, 1.0])).astype(np.uint8))
     assert reference.score(blue) > reference.threshold
@@ -83,12 +85,12 @@ def test_shipped_reference_knows_bccd_and_flags_other_labs(reference, shared_dat
 
 
 def test_analyze_warns_on_images_unlike_the_training_labs(tmp_path, shared_data):
-    bcd = sorted(load_fields("bcd", shared_data).records, key=lambda f: f.image.name)[:2]
+    pbc = sorted(load_cells("pbc", shared_data).records, key=lambda c: c.image.name)[:2]
     bccd = [f for f in load_fields("bccd", shared_data).records if f.subset == "test"][:1]
     with Analyzer.load() as analyzer:
-        plain = analyzer(bcd[0].image)  # per-field calls measure nothing unless asked
+        plain = analyzer(pbc[0].image)  # per-field calls measure nothing unless asked
         assert plain.familiarity is None and not plain.unlike_training
-        run = analyze_to_folder(analyzer, [f.image for f in bcd + bccd], tmp_path / "out")
+        run = analyze_to_folder(analyzer, [f.image for f in pbc + bccd], tmp_path / "out")
     flags = [r.unlike_training for r in run.results]
     assert flags == [True, True, False]
     assert all(r.familiarity is not None for r in run.results)

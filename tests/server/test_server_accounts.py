@@ -266,3 +266,20 @@ def test_command_line_passwords_are_temporary_unless_permanent(tmp_path: Path) -
         assert result.exit_code == 0 and "deactivated" in result.output
     finally:
         db.dispose()
+
+
+def test_a_username_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    """`$` would let "bob\\n" through (regex `$` matches before a final newline): names are
+    matched whole."""
+    from leukodiff.server.auth import create_user
+
+    app = create_app(Settings(data_dir=tmp_path / "data"))
+    db = app.state.leukodiff.db
+    try:
+        with db.writing() as session:
+            for name in ("bob\n", "b", "bo b", "x" * 65):
+                with pytest.raises(AccountError, match="username"):
+                    create_user(session, name, "a long password", "reviewer")
+            create_user(session, "bob", "a long password", "reviewer")
+    finally:
+        db.dispose()

@@ -32,7 +32,7 @@ from starlette.requests import Request
 
 from leukodiff.server.db import AuditEvent, Role, User
 
-USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{2,64}$")
+USERNAME = re.compile(r"[A-Za-z0-9_.@-]{2,64}")  # used with fullmatch: no trailing newline
 MIN_PASSWORD = 8
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
@@ -93,7 +93,7 @@ def create_user(session: Session, username: str, password: str, role: str,
     `by`: the admin who made it; None: the command line (someone with the server's files).
     `temporary`: the password must be changed at the first sign-in.
     """
-    if not USERNAME.match(username):
+    if not USERNAME.fullmatch(username):
         raise AccountError("username: 2-64 letters, digits or . _ @ -")
     check_password(password)
     try:
@@ -123,7 +123,7 @@ def check_password(password: str) -> None:
 def _find_user(session: Session, username: str) -> User | None:
     """The account of this name; a name no account can have (`USERNAME`: every account has
     been created through it) is looked up nowhere: PostgreSQL text cannot hold a NUL."""
-    if not USERNAME.match(username):
+    if not USERNAME.fullmatch(username):
         return None
     return session.scalar(select(User).where(User.username == username))
 
@@ -224,7 +224,7 @@ class LoginThrottle:
         # A name that cannot exist is counted by address only (no key per junk string).
         # Exactly as typed: accounts are matched case-sensitively (`authenticate`), so
         # "TESS" and "tess" are two accounts and must not share a lock.
-        name = username if USERNAME.match(username) else None
+        name = username if USERNAME.fullmatch(username) else None
         keys = [(f"addr:{address[:64]}", 4 * self.max_failures)]
         if name is not None:
             keys += [(f"pair:{name}|{address[:64]}", self.max_failures),

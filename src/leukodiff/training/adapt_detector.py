@@ -101,13 +101,18 @@ def detect_fields(detector: str | Path, fields: Sequence[Field], threads: int | 
                   track: Track = no_progress, description: str = "Detecting") -> list:
     """(boxes, labels, scores) of every field down to 0.05, through the shipped pipeline
     (onnxruntime), as `evaluation.detector.detection_metrics` takes them."""
-    from leukodiff.evaluation.labs import _as_torch
+    import torch
+
     from leukodiff.pipeline import Analyzer
 
+    found = []
     with Analyzer.load(detector, backend="onnx", threads=threads,
                        detection_threshold=0.05) as analyzer:
-        return [_as_torch(analyzer.detect(analyzer.check(load_image(f.image))))
-                for f in track(list(fields), description)]
+        for record in track(list(fields), description):
+            cells = analyzer.detect(analyzer.check(load_image(record.image)))
+            found.append((torch.from_numpy(cells.boxes), torch.from_numpy(cells.labels),
+                          torch.from_numpy(cells.scores)))
+    return found
 
 
 def detection_scores(detections: Sequence, fields: Sequence[Field], threshold: float,
