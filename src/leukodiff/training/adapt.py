@@ -102,6 +102,37 @@ def case_of(file_name: str) -> str:
     return file_name.split("-")[0]
 
 
+def lab_cells(sources: Sequence[str], group_by: str = "prefix", data_root=None,
+              track: Track = no_progress, log: Callable[[str], None] = lambda m: None
+              ) -> list[Cell]:
+    """The lab's reviewed cells of the five types: each source a class-folder tree (as
+    `export-training` writes CELLS/TYPE/ACCESSION-fieldN-cellN.png; with `group_by`
+    "prefix" its cells are grouped by the case their file names, with "file" each image
+    is its own) or a data-set name. `leukodiff adapt` and the station's adapt job both
+    read their cells here. AdaptError names a source that is neither."""
+    from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, read_class_folders
+    from leukodiff.taxonomy import CellType
+
+    if group_by not in ("prefix", "file"):
+        raise AdaptError("group_by is 'prefix' or 'file'")
+    cells: list[Cell] = []
+    for source in sources:
+        if source in CELL_SOURCES or source in FIELD_SOURCES:
+            cells.extend(select_cells([source], [str(t) for t in CellType], data_root,
+                                      track)[0])
+            continue
+        root = Path(source)
+        if not root.is_dir():
+            raise AdaptError(f"--cells {source}: neither a folder nor a data set")
+        key = (lambda p, r=root: f"{r.name}:{case_of(p.name)}") if group_by == "prefix" \
+            else None
+        loaded = read_class_folders(root, source=root.name, group_key=key, track=track)
+        for skipped in loaded.skipped:
+            log(f"skipped {skipped.path}: {skipped.reason}")
+        cells.extend(loaded.records)
+    return cells
+
+
 def lab_split(cells: Sequence[Cell], held_out: float, seed: int) -> tuple[list[Cell], list[Cell]]:
     """(learn, held out) parts of the lab's cells, grouped by case/slide (`group_key`)."""
     split = monte_carlo(cells, repeats=1, train_fraction=1 - held_out, seed=seed,

@@ -68,6 +68,35 @@ class DetectorAdaptConfig:
     seed: int = 0
 
 
+def lab_fields(sources: Sequence[str], group_by: str = "prefix", data_root=None,
+               track: Track = no_progress, log: Callable[[str], None] = lambda m: None
+               ) -> list[Field]:
+    """The lab's reviewed fields: each source a Pascal VOC folder (as `export-training`
+    writes fields/; with `group_by` "prefix" grouped by the case its file names) or a
+    data-set name. `leukodiff adapt` and the station's adapt job both read their fields
+    here. DetectorAdaptError names a source that is neither, or no fields at all."""
+    from leukodiff.data.sources import FIELD_SOURCES, load_fields
+    from leukodiff.data.sources.generic import read_voc
+    from leukodiff.training.adapt import case_of
+
+    fields: list[Field] = []
+    for source in sources:
+        if source in FIELD_SOURCES:
+            fields.extend(load_fields(source, data_root, track).records)
+            continue
+        root = Path(source)
+        if not root.is_dir():
+            raise DetectorAdaptError(f"--fields {source}: neither a folder nor a data set")
+        loaded = read_voc(root, source=root.name, track=track)
+        for skipped in loaded.skipped:
+            log(f"skipped {skipped.path}: {skipped.reason}")
+        fields.extend(replace(f, group_key=f"{root.name}:{case_of(f.image.name)}")
+                      if group_by == "prefix" else f for f in loaded.records)
+    if not fields:
+        raise DetectorAdaptError(f"no reviewed fields in {', '.join(sources)}")
+    return fields
+
+
 def split_by_case(fields: Sequence[Field], share: float, seed: int
                   ) -> tuple[list[Field], list[Field]]:
     """(rest, share) of the fields, grouped by case or slide (`group_key`); everything in
