@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import time
 from pathlib import Path
@@ -226,6 +227,9 @@ def test_adapt_promote_analyse_roll_back_and_reanalyse(make_station, database_ur
     assert adapted["files"]["detector"]["set"] == "shipped"
     assert adapted["files"]["polymorphonuclear"]["set"] == "shipped"
     assert (folder / "mononuclear.onnx").exists()
+    manifest = json.loads((folder / "mononuclear.json").read_text())
+    assert manifest["adapted"]["command"] == f"review station adapt job {job_id} from shipped"
+    assert manifest["adapted"]["base"]["sha256"] == sha256_of(shipped("mononuclear"))
     assert all(p.stat().st_mode & 0o777 == 0o400 for p in folder.iterdir())
     page = admin.get("/admin/models").text
     assert f'data-set="{name}"' in page and "macro-F1" in page and "ada" in page

@@ -386,7 +386,9 @@ class ModelJobs:
             shown = [f"station {self.settings.data_dir} (signed cases "
                      f"{', '.join(map(str, ids))})"]
             outcome = adapt_station(export, out, shown, base_paths, config,
-                                    self.settings.data_root, progress)
+                                    self.settings.data_root, progress,
+                                    command=f"review station adapt job {job_id} from "
+                                            f"{base_name}")
             written = [role for role in ROLES if (out / f"{role}.pt").exists()]
             if not written:
                 self._finish(job_id, progress, "refused", "; ".join(outcome["refused"])
@@ -428,7 +430,7 @@ class ModelJobs:
 
 def adapt_station(export: Path, out: Path, shown: list[str], bases: dict[str, Path],
                   config: AdaptJobConfig, data_root: Path | None,
-                  progress: JobProgress) -> dict[str, Any]:
+                  progress: JobProgress, command: str = "") -> dict[str, Any]:
     """`leukodiff adapt --station`'s library calls on a training export: the level-2 models
     from export/cells, the detector from export/fields. A part refused (too few cells or
     fields, or worse on the held-out cases) is said in "refused"; the others go on."""
@@ -451,7 +453,7 @@ def adapt_station(export: Path, out: Path, shown: list[str], bases: dict[str, Pa
             results = adapt(shown, out, replace(AdaptConfig(), **(config.level2 or {})),
                             cells=cells, force=config.force,
                             bases={task: bases[task] for task in LEVEL2},
-                            data_root=data_root, track=track, log=say)
+                            data_root=data_root, track=track, log=say, command=command)
             outcome["figures"].update({task: level2_figures(r) for task, r in results.items()})
         except AdaptRefused as refused:
             outcome["figures"].update({t: level2_figures(r)
@@ -472,7 +474,8 @@ def adapt_station(export: Path, out: Path, shown: list[str], bases: dict[str, Pa
             result = adapt_detector(found, out, replace(DetectorAdaptConfig(),
                                                         **(config.detector_config or {})),
                                     base=bases["detector"], force=config.force,
-                                    data_root=data_root, track=track, log=say)
+                                    data_root=data_root, track=track, log=say,
+                                    command=command)
             outcome["figures"]["detector"] = detector_figures(result)
         except AdaptRefused as refused:
             outcome["figures"]["detector"] = detector_figures(refused.results["detector"])

@@ -309,12 +309,14 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
 def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = AdaptConfig(), *,
           bases: dict[str, str | Path] | None = None, force: bool = False, data_root=None,
           cells: Sequence[Cell] | None = None, track: Track = no_progress,
-          log: Callable[[str], None] = lambda m: None) -> dict:
+          log: Callable[[str], None] = lambda m: None, command: str | None = None) -> dict:
     """Adapt both level-2 models to the lab's cells (`lab_sources`: class-folder paths or
     data-set names; or `cells` given directly); write them to `out_dir` unless worse.
 
     Returns {task: {"before", "after", "cells", "seconds", "written"}}; raises AdaptError
     (too little to learn from) or AdaptRefused (worse on the held-out cells, not forced).
+    `command`: what the manifests record as the command (default: this process's
+    `leukodiff ...` command line; the station names its adapt job).
     """
     out_dir = Path(out_dir)
     bases = {task: (bases or {}).get(task, task) for task in TASKS}
@@ -348,7 +350,9 @@ def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = Adapt
         raise AdaptRefused(f"the adapted {' and '.join(worse)} model is worse on the lab's "
                            "held-out cells than the one it started from; nothing written "
                            "(--force writes it anyway)", results)
-    command = shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0] else ""
+    if command is None:
+        command = shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0] \
+            else ""
     for done in adapted:
         source = resolve(bases[done.task])
         manifest = {**done.manifest,

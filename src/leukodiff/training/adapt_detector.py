@@ -184,7 +184,8 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
                    ignore: dict[str, Sequence[Box]] | None = None, before: dict | None = None,
                    force: bool = False, data_root=None, threads: int | None = None,
                    track: Track = no_progress,
-                   log: Callable[[str], None] = lambda m: None) -> dict:
+                   log: Callable[[str], None] = lambda m: None,
+                   command: str | None = None) -> dict:
     """Fine-tune `base` on the lab's reviewed fields; write `out_dir/detector.pt` (+ ONNX)
     unless worse on the held-out fields (`held`, or a `config.held_out` share of the
     lab's cases). Returns {"before", "after", "fields", "threshold", "seconds", "written"}.
@@ -264,8 +265,9 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
                                f"(F1 {before['f1']:.3f} -> {adapted['f1']:.3f}); nothing "
                                "written (--force writes it anyway)", {"detector": result})
         model, trained_manifest = load_detector(trained)
-        command = shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0] \
-            else ""
+        if command is None:  # this process's `leukodiff ...` command line
+            command = shlex.join(["leukodiff", *sys.argv[1:]]) \
+                if "leukodiff" in sys.argv[0] else ""
         final = {**trained_manifest,
                  "architecture": {**trained_manifest["architecture"],
                                   "score_threshold": threshold},
