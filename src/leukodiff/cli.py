@@ -831,34 +831,17 @@ def adapt(
 
 def _adapt_detector_from(sources: list[str], out: Path, detector: str, held_out: float,
                          group_by: str, force: bool, data_root: Path | None) -> None:
-    from dataclasses import replace
-
-    from leukodiff.data.sources import FIELD_SOURCES, load_fields
-    from leukodiff.data.sources.generic import read_voc
-    from leukodiff.training.adapt import AdaptRefused, case_of
+    from leukodiff.training.adapt import AdaptRefused
     from leukodiff.training.adapt_detector import (
         DetectorAdaptConfig,
         DetectorAdaptError,
         adapt_detector,
+        lab_fields,
     )
     from leukodiff.training.detector import DetectorTrainingError
 
-    lab = []
     try:
-        for source in sources:
-            if source in FIELD_SOURCES:
-                lab.extend(load_fields(source, data_root, _track).records)
-                continue
-            root = Path(source)
-            if not root.is_dir():
-                raise _fail(f"--fields {source}: neither a folder nor a data set")
-            loaded = read_voc(root, source=root.name, track=_track)
-            for skipped in loaded.skipped:
-                console.print(f"skipped {skipped.path}: {skipped.reason}")
-            lab.extend(replace(f, group_key=f"{root.name}:{case_of(f.image.name)}")
-                       if group_by == "prefix" else f for f in loaded.records)
-        if not lab:
-            raise _fail(f"no reviewed fields in {', '.join(sources)}")
+        lab = lab_fields(sources, group_by, data_root, _track, console.print)
         result = adapt_detector(lab, out, DetectorAdaptConfig(held_out=held_out),
                                 base=detector, force=force, data_root=data_root,
                                 track=_track, log=console.print)
@@ -890,28 +873,12 @@ def _print_detector_adaptation(result: dict) -> None:
 def _adapt_from(cells: list[str], shown: list[str], out: Path, mononuclear: str,
                 polymorphonuclear: str, epochs: int, replay_per_class: int, held_out: float,
                 group_by: str, force: bool, data_root: Path | None) -> None:
-    from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, read_class_folders
-    from leukodiff.taxonomy import CellType
-    from leukodiff.training.adapt import AdaptConfig, AdaptError, AdaptRefused, case_of
+    from leukodiff.training.adapt import AdaptConfig, AdaptError, AdaptRefused, lab_cells
     from leukodiff.training.adapt import adapt as adapt_models
-    from leukodiff.training.classifier import TrainingError, select_cells
+    from leukodiff.training.classifier import TrainingError
 
-    lab = []
     try:
-        for source in cells:
-            if source in CELL_SOURCES or source in FIELD_SOURCES:
-                lab.extend(select_cells([source], [str(t) for t in CellType], data_root,
-                                        _track)[0])
-                continue
-            root = Path(source)
-            if not root.is_dir():
-                raise _fail(f"--cells {source}: neither a folder nor a data set")
-            key = (lambda p, r=root: f"{r.name}:{case_of(p.name)}") \
-                if group_by == "prefix" else None
-            loaded = read_class_folders(root, source=root.name, group_key=key, track=_track)
-            for skipped in loaded.skipped:
-                console.print(f"skipped {skipped.path}: {skipped.reason}")
-            lab.extend(loaded.records)
+        lab = lab_cells(cells, group_by, data_root, _track, console.print)
         config = AdaptConfig(epochs=epochs, replay_per_class=replay_per_class,
                              held_out=held_out)
         results = adapt_models(shown, out, config, cells=lab, force=force,

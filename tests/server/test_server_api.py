@@ -225,7 +225,7 @@ def test_schema_migrates_once_and_restarts_keep_data(make_station) -> None:
         assert [c.accession for c in session.scalars(select(Case))] == ["KEEP-1"]
         version = session.connection().exec_driver_sql(
             "SELECT version_num FROM alembic_version").scalar_one()
-    assert version == "0005"
+    assert version == "0006"
     app.state.leukodiff.db.dispose()
 
 

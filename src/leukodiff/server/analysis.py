@@ -2,41 +2,58 @@
 
 One worker because the Analyzer already runs its two level-2 models concurrently
 and the machine's cores are shared; fields left queued by a restart are resumed.
+Each analysis runs the station's default model set at the moment it starts (or the set a
+re-analysis asked for) and records it on the field and in the audit trail.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import select
 
 from leukodiff.imaging import ImageError
+from leukodiff.models.files import ModelFileError
 from leukodiff.pipeline import AnalysisError, Analyzer
-from leukodiff.server.db import CellRecord, Database, FieldImage, FieldStatus, utcnow
-from leukodiff.server.review import audit
+from leukodiff.server.db import (
+    Case,
+    CellRecord,
+    Database,
+    FieldImage,
+    FieldStatus,
+    ModelSet,
+    utcnow,
+)
+from leukodiff.server.models import SHIPPED, Analyzers, default_set, find_set, set_paths
+from leukodiff.server.review import audit, disagrees
+from leukodiff.server.settings import Settings
 from leukodiff.server.storage import ViewCache
+
+# A new call and an existing cell at least this alike (intersection over union) are the
+# same cell: the detector's own matching threshold in evaluation.
+MATCH_IOU = 0.5
 
 log = logging.getLogger(__name__)
 
 
 class AnalysisQueue:
-    """Runs queued fields through the Analyzer, one at a time, and stores the calls as cells."""
+    """Runs queued fields through the Analyzer of their model set, one at a time, and
+    stores the calls as cells (a re-analysis merges them into the field's cells)."""
 
-    def __init__(self, db: Database, views: ViewCache, analyzer: Analyzer | None = None) -> None:
-        self.db, self.views = db, views
-        self._analyzer = analyzer
-        self._owns_analyzer = analyzer is None  # a shared one (tests) is its owner's to close
-        self._analyzer_lock = threading.Lock()
+    def __init__(self, db: Database, views: ViewCache, analyzer: Analyzer | None = None,
+                 settings: Settings | None = None) -> None:
+        self.db, self.views, self.settings = db, views, settings
+        self._analyzers = Analyzers(analyzer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukodiff-analysis")
 
-    def analyzer(self) -> Analyzer:
-        """The shipped models, loaded on first use (a server can start before they are needed)."""
-        with self._analyzer_lock:
-            if self._analyzer is None:
-                self._analyzer = Analyzer.load()
-            return self._analyzer
+    def analyzer(self, model_set: ModelSet | None = None) -> Analyzer:
+        """The Analyzer of a model set (None: the shipped models), loaded on first use (a
+        server can start before they are needed) and kept for the next field."""
+        if model_set is None or model_set.name == SHIPPED or self.settings is None:
+            return self._analyzers.get(SHIPPED, "", None, Analyzer.load)
+        return self._analyzers.get(model_set.name, model_set.sha256,
+                                   set_paths(self.settings, model_set), Analyzer.load)
 
     def submit(self, field_ids: list[int]) -> None:
         for field_id in field_ids:
@@ -54,12 +71,9 @@ class AnalysisQueue:
 
     def shutdown(self) -> None:
         """Finish the field in progress (queued ones resume on the next start), then free
-        the Analyzer's worker threads if this queue loaded it."""
+        the Analyzers' worker threads (not a shared one: its owner's to close)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
-        with self._analyzer_lock:
-            if self._owns_analyzer and self._analyzer is not None:
-                self._analyzer.close()
-                self._analyzer = None
+        self._analyzers.close()
 
     def _run_logged(self, field_id: int) -> None:
         try:
@@ -78,37 +92,125 @@ class AnalysisQueue:
                 return
             field.status = FieldStatus.ANALYSING
             sha256, name = field.image_sha256, field.original_name
+            # A re-analysis names its set; a new analysis takes the default set now.
+            model_set = (find_set(session, field.pending_model_set) if field.pending_model_set
+                         else default_set(session))
+            session.expunge(model_set)
         try:
             image = self.views.image(sha256)
-            result = self.analyzer()(image, name=name, look=True)
+            result = self.analyzer(model_set)(image, name=name, look=True)
             self.views.view_path(sha256)  # render the browser view now, not on first request
-        except (AnalysisError, ImageError) as error:
+        except (AnalysisError, ImageError, ModelFileError) as error:
             self._finish_failed(field_id, str(error))
             return
         with self.db.writing() as session:
-            field = session.get(FieldImage, field_id)
-            for call in result.cells:
-                x0, y0, x1, y1 = call.box
-                session.add(CellRecord(
-                    field_id=field_id, x0=x0, y0=y0, x1=x1, y1=y1, origin="model",
-                    model_label=call.label, model_group=str(call.group),
-                    model_confidence=round(call.type_confidence, 4),
-                    probabilities={k: round(v, 4) for k, v in call.probabilities.items()},
-                    label=call.label))
+            # The case row first, as every change in a case takes it (edits wait for us).
+            case_id = session.scalar(select(FieldImage.case_id).where(FieldImage.id == field_id))
+            session.get(Case, case_id, with_for_update=True)
+            field = session.get(FieldImage, field_id, populate_existing=True)
+            again = field.analysed_at is not None
+            if again:
+                changes = merge_calls(field, result.cells)
+            else:
+                for call in result.cells:
+                    field.cells.append(_new_cell(field_id, call))
+                changes = {"cells": len(result.cells)}
             field.status, field.analysed_at = FieldStatus.DONE, utcnow()
+            field.error = None
             field.familiarity, field.unlike_training = (result.familiarity,
                                                         result.unlike_training)
+            field.model_set, field.model_set_sha256 = model_set.name, model_set.sha256
+            field.pending_model_set = None
             session.flush()
-            audit(session, field.case, None, "analysis", field_id=field_id,
-                  after={"cells": len(result.cells), "counts": dict(result.counts()),
+            audit(session, field.case, None, "reanalysis" if again else "analysis",
+                  field_id=field_id,
+                  after={**changes, "counts": dict(result.counts()),
                          "familiarity": result.familiarity,
-                         "unlike_training": result.unlike_training})
+                         "unlike_training": result.unlike_training,
+                         "model_set": model_set.name, "model_set_sha256": model_set.sha256})
 
     def _finish_failed(self, field_id: int, message: str) -> None:
         with self.db.writing() as session:
             field = session.get(FieldImage, field_id)
             if field is None:
                 return
+            if field.analysed_at is not None:  # a re-analysis: the earlier calls stand
+                wanted, field.pending_model_set = field.pending_model_set, None
+                field.status, field.error = FieldStatus.DONE, (
+                    f"re-analysis with {wanted} failed: {message}")[:500]
+                audit(session, field.case, None, "reanalysis_failed", field_id=field_id,
+                      after={"error": message[:500], "model_set": wanted})
+                return
             field.status, field.error = FieldStatus.FAILED, message[:500]
             audit(session, field.case, None, "analysis_failed", field_id=field_id,
                   after={"error": message[:500]})
+
+
+def _new_cell(field_id: int, call) -> CellRecord:
+    x0, y0, x1, y1 = call.box
+    return CellRecord(field_id=field_id, x0=x0, y0=y0, x1=x1, y1=y1, origin="model",
+                      model_label=call.label, model_group=str(call.group),
+                      model_confidence=round(call.type_confidence, 4),
+                      probabilities={k: round(v, 4) for k, v in call.probabilities.items()},
+                      label=call.label)
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def merge_calls(field: FieldImage, calls: list) -> dict[str, int]:
+    """A re-analysis's calls merged into a field's cells, keeping what people decided.
+
+    Each new call is matched to a live cell (IoU >= `MATCH_IOU`, best pairs first). A
+    matched cell takes the new model's call (`model_label`, group, confidence,
+    probabilities); its `label` follows the call only if no person reviewed it. A cell a
+    person reviewed (labelled, confirmed or drawn) is always kept with its label, even when
+    the new models find nothing there (its model call is then cleared). An unreviewed cell
+    the new models no longer find is marked deleted (the row stays, as for a deleted
+    detection), and a new call matching no cell becomes a new, unreviewed cell.
+    """
+    live = [c for c in field.cells if not c.deleted]
+    pairs = sorted(((_iou(cell.box, tuple(call.box)), i, j) for i, cell in enumerate(live)
+                    for j, call in enumerate(calls)), reverse=True)
+    matched_cells: dict[int, int] = {}
+    used_calls: set[int] = set()
+    for iou, i, j in pairs:
+        if iou < MATCH_IOU:
+            break
+        if i in matched_cells or j in used_calls:
+            continue
+        matched_cells[i] = j
+        used_calls.add(j)
+    now = utcnow()
+    kept = removed = 0
+    for i, cell in enumerate(live):
+        if i in matched_cells:
+            call = calls[matched_cells[i]]
+            cell.model_label, cell.model_group = call.label, str(call.group)
+            cell.model_confidence = round(call.type_confidence, 4)
+            cell.probabilities = {k: round(v, 4) for k, v in call.probabilities.items()}
+            if not cell.reviewed:
+                cell.label = call.label
+            cell.updated_at = now
+        elif cell.reviewed:
+            kept += 1
+            if cell.origin == "model":  # the new models call nothing here
+                cell.model_label = cell.model_group = None
+                cell.model_confidence, cell.probabilities = None, None
+                cell.updated_at = now
+        else:
+            cell.deleted, cell.updated_at = True, now
+            removed += 1
+    added = [j for j in range(len(calls)) if j not in used_calls]
+    for j in added:
+        field.cells.append(_new_cell(field.id, calls[j]))
+    disagreements = sum(disagrees(c) for c in field.cells if not c.deleted)
+    return {"cells": len(calls), "matched": len(matched_cells), "added": len(added),
+            "removed": removed, "reviewed_unmatched": kept, "disagreements": disagreements}

@@ -30,6 +30,7 @@ from leukodiff.server.auth import (
 )
 from leukodiff.server.db import Database
 from leukodiff.server.exports import ExportError
+from leukodiff.server.models import ModelJobs, ModelSetError, ensure_shipped
 from leukodiff.server.review import ReviewError
 from leukodiff.server.settings import Settings
 from leukodiff.server.storage import BlobStore, UploadError, ViewCache
@@ -56,6 +57,7 @@ class ServerState:
     queue: AnalysisQueue
     templates: Jinja2Templates
     logins: LoginThrottle
+    jobs: ModelJobs
 
 
 def state_of(request: Request) -> ServerState:
@@ -65,27 +67,34 @@ def state_of(request: Request) -> ServerState:
 def create_app(settings: Settings, analyzer: Analyzer | None = None) -> FastAPI:
     """A ready app: data dir made, schema migrated to head; analysis starts with the lifespan.
 
-    `analyzer`: an already loaded Analyzer to share (tests); None loads the shipped
-    models on the first upload.
+    `analyzer`: an already loaded Analyzer to share for the shipped model set (tests);
+    None loads the shipped models on the first upload. Other model sets are loaded when
+    an analysis first needs them.
     """
     from leukodiff.server.routes import api, pages, public
 
     settings.prepare()
     db = Database(settings.url)
     db.migrate()
+    with db.writing() as session:  # the shipped set is always in the registry
+        ensure_shipped(session)
     blobs = BlobStore(settings.blob_dir, settings.data_dir / "tmp", settings.max_image_pixels)
     views = ViewCache(blobs, settings.cache_dir)
-    state = ServerState(settings, db, blobs, views, AnalysisQueue(db, views, analyzer),
+    state = ServerState(settings, db, blobs, views,
+                        AnalysisQueue(db, views, analyzer, settings),
                         Jinja2Templates(directory=PACKAGE / "templates"),
                         LoginThrottle(settings.login_max_failures,
-                                      60 * settings.login_window_minutes))
+                                      60 * settings.login_window_minutes),
+                        ModelJobs(settings, db, views))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.queue.resume()
+        state.jobs.resume()
         try:
             yield
         finally:
+            state.jobs.shutdown()
             state.queue.shutdown()
             db.dispose()
 
@@ -140,6 +149,10 @@ def _add_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
         return JSONResponse({"detail": error.message}, status_code=error.status,
                             headers=headers)
+
+    @app.exception_handler(ModelSetError)
+    async def model_set_error(_request: Request, error: ModelSetError) -> Response:
+        return JSONResponse({"detail": error.message}, status_code=error.status)
 
     @app.exception_handler(UploadError)
     async def upload_error(_request: Request, error: UploadError) -> Response:

@@ -180,6 +180,13 @@ class FieldImage(Base):
     exclude_reason: Mapped[str | None] = mapped_column(Text, default=None)
     excluded_at: Mapped[datetime | None] = mapped_column(default=None)
     excluded_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The model set (`model_sets.name`) whose calls the cells carry, and that set's digest
+    # (`models.set_digest`: one sha256 over its files' hashes); None: not analysed yet, or
+    # analysed before schema 0006 (the shipped models then). `pending_model_set`: the set a
+    # queued re-analysis asked for (None: the default set when the analysis starts).
+    model_set: Mapped[str | None] = mapped_column(String(64), default=None)
+    model_set_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    pending_model_set: Mapped[str | None] = mapped_column(String(64), default=None)
 
     case: Mapped[Case] = relationship(back_populates="fields")
     image: Mapped[Image] = relationship()
@@ -218,6 +225,53 @@ class CellRecord(Base):
     @property
     def box(self) -> tuple[float, float, float, float]:
         return (self.x0, self.y0, self.x1, self.y1)
+
+
+class ModelSet(Base):
+    """A set of the three models the station analyses with: "shipped" (the package's own
+    weights, always there) or one adapted from the station's signed cases, whose files live
+    in DATA_DIR/models/<name>/ and are never overwritten or deleted. `files`: per role
+    (detector, mononuclear, polymorphonuclear) {"set": the set whose folder holds the file,
+    "file": its name, "sha256"}: a role not adapted is the base set's file. `figures`: the
+    adaptation's before/after on the lab's held-out cases (empty for "shipped")."""
+
+    __tablename__ = "model_sets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    source: Mapped[str] = mapped_column(String(16))  # "shipped" or "adapted"
+    base: Mapped[str | None] = mapped_column(String(64), default=None)  # the set it started from
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    sha256: Mapped[str] = mapped_column(String(64))  # `models.set_digest` of `files`
+    files: Mapped[dict[str, Any]] = mapped_column()
+    figures: Mapped[dict[str, Any]] = mapped_column()
+    is_default: Mapped[bool] = mapped_column(default=False, server_default=false())
+    retired: Mapped[bool] = mapped_column(default=False, server_default=false())
+
+    created_by: Mapped[User | None] = relationship()
+
+
+class ModelJob(Base):
+    """An "adapt from signed cases" job: its state, progress and outcome (kept)."""
+
+    __tablename__ = "model_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # queued, running, done (a set was made), refused (too little to learn from, or worse:
+    # nothing made), failed (an error; see the log)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    base: Mapped[str] = mapped_column(String(64))
+    stage: Mapped[str | None] = mapped_column(String(200), default=None)
+    log: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"lines": [...]}
+    message: Mapped[str | None] = mapped_column(Text, default=None)
+    model_set: Mapped[str | None] = mapped_column(String(64), default=None)  # the set made
+    result: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+
+    started_by: Mapped[User | None] = relationship()
 
 
 class AuditEvent(Base):

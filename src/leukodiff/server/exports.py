@@ -19,7 +19,13 @@ from typing import Any
 from leukodiff.data.crops import crop_cell
 from leukodiff.data.records import Box
 from leukodiff.server.db import NOT_WBC, UNIDENTIFIED, AuditEvent, Case, CellRecord
-from leukodiff.server.review import case_dict, counted_fields, differential, sign_off_check
+from leukodiff.server.review import (
+    case_dict,
+    counted_fields,
+    differential,
+    model_sets_used,
+    sign_off_check,
+)
 from leukodiff.server.storage import ViewCache
 from leukodiff.taxonomy import REVIEW_CLASS, REVIEW_CLASSES, CellType
 
@@ -56,7 +62,7 @@ PANEL = ("57023-4", "Auto Differential panel - Blood")
 CROP_SCALE = 2.6
 CSV_COLUMNS = ["accession", "field_id", "field_name", "cell_id", "x0", "y0", "x1", "y1",
                "origin", "model_label", "model_confidence", "label", "reviewed",
-               "updated_by", "updated_at", "counting"]
+               "updated_by", "updated_at", "counting", "model_set", "model_set_sha256"]
 
 
 class ExportError(ValueError):
@@ -90,7 +96,8 @@ def cases_csv(case: Case) -> str:
                          "" if cell.model_confidence is None else f"{cell.model_confidence:.4f}",
                          cell.label, int(cell.reviewed),
                          _text(cell.updated_by.username) if cell.updated_by else "",
-                         cell.updated_at.isoformat(), _counting(cell.label)])
+                         cell.updated_at.isoformat(), _counting(cell.label),
+                         cell.field.model_set or "", cell.field.model_set_sha256 or ""])
     return buffer.getvalue()
 
 
@@ -136,9 +143,24 @@ def fhir_report(case: Case) -> dict[str, Any]:
                      "text": text},
             "identifier": [accession], "effectiveDateTime": signed, "issued": signed,
             "performer": [reviewer], "valueQuantity": {"value": value, **unit},
-            "note": [{"text": note}],
+            "note": [{"text": note}], "method": method,
+            # One set: its Device, contained (so the bundle's entries stay the report and
+            # its Observations) and referenced; several: the method names them all.
+            **({"contained": [devices[0]],
+                "device": {"reference": f"#{devices[0]['id']}",
+                           "display": devices[0]["deviceName"][0]["name"]}}
+               if len(devices) == 1 else {}),
         }
 
+    # The models that pre-classified the cells: one Device per model set the counted fields
+    # were analysed with; every Observation names them in its method, and as its device
+    # when there is one set.
+    devices = model_devices(case)
+    method = {"text": "Digital morphology: leukodiff model set(s) "
+                      f"{', '.join(d['deviceName'][0]['name'] for d in devices)}, "
+                      "pre-classified, reviewed by a person",
+              "coding": [{"system": METHOD_SYSTEM, "code": "leukodiff-reviewed",
+                          "display": "leukodiff pre-classification, human-verified"}]}
     percent = {"unit": "%", "system": UCUM, "code": "%"}
     counted = summary.counted
     # The five types always (0 is a result); the other white-cell classes when seen.
@@ -176,6 +198,31 @@ def fhir_report(case: Case) -> dict[str, Any]:
             "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in entries]}
 
 
+METHOD_SYSTEM = "https://github.com/leukodiff/leukodiff/method"
+DEVICE_SYSTEM = "https://github.com/leukodiff/leukodiff/model-set"
+
+
+def model_devices(case: Case) -> list[dict[str, Any]]:
+    """A FHIR Device per model set the case's counted fields were analysed with: its name
+    and digest (sha256 over its model files), so a report names the exact models."""
+    digests: dict[str, str | None] = {}
+    for field in counted_fields(case):
+        if field.analysed_at:
+            digests.setdefault(field.model_set or "shipped", field.model_set_sha256)
+    devices = []
+    for name in model_sets_used(case):
+        digest = digests.get(name)
+        devices.append({
+            "resourceType": "Device", "id": f"model-set-{len(devices) + 1}",
+            "identifier": [{"system": DEVICE_SYSTEM, "value": digest or name}],
+            "deviceName": [{"name": f"leukodiff model set {name}", "type": "model-name"}],
+            "manufacturer": "leukodiff",
+            "version": [{"value": digest or "not recorded (analysed before schema 0006)"}],
+            "type": {"text": "Software: white-blood-cell detection and classification "
+                             "models"}})
+    return devices
+
+
 def conclusion(case: Case) -> str:
     """The report's summary line: what was counted over which fields, what a person
     reviewed, who signed, and why they signed short of the mark if they did."""
@@ -193,8 +240,10 @@ def conclusion(case: Case) -> str:
     text = (f"{summary.counted} white cells counted over {summary.fields} analysed "
             f"field(s){failed}{apart}; {summary.not_wbc} objects marked not a white cell"
             f"{f' and {artefacts} artefact(s)' if artefacts else ''}, not counted. "
-            f"Pre-classified by leukodiff; {summary.reviewed} of {summary.counted} white "
-            f"cells individually reviewed; target {summary.target} white cells; signed off "
+            f"Pre-classified by leukodiff (model set "
+            f"{', '.join(model_sets_used(case)) or 'none'}); {summary.reviewed} of "
+            f"{summary.counted} white cells individually reviewed; target "
+            f"{summary.target} white cells; signed off "
             f"by {case.signed_by.username if case.signed_by else 'nobody'}.")
     if summary.warning:
         text += f" Warning: {summary.warning}."

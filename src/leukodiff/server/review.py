@@ -219,11 +219,19 @@ def load_case(session: Session, case_id: int, *, lock: bool = False) -> Case:
     return case
 
 
+def disagrees(cell: CellRecord) -> bool:
+    """A person's label the model's (latest) call differs from: a cell reviewed, and a
+    model call that names a class (not "unidentified") other than the reviewed label."""
+    return bool(cell.reviewed and cell.model_label and cell.model_label != UNIDENTIFIED
+                and cell.model_label != cell.label)
+
+
 def cell_dict(cell: CellRecord) -> dict[str, Any]:
     return {"id": cell.id, "field_id": cell.field_id, "box": [round(v, 1) for v in cell.box],
             "label": cell.label, "origin": cell.origin, "model_label": cell.model_label,
             "model_group": cell.model_group, "model_confidence": cell.model_confidence,
-            "reviewed": cell.reviewed, "version": cell.version}
+            "reviewed": cell.reviewed, "version": cell.version,
+            "disagrees": disagrees(cell)}
 
 
 def field_dict(field: FieldImage) -> dict[str, Any]:
@@ -233,7 +241,16 @@ def field_dict(field: FieldImage) -> dict[str, Any]:
             "sha256": field.image_sha256, "excluded": field.excluded,
             "exclude_reason": field.exclude_reason, "excluded_by": field.excluded_by,
             "excluded_at": field.excluded_at.isoformat() if field.excluded_at else None,
+            "model_set": field.model_set, "model_set_sha256": field.model_set_sha256,
+            "pending_model_set": field.pending_model_set,
             "cells": [cell_dict(c) for c in field.cells if not c.deleted]}
+
+
+def model_sets_used(case: Case) -> list[str]:
+    """The model sets whose calls the case's counted fields carry, in order of first use
+    (a field analysed before the station recorded sets ran the shipped models)."""
+    used = [f.model_set or "shipped" for f in counted_fields(case) if f.analysed_at]
+    return list(dict.fromkeys(used))
 
 
 def case_dict(case: Case) -> dict[str, Any]:
@@ -248,6 +265,10 @@ def case_dict(case: Case) -> dict[str, Any]:
             "amendments": case.amendments, "amend_reason": case.amend_reason,
             "sign_off_check": sign_off_check(summary).to_dict(),
             "fields": [field_dict(f) for f in case.fields],
+            "model_sets": model_sets_used(case),
+            # reviewed cells (counted fields) whose latest model call names another class
+            "disagreements": sum(disagrees(c) for f in counted_fields(case)
+                                 for c in f.cells if not c.deleted),
             "progress": progress(case), "differential": summary.to_dict()}
 
 
@@ -571,6 +592,40 @@ def include_field(session: Session, user: User, field_id: int, reason: str | Non
     audit(session, case, user, "include_field", field_id=field.id, before=before,
           after={"excluded": False, "name": field.original_name, "reason": reason})
     return field
+
+
+def reanalyse(session: Session, user: User, case_id: int, model_set: str) -> list[int]:
+    """Queue every counted field of an open case for analysis again with `model_set`
+    (a reviewer or admin): the new calls replace the model's on matching cells, people's
+    labels stay (`analysis.merge_calls`). The field ids to queue."""
+    from leukodiff.server.db import ModelSet
+
+    if user.role not in (Role.REVIEWER, Role.ADMIN):
+        raise ReviewError(f"only a reviewer or admin re-analyses a case (you are a "
+                          f"{user.role})", status=403)
+    case = lock_open_case(session, case_id)
+    row = session.scalar(select(ModelSet).where(ModelSet.name == model_set))
+    if row is None:
+        raise ReviewError(f"no model set {model_set!r}", status=404)
+    if row.retired:
+        raise ReviewError(f"model set {model_set!r} is retired", status=409)
+    fields = session.scalars(select(FieldImage).where(FieldImage.case_id == case_id)
+                             .order_by(FieldImage.id)).all()
+    if any(f.status in (FieldStatus.QUEUED, FieldStatus.ANALYSING) for f in fields):
+        raise ReviewError("fields of this case are still being analysed: wait for them",
+                          status=409)
+    chosen = [f for f in fields if not f.excluded]
+    if not chosen:
+        raise ReviewError("no field to re-analyse (every field is excluded)", status=409)
+    for field in chosen:
+        field.status, field.pending_model_set = FieldStatus.QUEUED, row.name
+    session.flush()
+    audit(session, case, user, "reanalyse",
+          before={"model_sets": sorted({f.model_set or "shipped" for f in chosen
+                                        if f.analysed_at})},
+          after={"model_set": row.name, "model_set_sha256": row.sha256,
+                 "fields": [f.id for f in chosen]})
+    return [f.id for f in chosen]
 
 
 def set_target(session: Session, user: User, case_id: int, target: int, revision: int) -> Case:

@@ -21,11 +21,11 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Upload
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from PIL import Image as PILImage
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from leukodiff.reports.outputs import cell_thumbnail
-from leukodiff.server import review
+from leukodiff.server import models, review
 from leukodiff.server.app import PACKAGE, state_of
 from leukodiff.server.auth import (
     AccountError,
@@ -48,6 +48,7 @@ from leukodiff.server.db import (
     CaseStatus,
     CellRecord,
     FieldImage,
+    ModelJob,
     Role,
     User,
     utcnow,
@@ -60,6 +61,14 @@ from leukodiff.server.exports import (
     cases_csv,
     fhir_report,
     training_files,
+)
+from leukodiff.server.models import (
+    MODEL_ACTIONS,
+    ModelSetError,
+    job_dict,
+    list_sets,
+    promote,
+    rollback,
 )
 from leukodiff.server.review import ReviewError
 from leukodiff.server.storage import UploadError, display_name
@@ -216,6 +225,9 @@ def _change_own_password(request: Request, user: User, current: str, new: str) -
 # --- pages: accounts (admins) -------------------------------------------------------------
 
 ACCOUNT_EVENTS_SHOWN = 50
+# Events without a case are account events, but for the model-set ones (the Models page's).
+ACCOUNT_EVENT = AuditEvent.case_id.is_(None) & AuditEvent.action.not_in(MODEL_ACTIONS)
+MODEL_EVENT = AuditEvent.case_id.is_(None) & AuditEvent.action.in_(MODEL_ACTIONS)
 ADMIN_DONE = {  # ?done= after a change (post/redirect/get): a fixed message, never echoed text
     "created": "Account {user} created. Its password is temporary: it must be changed at "
                "the first sign-in.",
@@ -249,7 +261,7 @@ def _accounts_page(request: Request, user: User, message: str | None, status: in
                  "last_login": f"{u.last_login_at:%Y-%m-%d %H:%M}" if u.last_login_at
                  else "never"}
                 for u in users]
-        events = session.scalars(select(AuditEvent).where(AuditEvent.case_id.is_(None))
+        events = session.scalars(select(AuditEvent).where(ACCOUNT_EVENT)
                                  .options(selectinload(AuditEvent.user))
                                  .order_by(AuditEvent.id.desc()).limit(ACCOUNT_EVENTS_SHOWN))
         history = [audit_dict(e) for e in events]
@@ -308,6 +320,105 @@ def reset_password_form(request: Request, user: UserDep, username: str,
         failed_user=username)
 
 
+# --- pages: model sets (admins) -----------------------------------------------------------
+
+MODEL_EVENTS_SHOWN = 50
+MODELS_DONE = {  # ?done= after a change: fixed messages, never echoed text
+    "promoted": "Model set {name} is now the default for new analyses.",
+    "rolled_back": "Rolled back: model set {name} is the default for new analyses again.",
+    "started": "The adapt job has started; this page follows it.",
+}
+
+
+@pages.get("/admin/models", response_class=HTMLResponse)
+def models_page(request: Request, user: UserDep, done: str | None = None,
+                name: str | None = None) -> Response:
+    require_role(user, Role.ADMIN)
+    shown = (MODELS_DONE[done].format(name=repr((name or "")[:64])) if done in MODELS_DONE
+             else None)
+    return _models_page(request, user, None, done=shown)
+
+
+def _models_page(request: Request, user: User, message: str | None, status: int = 200,
+                 done: str | None = None) -> Response:
+    """Every model set with its figures, who made it and when, the default; the adapt
+    jobs (the page reloads itself while one runs) and the model-set events."""
+    state = state_of(request)
+    with state.db.reading() as session:
+        sets = list_sets(session)
+        jobs = [job_dict(j) for j in session.scalars(
+            select(ModelJob).options(selectinload(ModelJob.started_by))
+            .order_by(ModelJob.id.desc()).limit(10))]
+        events = [audit_dict(e) for e in session.scalars(
+            select(AuditEvent).where(MODEL_EVENT).options(selectinload(AuditEvent.user))
+            .order_by(AuditEvent.id.desc()).limit(MODEL_EVENTS_SHOWN))]
+        fields_per_set = dict(session.execute(
+            select(FieldImage.model_set, func.count(FieldImage.id))
+            .where(FieldImage.model_set.is_not(None)).group_by(FieldImage.model_set)).all())
+        stack = models.default_stack(session)
+        adaptation = review.adaptation_progress(session)
+    return state.templates.TemplateResponse(
+        request, "models.html",
+        {"user": user, "sets": sets, "jobs": jobs, "events": events,
+         "fields_per_set": fields_per_set, "csrf": csrf_token(request), "message": message,
+         "done": done, "running": any(j["running"] for j in jobs),
+         "rollback_to": stack[-2] if len(stack) > 1 else None, "adaptation": adaptation},
+        status_code=status)
+
+
+def _models_change(request: Request, user: User, change: Callable[[Session], Any],
+                   done: str) -> Response:
+    try:
+        with state_of(request).db.writing() as session:
+            row = change(session)
+    except ModelSetError as error:
+        return _models_page(request, user, error.message, status=error.status)
+    return RedirectResponse(f"/admin/models?done={done}&name={quote(row.name)}",
+                            status_code=303)
+
+
+@pages.post("/admin/models/{name}/promote")
+def promote_form(request: Request, user: UserDep, name: str) -> Response:
+    """Make a model set the default for new analyses."""
+    require_role(user, Role.ADMIN)
+    return _models_change(request, user, lambda session: promote(session, user, name),
+                          "promoted")
+
+
+@pages.post("/admin/models/rollback")
+def rollback_form(request: Request, user: UserDep) -> Response:
+    """Make the previous default the default again."""
+    require_role(user, Role.ADMIN)
+    return _models_change(request, user, lambda session: rollback(session, user),
+                          "rolled_back")
+
+
+@pages.post("/admin/models/adapt")
+def adapt_form(request: Request, user: UserDep) -> Response:
+    """Start "adapt from signed cases" from the default set (a background job)."""
+    require_role(user, Role.ADMIN)
+    try:
+        state_of(request).jobs.start(user)
+    except ModelSetError as error:
+        return _models_page(request, user, error.message, status=error.status)
+    return RedirectResponse("/admin/models?done=started", status_code=303)
+
+
+@pages.post("/cases/{case_id}/reanalyse")
+def reanalyse_form(request: Request, user: UserDep, case_id: Id,
+                   model_set: Annotated[str, Form()]) -> Response:
+    """Re-analyse an open case with a model set (the case page's form)."""
+    _reanalyse(request, user, case_id, model_set)
+    return RedirectResponse(f"/cases/{case_id}", status_code=303)
+
+
+def _reanalyse(request: Request, user: User, case_id: int, model_set: str) -> None:
+    state = state_of(request)
+    with state.db.writing() as session:
+        ids = review.reanalyse(session, user, case_id, model_set)
+    state.queue.submit(ids)
+
+
 @pages.get("/", response_class=HTMLResponse)
 def cases_page(request: Request, user: UserDep) -> Response:
     return _cases_page(request, user, None)
@@ -350,10 +461,14 @@ def case_page(request: Request, user: UserDep, case_id: Id) -> Response:
         case = review.load_case(session, case_id)
         accession, signed = case.accession, case.status == CaseStatus.SIGNED
         reason = case.sign_off_reason
+        used = review.model_sets_used(case)
+        sets = [s for s in list_sets(session) if not s["retired"]]
     # A signed case is locked: its edit controls are not shown (the API refuses edits too).
     return state.templates.TemplateResponse(
         request, "case.html", {"user": user, "case_id": case_id, "accession": accession,
                                "signed": signed, "sign_off_reason": reason,
+                               "model_sets_used": used, "model_sets": sets,
+                               "can_reanalyse": user.role in (Role.REVIEWER, Role.ADMIN),
                                "csrf": csrf_token(request), "classes": REVIEW_CLASSES,
                                "taxonomy": review_taxonomy(),
                                "max_mb": state.settings.max_upload_bytes // (1024 * 1024)})
@@ -475,10 +590,82 @@ def account_audit(request: Request, user: UserDep) -> list[dict[str, Any]]:
     """Account events (created, deactivated, reactivated), oldest first; admins only."""
     require_role(user, Role.ADMIN)
     with state_of(request).db.reading() as session:
-        events = session.scalars(select(AuditEvent).where(AuditEvent.case_id.is_(None))
+        events = session.scalars(select(AuditEvent).where(ACCOUNT_EVENT)
                                  .options(selectinload(AuditEvent.user))
                                  .order_by(AuditEvent.id))
         return [audit_dict(e) for e in events]
+
+
+# --- api: model sets ----------------------------------------------------------------------
+
+@api.get("/model-sets")
+def model_sets(request: Request) -> list[dict[str, Any]]:
+    """Every model set (figures, who made it, default); anyone signed in (re-analysis)."""
+    with state_of(request).db.reading() as session:
+        return list_sets(session)
+
+
+@api.post("/model-sets/{name}/promote")
+def promote_set(request: Request, user: UserDep, name: str) -> dict[str, Any]:
+    require_role(user, Role.ADMIN)
+    with state_of(request).db.writing() as session:
+        promote(session, user, name)
+    return {"default": name}
+
+
+@api.post("/model-sets/rollback")
+def rollback_set(request: Request, user: UserDep) -> dict[str, Any]:
+    require_role(user, Role.ADMIN)
+    with state_of(request).db.writing() as session:
+        row = rollback(session, user)
+    return {"default": row.name}
+
+
+@api.post("/model-jobs", status_code=202)
+def start_model_job(request: Request, user: UserDep) -> dict[str, Any]:
+    """Start "adapt from signed cases" (from the default set) in the background; poll
+    GET /api/model-jobs/{id} for its progress."""
+    require_role(user, Role.ADMIN)
+    job_id = state_of(request).jobs.start(user)
+    return _job(request, job_id)
+
+
+def _job(request: Request, job_id: int) -> dict[str, Any]:
+    with state_of(request).db.reading() as session:
+        job = session.get(ModelJob, job_id)
+        if job is None:
+            raise ReviewError(f"no model job {job_id}", status=404)
+        return job_dict(job)
+
+
+@api.get("/model-jobs/{job_id}")
+def model_job(request: Request, user: UserDep, job_id: Id) -> dict[str, Any]:
+    require_role(user, Role.ADMIN)
+    return _job(request, job_id)
+
+
+@api.get("/model-sets/audit")
+def model_audit_trail(request: Request, user: UserDep) -> list[dict[str, Any]]:
+    """Model-set events (promotions, roll backs, adapt jobs), oldest first; admins only."""
+    require_role(user, Role.ADMIN)
+    with state_of(request).db.reading() as session:
+        return [audit_dict(e) for e in session.scalars(
+            select(AuditEvent).where(MODEL_EVENT).options(selectinload(AuditEvent.user))
+            .order_by(AuditEvent.id))]
+
+
+class Reanalysis(BaseModel):
+    model_set: str = Field(max_length=64)
+
+
+@api.post("/cases/{case_id}/reanalyse", status_code=202)
+def reanalyse(request: Request, user: UserDep, case_id: Id, body: Reanalysis
+              ) -> dict[str, Any]:
+    """Analyse an open case's fields again with another model set (reviewers, admins):
+    the new calls replace the model's on matching cells; reviewed labels stay, and the
+    case then shows where the new model disagrees with them."""
+    _reanalyse(request, user, case_id, body.model_set)
+    return _case(request, case_id)
 
 
 @api.get("/taxonomy")

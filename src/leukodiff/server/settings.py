@@ -41,6 +41,12 @@ class Settings:
     login_max_failures: int = 5
     login_window_minutes: float = 15.0
     secret_key: str | None = field(default=None, repr=False)  # None: data_dir/secret_key
+    # Where the adapt job finds the base models' own training data to replay (None: the
+    # usual data roots, `data.root.data_roots`); a set missing there is left out, and said.
+    data_root: Path | None = None
+    # The adapt job's configuration (`models.AdaptJobConfig`: level-2 and detector
+    # overrides, detector on/off); None: the library's defaults, as `leukodiff adapt`.
+    adapt_job: dict | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -55,6 +61,12 @@ class Settings:
         return self.data_dir / "cache"
 
     @property
+    def models_dir(self) -> Path:
+        """Model sets adapted from the station's signed cases, one folder each (written
+        once, never overwritten or deleted)."""
+        return self.data_dir / "models"
+
+    @property
     def url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / DATABASE_FILE}"
 
@@ -66,7 +78,8 @@ class Settings:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             if created:  # a folder given to us that already existed keeps its mode
                 os.chmod(self.data_dir, PRIVATE_DIR)
-            for folder in (self.blob_dir, self.cache_dir, self.data_dir / "tmp"):
+            for folder in (self.blob_dir, self.cache_dir, self.data_dir / "tmp",
+                           self.models_dir):
                 private_dir(folder)
             if self.database_url is None:
                 self._private_database()

@@ -102,6 +102,37 @@ def case_of(file_name: str) -> str:
     return file_name.split("-")[0]
 
 
+def lab_cells(sources: Sequence[str], group_by: str = "prefix", data_root=None,
+              track: Track = no_progress, log: Callable[[str], None] = lambda m: None
+              ) -> list[Cell]:
+    """The lab's reviewed cells of the five types: each source a class-folder tree (as
+    `export-training` writes CELLS/TYPE/ACCESSION-fieldN-cellN.png; with `group_by`
+    "prefix" its cells are grouped by the case their file names, with "file" each image
+    is its own) or a data-set name. `leukodiff adapt` and the station's adapt job both
+    read their cells here. AdaptError names a source that is neither."""
+    from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, read_class_folders
+    from leukodiff.taxonomy import CellType
+
+    if group_by not in ("prefix", "file"):
+        raise AdaptError("group_by is 'prefix' or 'file'")
+    cells: list[Cell] = []
+    for source in sources:
+        if source in CELL_SOURCES or source in FIELD_SOURCES:
+            cells.extend(select_cells([source], [str(t) for t in CellType], data_root,
+                                      track)[0])
+            continue
+        root = Path(source)
+        if not root.is_dir():
+            raise AdaptError(f"--cells {source}: neither a folder nor a data set")
+        key = (lambda p, r=root: f"{r.name}:{case_of(p.name)}") if group_by == "prefix" \
+            else None
+        loaded = read_class_folders(root, source=root.name, group_key=key, track=track)
+        for skipped in loaded.skipped:
+            log(f"skipped {skipped.path}: {skipped.reason}")
+        cells.extend(loaded.records)
+    return cells
+
+
 def lab_split(cells: Sequence[Cell], held_out: float, seed: int) -> tuple[list[Cell], list[Cell]]:
     """(learn, held out) parts of the lab's cells, grouped by case/slide (`group_key`)."""
     split = monte_carlo(cells, repeats=1, train_fraction=1 - held_out, seed=seed,
@@ -278,12 +309,14 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
 def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = AdaptConfig(), *,
           bases: dict[str, str | Path] | None = None, force: bool = False, data_root=None,
           cells: Sequence[Cell] | None = None, track: Track = no_progress,
-          log: Callable[[str], None] = lambda m: None) -> dict:
+          log: Callable[[str], None] = lambda m: None, command: str | None = None) -> dict:
     """Adapt both level-2 models to the lab's cells (`lab_sources`: class-folder paths or
     data-set names; or `cells` given directly); write them to `out_dir` unless worse.
 
     Returns {task: {"before", "after", "cells", "seconds", "written"}}; raises AdaptError
     (too little to learn from) or AdaptRefused (worse on the held-out cells, not forced).
+    `command`: what the manifests record as the command (default: this process's
+    `leukodiff ...` command line; the station names its adapt job).
     """
     out_dir = Path(out_dir)
     bases = {task: (bases or {}).get(task, task) for task in TASKS}
@@ -317,7 +350,9 @@ def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = Adapt
         raise AdaptRefused(f"the adapted {' and '.join(worse)} model is worse on the lab's "
                            "held-out cells than the one it started from; nothing written "
                            "(--force writes it anyway)", results)
-    command = shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0] else ""
+    if command is None:
+        command = shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0] \
+            else ""
     for done in adapted:
         source = resolve(bases[done.task])
         manifest = {**done.manifest,

@@ -68,6 +68,35 @@ class DetectorAdaptConfig:
     seed: int = 0
 
 
+def lab_fields(sources: Sequence[str], group_by: str = "prefix", data_root=None,
+               track: Track = no_progress, log: Callable[[str], None] = lambda m: None
+               ) -> list[Field]:
+    """The lab's reviewed fields: each source a Pascal VOC folder (as `export-training`
+    writes fields/; with `group_by` "prefix" grouped by the case its file names) or a
+    data-set name. `leukodiff adapt` and the station's adapt job both read their fields
+    here. DetectorAdaptError names a source that is neither, or no fields at all."""
+    from leukodiff.data.sources import FIELD_SOURCES, load_fields
+    from leukodiff.data.sources.generic import read_voc
+    from leukodiff.training.adapt import case_of
+
+    fields: list[Field] = []
+    for source in sources:
+        if source in FIELD_SOURCES:
+            fields.extend(load_fields(source, data_root, track).records)
+            continue
+        root = Path(source)
+        if not root.is_dir():
+            raise DetectorAdaptError(f"--fields {source}: neither a folder nor a data set")
+        loaded = read_voc(root, source=root.name, track=track)
+        for skipped in loaded.skipped:
+            log(f"skipped {skipped.path}: {skipped.reason}")
+        fields.extend(replace(f, group_key=f"{root.name}:{case_of(f.image.name)}")
+                      if group_by == "prefix" else f for f in loaded.records)
+    if not fields:
+        raise DetectorAdaptError(f"no reviewed fields in {', '.join(sources)}")
+    return fields
+
+
 def split_by_case(fields: Sequence[Field], share: float, seed: int
                   ) -> tuple[list[Field], list[Field]]:
     """(rest, share) of the fields, grouped by case or slide (`group_key`); everything in
@@ -160,7 +189,8 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
                    ignore: dict[str, Sequence[Box]] | None = None, before: dict | None = None,
                    force: bool = False, data_root=None, threads: int | None = None,
                    track: Track = no_progress,
-                   log: Callable[[str], None] = lambda m: None) -> dict:
+                   log: Callable[[str], None] = lambda m: None,
+                   command: str | None = None) -> dict:
     """Fine-tune `base` on the lab's reviewed fields; write `out_dir/detector.pt` (+ ONNX)
     unless worse on the held-out fields (`held`, or a `config.held_out` share of the
     lab's cases). Returns {"before", "after", "fields", "threshold", "seconds", "written"}.
@@ -240,8 +270,9 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
                                f"(F1 {before['f1']:.3f} -> {adapted['f1']:.3f}); nothing "
                                "written (--force writes it anyway)", {"detector": result})
         model, trained_manifest = load_detector(trained)
-        command = shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0] \
-            else ""
+        if command is None:  # this process's `leukodiff ...` command line
+            command = shlex.join(["leukodiff", *sys.argv[1:]]) \
+                if "leukodiff" in sys.argv[0] else ""
         final = {**trained_manifest,
                  "architecture": {**trained_manifest["architecture"],
                                   "score_threshold": threshold},

@@ -230,7 +230,25 @@
     renderViewer();
     renderConfirmClass();
     renderHistory();
+    renderModels();
     if (document.activeElement !== $("target")) $("target").value = data.target_count;
+  }
+
+  // The model sets the case's fields were analysed with, and the reviewed cells the
+  // latest model call disagrees with (marked wherever the cell is shown).
+  function renderModels() {
+    if (!$("model-sets-used")) return;
+    $("model-sets-used").textContent = (data.model_sets || []).join(", ") || "none yet";
+    const n = data.disagreements || 0;
+    $("disagreements").hidden = !n;
+    $("disagreements").textContent = `The model disagrees with ${n} reviewed cell${n === 1 ? "" : "s"} (marked).`;
+    const calls = new Map();
+    for (const field of data.fields) for (const cell of field.cells) if (cell.disagrees) calls.set(String(cell.id), cell.model_label);
+    for (const node of document.querySelectorAll("[data-cell]")) {
+      const call = calls.get(node.dataset.cell);
+      node.classList.toggle("disagrees", call !== undefined);
+      if (call !== undefined && !node.title.includes("model says")) node.title += ` · model says ${NAMES[call] || call}`;
+    }
   }
 
   // A class's share: % of the WBC count, or per 100 WBC for those outside it (NRBC,

@@ -1,0 +1,370 @@
+"""Model sets in the station (issue #15, "in the station"), on the real app, database,
+models and shared data: the registry and its admin page, every analysis recording its set
+(case, audit trail, exports), "adapt from signed cases" as a background job (refused with
+the library's reasons, then a new set with before/after figures), promote and roll back,
+and re-analysis with another set keeping reviewed labels and showing disagreements.
+
+The adapt job runs the library's code with a small configuration (2 epochs, 6 replay cells
+per type, level-2 models only: the detector's adaptation takes minutes on 2 CPU cores and
+is covered by tests/test_adapt_detector.py); PBC cell images stand in for a lab's fields.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from station_helpers import FIELDS, all_cells, upload, wait_analysed
+from test_server_api import _alembic
+
+from leukodiff.models.files import sha256_of, shipped
+from leukodiff.server.models import ROLES, set_digest
+
+ADAPT_JOB = {"level2": {"epochs": 2, "replay_per_class": 6, "batch_size": 16},
+             "detector": False}
+# 4 cases ("slides") of 4 lymphocytes and 3 monocytes each, one cell image a field.
+PER_CASE = {"lymphocyte": 4, "monocyte": 3}
+CASES = 4
+
+
+def form_token(page: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+
+def shipped_digest() -> str:
+    return set_digest({role: {"sha256": sha256_of(shipped(role))} for role in ROLES})
+
+
+def new_case(client, accession: str, target: int = 10) -> dict:
+    response = client.post("/api/cases", json={"accession": accession, "target_count": target})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def sign(reviewer, case_id: int) -> dict:
+    case = reviewer.get(f"/api/cases/{case_id}").json()
+    response = reviewer.post(f"/api/cases/{case_id}/sign-off",
+                             json={"revision": case["revision"], "reason": "test sample"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_job(client, job_id: int, timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/model-jobs/{job_id}").json()
+        if not job["running"]:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"model job {job_id} still running after {timeout} s")
+
+
+def pbc_cells(shared_data: Path) -> dict[str, list[Path]]:
+    return {label: sorted((shared_data / "pbc" / label).glob("*.jpg"))[:CASES * n]
+            for label, n in PER_CASE.items()}
+
+
+def reviewed_lab_case(tech, accession: str, images: list[tuple[Path, str]]) -> dict:
+    """A case of PBC images, one field each, whose one cell a person names: the detection
+    nearest the middle relabelled (or confirmed) as the image's type, the others deleted,
+    or a box drawn in the middle when nothing was found. Every cell is reviewed."""
+    case = new_case(tech, accession)
+    for path, _ in images:
+        assert upload(tech, case["id"], path).status_code == 200
+    case = wait_analysed(tech, case["id"], timeout=120)
+    truth = {p.name: label for p, label in images}
+    for field in case["fields"]:
+        label = truth[field["name"]]
+        middle = (field["width"] / 2, field["height"] / 2)
+        cells = sorted(field["cells"], key=lambda c: abs((c["box"][0] + c["box"][2]) / 2
+                                                         - middle[0])
+                       + abs((c["box"][1] + c["box"][3]) / 2 - middle[1]))
+        if cells:
+            keep, *rest = cells
+            response = tech.patch(f"/api/cases/{case['id']}/cells/{keep['id']}",
+                                  json={"label": label, "version": keep["version"]})
+            assert response.status_code == 200, response.text
+            for cell in rest:
+                assert tech.delete(f"/api/cases/{case['id']}/cells/{cell['id']}",
+                                   params={"version": cell["version"]}).status_code == 200
+        else:
+            w, h = field["width"], field["height"]
+            response = tech.post(f"/api/cases/{case['id']}/cells", json={
+                "field_id": field["id"], "box": [w * .25, h * .25, w * .75, h * .75],
+                "label": label})
+            assert response.status_code == 201, response.text
+    return tech.get(f"/api/cases/{case['id']}").json()
+
+
+def test_registry_lists_shipped_and_the_models_page_is_for_admins(station) -> None:
+    tech = station.client("tess")
+    reviewer = station.client("rita", "reviewer")
+    admin = station.client("ada", "admin")
+    sets = tech.get("/api/model-sets").json()
+    assert [(s["name"], s["source"], s["is_default"]) for s in sets] == [
+        ("shipped", "shipped", True)]
+    assert sets[0]["sha256"] == shipped_digest()
+    assert {role: f["sha256"] for role, f in sets[0]["files"].items()} == {
+        role: sha256_of(shipped(role)) for role in ROLES}
+    for client in (tech, reviewer):
+        assert client.get("/admin/models").status_code == 403
+        assert client.post("/api/model-jobs").status_code == 403
+        assert client.post("/api/model-sets/shipped/promote").status_code == 403
+        assert client.post("/api/model-sets/rollback").status_code == 403
+        assert 'href="/admin/models"' not in client.get("/").text
+    page = admin.get("/admin/models")
+    assert page.status_code == 200 and 'data-set="shipped"' in page.text
+    assert "validation macro-F1" in page.text  # the shipped models' own figures
+    assert 'href="/admin/models"' in admin.get("/").text
+    # Forms need the CSRF token; nothing to roll back yet; the shipped set is the default.
+    no_token = admin.post("/admin/models/rollback", headers={"X-CSRF-Token": ""},
+                          data={"csrf_token": "wrong"})
+    assert no_token.status_code == 403
+    refused = admin.post("/admin/models/rollback", data={"csrf_token": form_token(page.text)})
+    assert refused.status_code == 409 and "nothing to roll back" in refused.text
+    assert admin.post("/api/model-sets/shipped/promote").status_code == 409
+    assert admin.post("/api/model-sets/nothing/promote").status_code == 404
+
+
+def test_each_analysis_records_its_model_set_and_exports_name_it(station, bccd: Path) -> None:
+    tech = station.client("tess")
+    reviewer = station.client("rita", "reviewer")
+    case = new_case(tech, "SET-1")
+    assert upload(tech, case["id"], bccd / FIELDS[0]).status_code == 200
+    case = wait_analysed(tech, case["id"])
+    field = case["fields"][0]
+    assert (field["model_set"], field["model_set_sha256"]) == ("shipped", shipped_digest())
+    assert case["model_sets"] == ["shipped"] and case["disagreements"] == 0
+    analysis = [e for e in tech.get(f"/api/cases/{case['id']}/audit").json()
+                if e["action"] == "analysis"]
+    assert analysis[0]["after"]["model_set"] == "shipped"
+    assert analysis[0]["after"]["model_set_sha256"] == shipped_digest()
+    assert "Analysed with model set: <span id=\"model-sets-used\">shipped" in tech.get(
+        f"/cases/{case['id']}").text
+    for cell in all_cells(case):
+        if cell["label"] == "unidentified":
+            tech.patch(f"/api/cases/{case['id']}/cells/{cell['id']}",
+                       json={"label": "neutrophil", "version": cell["version"]})
+    sign(reviewer, case["id"])
+
+    rows = list(csv.DictReader(io.StringIO(
+        tech.get(f"/api/cases/{case['id']}/export.csv").text)))
+    assert rows and {(r["model_set"], r["model_set_sha256"]) for r in rows} == {
+        ("shipped", shipped_digest())}
+    exported = tech.get(f"/api/cases/{case['id']}/export.json").json()
+    assert exported["model_sets"] == ["shipped"]
+    assert exported["fields"][0]["model_set_sha256"] == shipped_digest()
+    assert "model set shipped" in exported["conclusion"]
+    bundle = tech.get(f"/api/cases/{case['id']}/fhir.json").json()
+    observations = [e["resource"] for e in bundle["entry"][1:]]
+    assert observations and all(o["resourceType"] == "Observation" for o in observations)
+    for observation in observations:
+        device = observation["contained"][0]
+        assert device["resourceType"] == "Device"
+        assert observation["device"]["reference"] == f"#{device['id']}"
+        assert device["version"][0]["value"] == shipped_digest()
+        assert device["deviceName"][0]["name"] == "leukodiff model set shipped"
+        assert "shipped" in observation["method"]["text"]
+
+
+def test_adapt_promote_analyse_roll_back_and_reanalyse(make_station, database_url, bccd: Path,
+                                                       shared_data: Path) -> None:
+    """The issue's loop: signed cases with people's labels -> adapt (first refused: one
+    case is too few) -> promote -> new analyses use the new set -> re-analyse an open case
+    with it (reviewed labels kept, disagreements shown) -> roll back."""
+    station = make_station(database_url, adapt_job=ADAPT_JOB)
+    tech = station.client("tess")
+    reviewer = station.client("rita", "reviewer")
+    admin = station.client("ada", "admin")
+    images = pbc_cells(shared_data)
+    lab = [[(images[label][c * n + i], label) for label, n in PER_CASE.items()
+            for i in range(n)] for c in range(CASES)]
+
+    # One signed case: the job starts, runs in the background and is refused with the
+    # library's reason, shown on the page; no set is made.
+    first = reviewed_lab_case(tech, "LAB-0", lab[0])
+    sign(reviewer, first["id"])
+    started = admin.post("/api/model-jobs")
+    assert started.status_code == 202, started.text
+    assert admin.get("/api/cases").status_code == 200  # requests are served meanwhile
+    job = wait_job(admin, started.json()["id"])
+    assert job["status"] == "refused", job
+    assert "at least two cases" in job["message"]
+    assert job["message"] in admin.get("/admin/models").text.replace("&#39;", "'")
+    assert [s["name"] for s in admin.get("/api/model-sets").json()] == ["shipped"]
+
+    for c in range(1, CASES):
+        sign(reviewer, reviewed_lab_case(tech, f"LAB-{c}", lab[c])["id"])
+    page = admin.get("/admin/models")
+    response = admin.post("/admin/models/adapt", data={"csrf_token": form_token(page.text)},
+                          follow_redirects=False)
+    assert response.status_code == 303
+    job_id = max(j["id"] for j in [admin.get(f"/api/model-jobs/{i}").json()
+                                   for i in range(1, 3)])
+    assert admin.post("/api/model-jobs").status_code in (202, 409)  # one job at a time
+    job = wait_job(admin, job_id)
+    assert job["status"] == "done", job
+    name = job["model_set"]
+    sets = {s["name"]: s for s in admin.get("/api/model-sets").json()}
+    adapted = sets[name]
+    assert adapted["source"] == "adapted" and adapted["base"] == "shipped"
+    assert adapted["created_by"] == "ada" and not adapted["is_default"]
+    mono = adapted["figures"]["mononuclear"]
+    assert 0 <= mono["before"]["macro_f1"] <= 1 and 0 <= mono["after"]["macro_f1"] <= 1
+    assert set(mono["after"]["recall"]) <= {"lymphocyte", "monocyte"}
+    assert adapted["figures"]["polymorphonuclear"] == {
+        "skipped": "no reviewed cells of this group"}
+    # Only the adapted model is new; the others are the base set's files, unchanged.
+    folder = station.settings.data_dir / "models" / name
+    assert adapted["files"]["mononuclear"] == {
+        "set": name, "file": "mononuclear.pt",
+        "sha256": sha256_of(folder / "mononuclear.pt")}
+    assert adapted["files"]["detector"]["set"] == "shipped"
+    assert adapted["files"]["polymorphonuclear"]["set"] == "shipped"
+    assert (folder / "mononuclear.onnx").exists()
+    manifest = json.loads((folder / "mononuclear.json").read_text())
+    assert manifest["adapted"]["command"] == f"review station adapt job {job_id} from shipped"
+    assert manifest["adapted"]["base"]["sha256"] == sha256_of(shipped("mononuclear"))
+    assert all(p.stat().st_mode & 0o777 == 0o400 for p in folder.iterdir())
+    page = admin.get("/admin/models").text
+    assert f'data-set="{name}"' in page and "macro-F1" in page and "ada" in page
+
+    # Promote (the page's form): new analyses run the adapted set and record it.
+    response = admin.post(f"/admin/models/{name}/promote",
+                          data={"csrf_token": form_token(page)}, follow_redirects=False)
+    assert response.status_code == 303
+    assert [s["name"] for s in admin.get("/api/model-sets").json() if s["is_default"]] == [name]
+    fresh = new_case(tech, "AFTER-1")
+    upload(tech, fresh["id"], lab[0][0][0], bccd / FIELDS[0])
+    fresh = wait_analysed(tech, fresh["id"], timeout=120)
+    assert {f["model_set"] for f in fresh["fields"]} == {name}
+    assert {f["model_set_sha256"] for f in fresh["fields"]} == {adapted["sha256"]}
+    trail = tech.get(f"/api/cases/{fresh['id']}/audit").json()
+    assert {e["after"]["model_set"] for e in trail if e["action"] == "analysis"} == {name}
+
+    # Roll back: the shipped set is the default again.
+    assert admin.post("/api/model-sets/rollback").json() == {"default": "shipped"}
+    older = new_case(tech, "ROLLED-1")
+    upload(tech, older["id"], bccd / FIELDS[1])
+    older = wait_analysed(tech, older["id"])
+    assert older["fields"][0]["model_set"] == "shipped"
+    events = [(e["action"], e["after"].get("model_set"))
+              for e in admin.get("/api/model-sets/audit").json()]
+    assert ("model_promote", name) in events and ("model_rollback", "shipped") in events
+    assert not any(e["action"].startswith("model_")
+                   for e in admin.get("/api/users/audit").json())
+
+    # Re-analyse an open case, analysed with the shipped set, whose cells a person named
+    # (some against the model's call): the labels stay, the new calls are recorded, and
+    # the case shows where the new model disagrees.
+    review_case = reviewed_lab_case(tech, "REVIEW-1", [(p, label) for p, label in lab[1]])
+    reviewed = {c["id"]: c["label"] for c in all_cells(review_case)}
+    right_before = sum(c["model_label"] == c["label"] for c in all_cells(review_case))
+    assert tech.post(f"/api/cases/{review_case['id']}/reanalyse",
+                     json={"model_set": name}).status_code == 403
+    assert reviewer.post(f"/api/cases/{review_case['id']}/reanalyse",
+                         json={"model_set": "nothing"}).status_code == 404
+    response = reviewer.post(f"/api/cases/{review_case['id']}/reanalyse",
+                             json={"model_set": name})
+    assert response.status_code == 202, response.text
+    again = wait_analysed(tech, review_case["id"], timeout=120)
+    assert {f["model_set"] for f in again["fields"]} == {name}
+    cells = {c["id"]: c for c in all_cells(again)}
+    for cell_id, label in reviewed.items():
+        assert cells[cell_id]["label"] == label and cells[cell_id]["reviewed"]
+    disagreeing = [c for c in cells.values() if c["reviewed"] and c["model_label"]
+                   and c["model_label"] not in (c["label"], "unidentified")]
+    assert again["disagreements"] == len(disagreeing)
+    assert all(c["disagrees"] == (c in disagreeing) for c in cells.values())
+    trail = tech.get(f"/api/cases/{review_case['id']}/audit").json()
+    assert [e["after"]["model_set"] for e in trail if e["action"] == "reanalyse"] == [name]
+    runs = [e["after"] for e in trail if e["action"] == "reanalysis"]
+    assert len(runs) == len(again["fields"]) and all(r["model_set"] == name for r in runs)
+    right = sum(c["model_label"] == reviewed.get(c["id"]) for c in cells.values())
+    print(f"cells of a signed case's images called right: shipped {right_before}, {name} "
+          f"{right} of {len(reviewed)}; {again['disagreements']} disagreements")
+
+    # A signed case is locked: no re-analysis.
+    assert reviewer.post(f"/api/cases/{first['id']}/reanalyse",
+                         json={"model_set": name}).status_code == 423
+
+
+def test_reanalysis_keeps_reviewed_labels_and_marks_disagreements(sqlite_station,
+                                                                  bccd: Path) -> None:
+    """Re-analysing with the shipped set itself: the same calls come back on the same cells,
+    the reviewed labels stay, each relabelled cell is a disagreement (marked on the page's
+    data), unreviewed cells keep following the model."""
+    tech = sqlite_station.client("tess")
+    reviewer = sqlite_station.client("rita", "reviewer")
+    case = new_case(tech, "RE-1")
+    upload(tech, case["id"], *(bccd / name for name in FIELDS))
+    case = wait_analysed(tech, case["id"])
+    cells = all_cells(case)
+    assert len(cells) >= 2
+    changed = cells[0]
+    other = "monocyte" if changed["model_label"] != "monocyte" else "lymphocyte"
+    tech.patch(f"/api/cases/{case['id']}/cells/{changed['id']}",
+               json={"label": other, "version": changed["version"]})
+    response = reviewer.post(f"/api/cases/{case['id']}/reanalyse",
+                             json={"model_set": "shipped"})
+    assert response.status_code == 202
+    again = wait_analysed(tech, case["id"])
+    after = {c["id"]: c for c in all_cells(again)}
+    assert set(after) == {c["id"] for c in cells}  # the same cells, matched
+    assert after[changed["id"]]["label"] == other and after[changed["id"]]["disagrees"]
+    assert after[changed["id"]]["model_label"] == changed["model_label"]
+    assert again["disagreements"] == 1
+    for cell in cells[1:]:
+        assert after[cell["id"]]["label"] == cell["label"] and not after[cell["id"]]["reviewed"]
+    assert all(f["pending_model_set"] is None and f["model_set"] == "shipped"
+               for f in again["fields"])
+
+
+@pytest.mark.usefixtures("bccd")
+def test_migration_0006_upgrades_a_0005_database(database_url, tmp_path: Path) -> None:
+    """A 0005 database with a field upgrades (no set recorded: the field was analysed
+    before sets were), takes a model set, and goes back down with the field intact."""
+    from sqlalchemy import text
+
+    from leukodiff.server.db import Database
+
+    db = Database(database_url or f"sqlite:///{tmp_path / 'old.sqlite3'}")
+    at = "'2026-11-30 10:00:00+00'"
+    try:
+        _alembic(db, "upgrade", "0005")
+        with db.engine.begin() as connection:
+            for statement in (
+                    "INSERT INTO users (id, username, password_hash, role, active, created_at, "
+                    f"session_epoch, must_change_password) VALUES (1, 'tess', 'h', "
+                    f"'technologist', true, {at}, 0, false)",
+                    "INSERT INTO cases (id, accession, status, target_count, revision, "
+                    f"created_at, created_by_id, version, amendments) VALUES (1, 'OLD-1', "
+                    f"'open', 100, 1, {at}, 1, 1, 0)",
+                    "INSERT INTO images (sha256, size_bytes, format, width, height, created_at)"
+                    f" VALUES ('{'a' * 64}', 10, 'JPEG', 640, 480, {at})",
+                    "INSERT INTO fields (id, case_id, image_sha256, original_name, status, "
+                    f"uploaded_at, uploaded_by_id, unlike_training, excluded) VALUES (1, 1, "
+                    f"'{'a' * 64}', 'f.jpg', 'done', {at}, 1, false, false)"):
+                connection.execute(text(statement))
+        _alembic(db, "upgrade", "head")
+        with db.engine.begin() as connection:
+            assert connection.execute(text(
+                "SELECT model_set, model_set_sha256, pending_model_set FROM fields")).one() \
+                == (None, None, None)
+            connection.execute(text(
+                "INSERT INTO model_sets (name, source, created_at, sha256, files, figures, "
+                f"is_default, retired) VALUES ('shipped', 'shipped', {at}, '{'b' * 64}', "
+                "'{}', '{}', true, false)"))
+            connection.execute(text("UPDATE fields SET model_set = 'shipped'"))
+        _alembic(db, "downgrade", "0005")
+        with db.engine.begin() as connection:
+            assert connection.execute(text("SELECT original_name FROM fields")).scalar_one() \
+                == "f.jpg"
+        _alembic(db, "upgrade", "head")
+    finally:
+        db.dispose()
