@@ -167,3 +167,33 @@ def test_adapt_command_prints_before_and_after_and_names_the_new_files(lab_folde
     assert manifest["adapted"]["cells"]["held_out_groups"] >= 1
     refused = CliRunner().invoke(app, ["adapt", "--out", str(out)])
     assert refused.exit_code == 1 and "--station" in refused.output
+
+
+def test_unidentified_threshold_recalibrated_on_the_lab_only_with_enough_cells(
+        lab_folder, tmp_path, shared_data, monkeypatch):
+    """28 reviewed cells leave a handful to validate on: the base model's threshold is
+    kept. Allowed to recalibrate on them, the adapted manifest carries the lab's own, and
+    the pipeline uses it."""
+    import leukodiff.training.adapt as adapt_module
+
+    adapt([str(lab_folder)], tmp_path / "kept", QUICK, cells=_lab_cells(lab_folder),
+          data_root=shared_data)
+    _, kept = load_classifier(tmp_path / "kept" / "mononuclear.pt")
+    _, base = load_classifier("mononuclear")
+    assert kept["adapted"]["recalibrated"] is False
+    assert kept["calibration"] == base["calibration"]
+    monkeypatch.setattr(adapt_module, "MIN_CALIBRATION_CELLS", 1)
+    adapt([str(lab_folder)], tmp_path / "lab", QUICK, cells=_lab_cells(lab_folder),
+          data_root=shared_data)
+    _, lab = load_classifier(tmp_path / "lab" / "mononuclear.pt")
+    assert lab["adapted"]["recalibrated"] is True
+    assert lab["calibration"]["on"].startswith("the lab's validation cases")
+    assert 0 <= lab["calibration"]["threshold"] <= 1
+    assert lab["calibration"]["validation_cells"] == sum(lab["adapted"]["cells"]["validation"]
+                                                         .values())
+    with Analyzer.load(mononuclear=tmp_path / "lab" / "mononuclear.pt",
+                       backend="onnx") as analyzer:
+        from leukodiff.taxonomy import Group
+
+        assert analyzer.classifiers[Group.MONONUCLEAR].threshold == pytest.approx(
+            lab["calibration"]["threshold"])

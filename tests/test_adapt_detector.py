@@ -22,7 +22,8 @@ from leukodiff.training.adapt_detector import (
     detection_scores,
 )
 
-QUICK = DetectorAdaptConfig(epochs=1, min_replay=4, replay_per_field=0.5, min_fields=4)
+QUICK = DetectorAdaptConfig(epochs=1, min_replay=4, replay_per_field=0.5, min_fields=4,
+                            group_epochs=1, group_pbc_per_type=4)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,8 +47,11 @@ def test_adapted_detector_is_written_with_its_before_and_after(lab_fields, tmp_p
         scores = result[name]
         assert scores["fields"] == 6 and scores["truth"] >= 6
         assert 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
+        assert 0 <= scores["group_accuracy"] <= 1
     _, manifest = load_detector(tmp_path / "set" / "detector.pt")
     adapted = manifest["adapted"]
+    group = manifest["training"]["group_classifier"]  # its epoch 0 (as it came) competed
+    assert group["history"][0]["epoch"] == 0 and 0 <= group["best_epoch"] <= QUICK.group_epochs
     assert adapted["base"]["sha256"] == sha256_of(shipped("detector"))
     assert adapted["fields"] == result["fields"] and adapted["forced"] in (True, False)
     assert manifest["architecture"]["score_threshold"] == result["threshold"]

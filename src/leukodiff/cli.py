@@ -860,13 +860,14 @@ def _print_detector_adaptation(result: dict) -> None:
 
     table = Table(title=f"detector on {result['fields']['held_out']} held-out fields of "
                   "your lab: before -> after adaptation")
-    for column in ("", "white cells", "found", "false", "precision", "recall", "threshold"):
+    for column in ("", "white cells", "found", "false", "precision", "recall",
+                   "group right", "threshold"):
         table.add_column(column)
     for name in ("before", "after"):
         row = result[name]
         table.add_row(name, str(row["truth"]), str(row["found"]), str(row["false"]),
                       f"{row['precision']:.3f}", f"{row['recall']:.3f}",
-                      f"{row['threshold']:.2f}")
+                      f"{row.get('group_accuracy', 0):.3f}", f"{row['threshold']:.2f}")
     console.print(table)
 
 

@@ -134,12 +134,15 @@ def test_review_sign_off_and_exports(station, bccd: Path) -> None:
 
 def test_fields_unlike_the_training_labs_are_flagged_through_to_the_report(
         sqlite_station, bccd, shared_data) -> None:
-    """A BCD tile (a lab the shipped models never saw) beside a BCCD field: the case says
-    "review every cell", and the signed FHIR report's conclusion carries the warning."""
+    """A PBC image (Barcelona: a lab, camera and crop the shipped detector never saw) beside
+    a BCCD field: the case says "review every cell", and the signed FHIR report's
+    conclusion carries the warning."""
+    from leukodiff.data.sources import load_cells
+
     tech = sqlite_station.client("tess", "technologist")
     reviewer = sqlite_station.client("rita", "reviewer")
     case = new_case(tech, "FOREIGN-1")
-    tile = sorted((shared_data / "bcd" / "images").glob("*.png"))[0]
+    tile = sorted(c.image for c in load_cells("pbc", shared_data).records)[0]
     assert upload(tech, case["id"], bccd / FIELDS[0], tile).status_code == 200
     case = wait_analysed(tech, case["id"])
     flags = {f["name"]: f["unlike_training"] for f in case["fields"]}

@@ -38,7 +38,7 @@ from leukodiff.data.records import Cell
 from leukodiff.data.root import DataNotFoundError
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import holdout, monte_carlo
-from leukodiff.evaluation.metrics import classification_metrics
+from leukodiff.evaluation.metrics import calibrate_confidence, classification_metrics
 from leukodiff.models.export import export_classifier
 from leukodiff.models.files import read_checked, resolve
 from leukodiff.models.io import load_classifier, save_model
@@ -92,6 +92,14 @@ class Adapted:
     after: dict
     cells: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # the "unidentified" threshold recalibrated on the lab's validation cells (None: too
+    # few to trust, the base model's kept)
+    calibration: dict | None = None
+
+
+#: Validation cells needed to recalibrate the "unidentified" threshold on a lab: with fewer,
+#: one wrong call among the most confident would flag every cell (or none) as unidentified.
+MIN_CALIBRATION_CELLS = 30
 
 
 def case_of(file_name: str) -> str:
@@ -297,13 +305,22 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
         log(f"{task}: epoch {best[1]} chosen on {len(val)} validation cells"
             + (" (the base model: no epoch beat it)" if best[1] == 0 else ""))
     after = measure(model, test_x, test_y, classes)
+    calibration = None
+    if len(val) >= MIN_CALIBRATION_CELLS:
+        calibration = {**calibrate_confidence(predict_logits(model, val_x).softmax(1).numpy(),
+                                              val_y.tolist()),
+                       "on": "the lab's validation cases (leukodiff adapt)"}
+        log(f"{task}: unidentified below confidence {calibration['threshold']:.3f} on the "
+            f"lab's {len(val)} validation cells (was "
+            f"{manifest.get('calibration', {}).get('threshold', 0.0):.3f})")
     cells = {"learnt": dict(sorted(Counter(str(c.cell_type) for c in fit).items())),
              "validation": dict(sorted(Counter(str(c.cell_type) for c in val).items())),
              "held_out": dict(sorted(Counter(str(c.cell_type) for c in held).items())),
              "replay": dict(sorted(Counter(str(c.cell_type) for c in replay).items())),
              "held_out_groups": len({c.group_key for c in held}),
              "best_epoch": best[1], "history": history}
-    return Adapted(task, model, manifest, before, after, cells, time.perf_counter() - started)
+    return Adapted(task, model, manifest, before, after, cells, time.perf_counter() - started,
+                   calibration)
 
 
 def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = AdaptConfig(), *,
@@ -356,7 +373,9 @@ def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = Adapt
     for done in adapted:
         source = resolve(bases[done.task])
         manifest = {**done.manifest,
-                    "adapted": {"base": {"model": str(source), "sha256": done.manifest["sha256"]},
+                    "calibration": done.calibration or done.manifest.get("calibration", {}),
+                    "adapted": {"recalibrated": done.calibration is not None,
+                                "base": {"model": str(source), "sha256": done.manifest["sha256"]},
                                 "lab": [str(s) for s in lab_sources],
                                 "config": asdict(config), "cells": done.cells,
                                 "before": done.before, "after": done.after,

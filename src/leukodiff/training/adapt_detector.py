@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from leukodiff.data.records import Box, Field
-from leukodiff.data.root import DataNotFoundError
+from leukodiff.data.root import DataNotFoundError, has_dataset
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import monte_carlo
 from leukodiff.imaging import load_image
@@ -65,6 +65,11 @@ class DetectorAdaptConfig:
     held_out: float = 0.3  # share of the lab's cases/slides measured before and after
     validation: float = 0.25  # share of the learning cases: epoch and threshold
     min_fields: int = 4  # fewer reviewed fields to learn from: refused
+    # the group classifier: the reviewed fields' typed cells (+ replay fields' and a few PBC
+    # cells per type), kept only when it beats the one it came with on the lab's val cells
+    group_epochs: int = 3
+    group_lr: float = 1e-4
+    group_pbc_per_type: int = 100
     seed: int = 0
 
 
@@ -149,13 +154,16 @@ def detection_scores(detections: Sequence, fields: Sequence[Field], threshold: f
     """Precision, recall, F1 (IoU 0.5), AP50 and the counts behind them at `threshold`."""
     from leukodiff.evaluation.detector import detection_metrics
 
-    wbc = detection_metrics(detections, fields, score_threshold=threshold,
-                            ignore=ignore)["wbc"]
+    metrics = detection_metrics(detections, fields, score_threshold=threshold, ignore=ignore)
+    wbc = metrics["wbc"]
     precision, recall = wbc["precision"] or 0.0, wbc["recall"] or 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    matched = metrics["matched"]
     return {"threshold": threshold, "precision": precision, "recall": recall, "f1": f1,
             "ap50": wbc["ap50"], "truth": wbc["truth"], "found": wbc["found"],
-            "false": wbc["false"], "fields": len(fields)}
+            "false": wbc["false"], "fields": len(fields),
+            # of the found cells whose group the truth names, the share grouped right
+            "group_accuracy": matched["group_accuracy"]}
 
 
 def best_threshold(detections: Sequence, fields: Sequence[Field], default: float,
@@ -234,7 +242,12 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
     recipe = replace(base_config, init_weights=str(base_path), epochs=config.epochs,
                      lr=config.lr, batch_size=config.batch_size,
                      frozen_blocks=config.frozen_blocks, warmup_steps=0, val_every=1,
-                     group_epochs=0, pbc_paste=0.0, mono_oversample=1, seed=config.seed,
+                     group_epochs=config.group_epochs if val else 0,
+                     group_lr=config.group_lr,
+                     # PBC's cells replay the five types when this machine has them
+                     group_pbc_per_type=(config.group_pbc_per_type
+                                         if has_dataset("pbc", data_root) else 0),
+                     pbc_paste=0.0, mono_oversample=1, seed=config.seed,
                      max_train_fields=0, max_val_fields=0)
     # no lab validation fields (one learning case): the replay part stands in for them
     data = DetectorData(train=fit + replay, val=val or replay[: config.min_replay], test=[])

@@ -924,7 +924,8 @@ def train_group_classifier(model, config: DetectorConfig, data: DetectorData, ou
                            device: torch.device, data_root=None, track: Track = no_progress,
                            log: Callable[[str], None] = lambda m: None) -> dict:
     """Fine-tune `model.group_classifier` on the training fields' cells (+ PBC cells); keep
-    the epoch with the best balanced accuracy on the validation fields' cells.
+    the epoch with the best balanced accuracy on the validation fields' cells (when
+    fine-tuning from `init_weights`, the classifier as it came is a candidate too).
 
     Runs after the detector's epochs; its result is `group.pt` in `out_dir`, reused when
     a resumed run finds it (the phase takes minutes, so it restarts rather than resumes).
@@ -966,6 +967,12 @@ def train_group_classifier(model, config: DetectorConfig, data: DetectorData, ou
                             "polymorphonuclear (train)": int((train_y == 1).sum())},
                   "geometry": asdict(geometry), "history": []}
     best, best_state = (-1.0, -math.inf), None
+    if config.init_weights:  # fine-tuning: the classifier it starts from must be beaten
+        val = _group_eval(classifier, val_x, val_y, device)
+        best, info["best_epoch"] = (val["balanced_accuracy"], -val["loss"]), 0
+        best_state = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
+        info["history"].append({"epoch": 0, "val": val})
+        log(f"group classifier as it came: val accuracy {val['accuracy']:.3f}")
     for epoch in range(1, config.group_epochs + 1):
         classifier.train()
         start, total, seen = time.perf_counter(), 0.0, 0
