@@ -11,7 +11,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from station_helpers import FIELDS, PASSWORD, login, upload, wait_analysed
 
-PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/health")}
+# the style sheet and scripts are public: the sign-in page uses them (no secret in them)
+PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/health"), ("GET", "/static/{name}")}
 
 
 def routes(app) -> list[tuple[str, str]]:
@@ -22,7 +23,8 @@ def routes(app) -> list[tuple[str, str]]:
 
 
 def test_anonymous_refused_on_every_route(sqlite_station) -> None:
-    """Every route but login and health refuses a request without a session."""
+    """Every route but login, health and the static files refuses a request without a
+    session."""
     app = sqlite_station.app
     assert {route.__class__ for route in app.routes} == {APIRoute}, "no unchecked mounts"
     anonymous = TestClient(app)
@@ -303,3 +305,23 @@ def test_password_change_page_and_api(sqlite_station) -> None:
     case = admin.post("/api/cases", json={"accession": "ACC-1", "target_count": 100}).json()
     trail = admin.get(f"/api/cases/{case['id']}/audit").json()
     assert [e["action"] for e in trail] == ["create_case"]
+
+
+def test_sign_in_page_links_the_style_sheet_and_pages_show_local_times(sqlite_station) -> None:
+    """The sign-in page once inlined app.css through Jinja's autoescape (`>` became `&gt;`,
+    breaking rules): it now links the public style sheet. Times the server writes in UTC
+    are <time datetime> elements that local-time.js shows in the browser's zone."""
+    anonymous = TestClient(sqlite_station.app)
+    page = anonymous.get("/login")
+    assert '<link rel="stylesheet" href="/static/app.css">' in page.text
+    assert "&gt;" not in page.text.split("<main>")[0]
+    for name, kind in (("app.css", "text/css"), ("local-time.js", "text/javascript")):
+        served = anonymous.get(f"/static/{name}")
+        assert served.status_code == 200 and served.headers["content-type"].startswith(kind)
+    tech = sqlite_station.client("tess")
+    tech.post("/api/cases", json={"accession": "TIME-1"})
+    cases = tech.get("/").text
+    assert '<script src="/static/local-time.js" defer></script>' in cases
+    created = re.search(r'<time datetime="([^"]+)">[^<]+ UTC</time>', cases)
+    assert created and created.group(1).endswith("+00:00")
+    assert re.search(r'class="dot" style="background:#[0-9a-f]{6}"', cases)

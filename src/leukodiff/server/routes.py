@@ -77,7 +77,8 @@ from leukodiff.taxonomy import REVIEW_CLASSES, review_taxonomy
 THUMBNAIL = 128
 CROP_MAX = 384  # the hover enlargement's crops
 IMAGE_CACHE = "private, max-age=86400"  # field views and crops never change for an id
-STATIC = {"app.css": "text/css", "app.js": "text/javascript"}
+STATIC = {"app.css": "text/css", "app.js": "text/javascript",
+          "local-time.js": "text/javascript"}
 # Row ids are Integer columns: 32-bit on PostgreSQL ("integer out of range" beyond) and
 # 64-bit rowids on SQLite (OverflowError beyond), both a 500 once sent to the database.
 # No row can have an id outside the narrower, 32-bit range (SQLite would need 2**31 rows),
@@ -122,9 +123,8 @@ def login_form(request: Request) -> Response:
 def _login_page(request: Request, message: str | None, status: int = 200,
                 username: str = "") -> Response:
     """The sign-in form; after a failed try it keeps the username typed (never the password)."""
-    css = (PACKAGE / "static" / "app.css").read_text()
     return state_of(request).templates.TemplateResponse(
-        request, "login.html", {"csrf": csrf_token(request), "message": message, "css": css,
+        request, "login.html", {"csrf": csrf_token(request), "message": message,
                                 "username": username}, status_code=status)
 
 
@@ -258,8 +258,10 @@ def _accounts_page(request: Request, user: User, message: str | None, status: in
         rows = [{"username": u.username, "role": u.role, "active": u.active,
                  "must_change": u.must_change_password, "self": u.id == user.id,
                  "created": f"{u.created_at:%Y-%m-%d %H:%M}",
+                 "created_iso": u.created_at.isoformat(),
                  "last_login": f"{u.last_login_at:%Y-%m-%d %H:%M}" if u.last_login_at
-                 else "never"}
+                 else "never",
+                 "last_login_iso": u.last_login_at.isoformat() if u.last_login_at else ""}
                 for u in users]
         events = session.scalars(select(AuditEvent).where(ACCOUNT_EVENT)
                                  .options(selectinload(AuditEvent.user))
@@ -432,12 +434,14 @@ def _cases_page(request: Request, user: User, message: str | None, status: int =
         cases = session.scalars(select(Case).options(selectinload(Case.fields))
                                 .order_by(Case.created_at.desc())).all()
         rows = [{"id": c.id, "accession": c.accession, "status": c.status,
-                 "fields": len(c.fields), "created": f"{c.created_at:%Y-%m-%d %H:%M}"}
+                 "fields": len(c.fields), "created": f"{c.created_at:%Y-%m-%d %H:%M}",
+                 "created_iso": c.created_at.isoformat()}
                 for c in cases]
         adaptation = review.adaptation_progress(session)
     return state.templates.TemplateResponse(
         request, "cases.html", {"user": user, "cases": rows, "csrf": csrf_token(request),
                                 "message": message, "adaptation": adaptation,
+                                "colours": {c.name: c.colour for c in REVIEW_CLASSES},
                                 "form": form or {"accession": "", "target_count": 100}},
         status_code=status)
 
@@ -474,7 +478,7 @@ def case_page(request: Request, user: UserDep, case_id: Id) -> Response:
                                "max_mb": state.settings.max_upload_bytes // (1024 * 1024)})
 
 
-@pages.get("/static/{name}")
+@public.get("/static/{name}")  # public: the sign-in page uses the same style sheet
 def static_file(name: str) -> Response:
     if name not in STATIC:  # a fixed list: no path from the request reaches the filesystem
         raise ReviewError("no such file", status=404)
