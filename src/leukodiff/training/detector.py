@@ -945,6 +945,13 @@ def train_group_classifier(model, config: DetectorConfig, data: DetectorData, ou
     bccd_cells, bccd_targets = group_cells(data.train)
     pbc_cells, pbc_targets = _pbc_cells(config.group_pbc_per_type, config.seed, data_root, track)
     val_cells, val_targets = group_cells(data.val)
+    if not val_cells:
+        if config.init_weights:  # fine-tuning with nothing to choose on: keep what came
+            log("group classifier: no validation cell of a known group; kept as it came")
+            return {"trained": False, "weights": config.init_weights,
+                    "reason": "no validation cell of a known group"}
+        raise DetectorTrainingError("the group classifier needs validation cells of a "
+                                    "known group; the validation fields have none")
     train_x = load_cell_tensors(bccd_cells + pbc_cells, geometry, track)
     train_y = torch.tensor(bccd_targets + pbc_targets)
     val_x, val_y = load_cell_tensors(val_cells, geometry, track), torch.tensor(val_targets)
