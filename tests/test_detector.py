@@ -12,8 +12,9 @@ from PIL import Image
 from leukodiff.data.crops import cell_batch
 from leukodiff.data.records import Box
 from leukodiff.data.sources import load_fields
-from leukodiff.evaluation.detector import detection_metrics, match, scale_between
+from leukodiff.evaluation.detector import scale_between
 from leukodiff.imaging import load_image
+from leukodiff.metrics.detection import detection_metrics, match
 from leukodiff.models.detector import (
     Detections,
     DetectorSpec,

@@ -160,7 +160,7 @@ def test_unknown_source_is_a_clear_error(tmp_path):
 def test_confidence_calibration_keeps_the_target_accuracy():
     import numpy as np
 
-    from leukodiff.evaluation.metrics import calibrate_confidence
+    from leukodiff.metrics.classification import calibrate_confidence
 
     # 8 confident right answers, then 2 unsure wrong ones: flag the unsure ones
     probs = np.array([[0.99, 0.01]] * 8 + [[0.6, 0.4], [0.55, 0.45]])

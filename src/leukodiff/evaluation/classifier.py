@@ -13,7 +13,7 @@ from rich.table import Table
 from leukodiff.data.records import Cell
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import holdout
-from leukodiff.evaluation.metrics import plot_confusion
+from leukodiff.evaluation.figures import plot_confusion
 from leukodiff.models.io import load_classifier
 from leukodiff.training.cells import load_cell_tensors
 from leukodiff.training.classifier import (

@@ -45,10 +45,10 @@ from leukodiff.data.root import has_dataset
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells, load_fields
 from leukodiff.data.sources.unboxed import unboxed_white_cells
-from leukodiff.evaluation.detector import detection_metrics
-from leukodiff.evaluation.metrics import classification_metrics
 from leukodiff.evaluation.pipeline import match_truth
 from leukodiff.imaging import load_image
+from leukodiff.metrics.classification import classification_metrics
+from leukodiff.metrics.detection import detection_metrics
 from leukodiff.models.detector import DetectorSpec
 from leukodiff.models.export import export_classifier, export_detector
 from leukodiff.models.files import shipped

@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 
 from leukodiff.data.records import Cell
 from leukodiff.data.splits import Split, holdout
-from leukodiff.evaluation.metrics import classification_metrics
+from leukodiff.metrics.classification import classification_metrics
 from leukodiff.models.mobilenet import MobileNetClassifier, keras_parameter_counts
 from leukodiff.taxonomy import CELL_TYPES_OF, Group
 from leukodiff.training.classifier import (

@@ -29,7 +29,7 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells, load_fields
 from leukodiff.data.splits import monte_carlo
 from leukodiff.evaluation.detector import evaluate_detector
-from leukodiff.evaluation.metrics import classification_metrics, plot_confusion
+from leukodiff.evaluation.figures import plot_confusion
 from leukodiff.evaluation.pipeline import evaluate_bccd_test
 from leukodiff.evaluation.protocols import (
     FIVE_CLASS_TASKS,
@@ -52,6 +52,7 @@ from leukodiff.evaluation.protocols import (
     two_level_runs,
 )
 from leukodiff.evaluation.provenance import Provenance, trace_kbc
+from leukodiff.metrics.classification import classification_metrics
 from leukodiff.pipeline import Analyzer
 from leukodiff.training.cells import CropGeometry, load_cell_tensors
 

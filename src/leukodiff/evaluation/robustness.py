@@ -30,9 +30,9 @@ from leukodiff.data.crops import square_input
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
 from leukodiff.evaluation.classifier import held_out_cells
-from leukodiff.evaluation.metrics import classification_metrics
 from leukodiff.evaluation.pipeline import evaluate_end_to_end
 from leukodiff.imaging import load_image
+from leukodiff.metrics.classification import classification_metrics
 from leukodiff.pipeline import Analyzer
 from leukodiff.taxonomy import Group
 

@@ -38,7 +38,7 @@ from leukodiff.data.records import Cell
 from leukodiff.data.root import DataNotFoundError
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import holdout, monte_carlo
-from leukodiff.evaluation.metrics import calibrate_confidence, classification_metrics
+from leukodiff.metrics.classification import calibrate_confidence, classification_metrics
 from leukodiff.models.export import export_classifier
 from leukodiff.models.files import read_checked, resolve
 from leukodiff.models.io import load_classifier, save_model

@@ -134,7 +134,7 @@ def replay_fields(base_config: DetectorConfig, count: int, seed: int, data_root=
 def detect_fields(detector: str | Path, fields: Sequence[Field], threads: int | None = None,
                   track: Track = no_progress, description: str = "Detecting") -> list:
     """(boxes, labels, scores) of every field down to 0.05, through the shipped pipeline
-    (onnxruntime), as `evaluation.detector.detection_metrics` takes them."""
+    (onnxruntime), as `metrics.detection.detection_metrics` takes them."""
     import torch
 
     from leukodiff.pipeline import Analyzer
@@ -152,7 +152,7 @@ def detect_fields(detector: str | Path, fields: Sequence[Field], threads: int | 
 def detection_scores(detections: Sequence, fields: Sequence[Field], threshold: float,
                      ignore: dict[str, Sequence[Box]] | None = None) -> dict:
     """Precision, recall, F1 (IoU 0.5), AP50 and the counts behind them at `threshold`."""
-    from leukodiff.evaluation.detector import detection_metrics
+    from leukodiff.metrics.detection import detection_metrics
 
     metrics = detection_metrics(detections, fields, score_threshold=threshold, ignore=ignore)
     wbc = metrics["wbc"]

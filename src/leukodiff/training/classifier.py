@@ -31,8 +31,8 @@ from leukodiff.data.records import Cell
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, load_cells, read_class_folders
 from leukodiff.data.splits import holdout
-from leukodiff.evaluation.metrics import calibrate_confidence, classification_metrics
 from leukodiff.imaging import STAIN_NORMALISATIONS
+from leukodiff.metrics.classification import calibrate_confidence, classification_metrics
 from leukodiff.models.io import save_model
 from leukodiff.models.mobilenet import MobileNetClassifier
 from leukodiff.models.tflite import load_imagenet_backbone

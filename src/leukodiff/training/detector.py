@@ -72,8 +72,8 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells, load_fields
 from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.data.splits import holdout, monte_carlo
-from leukodiff.evaluation.detector import detection_metrics
 from leukodiff.imaging import STAIN_NORMALISATIONS, lab_to_srgb, load_image, srgb_to_lab
+from leukodiff.metrics.detection import detection_metrics
 from leukodiff.models.detector import (
     CLASSES,
     LABEL_OF,

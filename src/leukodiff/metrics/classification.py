@@ -1,13 +1,13 @@
-"""Classification metrics as the paper reports them, from scikit-learn.
+"""Classification metrics as the paper reports them (scikit-learn), and the confidence
+calibration that sets a classifier's "unidentified" threshold.
 
-A leaf module (numpy, scikit-learn, matplotlib only) so that training can use
-it for validation without importing the rest of evaluation.
+Numbers only (numpy, scikit-learn): training validates with them, evaluation reports
+them; the figures drawn from them are in `evaluation.figures`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
@@ -43,29 +43,6 @@ def classification_metrics(
         "confusion": matrix.tolist(),
         "classes": list(classes),
     }
-
-
-def plot_confusion(metrics: dict, path: Path, title: str = "") -> Path:
-    """Save the confusion matrix (counts, rows = truth) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    classes = metrics["classes"]
-    figure, axes = plt.subplots(figsize=(1.6 + 1.1 * len(classes), 1.2 + 1.0 * len(classes)))
-    ConfusionMatrixDisplay(np.array(metrics["confusion"]), display_labels=classes).plot(
-        ax=axes, cmap="Blues", colorbar=False, values_format="d"
-    )
-    axes.set_title(title or f"accuracy {metrics['accuracy']:.3f}, macro-F1 "
-                   f"{metrics['macro_f1']:.3f} (n={metrics['n']})", fontsize=9)
-    plt.setp(axes.get_xticklabels(), rotation=30, ha="right")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
 
 
 def calibrate_confidence(
