@@ -15,7 +15,7 @@ around them is numpy, shared by both, so no torch is needed for inference.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -215,6 +215,19 @@ class Differential:
     identified: int
     fields: int
     unlike_training: int = 0  # fields that look unlike the training labs
+
+    @classmethod
+    def of_counts(cls, counts: Mapping[str, int], fields: int,
+                  unlike_training: int = 0) -> Differential:
+        """The differential of cells counted per label (every type and "unidentified"
+        filled in), over `fields` fields: how a run accumulates it field by field,
+        without keeping the fields' results."""
+        counts = {**{str(t): 0 for t in CellType}, UNIDENTIFIED: 0, **counts}
+        identified = sum(n for label, n in counts.items() if label != UNIDENTIFIED)
+        percentages = {str(t): 100.0 * counts[str(t)] / identified if identified else 0.0
+                       for t in CellType}
+        return cls(counts, percentages, sum(counts.values()), identified, fields,
+                   unlike_training)
 
     @property
     def warning(self) -> str | None:
@@ -456,12 +469,8 @@ class Analyzer:
     def differential(results: Iterable[FieldResult]) -> Differential:
         """Counts per type over all fields; percentages of identified cells only."""
         results = list(results)
-        counts = Counter({str(t): 0 for t in CellType})
-        counts[UNIDENTIFIED] = 0
+        counts: Counter = Counter()
         for result in results:
             counts.update(result.counts())
-        identified = sum(n for label, n in counts.items() if label != UNIDENTIFIED)
-        percentages = {str(t): 100.0 * counts[str(t)] / identified if identified else 0.0
-                       for t in CellType}
-        return Differential(dict(counts), percentages, sum(counts.values()), identified,
-                            len(results), sum(r.unlike_training for r in results))
+        return Differential.of_counts(counts, len(results),
+                                      sum(r.unlike_training for r in results))

@@ -13,9 +13,10 @@ import csv
 import html
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -123,7 +124,11 @@ def _thumbnail(image: Image.Image, box: Sequence[float], size: int = 96) -> str:
 
 
 class Gallery:
-    """Cell thumbnails collected field by field, so images need not stay in memory."""
+    """Cell thumbnails collected field by field, so images need not stay in memory.
+
+    A report's gallery is anything with `figures(label)`: (img src, caption, type
+    confidence) per cell of that label; this one embeds each thumbnail as a data URI
+    (`reports.slides` streams thumbnail files instead)."""
 
     def __init__(self) -> None:
         self.cells: dict[str, list[tuple[str, str, float]]] = {label: [] for label in ORDER}
@@ -131,30 +136,30 @@ class Gallery:
     def add(self, image: Image.Image, result: FieldResult) -> None:
         for index, cell in enumerate(result.cells, start=1):
             caption = f"{Path(result.image).name} #{index}"
-            self.cells[cell.label].append((_thumbnail(image, cell.box), caption,
-                                           cell.type_confidence))
+            self.cells[cell.label].append(
+                (f"data:image/jpeg;base64,{_thumbnail(image, cell.box)}", caption,
+                 cell.type_confidence))
+
+    def figures(self, label: str) -> Iterable[tuple[str, str, float]]:
+        return self.cells[label]
 
 
-def write_report(path: Path, differential: Differential, gallery: Gallery,
-                 skipped: Sequence[tuple[str, str]], models: dict[str, str]) -> None:
-    """The self-contained HTML report of one run."""
+class _Figures(Protocol):
+    def figures(self, label: str) -> Iterable[tuple[str, str, float]]: ...
+
+
+def write_report(path: Path, differential: Differential, gallery: _Figures,
+                 skipped: Sequence[tuple[str, str]], models: dict[str, str], *,
+                 title: str = "White-cell differential", notes: Sequence[str] = ()) -> None:
+    """The HTML report of one run (or one slide), written as it goes: the gallery's
+    figures are read label by label, never all held at once. `notes`: paragraphs (plain
+    text) after the summary, e.g. how the fields were taken."""
     rows = "".join(
         f"<tr><td><span class=dot style='background:rgb{COLOURS[label]}'></span>{label}</td>"
         f"<td>{differential.counts.get(label, 0)}</td>"
         f"<td>{'' if label == UNIDENTIFIED else f'{differential.percentages[label]:.1f}%'}"
         "</td></tr>"
         for label in ORDER)
-    sections = []
-    for label in ORDER:
-        cells = gallery.cells[label]
-        if not cells:
-            continue
-        figures = "".join(
-            f"<figure><img src='data:image/jpeg;base64,{data}' alt='{html.escape(caption)}'>"
-            f"<figcaption>{html.escape(caption)}<br>{confidence:.2f}</figcaption></figure>"
-            for data, caption, confidence in cells)
-        sections.append(f"<h3 style='color:rgb{COLOURS[label]}'>{label} ({len(cells)})</h3>"
-                        f"<div class=gallery>{figures}</div>")
     skipped_html = "".join(f"<li><code>{html.escape(name)}</code>: {html.escape(reason)}</li>"
                            for name, reason in skipped)
     model_html = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
@@ -162,8 +167,10 @@ def write_report(path: Path, differential: Differential, gallery: Gallery,
     warning = (f"<p class=warning role=alert><strong>Images unlike the training labs.</strong> "
                f"{html.escape(differential.warning)}.</p>"
                if differential.warning else "")
-    path.write_text(f"""<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>leukodiff differential</title>
+    notes_html = "".join(f"<p class=note>{html.escape(note)}</p>" for note in notes)
+    with path.open("w") as out:
+        out.write(f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>leukodiff: {html.escape(title)}</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}}
 table{{border-collapse:collapse}} td,th{{padding:.3em 1em;border-bottom:1px solid #ddd;
@@ -172,14 +179,31 @@ text-align:right}} td:first-child,th:first-child{{text-align:left}}
 .gallery{{display:flex;flex-wrap:wrap;gap:.5em}} figure{{margin:0;text-align:center;
 font-size:.7em;width:100px}} img{{width:96px;height:96px;object-fit:contain;background:#eee}}
 .warning{{background:#fff3cd;border:1px solid #e0b100;padding:.8em 1em}}
+.note{{background:#eef4fb;border:1px solid #9bbbe0;padding:.6em 1em}}
 </style></head><body>
-<h1>White-cell differential</h1>{warning}
+<h1>{html.escape(title)}</h1>{warning}
 <p>{differential.fields} field(s), {differential.total} white cells found,
 {differential.identified} identified. Percentages are of identified cells;
 unidentified cells (below the models' calibrated confidence) need review.
-Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC} by leukodiff.</p>
+Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC} by leukodiff.</p>{notes_html}
 <table><tr><th>type</th><th>count</th><th>% of identified</th></tr>{rows}</table>
-<h2>Cells by type</h2>{''.join(sections) or '<p>No white cells found.</p>'}
+<h2>Cells by type</h2>""")
+        shown = 0
+        for label in ORDER:
+            count = differential.counts.get(label, 0)
+            if not count:
+                continue
+            shown += 1
+            out.write(f"<h3 style='color:rgb{COLOURS[label]}'>{label} ({count})</h3>"
+                      "<div class=gallery>")
+            for src, caption, confidence in gallery.figures(label):
+                out.write(f"<figure><img src='{html.escape(src)}' alt='{html.escape(caption)}'"
+                          f" loading=lazy><figcaption>{html.escape(caption)}<br>"
+                          f"{confidence:.2f}</figcaption></figure>")
+            out.write("</div>\n")
+        if not shown:
+            out.write("<p>No white cells found.</p>")
+        out.write(f"""
 <h2>Skipped files</h2>{f'<ul>{skipped_html}</ul>' if skipped else '<p>None.</p>'}
 <h2>Models</h2><ul>{model_html}</ul>
 </body></html>
