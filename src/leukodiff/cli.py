@@ -183,6 +183,10 @@ def analyze(
     With --slides or --manifest: one differential per slide in OUT/slides/<slide>/ (the
     same outputs, cells also as cells.parquet, thumbnails in cells/), and OUT/summary.csv
     and summary.json, one row per slide.
+
+    A whole-slide file (a pyramidal or OME TIFF, or larger than 8000 px a side, with the
+    `wsi` extra; .svs/.ndpi/... with OpenSlide) is read window by window and counted as
+    one image: fields/*.overview.png shows its cells on the slide's lowest level.
     """
     if slides or manifest is not None:
         _analyze_slides(paths or [], out, manifest, overwrite, resume, target, workers,

@@ -11,6 +11,7 @@ from pathlib import Path
 from leukodiff.data.scan import IMAGE_SUFFIXES, Track, no_progress
 from leukodiff.imaging import ImageError, load_image
 from leukodiff.pipeline.analyzer import AnalysisError, Analyzer, Differential, FieldResult
+from leukodiff.pipeline.wholeslide import analyze_whole_slide, is_whole_slide
 from leukodiff.reports.outputs import (
     Gallery,
     field_stem,
@@ -19,6 +20,7 @@ from leukodiff.reports.outputs import (
     write_field,
     write_report,
 )
+from leukodiff.reports.wholeslide import write_whole_slide
 
 
 class OutputExistsError(FileExistsError):
@@ -73,6 +75,16 @@ def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir:
     run = RunResult(skipped=skipped)
     gallery = Gallery()
     for path in track(files, "Analysing fields"):
+        if is_whole_slide(path):  # read window by window, never whole
+            try:
+                slide = analyze_whole_slide(analyzer, path)
+            except AnalysisError as error:
+                run.skipped.append((str(path), str(error).removeprefix(f"{path}: ")))
+                continue
+            write_whole_slide(out_dir, field_stem(slide.field, len(run.results) + 1), slide,
+                              gallery)
+            run.results.append(slide.field)
+            continue
         try:
             image = load_image(path)
             result = analyzer(image, name=str(path), look=True)

@@ -1,0 +1,238 @@
+"""Whole-slide input (`pipeline.wholeslide`): a synthetic pyramidal TIFF built from BCCD
+fields with known white cells; every known cell found once across window borders,
+background windows skipped, microns per pixel read from the file, bad files refused
+with a clear message; the grid-bucketed merge equals the all-pairs one."""
+
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+tifffile = pytest.importorskip("tifffile")
+
+from leukodiff.pipeline.boxes import Detections, box_iou  # noqa: E402
+from leukodiff.pipeline.tiling import merge_tiles, merge_tiles_local, tile_origins  # noqa: E402
+from leukodiff.pipeline.wholeslide import (  # noqa: E402
+    SlideError,
+    analyze_whole_slide,
+    is_whole_slide,
+    open_slide,
+    plan_windows,
+)
+
+# BCCD fields with one white cell, well inside the field (not cut by its edge), which the
+# shipped Analyzer finds alone; pasted at these canvas positions (x, y), so that their
+# cells straddle the 640x480 windows' borders (windows start every 384 px across, 240 down).
+FIELDS = {
+    "BloodImage_00017": (90, 40),
+    "BloodImage_00022": (760, 70),
+    "BloodImage_00040": (1430, 20),
+    "BloodImage_00048": (140, 560),
+    "BloodImage_00057": (820, 590),
+    "BloodImage_00083": (1450, 610),
+}
+CANVAS = (2560, 1920)  # the right and bottom parts stay plain: background windows
+PLAIN = (214, 200, 206)  # a smear's background colour, flat
+MPP = 0.25
+
+
+def wbc_box(root: Path, stem: str) -> list[float]:
+    tree = ET.parse(root / "Annotations" / f"{stem}.xml").getroot()
+    (box,) = [[float(o.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+              for o in tree.iter("object") if o.findtext("name") == "WBC"]
+    return box
+
+
+def build_slide(root: Path, path: Path, *, mpp: float | None = MPP, levels: int = 3,
+                tile: int = 256) -> np.ndarray:
+    """Write the synthetic slide (tiled, `levels` levels as SubIFDs); its known white
+    cells in slide pixels, (n, 4)."""
+    canvas = np.empty((CANVAS[1], CANVAS[0], 3), dtype=np.uint8)
+    canvas[:] = PLAIN
+    known = []
+    for stem, (x, y) in FIELDS.items():
+        field = np.asarray(Image.open(root / "JPEGImages" / f"{stem}.jpg").convert("RGB"))
+        canvas[y:y + field.shape[0], x:x + field.shape[1]] = field
+        x0, y0, x1, y1 = wbc_box(root, stem)
+        known.append([x0 + x, y0 + y, x1 + x, y1 + y])
+    extra = {}
+    if mpp is not None:
+        extra = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(canvas, tile=(tile, tile), subifds=levels - 1, compression="zlib",
+                  photometric="rgb", **extra)
+        level = canvas
+        for _ in range(levels - 1):
+            level = level[::2, ::2]
+            tif.write(np.ascontiguousarray(level), tile=(tile, tile), subfiletype=1,
+                      compression="zlib", photometric="rgb")
+    return np.array(known, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def bccd(shared_data: Path) -> Path:
+    return shared_data / "bccd" / "BCCD"
+
+
+@pytest.fixture(scope="module")
+def slide_file(bccd: Path, tmp_path_factory) -> tuple[Path, np.ndarray]:
+    path = tmp_path_factory.mktemp("wsi") / "slide.ome.tif"
+    return path, build_slide(bccd, path)
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    from leukodiff.pipeline import Analyzer
+
+    with Analyzer.load(threads=1) as loaded:
+        yield loaded
+
+
+def test_reads_levels_regions_and_mpp(slide_file, bccd, tmp_path):
+    path, _ = slide_file
+    assert is_whole_slide(path)
+    full = tifffile.imread(path)
+    with open_slide(path) as slide:
+        assert (slide.width, slide.height) == CANVAS
+        assert slide.levels == [CANVAS, (CANVAS[0] // 2, CANVAS[1] // 2),
+                                (CANVAS[0] // 4, CANVAS[1] // 4)]
+        assert slide.mpp == pytest.approx(MPP) and slide.mpp_source == "TIFF resolution tags"
+        # a region across file tiles, and one past the slide's edge (cut to the slide)
+        assert np.array_equal(slide.read(250, 300, 890, 780), full[300:780, 250:890])
+        edge = slide.read(2400, 1800, 2700, 2000)
+        assert np.array_equal(edge, full[1800:, 2400:])
+        assert slide.thumbnail().shape == (CANVAS[1] // 4, CANVAS[0] // 4, 3)
+    plain = tmp_path / "no_mpp.tif"
+    build_slide(bccd, plain, mpp=None, levels=2)
+    with open_slide(plain) as slide:
+        assert slide.mpp is None and slide.mpp_source == "none"
+
+
+def test_background_windows_skipped(slide_file):
+    path, _ = slide_file
+    with open_slide(path) as slide:
+        keep, skip = plan_windows(slide, (640, 480))
+    assert skip and keep
+    for window in skip:  # a skipped window holds no pasted field
+        for x, y in FIELDS.values():
+            assert (window.x1 <= x or window.x0 >= x + 640 or window.y1 <= y
+                    or window.y0 >= y + 480)
+
+
+def test_every_known_cell_found_once(slide_file, analyzer):
+    path, known = slide_file
+    # the known cells straddle window borders: each is cut by some window's inner edge
+    xs, ys = tile_origins(CANVAS[0], 640, 240), tile_origins(CANVAS[1], 480, 240)
+    edges_x = sorted({*xs, *(x + 640 for x in xs)} - {0, CANVAS[0]})
+    edges_y = sorted({*ys, *(y + 480 for y in ys)} - {0, CANVAS[1]})
+    assert all(any(b[0] < e < b[2] for e in edges_x) or any(b[1] < e < b[3] for e in edges_y)
+               for b in known)
+    started = time.perf_counter()
+    result = analyze_whole_slide(analyzer, path)
+    seconds = time.perf_counter() - started
+    boxes = np.array([c.box for c in result.field.cells], dtype=np.float32).reshape(-1, 4)
+    iou = box_iou(known, boxes)
+    assert ((iou >= 0.5).sum(1) == 1).all(), iou.max(1)  # every known cell, once
+    # no second box on a known cell (a double count at a border would be one)
+    assert (np.sort(iou, axis=1)[:, -2] < 0.1).all() if boxes.shape[0] > 1 else True
+    # any other box is a cell cut by a pasted field's own edge (BCCD leaves those unboxed)
+    for box in boxes[(iou >= 0.5).sum(0) == 0]:
+        assert any(abs(box[0] - x) < 8 or abs(box[1] - y) < 8 or abs(box[2] - x - 640) < 8
+                   or abs(box[3] - y - 480) < 8 for x, y in FIELDS.values()), box
+    assert result.mpp == pytest.approx(MPP)
+    assert result.skipped_windows > 0 and result.windows > 0
+    assert result.shrink == 1.0
+    assert seconds < 30
+
+
+def test_cli_whole_slide_and_bad_files(slide_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from leukodiff.cli import app
+
+    path, known = slide_file
+    runner = CliRunner()
+    out = tmp_path / "out"
+    done = runner.invoke(app, ["analyze", str(path), "--out", str(out), "--threads", "1"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads((out / "differential.json").read_text())
+    assert summary["fields"] == 1 and summary["total"] >= len(known)
+    (overview,) = (out / "fields").glob("*.overview.png")
+    assert max(Image.open(overview).size) <= 2048
+    (record,) = (out / "fields").glob("*.json")
+    assert json.loads(record.read_text())["whole_slide"]["mpp"] == pytest.approx(MPP)
+    assert not list((out / "fields").glob("*[0-9]_slide.png"))  # no full-size image
+    assert (out / "cells.csv").read_text().count("\n") == summary["total"] + 1
+    assert (out / "report.html").is_file()
+
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.ome.tif"
+    truncated.write_bytes(data[:len(data) // 2])
+    garbage = tmp_path / "garbage.ome.tif"
+    garbage.write_bytes(b"not a tiff at all" * 100)
+    tiny = tmp_path / "tiny.tif"
+    tifffile.imwrite(tiny, np.full((20, 20, 3), 200, dtype=np.uint8))
+    assert not is_whole_slide(tiny)  # an ordinary (tiny) image, analysed as a field
+    with pytest.raises(SlideError, match="truncated"):
+        open_slide(truncated)
+    with pytest.raises(SlideError, match="corrupt or truncated"):
+        open_slide(garbage)
+    for bad, reason in ((truncated, "truncated"), (garbage, "corrupt or truncated"),
+                        (tiny, "too small")):
+        failed = runner.invoke(app, ["analyze", str(bad), "--out", str(tmp_path / bad.stem),
+                                     "--threads", "1"])
+        assert failed.exit_code == 1
+        assert reason in " ".join(failed.output.split()), failed.output
+
+
+def test_openslide_formats_name_the_package(tmp_path):
+    svs = tmp_path / "scan.svs"
+    svs.write_bytes(b"II*\x00")
+    assert is_whole_slide(svs)
+    try:
+        import openslide  # noqa: F401
+    except ImportError:
+        with pytest.raises(SlideError, match="openslide-python"):
+            open_slide(svs)
+    else:
+        with pytest.raises(SlideError):
+            open_slide(svs)
+
+
+def test_local_merge_equals_the_all_pairs_merge():
+    """Cells on a 3000x2000 image seen by 640x480 windows with 240 px overlap: each
+    window reports the cells it holds (whole, or cut at its edge, with jitter and, now
+    and then, a missed or extra box); both merges give the same cells."""
+    rng = np.random.default_rng(7)
+    size = (3000, 2000)
+    windows = [(x, y, x + 640, y + 480) for y in tile_origins(size[1], 480, 240)
+               for x in tile_origins(size[0], 640, 240)]
+    centres = rng.uniform([0, 0], size, size=(400, 2))
+    sides = rng.uniform(60, 300, size=(400, 1))  # some larger than the overlap
+    cells = np.concatenate([centres - sides / 2, centres + sides / 2], axis=1)
+    found = []
+    for x0, y0, x1, y1 in windows:
+        clipped = np.concatenate([np.maximum(cells[:, :2], [x0, y0]),
+                                  np.minimum(cells[:, 2:], [x1, y1])], axis=1)
+        inside = (clipped[:, 2] - clipped[:, 0] > 10) & (clipped[:, 3] - clipped[:, 1] > 10)
+        inside &= rng.random(len(cells)) > 0.05
+        boxes = clipped[inside] - [x0, y0, x0, y0] + rng.normal(0, 3, (inside.sum(), 4))
+        boxes = np.clip(boxes, 0, [640, 480, 640, 480])
+        found.append(Detections.of(boxes, rng.integers(1, 3, len(boxes)),
+                                   rng.uniform(0.3, 1.0, len(boxes))))
+    started = time.perf_counter()
+    local = merge_tiles_local(found, windows, size)
+    local_seconds = time.perf_counter() - started
+    reference = merge_tiles(found, windows, size)
+    assert len(reference) > 300
+    order = np.lexsort(reference.boxes.T), np.lexsort(local.boxes.T)
+    assert np.allclose(reference.boxes[order[0]], local.boxes[order[1]])
+    assert np.array_equal(reference.labels[order[0]], local.labels[order[1]])
+    assert np.allclose(reference.scores[order[0]], local.scores[order[1]])
+    assert local_seconds < 5
