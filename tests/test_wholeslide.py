@@ -236,3 +236,38 @@ def test_local_merge_equals_the_all_pairs_merge():
     assert np.array_equal(reference.labels[order[0]], local.labels[order[1]])
     assert np.allclose(reference.scores[order[0]], local.scores[order[1]])
     assert local_seconds < 5
+
+
+def test_reading_window_by_window_keeps_memory_bounded(slide_file, tmp_path):
+    """A slide of 118 MB of pixels in one level (the synthetic canvas repeated, written tile
+    by tile) read window by window, its thumbnail subsampled block by block: the memory
+    held stays a small part of the slide (the tile cache, a band, the thumbnail)."""
+    import tracemalloc
+
+    from leukodiff.pipeline.wholeslide import iter_windows
+
+    path, _ = slide_file
+    canvas = tifffile.imread(path)
+    width, height, tile = 10240, 3840, 256
+
+    def tiles(factor: int):
+        for ty in range(0, -(-height // factor), tile):
+            for tx in range(0, -(-width // factor), tile):
+                ys = (np.arange(ty, ty + tile) * factor) % canvas.shape[0]
+                xs = (np.arange(tx, tx + tile) * factor) % canvas.shape[1]
+                yield canvas[ys][:, xs]
+
+    big = tmp_path / "big.tif"  # one level: its thumbnail is read block by block
+    tifffile.imwrite(big, tiles(1), shape=(height, width, 3), dtype=np.uint8,
+                     tile=(tile, tile), compression="zlib", photometric="rgb")
+    tracemalloc.start()
+    try:
+        with open_slide(big) as slide:
+            keep, skip = plan_windows(slide, (640, 480))
+            assert len(slide.levels) == 1
+            seen = sum(image.width for _, image in iter_windows(slide, keep))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == 640 * len(keep) and skip
+    assert peak < 0.4 * width * height * 3, peak / 1e6  # ~37 MB: tile cache 24, thumbnail, a block

@@ -52,8 +52,8 @@ MPP_RANGE = (0.02, 20.0)
 # differ from their window's median gray by more than STRUCTURE_GRAY: no cell, red or white.
 STRUCTURE_GRAY = 20
 MIN_STRUCTURE = 0.005
-THUMBNAIL_SIDE = 4096  # the lowest level read whole; larger ones are subsampled
-CACHED_TILES = 96
+THUMBNAIL_SIDE = 2048  # the lowest level read whole; larger ones are subsampled
+CACHE_BYTES = 24 << 20  # decoded file tiles kept (neighbouring windows overlap)
 
 
 class SlideError(AnalysisError):
@@ -163,6 +163,7 @@ class TiffSlide(Slide):
         self.width, self.height = self.levels[0]
         self.mpp, self.mpp_source = self._read_mpp()
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cached = 0  # bytes in the cache
         # every tile/strip of level 0 must lie in the file: a truncated file says so now
         size = self.path.stat().st_size
         page = self._pages[0]
@@ -217,8 +218,9 @@ class TiffSlide(Slide):
                              "corrupt?")
         segment = np.asarray(segment).reshape(shape)[0]  # (length, width, samples)
         self._cache[key] = segment
-        if len(self._cache) > CACHED_TILES:
-            self._cache.popitem(last=False)
+        self._cached += segment.nbytes
+        while self._cached > CACHE_BYTES and len(self._cache) > 1:
+            self._cached -= self._cache.popitem(last=False)[1].nbytes
         return segment
 
     def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
@@ -255,13 +257,18 @@ class TiffSlide(Slide):
         step = max(1, -(-max(width, height) // THUMBNAIL_SIDE))
         if step == 1:
             return self._read_level(level, 0, 0, width, height)
-        band = step * 64
-        rows = [self._read_level(level, 0, y, width, y + band)[::step, ::step]
-                for y in range(0, height, band)]
-        return np.concatenate(rows)
+        block = step * max(1, 1024 // step)  # a block at a time, never the whole level
+        out = np.empty((-(-height // step), -(-width // step), 3), dtype=np.uint8)
+        for y in range(0, height, block):
+            for x in range(0, width, block):
+                part = self._read_level(level, x, y, x + block, y + block)[::step, ::step]
+                out[y // step:y // step + part.shape[0],
+                    x // step:x // step + part.shape[1]] = part
+        return out
 
     def close(self) -> None:
         self._cache.clear()
+        self._cached = 0
         self._tif.close()
 
 
