@@ -226,16 +226,13 @@ def test_local_merge_equals_the_all_pairs_merge():
         boxes = np.clip(boxes, 0, [640, 480, 640, 480])
         found.append(Detections.of(boxes, rng.integers(1, 3, len(boxes)),
                                    rng.uniform(0.3, 1.0, len(boxes))))
-    started = time.perf_counter()
-    local = merge_tiles_local(found, windows, size)
-    local_seconds = time.perf_counter() - started
+    local = merge_tiles_local(found, windows, size)  # its speed: a benchmark, not a test
     reference = merge_tiles(found, windows, size)
     assert len(reference) > 300
     order = np.lexsort(reference.boxes.T), np.lexsort(local.boxes.T)
     assert np.allclose(reference.boxes[order[0]], local.boxes[order[1]])
     assert np.array_equal(reference.labels[order[0]], local.labels[order[1]])
     assert np.allclose(reference.scores[order[0]], local.scores[order[1]])
-    assert local_seconds < 5
 
 
 def test_reading_window_by_window_keeps_memory_bounded(slide_file, tmp_path):
