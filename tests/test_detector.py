@@ -427,3 +427,17 @@ def test_group_cross_validation_folds_partition_bccd_fields_by_field(shared_data
     figures = _figures([0, 0, 1, 1, 1], [0, 1, 1, 1, 0])
     assert figures["accuracy"] == 0.6 and figures["mononuclear_recall"] == 0.5
     assert figures["polymorphonuclear_recall"] == 2 / 3 and figures["mononuclear"] == 2
+
+
+def test_shipped_detector_floor_on_the_whole_bccd_test_list(shared_data):
+    """The home floor of issue #14 on all 72 VOC test fields through onnxruntime, counted
+    as the leave-one-lab-out table counts (BCCD's reviewed unboxed white cells ignored):
+    AP50 0.987, recall 1.000, precision 0.947 when shipped (as annotated: AP50 0.958)."""
+    from leukodiff.data.sources.unboxed import unboxed_white_cells
+    from leukodiff.training.adapt_detector import detect_fields, detection_scores
+
+    test = [f for f in load_fields("bccd", shared_data).records if f.subset == "test"]
+    found = detect_fields("detector", test)
+    scores = detection_scores(found, test, 0.5, unboxed_white_cells("bccd"))
+    assert scores["fields"] == 72 and scores["truth"] == 71
+    assert scores["ap50"] >= 0.98 and scores["recall"] >= 0.98 and scores["precision"] >= 0.93

@@ -42,3 +42,20 @@ def wait_analysed(client: TestClient, case_id: int, timeout: float = 60.0) -> di
 
 def all_cells(case: dict) -> list[dict]:
     return [cell for field in case["fields"] for cell in field["cells"]]
+
+
+def new_case(client: TestClient, accession: str = "S-2026-0001", target: int = 100) -> dict:
+    """A new case through the API (201 asserted)."""
+    response = client.post("/api/cases", json={"accession": accession, "target_count": target})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def name_unidentified(client: TestClient, case: dict) -> dict:
+    """Classify every unidentified cell (sign-off needs each cell named); the case after."""
+    for cell in all_cells(case):
+        if cell["label"] == "unidentified":
+            assert client.patch(f"/api/cases/{case['id']}/cells/{cell['id']}",
+                                json={"label": "neutrophil", "version": cell["version"]}
+                                ).is_success
+    return client.get(f"/api/cases/{case['id']}").json()

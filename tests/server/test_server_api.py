@@ -7,17 +7,11 @@ import io
 from pathlib import Path
 
 from sqlalchemy import select
-from station_helpers import FIELDS, all_cells, upload, wait_analysed
+from station_helpers import FIELDS, all_cells, new_case, upload, wait_analysed
 
 from leukodiff.server import Settings, create_app
 from leukodiff.server.db import Case, Image
 from leukodiff.server.exports import LOINC_PERCENT
-
-
-def new_case(client, accession: str = "S-2026-0001", target: int = 100) -> dict:
-    response = client.post("/api/cases", json={"accession": accession, "target_count": target})
-    assert response.status_code == 201, response.text
-    return response.json()
 
 
 def test_review_sign_off_and_exports(station, bccd: Path) -> None:

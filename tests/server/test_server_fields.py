@@ -10,22 +10,7 @@ import zipfile
 from pathlib import Path
 
 from PIL import Image as PILImage
-from station_helpers import FIELDS, all_cells, upload, wait_analysed
-
-
-def new_case(client, accession: str, target: int = 100) -> dict:
-    response = client.post("/api/cases", json={"accession": accession, "target_count": target})
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def name_unidentified(client, case: dict) -> dict:
-    for cell in all_cells(case):
-        if cell["label"] == "unidentified":
-            assert client.patch(f"/api/cases/{case['id']}/cells/{cell['id']}",
-                                json={"label": "neutrophil", "version": cell["version"]}
-                                ).is_success
-    return client.get(f"/api/cases/{case['id']}").json()
+from station_helpers import FIELDS, name_unidentified, new_case, upload, wait_analysed
 
 
 def white(field: dict) -> int:

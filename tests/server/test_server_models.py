@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from station_helpers import FIELDS, all_cells, upload, wait_analysed
+from station_helpers import FIELDS, all_cells, new_case, upload, wait_analysed
 from test_server_api import _alembic
 
 from leukodiff.models.files import sha256_of, shipped
@@ -38,12 +38,6 @@ def form_token(page: str) -> str:
 
 def shipped_digest() -> str:
     return set_digest({role: {"sha256": sha256_of(shipped(role))} for role in ROLES})
-
-
-def new_case(client, accession: str, target: int = 10) -> dict:
-    response = client.post("/api/cases", json={"accession": accession, "target_count": target})
-    assert response.status_code == 201, response.text
-    return response.json()
 
 
 def sign(reviewer, case_id: int) -> dict:
@@ -73,7 +67,7 @@ def reviewed_lab_case(tech, accession: str, images: list[tuple[Path, str]]) -> d
     """A case of PBC images, one field each, whose one cell a person names: the detection
     nearest the middle relabelled (or confirmed) as the image's type, the others deleted,
     or a box drawn in the middle when nothing was found. Every cell is reviewed."""
-    case = new_case(tech, accession)
+    case = new_case(tech, accession, target=10)
     for path, _ in images:
         assert upload(tech, case["id"], path).status_code == 200
     case = wait_analysed(tech, case["id"], timeout=120)
@@ -134,7 +128,7 @@ def test_registry_lists_shipped_and_the_models_page_is_for_admins(station) -> No
 def test_each_analysis_records_its_model_set_and_exports_name_it(station, bccd: Path) -> None:
     tech = station.client("tess")
     reviewer = station.client("rita", "reviewer")
-    case = new_case(tech, "SET-1")
+    case = new_case(tech, "SET-1", target=10)
     assert upload(tech, case["id"], bccd / FIELDS[0]).status_code == 200
     case = wait_analysed(tech, case["id"])
     field = case["fields"][0]
@@ -239,7 +233,7 @@ def test_adapt_promote_analyse_roll_back_and_reanalyse(make_station, database_ur
                           data={"csrf_token": form_token(page)}, follow_redirects=False)
     assert response.status_code == 303
     assert [s["name"] for s in admin.get("/api/model-sets").json() if s["is_default"]] == [name]
-    fresh = new_case(tech, "AFTER-1")
+    fresh = new_case(tech, "AFTER-1", target=10)
     upload(tech, fresh["id"], lab[0][0][0], bccd / FIELDS[0])
     fresh = wait_analysed(tech, fresh["id"], timeout=120)
     assert {f["model_set"] for f in fresh["fields"]} == {name}
@@ -249,7 +243,7 @@ def test_adapt_promote_analyse_roll_back_and_reanalyse(make_station, database_ur
 
     # Roll back: the shipped set is the default again.
     assert admin.post("/api/model-sets/rollback").json() == {"default": "shipped"}
-    older = new_case(tech, "ROLLED-1")
+    older = new_case(tech, "ROLLED-1", target=10)
     upload(tech, older["id"], bccd / FIELDS[1])
     older = wait_analysed(tech, older["id"])
     assert older["fields"][0]["model_set"] == "shipped"
@@ -301,7 +295,7 @@ def test_reanalysis_keeps_reviewed_labels_and_marks_disagreements(sqlite_station
     data), unreviewed cells keep following the model."""
     tech = sqlite_station.client("tess")
     reviewer = sqlite_station.client("rita", "reviewer")
-    case = new_case(tech, "RE-1")
+    case = new_case(tech, "RE-1", target=10)
     upload(tech, case["id"], *(bccd / name for name in FIELDS))
     case = wait_analysed(tech, case["id"])
     cells = all_cells(case)

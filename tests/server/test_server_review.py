@@ -8,13 +8,7 @@ import io
 from pathlib import Path
 
 from PIL import Image as PILImage
-from station_helpers import FIELDS, all_cells, upload, wait_analysed
-
-
-def new_case(client, accession: str) -> dict:
-    response = client.post("/api/cases", json={"accession": accession, "target_count": 100})
-    assert response.status_code == 201, response.text
-    return response.json()
+from station_helpers import FIELDS, all_cells, new_case, upload, wait_analysed
 
 
 def analysed_case(client, bccd: Path, accession: str, fields: int = 3) -> dict:

@@ -9,18 +9,12 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from station_helpers import FIELDS, all_cells, upload, wait_analysed
+from station_helpers import FIELDS, all_cells, new_case, upload, wait_analysed
 
 from leukodiff.server.db import CellRecord
 from leukodiff.taxonomy import MIN_REVIEWED_PER_TYPE, CellType
 
 TYPES = [str(t) for t in CellType]
-
-
-def new_case(client, accession: str) -> dict:
-    response = client.post("/api/cases", json={"accession": accession})
-    assert response.status_code == 201, response.text
-    return response.json()
 
 
 def draw(client, case: dict, label: str, n: int = 1) -> list[dict]:

@@ -832,29 +832,23 @@
     $("redo").textContent = `Redo${history.undone.length ? ` (${history.undone.length})` : ""}`;
   }
 
-  function undo() {
+  // Moves the latest entry of one stack to the other after running its undo (or redo);
+  // refused (someone changed it since): the entry is dropped, the refusal shown. Stacks
+  // by name: a new edit replaces `history.undone`, so it is looked up when the turn comes.
+  function replay(from, to, run, done, nothing) {
     serial(async () => {
-      const entry = history.done.pop();
-      if (!entry) { say("Nothing to undo."); return; }
-      if (await entry.undo()) {
-        history.undone.push(entry);
-        say(`Undone: ${entry.what}.`, "ok");
-      }  // refused (someone changed it since): the entry is dropped, the refusal shown
-      renderHistory();
-    });
-  }
-
-  function redo() {
-    serial(async () => {
-      const entry = history.undone.pop();
-      if (!entry) { say("Nothing to redo."); return; }
-      if (await entry.redo()) {
-        history.done.push(entry);
-        say(`Redone: ${entry.what}.`, "ok");
+      const entry = history[from].pop();
+      if (!entry) { say(nothing); return; }
+      if (await entry[run]()) {
+        history[to].push(entry);
+        say(`${done}: ${entry.what}.`, "ok");
       }
       renderHistory();
     });
   }
+
+  function undo() { replay("done", "undone", "undo", "Undone", "Nothing to undo."); }
+  function redo() { replay("undone", "done", "redo", "Redone", "Nothing to redo."); }
 
   // --- the reviewer's edits -------------------------------------------------------------
 
