@@ -15,6 +15,7 @@ import json
 import math
 import statistics
 import time
+from itertools import islice
 from typing import Any
 
 from benchmarks.systems import set_torch_threads, weights_dir
@@ -49,11 +50,13 @@ def _classifier_model(config: Any) -> tuple[Any, str]:
 
 def finetune_steps(model: Any, batch_size: int, input_size: int, classes: int, steps: int,
                    lr: float) -> float:
-    """Seconds per optimiser step of the fine-tuning loop (augmenting loader included)."""
+    """Seconds per optimiser step of the fine-tuning loop (augmenting loader included):
+    `training.engine.train_epoch` over `steps` batches, after one warm-up batch."""
     import torch
     from torch.utils.data import DataLoader
 
     from leukodiff.training.cells import CellTensorDataset, training_augmentation
+    from leukodiff.training.engine import Step, classification_loss, train_epoch
 
     count = batch_size * (steps + 1)
     images = torch.randint(0, 256, (count, 3, input_size, input_size), dtype=torch.uint8)
@@ -61,20 +64,11 @@ def finetune_steps(model: Any, batch_size: int, input_size: int, classes: int, s
     loader = DataLoader(CellTensorDataset(images, targets, training_augmentation(input_size)),
                         batch_size=batch_size, shuffle=True, drop_last=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    model.train()
+    step = Step(torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7))
+    loss_of = classification_loss(model, torch.nn.CrossEntropyLoss())
     batches = iter(loader)
-    started = 0.0
-    for step in range(steps + 1):
-        if step == 1:  # the first step is warm-up
-            started = time.perf_counter()
-        inputs, labels = next(batches)
-        loss = loss_fn(model(inputs.contiguous(memory_format=torch.channels_last)), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return (time.perf_counter() - started) / steps
+    train_epoch(model, islice(batches, 1), loss_of, step)  # the first step is warm-up
+    return train_epoch(model, islice(batches, steps), loss_of, step)["seconds"] / steps
 
 
 def inference_s_per_image(model: Any, input_size: int, count: int = 128) -> float:
@@ -101,6 +95,7 @@ def classifier_cost(task: str, mode: str, steps: int) -> dict:
         paper_adam,
         pooled_features,
     )
+    from leukodiff.training.engine import Step, classification_loss, train_epoch
 
     shipped = _manifest(task)["training"]
     config = ClassifierConfig(task=task, mode=mode, batch_size=shipped["batch_size"],
@@ -124,15 +119,11 @@ def classifier_cost(task: str, mode: str, steps: int) -> dict:
         targets = torch.randint(0, classes, (train_n,))
         loader = DataLoader(TensorDataset(cache, targets), batch_size=batch, shuffle=True,
                             drop_last=train_n > batch)
-        optimizer = paper_adam(model.head.parameters(), config)
+        step = Step(paper_adam(model.head.parameters(), config))
         loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(targets, classes))
-        model.head.train()
         start = time.perf_counter()
-        for inputs, labels in loader:  # one whole epoch: measured, not extrapolated
-            loss = loss_fn(model.head(inputs), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        # one whole epoch: measured, not extrapolated
+        train_epoch(model.head, loader, classification_loss(model.head, loss_fn), step)
         with torch.inference_mode():
             model.head.eval()
             model.head(cycle_rows(features, val_n))
@@ -169,11 +160,13 @@ def detector_cost(steps: int, data_root: str | None) -> dict:
         Augmenter,
         DetectorConfig,
         FieldImages,
-        _rand,
+        detector_step,
         epoch_order,
+        field_batch_loss,
         prepare_fields,
         validate,
     )
+    from leukodiff.training.engine import train_epoch
 
     shipped = _manifest("detector")["training"]
     config = DetectorConfig.from_dict(shipped)
@@ -197,23 +190,10 @@ def detector_cost(steps: int, data_root: str | None) -> dict:
     generator = torch.Generator().manual_seed(0)
     order = epoch_order(data.train, config.mono_oversample, generator)
     batches = [order[s:s + config.batch_size] for s in range(0, len(order), config.batch_size)]
-    params = [p for name, p in model.named_parameters()
-              if p.requires_grad and not name.startswith("group_classifier.")]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    model.train()
-    started = 0.0
-    for step, batch in enumerate(batches[:steps + 1]):
-        if step == 1:  # the first step is warm-up
-            started = time.perf_counter()
-        rotation, scale = int(torch.randint(4, ())), _rand(*config.scale_range)
-        samples = [augment(i, rotation, scale) for i in batch]
-        losses = model([image for image, _ in samples], [target for _, target in samples])
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        optimizer.step()
-    step_s = (time.perf_counter() - started) / steps
+    step = detector_step(model, config, len(batches) * config.epochs)
+    loss_of = field_batch_loss(model, augment, config.scale_range, torch.device("cpu"))
+    train_epoch(model, batches[:1], loss_of, step)  # the first step is warm-up
+    step_s = train_epoch(model, batches[1:steps + 1], loss_of, step)["seconds"] / steps
     out: dict[str, Any] = {
         "train_fields": len(data.train), "fields_per_epoch": len(order),
         "batch_size": config.batch_size, "steps_per_epoch": len(batches), "timed_steps": steps,

@@ -44,7 +44,7 @@ from leukodiff.taxonomy import GROUP_OF, Group
 from leukodiff.training.cells import CropGeometry, load_cell_tensors
 from leukodiff.training.detector import (
     DetectorConfig,
-    _group_eval,
+    group_metrics,
     prepare_fields,
     restart_group_classifier,
     train_group_classifier,
@@ -77,7 +77,7 @@ for lab in ("bccd", "chula"):
                                       log=lambda m: print(m, flush=True))
         images = load_cell_tensors(cells, CropGeometry(spec.group_input_size,
                                                        spec.group_crop_scale, stain))
-        held_out = _group_eval(model.group_classifier, images, targets, torch.device("cpu"))
+        held_out = group_metrics(model.group_classifier, images, targets, torch.device("cpu"))
         results[key] = {"held_out": held_out, "best_epoch": info.get("best_epoch")}
         print(key, json.dumps(held_out), flush=True)
         saved.write_text(json.dumps(results, indent=1))

@@ -28,7 +28,6 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
 from leukodiff.models.detector import DetectorSpec, build_detector
 from leukodiff.training.cells import CropGeometry, load_cell_tensors
-from leukodiff.training.common import seed_everything
 from leukodiff.training.detector import (
     DetectorConfig,
     DetectorData,
@@ -36,6 +35,7 @@ from leukodiff.training.detector import (
     has_mononuclear,
     train_group_classifier,
 )
+from leukodiff.training.engine import seed_everything
 
 
 def field_folds(records: list, folds: int, seed: int) -> list[tuple[list, list]]:

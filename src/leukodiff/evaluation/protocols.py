@@ -44,6 +44,7 @@ from leukodiff.training.classifier import (
     predict_logits,
     train_classifier,
 )
+from leukodiff.training.engine import Step, classification_loss, train_epoch
 
 #: The paper's Table 3 (mean, std in %), per class: accuracy, recall, precision, F1.
 PAPER_TABLE3: dict[str, dict[str, tuple[float, float]]] = {
@@ -115,16 +116,14 @@ def train_head(features: torch.Tensor, targets: torch.Tensor, n_classes: int,
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    head.train()
+    step = Step(optimizer, scheduler)
+    loss_of = classification_loss(head, loss_fn)
     for _ in range(config.epochs):
         order = torch.randperm(len(targets), generator=generator)
-        for start in range(0, len(order), config.batch_size):
-            batch = order[start:start + config.batch_size]
-            loss = loss_fn(head(features[batch]), targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        batches = ((features[batch], targets[batch])
+                   for batch in (order[s:s + config.batch_size]
+                                 for s in range(0, len(order), config.batch_size)))
+        train_epoch(head, batches, loss_of, step)
     return head.eval()
 
 

@@ -50,7 +50,15 @@ from leukodiff.training.cells import (
     augmentation,
 )
 from leukodiff.training.classifier import class_weights, predict_logits, select_cells
-from leukodiff.training.common import seed_everything
+from leukodiff.training.engine import (
+    KeptBest,
+    Step,
+    classification_loss,
+    new_state,
+    run_epochs,
+    seed_everything,
+    train_epoch,
+)
 
 TASKS = ("mononuclear", "polymorphonuclear")
 
@@ -278,28 +286,36 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-7)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_y, len(classes)))
+    step = Step(optimizer)
+    loss_of = classification_loss(model, loss_fn)
     # epoch 0 is the base model: adapting must beat it on the lab's own validation cases
-    best = (measure(model, val_x, val_y, classes)["macro_f1"] if val else -1.0, 0)
-    best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    history = [{"epoch": 0, "val_macro_f1": best[0] if val else None}]
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        total = 0.0
-        for batch, targets in track(loader, f"adapting {task} {epoch}/{config.epochs}"):
-            loss = loss_fn(model(batch.contiguous(memory_format=torch.channels_last)), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(targets)
+    base_score = measure(model, val_x, val_y, classes)["macro_f1"] if val else -1.0
+    state = new_state()
+    state.update(best_score=[base_score], best_epoch=0)
+    keep_best = KeptBest(model)
+    keep_best()
+    state["history"].append({"epoch": 0, "val_macro_f1": base_score if val else None})
+
+    def one_epoch(epoch: int) -> dict:
+        done = train_epoch(model, loader, loss_of, step, track=track,
+                           description=f"adapting {task} {epoch}/{config.epochs}")
+        return {"loss": done["loss"]}
+
+    def validate(epoch: int, record: dict) -> tuple[float]:
+        # without validation cases every epoch beats the one before: the last is kept
         score = measure(model, val_x, val_y, classes)["macro_f1"] if val else float(epoch)
-        history.append({"epoch": epoch, "loss": total / len(sampler),
-                        "val_macro_f1": score if val else None})
-        log(f"{task} epoch {epoch}: loss {total / len(sampler):.4f}"
-            + (f"  validation macro-F1 {score:.3f}" if val else ""))
-        if score > best[0]:  # ties keep the earlier epoch, the base first of all
-            best = (score, epoch)
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+        record["val_macro_f1"] = score if val else None
+        return (score,)
+
+    def describe(record: dict, best: bool) -> str:
+        return (f"{task} epoch {record['epoch']}: loss {record['loss']:.4f}"
+                + (f"  validation macro-F1 {record['val_macro_f1']:.3f}" if val else ""))
+
+    run_epochs(config.epochs, state, epoch=one_epoch, validate=validate,
+               keep_best=keep_best, describe=describe, log=log)
+    keep_best.restore()
+    best = (state["best_score"][0], state["best_epoch"])
+    history = state["history"]
     model.eval()
     if val:
         log(f"{task}: epoch {best[1]} chosen on {len(val)} validation cells"

@@ -12,7 +12,6 @@ end and never used for a decision.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shlex
 import sys
@@ -44,10 +43,14 @@ from leukodiff.training.cells import (
     augmentation,
     load_cell_tensors,
 )
-from leukodiff.training.common import (
-    resume_checkpoint,
-    save_checkpoint,
+from leukodiff.training.engine import (
+    RunFolder,
+    Step,
+    classification_loss,
+    new_state,
+    run_epochs,
     seed_everything,
+    train_epoch,
     warmup_cosine,
 )
 
@@ -259,13 +262,7 @@ def train_classifier(
     interrupted run in the same folder. A folder holding another run is refused.
     """
     out_dir = Path(out_dir)
-    checkpoint_path = out_dir / "last.pt"
-    if checkpoint_path.exists() and not resume:
-        raise TrainingError(f"{out_dir} already holds a run; pass --resume to continue it "
-                            "or choose another output folder")
-    if resume and not checkpoint_path.exists():
-        raise TrainingError(f"nothing to resume: {checkpoint_path} does not exist")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out_dir, resume=resume, error=TrainingError, config=asdict(config))
     seed_everything(config.seed)
     started = time.perf_counter()
     data = prepared or prepare(config, data_root, track)
@@ -298,52 +295,50 @@ def train_classifier(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, warmup=len(loader),
                            total=max(1, config.epochs * len(loader))))
+    step = Step(optimizer, scheduler)
+    loss_of = classification_loss(trained, loss_fn)
 
-    state = {"epoch": 0, "best_score": (-1.0, -math.inf), "best_epoch": 0, "history": []}
+    state = new_state()
     if resume:
-        state = resume_checkpoint(checkpoint_path, model, optimizer, scheduler, generator,
-                                  asdict(config), TrainingError)
+        state = folder.resume(model, optimizer, scheduler, generator)
         log(f"resumed after epoch {state['epoch']}")
 
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        trained.train()
-        epoch_start, total, seen = time.perf_counter(), 0.0, 0
-        for inputs, targets in track(loader, f"epoch {epoch}/{config.epochs}"):
-            if inputs.dim() == 4:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            loss = loss_fn(trained(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(targets)
-            seen += len(targets)
+    def one_epoch(epoch: int) -> dict:
+        done = train_epoch(trained, loader, loss_of, step, track=track,
+                           description=f"epoch {epoch}/{config.epochs}")
+        return {"loss": done["loss"], "seconds": done["seconds"], "images": done["samples"]}
+
+    def validate(epoch: int, record: dict) -> tuple[float, float]:
+        val_started = time.perf_counter()
         if config.mode == "frozen":
             with torch.inference_mode():
                 model.head.eval()
                 val_logits = model.head(val_features)
         else:
             val_logits = predict_logits(model, val_x)
-        val = classification_metrics(val_y.tolist(), val_logits.argmax(1).tolist(), data.classes)
+        val = classification_metrics(val_y.tolist(), val_logits.argmax(1).tolist(),
+                                     data.classes)
         val_loss = float(nn.functional.cross_entropy(val_logits, val_y))
-        seconds = time.perf_counter() - epoch_start
-        record = {"epoch": epoch, "loss": total / max(seen, 1), "val_loss": val_loss,
-                  "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                  "seconds": seconds, "images_per_second": seen / seconds}
-        state["history"].append(record)
+        seconds = record.pop("seconds") + time.perf_counter() - val_started
+        images = record.pop("images")
+        record.update(val_loss=val_loss, val_accuracy=val["accuracy"],
+                      val_macro_f1=val["macro_f1"], seconds=seconds,
+                      images_per_second=images / seconds)
         # Val sets of a few hundred cells often tie on F1 near 1.0: the loss breaks ties.
-        score = (val["macro_f1"], -val_loss)
-        if tuple(state["best_score"]) < score:
-            state.update(best_score=score, best_epoch=epoch)
-            torch.save(model.state_dict(), out_dir / "best.pt")
-        state["epoch"] = epoch
-        save_checkpoint(checkpoint_path, model, optimizer, scheduler, generator, state,
-                        asdict(config))
-        log(f"epoch {epoch}: loss {record['loss']:.4f}  val loss {val_loss:.4f}  "
-            f"acc {val['accuracy']:.4f}  macro-F1 {val['macro_f1']:.4f}  {seconds:.1f}s "
-            f"({record['images_per_second']:.0f} img/s)")
+        return val["macro_f1"], -val_loss
 
-    model.load_state_dict(torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True))
+    def describe(record: dict, best: bool) -> str:
+        return (f"epoch {record['epoch']}: loss {record['loss']:.4f}  val loss "
+                f"{record['val_loss']:.4f}  acc {record['val_accuracy']:.4f}  macro-F1 "
+                f"{record['val_macro_f1']:.4f}  {record['seconds']:.1f}s "
+                f"({record['images_per_second']:.0f} img/s)")
+
+    run_epochs(config.epochs, state, epoch=one_epoch, validate=validate,
+               keep_best=lambda: folder.save_best(model), describe=describe,
+               save_last=lambda state: folder.save_last(model, optimizer, scheduler,
+                                                        generator, state), log=log)
+
+    folder.load_best(model)
     calibration = calibrate_confidence(
         predict_logits(model, val_x).softmax(1).numpy(), val_y.tolist())
     log(f"unidentified below confidence {calibration['threshold']:.3f} "

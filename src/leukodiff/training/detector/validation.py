@@ -1,0 +1,57 @@
+"""How a detector is validated during training and measured at its end."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from leukodiff.data.records import Field
+from leukodiff.metrics.detection import detection_metrics
+from leukodiff.models.detector import DetectorSpec, predict
+from leukodiff.training.detector.config import DetectorConfig
+from leukodiff.training.detector.fields import DetectorData, FieldImages
+
+
+def selection_score(metrics: dict, with_groups: bool = True) -> tuple[float, float]:
+    """Validation score: mean of class-agnostic AP50 and the per-group mean AP50 (or
+    AP50 alone when a group classifier will relabel the boxes); ties broken by
+    class-agnostic AP50:95."""
+    first = metrics["wbc"]["ap50"] or 0.0
+    if with_groups:
+        first = (first + metrics["groups"]["map50"]) / 2
+    return first, metrics["wbc"]["ap50_95"] or 0.0
+
+
+def validate(model, records: Sequence[Field], images: FieldImages | None = None,
+             batch_size: int = 4, refine: bool = True) -> dict:
+    """Detection metrics on `records` (decoded from disk unless `images` holds them)."""
+    inputs = ([images.image(i) for i in range(len(records))] if images is not None
+              else [r.image for r in records])
+    detections = predict(model, inputs, batch_size=batch_size, refine=refine)
+    spec: DetectorSpec = model.spec
+    return detection_metrics(detections, records, score_threshold=spec.score_threshold)
+
+
+def final_metrics(model, config: DetectorConfig, data: DetectorData,
+                  val_images: FieldImages | None = None) -> dict:
+    """What a finished detector's manifest reports: val, each source's test part, and the
+    test part with Faster R-CNN's own group labels (when a group classifier relabels)."""
+    metrics = {"val": validate(model, data.val, val_images)}
+    for source in config.sources:
+        tested = [r for r in data.test if r.source == source]
+        if tested:
+            metrics[test_key(source)] = validate(model, tested)
+    if config.spec.group_classifier and data.test:
+        metrics["test, Faster R-CNN labels (no group classifier)"] = validate(
+            model, data.test, refine=False)
+    return {name: short(m) for name, m in metrics.items()}
+
+
+def test_key(source: str) -> str:
+    """The manifest's name for the test figures of one source."""
+    return "test (BCCD VOC test list)" if source == "bccd" else f"test ({source} held-out part)"
+
+
+def short(metrics: dict) -> dict:
+    """Metrics without per-image lists (for logs and manifests)."""
+    return {k: v for k, v in metrics.items() if k != "per_image"}
+
