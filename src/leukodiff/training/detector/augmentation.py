@@ -1,4 +1,6 @@
-"""Training-time augmentation of detector fields."""
+"""Training-time augmentation of detector fields: native-size windows of large fields,
+mononuclear cells copied between fields, PBC cells of every type pasted in the field's
+colours, then flips, a rotation and a scale per batch, colour, gain and blur."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The group classifier's training phase."""
+"""The group classifier's phase: after the detector's epochs, a MobileNetV1-0.5 crop
+classifier learns mononuclear / polymorphonuclear from the training fields' cells (+ PBC
+cells), on `training.engine`; the best epoch on the val fields' cells is kept."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The detector's training loop."""
+"""The detector's training loop: `train_detector` (its epochs on `training.engine`, then
+the group classifier's phase, then the manifest) and `retrain_group_classifier` (the
+`train group` command: a trained detector's group classifier alone, trained again)."""
 
 from __future__ import annotations
 

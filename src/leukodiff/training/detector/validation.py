@@ -1,4 +1,5 @@
-"""How a detector is validated during training and measured at its end."""
+"""How a detector is validated during training (the score its epochs are chosen on) and
+measured at its end (the figures its manifest reports)."""
 
 from __future__ import annotations
 
