@@ -16,9 +16,9 @@ import pytest
 from station_helpers import FIELDS, upload, wait_analysed
 
 from leukodiff.data.sources.generic import read_class_folders, read_voc
-from leukodiff.server.app import PACKAGE
 from leukodiff.server.db import LABELS
 from leukodiff.server.exports import LOINC_PER_100_WBC, LOINC_PERCENT, LOINC_PERCENT_OTHER
+from leukodiff.server.state import PACKAGE
 from leukodiff.taxonomy import REVIEW_CLASSES, CellType, Counting, ObjectKind
 
 TYPES = [str(t) for t in CellType]

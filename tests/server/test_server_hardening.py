@@ -22,8 +22,8 @@ from station_helpers import FIELDS, PASSWORD, all_cells, upload, wait_analysed
 
 from leukodiff.server import Settings, SettingsError, create_app
 from leukodiff.server.analysis import AnalysisQueue
+from leukodiff.server.case_summary import differential
 from leukodiff.server.db import CaseStatus, FieldImage, Image, User
-from leukodiff.server.review import differential
 from leukodiff.server.storage import StoredImage
 
 
@@ -201,7 +201,7 @@ def test_signed_case_exports_valid_fhir_ascii_filenames_inert_csv(station, bccd)
 
 def test_same_image_to_two_cases_at_once_is_not_a_crash(station, bccd) -> None:
     """Two uploads of the same bytes to two cases raced on the images row (PostgreSQL: 500)."""
-    from leukodiff.server.review import add_field
+    from leukodiff.server.edits import add_field
 
     tech = station.client("tess")
     first = tech.post("/api/cases", json={"accession": "RACE-1"}).json()

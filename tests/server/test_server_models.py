@@ -23,7 +23,7 @@ from station_helpers import FIELDS, all_cells, new_case, upload, wait_analysed
 from test_server_api import _alembic
 
 from leukodiff.models.files import sha256_of, shipped
-from leukodiff.server.models import ROLES, set_digest
+from leukodiff.server.model_sets import ROLES, set_digest
 
 ADAPT_JOB = {"level2": {"epochs": 2, "replay_per_class": 6, "batch_size": 16},
              "detector": False}

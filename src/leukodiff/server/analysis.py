@@ -16,6 +16,7 @@ from sqlalchemy import select
 from leukodiff.imaging import ImageError
 from leukodiff.models.files import ModelFileError
 from leukodiff.pipeline import AnalysisError, Analyzer
+from leukodiff.server.case_summary import disagrees
 from leukodiff.server.db import (
     Case,
     CellRecord,
@@ -25,8 +26,8 @@ from leukodiff.server.db import (
     ModelSet,
     utcnow,
 )
-from leukodiff.server.models import SHIPPED, Analyzers, default_set, find_set, set_paths
-from leukodiff.server.review import audit, disagrees
+from leukodiff.server.model_sets import SHIPPED, Analyzers, default_set, find_set, set_paths
+from leukodiff.server.review import audit
 from leukodiff.server.settings import Settings
 from leukodiff.server.storage import ViewCache
 

@@ -6,8 +6,6 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -21,6 +19,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from leukodiff.pipeline import Analyzer
+from leukodiff.server.adapt_job import ModelJobs
 from leukodiff.server.analysis import AnalysisQueue
 from leukodiff.server.auth import (
     Forbidden,
@@ -30,12 +29,13 @@ from leukodiff.server.auth import (
 )
 from leukodiff.server.db import Database
 from leukodiff.server.exports import ExportError
-from leukodiff.server.models import ModelJobs, ModelSetError, ensure_shipped
+from leukodiff.server.model_sets import ModelSetError, ensure_shipped
 from leukodiff.server.review import ReviewError
+from leukodiff.server.routes import ROUTES
 from leukodiff.server.settings import Settings
+from leukodiff.server.state import PACKAGE, ServerState
 from leukodiff.server.storage import BlobStore, UploadError, ViewCache
 
-PACKAGE = Path(__file__).parent
 log = logging.getLogger(__name__)
 # Room for the multipart framing around the largest allowed set of files.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -48,22 +48,6 @@ SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "n
                     "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
 
 
-@dataclass
-class ServerState:
-    settings: Settings
-    db: Database
-    blobs: BlobStore
-    views: ViewCache
-    queue: AnalysisQueue
-    templates: Jinja2Templates
-    logins: LoginThrottle
-    jobs: ModelJobs
-
-
-def state_of(request: Request) -> ServerState:
-    return request.app.state.leukodiff
-
-
 def create_app(settings: Settings, analyzer: Analyzer | None = None) -> FastAPI:
     """A ready app: data dir made, schema migrated to head; analysis starts with the lifespan.
 
@@ -71,8 +55,6 @@ def create_app(settings: Settings, analyzer: Analyzer | None = None) -> FastAPI:
     None loads the shipped models on the first upload. Other model sets are loaded when
     an analysis first needs them.
     """
-    from leukodiff.server.routes import api, pages, public
-
     settings.prepare()
     db = Database(settings.url)
     db.migrate()
@@ -101,8 +83,7 @@ def create_app(settings: Settings, analyzer: Analyzer | None = None) -> FastAPI:
     # The routers' routes go in flat (prefix and dependencies are already applied to each),
     # so `app.routes` lists every endpoint: the security tests walk it.
     app = FastAPI(title="leukodiff review station", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None,
-                  routes=[*public.routes, *pages.routes, *api.routes])
+                  redoc_url=None, openapi_url=None, routes=list(ROUTES))
     app.state.leukodiff = state
     _add_handlers(app)
     _add_middleware(app, settings)

@@ -108,43 +108,43 @@ def serve(
 
 def create_user_command(
     username: str = Username,
+    password_stdin: bool = PasswordStdin,
+    temporary: bool = Temporary,
     role: str = typer.Option("admin", help="technologist | reviewer | admin."),
     data_dir: Path = DataDir,
     database_url: str | None = DatabaseUrl,
-    password_stdin: bool = PasswordStdin,
-    temporary: bool = Temporary,
 ) -> None:
-    """Create a user account (the first admin, or any account) without the web UI.
-
-    The password is temporary unless --permanent: it must be changed at the first sign-in.
-    """
+    """Create a user account (the first admin, or any account) without the web UI."""
     from leukodiff.server.auth import create_user
 
-    password = _read_password(password_stdin)
-    user = _change_account(data_dir, database_url, lambda session: create_user(
-        session, username, password, role, temporary=temporary))
+    user = _with_new_password(data_dir, database_url, password_stdin, lambda session, password:
+                              create_user(session, username, password, role, temporary=temporary))
     console.print(f"created {user.role} {user.username!r}" + (
         " (temporary password: to be changed at the first sign-in)" if temporary else ""))
 
 
 def set_password_command(
     username: str = Username,
-    data_dir: Path = DataDir,
-    database_url: str | None = DatabaseUrl,
     password_stdin: bool = PasswordStdin,
     temporary: bool = Temporary,
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
 ) -> None:
-    """Reset a password (a locked-out admin, a forgotten password); the user's sessions end.
-
-    The password is temporary unless --permanent: it must be changed at the next sign-in.
-    """
+    """Reset a password (a locked-out admin, a forgotten one): the user's sessions end."""
     from leukodiff.server.auth import set_password
 
-    password = _read_password(password_stdin)
-    user = _change_account(data_dir, database_url, lambda session: set_password(
-        session, username, password, temporary=temporary))
+    user = _with_new_password(data_dir, database_url, password_stdin, lambda session, password:
+                              set_password(session, username, password, temporary=temporary))
     console.print(f"new password set for {user.username!r}" + (
         " (temporary: to be changed at the next sign-in)" if temporary else ""))
+
+
+def _with_new_password(data_dir: Path, database_url: str | None, password_stdin: bool,
+                       change: Callable[[Session, str], User]) -> User:
+    """Read the new password (typed twice, or one line of standard input), then run
+    `change(session, password)` as an account change."""
+    password = _read_password(password_stdin)
+    return _change_account(data_dir, database_url, lambda session: change(session, password))
 
 
 def _change_account(data_dir: Path, database_url: str | None,

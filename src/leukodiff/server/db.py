@@ -58,18 +58,6 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
-class FieldStatus(StrEnum):
-    QUEUED = "queued"
-    ANALYSING = "analysing"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class CaseStatus(StrEnum):
-    OPEN = "open"
-    SIGNED = "signed"
-
-
 class UTCDateTime(TypeDecorator):
     """Aware UTC datetimes on every backend.
 
@@ -126,6 +114,11 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class CaseStatus(StrEnum):
+    OPEN = "open"
+    SIGNED = "signed"
+
+
 class Case(Base):
     """One sample / slide, identified by its accession id."""
 
@@ -155,6 +148,13 @@ class Case(Base):
     __mapper_args__: ClassVar = {"version_id_col": version}
 
 
+class FieldStatus(StrEnum):
+    QUEUED = "queued"
+    ANALYSING = "analysing"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class FieldImage(Base):
     """A field image of a case, with its analysis state."""
 
@@ -181,7 +181,7 @@ class FieldImage(Base):
     excluded_at: Mapped[datetime | None] = mapped_column(default=None)
     excluded_by: Mapped[str | None] = mapped_column(String(64), default=None)
     # The model set (`model_sets.name`) whose calls the cells carry, and that set's digest
-    # (`models.set_digest`: one sha256 over its files' hashes); None: not analysed yet, or
+    # (`model_sets.set_digest`: one sha256 over its files' hashes); None: not analysed yet, or
     # analysed before schema 0006 (the shipped models then). `pending_model_set`: the set a
     # queued re-analysis asked for (None: the default set when the analysis starts).
     model_set: Mapped[str | None] = mapped_column(String(64), default=None)
@@ -243,7 +243,7 @@ class ModelSet(Base):
     base: Mapped[str | None] = mapped_column(String(64), default=None)  # the set it started from
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
-    sha256: Mapped[str] = mapped_column(String(64))  # `models.set_digest` of `files`
+    sha256: Mapped[str] = mapped_column(String(64))  # `model_sets.set_digest` of `files`
     files: Mapped[dict[str, Any]] = mapped_column()
     figures: Mapped[dict[str, Any]] = mapped_column()
     is_default: Mapped[bool] = mapped_column(default=False, server_default=false())

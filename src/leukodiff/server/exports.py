@@ -18,14 +18,14 @@ from typing import Any
 
 from leukodiff.data.crops import crop_cell
 from leukodiff.data.records import Box
-from leukodiff.server.db import NOT_WBC, UNIDENTIFIED, AuditEvent, Case, CellRecord
-from leukodiff.server.review import (
+from leukodiff.server.case_summary import (
     case_dict,
     counted_fields,
     differential,
     model_sets_used,
     sign_off_check,
 )
+from leukodiff.server.db import NOT_WBC, UNIDENTIFIED, AuditEvent, Case, CellRecord
 from leukodiff.server.storage import ViewCache
 from leukodiff.taxonomy import REVIEW_CLASS, REVIEW_CLASSES, CellType
 

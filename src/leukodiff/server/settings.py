@@ -44,7 +44,7 @@ class Settings:
     # Where the adapt job finds the base models' own training data to replay (None: the
     # usual data roots, `data.root.data_roots`); a set missing there is left out, and said.
     data_root: Path | None = None
-    # The adapt job's configuration (`models.AdaptJobConfig`: level-2 and detector
+    # The adapt job's configuration (`adapt_job.AdaptJobConfig`: level-2 and detector
     # overrides, detector on/off); None: the library's defaults, as `leukodiff adapt`.
     adapt_job: dict | None = None
 
