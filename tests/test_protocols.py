@@ -8,6 +8,7 @@ import torch
 
 from leukodiff.data.sources import load_fields
 from leukodiff.data.splits import Split
+from leukodiff.evaluation import kbc_matching as M
 from leukodiff.evaluation import protocols as P
 from leukodiff.evaluation import provenance as V
 from leukodiff.evaluation.results import EvalConfig, evaluate_all
@@ -89,16 +90,16 @@ def test_head_run_trains_on_train_side_only():
 
 def test_balanced_assignment_respects_capacity():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.6], [-2.0, 0.5]])
-    choice = V.balanced_assignment(scores, capacity=2)
+    choice = M.balanced_assignment(scores, capacity=2)
     assert torch.bincount(choice, minlength=2).max() <= 2
     assert choice.tolist() == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="do not fit"):
-        V.balanced_assignment(scores, capacity=1)
+        M.balanced_assignment(scores, capacity=1)
 
 
 def test_the_matcher_finds_the_field_of_kbc_like_copies(shared_data):
     fields = [f for f in load_fields("bccd", shared_data).records if f.wbc_boxes][:12]
-    templates = V.bccd_templates(fields)
+    templates = M.bccd_templates(fields)
     assert len(templates.descriptors) == 108 * sum(len(f.wbc_boxes) for f in fields)
     check = V.synthetic_check(fields, templates, n=12, seed=1)
     assert check["accuracy"] >= 0.75
