@@ -14,7 +14,7 @@ fraction on each side.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +43,10 @@ def find_duplicates(records: Sequence[Cell | Field]) -> list[list[int]]:
     return [indices for indices in by_content.values() if len(indices) > 1]
 
 
-def _union_find(n: int, links: list[list[int]]) -> list[int]:
+def connected_components(n: int, links: Iterable[Sequence[int]]) -> list[int]:
+    """Union-find over items 0..n-1: each link joins all its members into one component.
+    Returns each item's component as the index of its root; only which items share a
+    root is meaningful (the roots fix the order `monte_carlo` draws units in)."""
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -70,7 +73,7 @@ def split_units(records: Sequence[Cell | Field], grouped: bool) -> list[int]:
         for index, record in enumerate(records):
             by_group[record.group_key].append(index)
         links += list(by_group.values())
-    return _union_find(len(records), links)
+    return connected_components(len(records), links)
 
 
 def record_label(record: Cell | Field) -> str:

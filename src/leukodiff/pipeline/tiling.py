@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from leukodiff.data.splits import connected_components
 from leukodiff.pipeline.boxes import (
     Detections,
     box_area,
@@ -89,28 +90,20 @@ def overlap_groups(boxes: np.ndarray, bucket: float | None = None) -> list[np.nd
         for gy in range(first[i, 1], last[i, 1] + 1):
             for gx in range(first[i, 0], last[i, 0] + 1):
                 squares.setdefault((gx, gy), []).append(i)
-    parent = list(range(count))
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    def touching_pairs():
+        for members in squares.values():
+            if len(members) < 2:
+                continue
+            index = np.asarray(members)
+            b = boxes[index]
+            touch = ((b[:, None, 0] <= b[None, :, 2]) & (b[None, :, 0] <= b[:, None, 2])
+                     & (b[:, None, 1] <= b[None, :, 3]) & (b[None, :, 1] <= b[:, None, 3]))
+            yield from index[np.argwhere(np.triu(touch, 1))].tolist()
 
-    for members in squares.values():
-        if len(members) < 2:
-            continue
-        index = np.asarray(members)
-        b = boxes[index]
-        touch = ((b[:, None, 0] <= b[None, :, 2]) & (b[None, :, 0] <= b[:, None, 2])
-                 & (b[:, None, 1] <= b[None, :, 3]) & (b[None, :, 1] <= b[:, None, 3]))
-        for a, c in zip(*np.nonzero(np.triu(touch, 1)), strict=True):
-            ra, rc = root(int(index[a])), root(int(index[c]))
-            if ra != rc:
-                parent[max(ra, rc)] = min(ra, rc)
     groups: dict[int, list[int]] = {}
-    for i in range(count):
-        groups.setdefault(root(i), []).append(i)
+    for i, component in enumerate(connected_components(count, touching_pairs())):
+        groups.setdefault(component, []).append(i)
     return [np.asarray(g, dtype=np.int64) for g in groups.values()]
 
 
