@@ -415,7 +415,7 @@ def test_shipped_detector_on_bcd_tiles_from_another_lab(shared_data):
 
 
 def test_group_cross_validation_folds_partition_bccd_fields_by_field(shared_data):
-    from leukodiff.evaluation.groups import _figures, field_folds
+    from leukodiff.evaluation.groups import field_folds, group_figures
     from leukodiff.training.detector import group_cells
 
     records = [r for r in load_fields("bccd", shared_data).records if group_cells([r])[0]]
@@ -425,7 +425,7 @@ def test_group_cross_validation_folds_partition_bccd_fields_by_field(shared_data
     for train, test in folds:
         assert not {r.image.name for r in train} & {r.image.name for r in test}
         assert any(has_mononuclear(r) for r in test)  # stratified: mononuclear cells in each
-    figures = _figures([0, 0, 1, 1, 1], [0, 1, 1, 1, 0])
+    figures = group_figures([0, 0, 1, 1, 1], [0, 1, 1, 1, 0])
     assert figures["accuracy"] == 0.6 and figures["mononuclear_recall"] == 0.5
     assert figures["polymorphonuclear_recall"] == 2 / 3 and figures["mononuclear"] == 2
 

@@ -75,7 +75,7 @@ def group_cross_validation(folds: int = 5, seed: int = 0, *, data_root=None,
             predicted = classifier(images).argmax(1).tolist()
         truth_all += truth
         predicted_all += predicted
-        result = _figures(truth, predicted)
+        result = group_figures(truth, predicted)
         result.update({"fold": fold + 1, "fields": len(test), "best_epoch": info["best_epoch"]})
         per_fold.append(result)
         log(f"fold {fold + 1}/{folds}: {result['cells']} cells, accuracy "
@@ -84,14 +84,15 @@ def group_cross_validation(folds: int = 5, seed: int = 0, *, data_root=None,
     summary = {key: {"mean": float(np.mean([f[key] for f in per_fold])),
                      "std": float(np.std([f[key] for f in per_fold]))}
                for key in ("accuracy", "mononuclear_recall", "polymorphonuclear_recall")}
-    return {"folds": per_fold, "pooled": _figures(truth_all, predicted_all),
+    return {"folds": per_fold, "pooled": group_figures(truth_all, predicted_all),
             "mean_std": summary, "fields": len(records), "seed": seed,
             "recipe": {"group_epochs": config.group_epochs, "group_lr": config.group_lr,
                        "group_pbc_per_type": config.group_pbc_per_type,
                        "group_bccd_repeat": config.group_bccd_repeat}}
 
 
-def _figures(truth: list[int], predicted: list[int]) -> dict:
+def group_figures(truth: list[int], predicted: list[int]) -> dict:
+    """Accuracy and per-group recall of group calls (0 mononuclear, 1 polymorphonuclear)."""
     truth_array, predicted_array = np.asarray(truth), np.asarray(predicted)
 
     def recall(group: int) -> float:
