@@ -4,6 +4,7 @@ colours, then flips, a rotation and a scale per batch, colour, gain and blur."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from leukodiff.imaging import lab_to_srgb, load_image, srgb_to_lab
 from leukodiff.models.detector import LABEL_OF, predict
 from leukodiff.models.io import load_detector
 from leukodiff.taxonomy import GROUP_OF, Group
+from leukodiff.training.cells import StainJitter
 from leukodiff.training.detector.config import DetectorConfig
 from leukodiff.training.detector.fields import FieldImages, field_target, unknown_group_boxes
 
@@ -123,6 +125,7 @@ class Augmenter:
                 if box.group == Group.MONONUCLEAR and whole and min(box.width, box.height) > 60:
                     self.donors.append((index, tuple(round(c) for c in box.xyxy)))
         self.color = v2.ColorJitter(*config.color_jitter)
+        self.stain = StainJitter(config.stain_jitter) if config.stain_jitter else None
         self.window = (config.spec.max_size, config.spec.min_size)  # native field (w, h)
 
     def cut_window(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor
@@ -258,6 +261,12 @@ class Augmenter:
                 image = TF.crop(image, top, left, h, w)
                 target["boxes"] = TF.crop(target["boxes"], top, left, h, w)
         image = self.color(image)
+        if self.stain is not None:
+            image = tv_tensors.wrap(self.stain(image.as_subclass(torch.Tensor)), like=image)
+        if self.config.gamma:
+            power = math.exp(self.config.gamma * (2 * float(torch.rand(())) - 1))
+            image = tv_tensors.wrap(((image.float() / 255) ** power * 255).round()
+                                    .to(torch.uint8), like=image)
         if self.config.channel_gain:
             gain = 1 + self.config.channel_gain * (2 * torch.rand(3, 1, 1) - 1)
             image = tv_tensors.wrap((image.float() * gain).clamp(0, 255).to(torch.uint8),

@@ -1,0 +1,58 @@
+"""Does a wider ImageNet backbone make level 2 work on a lab it never saw?
+
+    python experiments/labs_level2_backbone.py 0.75 runs/labs-l2-w075   # ~40 min on 2 cores
+
+Leave one lab out, level 2 alone, exactly as experiments/labs_level2_augmentation.py
+(the schedule of `leukodiff evaluate labs`: 20 epochs, at most 400 cells per class,
+source and part, seed 0, augmentation "lab", crop normalisation "reinhard", selected on
+the training labs' validation parts), with the MobileNetV1 width as the only change
+(0.5 is the paper's and the shipped one; ../shared/weights also has 0.25 and 0.75).
+Measured on every typed cell of the held-out lab (true boxes, true group).
+
+Status (2026-12-06): not yet measured (stopped at the first fold's 7th epoch on a
+machine shared with eight other jobs; runs/labs-l2-w075 resumes it).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from leukodiff.data.sources import load_cells
+from leukodiff.evaluation.labs import (
+    TYPED_LABS,
+    FoldModels,
+    LabsConfig,
+    available_labs,
+    measure_types,
+)
+from leukodiff.models.export import export_classifier
+from leukodiff.training.classifier import ClassifierConfig, train_classifier
+
+width, out = float(sys.argv[1]), Path(sys.argv[2])
+config = LabsConfig(augmentation="lab", stain="reinhard")
+console = Console()
+present = available_labs(None)
+for lab in (x for x in TYPED_LABS if present[x]):
+    sources = [x for x in TYPED_LABS if x != lab and present[x]]
+    models = FoldModels()
+    for task in ("mononuclear", "polymorphonuclear"):
+        folder = out / f"without-{lab}" / task
+        recipe = ClassifierConfig(task=task, sources=tuple(sources),
+                                  epochs=config.classifier_epochs,
+                                  max_per_class=config.max_per_class, seed=config.seed,
+                                  augmentation=config.augmentation, stain=config.stain,
+                                  width=width)
+        if not (folder / "model.pt").exists():
+            train_classifier(recipe, folder, resume=(folder / "last.pt").exists(),
+                             log=console.print)
+        if not (folder / "model.onnx").exists():
+            export_classifier(folder / "model.pt")
+        setattr(models, task, folder / "model.pt")
+    with models.analyzer(threads=None) as analyzer:
+        result = measure_types(analyzer, load_cells(lab).records, lab)
+    recall = ", ".join(f"{t} {r:.2f}" for t, r in result["recall"].items())
+    console.print(f"held out {lab}: accuracy {result['accuracy']:.3f} macro-F1 "
+                  f"{result['macro_f1']:.3f} ({recall})")
