@@ -16,6 +16,7 @@ from PIL import Image
 tifffile = pytest.importorskip("tifffile")
 
 from leukodiff.pipeline.boxes import Detections, box_iou  # noqa: E402
+from leukodiff.pipeline.scale import DETECTOR_MPP  # noqa: E402
 from leukodiff.pipeline.tiling import merge_tiles, merge_tiles_local, tile_origins  # noqa: E402
 from leukodiff.pipeline.wholeslide import (  # noqa: E402
     SlideError,
@@ -38,7 +39,7 @@ FIELDS = {
 }
 CANVAS = (2560, 1920)  # the right and bottom parts stay plain: background windows
 PLAIN = (214, 200, 206)  # a smear's background colour, flat
-MPP = 0.25
+MPP = DETECTOR_MPP  # BCCD's fields' own scale: the windows are not resized
 
 
 def wbc_box(root: Path, stem: str) -> list[float]:
