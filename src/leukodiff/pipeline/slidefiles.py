@@ -297,6 +297,12 @@ class OpenSlideSlide(Slide):
         except ValueError:
             self.mpp = None
         self.mpp_source = "openslide.mpp-x" if self.mpp else "none"
+        try:  # the last tile of the full level: a truncated file says so now
+            self._read_level(0, self.width - 1, self.height - 1, self.width, self.height)
+        except SlideError as error:
+            self.close()
+            raise SlideError(f"{self.path}: the file is truncated or corrupt: its last "
+                             f"tile cannot be read ({str(error).split(' (', 1)[-1]}") from None
 
     def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         x0, y0, x1, y1 = self._clip(level, x0, y0, x1, y1)
@@ -328,21 +334,29 @@ class DicomSlide(Slide):
             raise _missing("wsidicom", "'leukodiff[wsi]' (or: pip install wsidicom)",
                            self.path) from None
         folder = self.path if self.path.is_dir() else self.path.parent
+        _check_dicom_headers(folder)
+        from wsidicom.errors import WsiDicomNoResolutionError
         try:
             self._wsi = WsiDicom.open(folder)
             pyramid = list(self._wsi.levels)
             self.levels = [(int(lv.size.width), int(lv.size.height)) for lv in pyramid]
             self._numbers = [int(lv.level) for lv in pyramid]  # wsidicom's level: 2^n
+        except WsiDicomNoResolutionError:
+            raise SlideError(f"{self.path}: the DICOM WSI gives no PixelSpacing (microns per "
+                             "pixel), which its image instances must have; wsidicom cannot "
+                             "place its levels without it") from None
         except Exception as error:  # pydicom and wsidicom raise many kinds
-            raise SlideError(f"{self.path}: not a readable DICOM WSI ({error}); is a file "
+            raise SlideError(f"{self.path}: not a readable DICOM WSI ({error!r}); is a file "
                              "corrupt or truncated, or the folder not one slide?") from None
         self.width, self.height = self.levels[0]
-        try:
-            mpp = self._wsi.mpp.width  # micrometres per pixel, from PixelSpacing
-        except Exception:  # no PixelSpacing in the file
-            mpp = None
-        self.mpp = _plausible(mpp)
+        self.mpp = _plausible(float(self._wsi.mpp.width))  # um a pixel, from PixelSpacing
         self.mpp_source = "DICOM PixelSpacing" if self.mpp else "none"
+        try:  # the last frame of the full level: a truncated file says so now
+            self._read_level(0, self.width - 1, self.height - 1, self.width, self.height)
+        except SlideError as error:
+            self.close()
+            raise SlideError(f"{self.path}: the file is truncated or corrupt: its last "
+                             f"frame cannot be read ({str(error).split(' (', 1)[-1]}") from None
 
     def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         x0, y0, x1, y1 = self._clip(level, x0, y0, x1, y1)
@@ -358,6 +372,21 @@ class DicomSlide(Slide):
 
     def close(self) -> None:
         self._wsi.close()
+
+
+def _check_dicom_headers(folder: Path) -> None:
+    """Every .dcm file of a DICOM WSI folder must be DICOM: wsidicom would skip a broken
+    one silently (a corrupt full-resolution level would leave the slide at half size)."""
+    import pydicom
+
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() != DICOM_SUFFIX:
+            continue
+        try:
+            pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as error:
+            raise SlideError(f"{path}: not a readable DICOM file ({error}); is it corrupt "
+                             "or truncated?") from None
 
 
 def open_slide(path: str | Path) -> Slide:

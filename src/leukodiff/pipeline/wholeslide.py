@@ -129,6 +129,24 @@ class SlideResult:
                                   if self.counting_area is not None else None)}
 
 
+    def summary(self) -> list[str]:
+        """What a reader of the report must know: the scale's notes, the counting area."""
+        lines = list(self.notes)
+        if (area := self.counting_area) is not None:
+            size = (f"{area.area_mm2['monolayer']:.3g} mm^2" if area.area_mm2 is not None
+                    else f"{area.area_px['monolayer']:.3g} px")
+            read = sum(n for zone, n in area.windows.items() if zone != "background")
+            outside = {z: n for z, n in area.cells.items() if z != "monolayer" and n}
+            head = (f"counting area (monolayer): {size}, {area.windows['monolayer']} of {read} "
+                    f"windows read; {area.cells['monolayer']} white cells inside it")
+            if area.restricted:
+                lines.append(f"{head}, only these counted (thick and thin areas not searched)")
+            else:
+                lines.append(f"{head}, {sum(outside.values())} outside" + (
+                    f" ({', '.join(f'{z} {n}' for z, n in outside.items())})" if outside else ""))
+        return lines
+
+
 def _ruler(slide: Slide, windows: list[Window], samples: int = 6) -> float | None:
     """The red-cell ruler's ratio (cells' size / BCCD's) on up to `samples` windows
     spread over the slide (median), None when none tells."""
