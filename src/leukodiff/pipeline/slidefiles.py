@@ -301,7 +301,7 @@ class OpenSlideSlide(Slide):
             self._read_level(0, self.width - 1, self.height - 1, self.width, self.height)
         except SlideError as error:
             self.close()
-            raise SlideError(f"{self.path}: the file is truncated or corrupt: its last "
+            raise SlideError(f"{self.path}: the file is corrupt or truncated: its last "
                              f"tile cannot be read ({str(error).split(' (', 1)[-1]}") from None
 
     def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
@@ -355,7 +355,7 @@ class DicomSlide(Slide):
             self._read_level(0, self.width - 1, self.height - 1, self.width, self.height)
         except SlideError as error:
             self.close()
-            raise SlideError(f"{self.path}: the file is truncated or corrupt: its last "
+            raise SlideError(f"{self.path}: the file is corrupt or truncated: its last "
                              f"frame cannot be read ({str(error).split(' (', 1)[-1]}") from None
 
     def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
