@@ -56,7 +56,7 @@ def same_cells(result, reference: np.ndarray, known: np.ndarray) -> None:
 def test_dicom_wsi_read_lazily_with_its_pixel_spacing(tiff_slide, tiff_cells, analyzer,
                                                       tmp_path):
     pytest.importorskip("wsidicom")
-    path, canvas, known = tiff_slide
+    _, canvas, known = tiff_slide
     folder = tmp_path / "dicom"
     write_dicom_wsi(folder, canvas, MPP)
     assert is_whole_slide(folder) and is_whole_slide(folder / "level0.dcm")

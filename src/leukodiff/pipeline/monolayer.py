@@ -15,8 +15,9 @@ Overlapping red cells raise it (two BCCD fields laid over one another: ~0.65, th
 glass (p5-p95): CELL_TRANSMITTANCE is their median.
 
 Each window speaks for its core: the part of the slide nearer its centre than any other
-window's (the overlapping windows' cores tile the slide once), so areas add up and a
-cell belongs to the window whose core holds its centre.
+window's (the overlapping windows' cores tile the slide once), measured on that part
+alone (a window straddling a thick and a thin area would average to a monolayer), so
+areas add up and a cell belongs to the window whose core holds its centre.
 """
 
 from __future__ import annotations
@@ -75,34 +76,53 @@ class CountingArea:
                 "cells": self.cells}
 
 
-def _cores(origins: Sequence[int], tile: int, length: int) -> np.ndarray:
-    """Boundaries of the windows' cores along one axis: midway between window centres."""
-    centres = np.asarray(origins, dtype=np.float64) + tile / 2
-    return np.concatenate([[0.0], (centres[1:] + centres[:-1]) / 2, [float(length)]])
+class Cores:
+    """The windows' cores: along each axis, midway between neighbouring window centres;
+    the cores of a grid of overlapping windows tile the slide once."""
+
+    def __init__(self, grid: Sequence[tuple[int, int]], tile: tuple[int, int],
+                 size: tuple[int, int]) -> None:
+        self.xs = sorted({x for x, _ in grid})
+        self.ys = sorted({y for _, y in grid})
+        self.bx = self._bounds(self.xs, tile[0], size[0])
+        self.by = self._bounds(self.ys, tile[1], size[1])
+
+    @staticmethod
+    def _bounds(origins: Sequence[int], tile: int, length: int) -> np.ndarray:
+        centres = np.asarray(origins, dtype=np.float64) + tile / 2
+        return np.concatenate([[0.0], (centres[1:] + centres[:-1]) / 2, [float(length)]])
+
+    def core(self, x: int, y: int) -> tuple[float, float, float, float]:
+        """The core (x0, y0, x1, y1) of the window at origin (x, y), level-0 pixels."""
+        ix, iy = self.xs.index(x), self.ys.index(y)
+        return self.bx[ix], self.by[iy], self.bx[ix + 1], self.by[iy + 1]
+
+    def window_of(self, points: np.ndarray) -> list[tuple[int, int]]:
+        """The origin of the window whose core holds each (x, y) point."""
+        ix = np.clip(np.searchsorted(self.bx, points[:, 0], side="right") - 1, 0,
+                     len(self.xs) - 1)
+        iy = np.clip(np.searchsorted(self.by, points[:, 1], side="right") - 1, 0,
+                     len(self.ys) - 1)
+        return [(self.xs[i], self.ys[j]) for i, j in zip(ix, iy, strict=True)]
 
 
-def counting_area(zones: dict[tuple[int, int], str], grid: Sequence[tuple[int, int]],
-                  tile: tuple[int, int], size: tuple[int, int], boxes: np.ndarray,
+def counting_area(zones: dict[tuple[int, int], str], cores: Cores, boxes: np.ndarray,
                   mpp: float | None, glass: float, restricted: bool
                   ) -> tuple[CountingArea, np.ndarray]:
-    """The counting area of a slide whose windows (origins `grid`, `tile` wide) were placed
-    in `zones` (by origin; missing: background), and whether each box's centre lies in
-    the monolayer."""
-    xs = sorted({x for x, _ in grid})
-    ys = sorted({y for _, y in grid})
-    bx, by = _cores(xs, tile[0], size[0]), _cores(ys, tile[1], size[1])
+    """The counting area of a slide whose windows' cores were placed in `zones` (by the
+    window's origin; missing: background), and whether each box's centre lies in the
+    monolayer."""
     windows = dict.fromkeys(ZONES, 0)
     area = dict.fromkeys(ZONES, 0.0)
-    for iy, y in enumerate(ys):
-        for ix, x in enumerate(xs):
+    for y in cores.ys:
+        for x in cores.xs:
             zone = zones.get((x, y), "background")
+            x0, y0, x1, y1 = cores.core(x, y)
             windows[zone] += 1
-            area[zone] += float((bx[ix + 1] - bx[ix]) * (by[iy + 1] - by[iy]))
+            area[zone] += float((x1 - x0) * (y1 - y0))
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    ix = np.clip(np.searchsorted(bx, cx, side="right") - 1, 0, len(xs) - 1)
-    iy = np.clip(np.searchsorted(by, cy, side="right") - 1, 0, len(ys) - 1)
-    where = [zones.get((xs[i], ys[j]), "background") for i, j in zip(ix, iy, strict=True)]
+    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
+    where = [zones.get(origin, "background") for origin in cores.window_of(centres)]
     cells = {zone: where.count(zone) for zone in ZONES}
     mm2 = None if mpp is None else {z: a * (mpp / 1000) ** 2 for z, a in area.items()}
     inside = np.array([w == "monolayer" for w in where], dtype=bool)

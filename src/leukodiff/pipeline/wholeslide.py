@@ -40,6 +40,7 @@ from leukodiff.data.records import Box
 from leukodiff.pipeline.analyzer import Analyzer, CellCall, FieldResult
 from leukodiff.pipeline.boxes import Detections
 from leukodiff.pipeline.monolayer import (
+    Cores,
     CountingArea,
     counting_area,
     coverage,
@@ -229,11 +230,18 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
         native = (max(1, round(size[0] * scale.shrink)), max(1, round(size[1] * scale.shrink)))
         if native != tuple(size):
             windows, skipped = plan_windows(slide, native, thumbnail=thumbnail)
+        tile = (min(native[0], slide.width), min(native[1], slide.height))
+        cores = Cores([(w.x0, w.y0) for w in (*windows, *skipped)], tile,
+                      (slide.width, slide.height))
         zones: dict[tuple[int, int], str] = {}
         found, origins = [], []
         for window, image in track(iter_windows(slide, windows, scale.shrink),
                                    "Reading windows"):
-            zone = zones[window.x0, window.y0] = zone_of(coverage(np.asarray(image), glass))
+            fx, fy = image.width / tile[0], image.height / tile[1]
+            x0, y0, x1, y1 = cores.core(window.x0, window.y0)
+            core = np.asarray(image)[round((y0 - window.y0) * fy):round((y1 - window.y0) * fy),
+                                     round((x0 - window.x0) * fx):round((x1 - window.x0) * fx)]
+            zone = zones[window.x0, window.y0] = zone_of(coverage(core, glass))
             if monolayer_only and zone != "monolayer":
                 continue
             detections = analyzer._detect_field(image)  # the pipeline's own
@@ -247,10 +255,8 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
             origins.append(window.box)
         merged = merge_tiles_local(found, origins, (slide.width, slide.height))
         merged = merged.above(analyzer.detection_threshold)
-        grid = [(w.x0, w.y0) for w in (*windows, *skipped)]
-        tile = (min(native[0], slide.width), min(native[1], slide.height))
-        area, inside = counting_area(zones, grid, tile, (slide.width, slide.height),
-                                     merged.boxes, scale.mpp, glass, monolayer_only)
+        area, inside = counting_area(zones, cores, merged.boxes, scale.mpp, glass,
+                                     monolayer_only)
         if monolayer_only:
             merged = merged.take(np.flatnonzero(inside))
         cells = _classify(analyzer, slide, merged, windows)
