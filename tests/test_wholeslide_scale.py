@@ -147,8 +147,11 @@ def zones_slide(bccd: Path, path: Path) -> np.ndarray:
         sparse = field(others[i + 4])
         sparse[(rows // 120 + 2 * (columns // 160)) % 5 != 0] = glass
         canvas[y:y + 480, 2560 + x:3200 + x] = sparse
-    tifffile.imwrite(path, canvas, tile=(256, 256), compression="zlib", photometric="rgb",
-                     resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path) as tif:  # pyramidal: read as a whole slide
+        tif.write(canvas, tile=(256, 256), compression="zlib", photometric="rgb", subifds=1,
+                  resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER")
+        tif.write(np.ascontiguousarray(canvas[::2, ::2]), tile=(256, 256), subfiletype=1,
+                  compression="zlib", photometric="rgb")
     return np.array(known, dtype=np.float32)
 
 
@@ -181,3 +184,22 @@ def test_counting_area_is_the_monolayer(bccd, analyzer, tmp_path):
     assert ((box_iou(known, boxes) >= 0.5).sum(1) == 1).all()
     assert ((boxes[:, 0] + boxes[:, 2]) / 2 < 1280 + 200).all()
     assert "only these counted" in " ".join(only.summary())
+
+    from typer.testing import CliRunner
+
+    from leukodiff.cli import app
+
+    out = tmp_path / "out"
+    done = CliRunner().invoke(app, ["analyze", str(path), "--out", str(out), "--threads", "1",
+                                    "--monolayer-only"])
+    assert done.exit_code == 0, done.output
+    assert "only these counted" in " ".join(done.output.split())
+    (record,) = (out / "fields").glob("*.json")
+    counted = json.loads(record.read_text())["whole_slide"]["counting_area"]
+    assert counted["counted"] == "monolayer only"
+    assert counted["cells"]["monolayer"] == len(boxes)
+    assert json.loads((out / "differential.json").read_text())["total"] == len(boxes)
+    refused = CliRunner().invoke(app, ["analyze", str(tmp_path), "--slides", "--out",
+                                       str(tmp_path / "slides"), "--monolayer-only"])
+    assert refused.exit_code == 1 and "--monolayer-only works on whole-slide files" in \
+        " ".join(refused.output.split())

@@ -335,9 +335,14 @@ class DicomSlide(Slide):
                            self.path) from None
         folder = self.path if self.path.is_dir() else self.path.parent
         _check_dicom_headers(folder)
+        from wsidicom.config import Settings
         from wsidicom.errors import WsiDicomNoResolutionError
+
+        # its frame caches bounded as the TIFF reader's (wsidicom's default: 2 x 100 MB)
+        caches = Settings(decoded_frame_cache_size=CACHE_BYTES,
+                          encoded_frame_cache_size=CACHE_BYTES // 4)
         try:
-            self._wsi = WsiDicom.open(folder)
+            self._wsi = WsiDicom.open(folder, settings=caches)
             pyramid = list(self._wsi.levels)
             self.levels = [(int(lv.size.width), int(lv.size.height)) for lv in pyramid]
             self._numbers = [int(lv.level) for lv in pyramid]  # wsidicom's level: 2^n
