@@ -6,7 +6,6 @@ with a clear message; the grid-bucketed merge equals the all-pairs one."""
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,8 @@ import pytest
 from PIL import Image
 
 tifffile = pytest.importorskip("tifffile")
+
+from slide_helpers import CANVAS, FIELDS, MPP, build_slide  # noqa: E402
 
 from leukodiff.pipeline.boxes import Detections, box_iou  # noqa: E402
 from leukodiff.pipeline.tiling import merge_tiles, merge_tiles_local, tile_origins  # noqa: E402
@@ -24,54 +25,6 @@ from leukodiff.pipeline.wholeslide import (  # noqa: E402
     open_slide,
     plan_windows,
 )
-
-# BCCD fields with one white cell, well inside the field (not cut by its edge), which the
-# shipped Analyzer finds alone; pasted at these canvas positions (x, y), so that their
-# cells straddle the 640x480 windows' borders (windows start every 384 px across, 240 down).
-FIELDS = {
-    "BloodImage_00017": (90, 40),
-    "BloodImage_00022": (760, 70),
-    "BloodImage_00040": (1430, 20),
-    "BloodImage_00048": (140, 560),
-    "BloodImage_00057": (820, 590),
-    "BloodImage_00083": (1450, 610),
-}
-CANVAS = (2560, 1920)  # the right and bottom parts stay plain: background windows
-PLAIN = (214, 200, 206)  # a smear's background colour, flat
-MPP = 0.25
-
-
-def wbc_box(root: Path, stem: str) -> list[float]:
-    tree = ET.parse(root / "Annotations" / f"{stem}.xml").getroot()
-    (box,) = [[float(o.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-              for o in tree.iter("object") if o.findtext("name") == "WBC"]
-    return box
-
-
-def build_slide(root: Path, path: Path, *, mpp: float | None = MPP, levels: int = 3,
-                tile: int = 256) -> np.ndarray:
-    """Write the synthetic slide (tiled, `levels` levels as SubIFDs); its known white
-    cells in slide pixels, (n, 4)."""
-    canvas = np.empty((CANVAS[1], CANVAS[0], 3), dtype=np.uint8)
-    canvas[:] = PLAIN
-    known = []
-    for stem, (x, y) in FIELDS.items():
-        field = np.asarray(Image.open(root / "JPEGImages" / f"{stem}.jpg").convert("RGB"))
-        canvas[y:y + field.shape[0], x:x + field.shape[1]] = field
-        x0, y0, x1, y1 = wbc_box(root, stem)
-        known.append([x0 + x, y0 + y, x1 + x, y1 + y])
-    extra = {}
-    if mpp is not None:
-        extra = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(canvas, tile=(tile, tile), subifds=levels - 1, compression="zlib",
-                  photometric="rgb", **extra)
-        level = canvas
-        for _ in range(levels - 1):
-            level = level[::2, ::2]
-            tif.write(np.ascontiguousarray(level), tile=(tile, tile), subfiletype=1,
-                      compression="zlib", photometric="rgb")
-    return np.array(known, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -173,6 +173,10 @@ def analyze(
         "auto", help="Where the networks run: onnx (onnxruntime), torch, or auto "
         "(onnx when the exported ONNX files are there)."),
     threads: int | None = typer.Option(None, help="CPU threads [default: all cores]."),
+    monolayer_only: bool = typer.Option(False, help="Whole slides: count only the cells of "
+                                        "the counting area (the monolayer, where red cells "
+                                        "just touch); thick and thin areas are reported, "
+                                        "not searched."),
 ) -> None:
     """Find, classify and count the white cells of smear images; write a report.
 
@@ -184,11 +188,16 @@ def analyze(
     same outputs, cells also as cells.parquet, thumbnails in cells/), and OUT/summary.csv
     and summary.json, one row per slide.
 
-    A whole-slide file (a pyramidal or OME TIFF, or larger than 8000 px a side, with the
-    `wsi` extra; .svs/.ndpi/... with OpenSlide) is read window by window and counted as
-    one image: fields/*.overview.png shows its cells on the slide's lowest level.
+    A whole-slide file (a pyramidal or OME TIFF, or larger than 8000 px a side; a DICOM
+    WSI folder or .dcm file; .svs/.ndpi/.mrxs/... through OpenSlide: the `wsi` extra) is
+    read window by window at the detector's scale (from its microns per pixel, else
+    measured on its red cells) and counted as one image: fields/*.overview.png shows its
+    cells on the slide's lowest level; its counting area (monolayer) is reported.
     """
     if slides or manifest is not None:
+        if monolayer_only:
+            raise _fail("--monolayer-only works on whole-slide files (analyze slide.ome.tif), "
+                        "not with --slides or --manifest")
         _analyze_slides(paths or [], out, manifest, overwrite, resume, target, workers,
                         threads, detector, mononuclear, polymorphonuclear, min_confidence,
                         backend)
@@ -208,7 +217,8 @@ def analyze(
                            threads=threads, min_confidence=min_confidence) as analyzer:
             if reason := getattr(analyzer.backend, "fallback_reason", None):
                 console.print(f"[yellow]using torch[/]: {reason}", highlight=False)
-            run = analyze_to_folder(analyzer, paths, out, overwrite=overwrite, track=_track)
+            run = analyze_to_folder(analyzer, paths, out, overwrite=overwrite,
+                                    monolayer_only=monolayer_only, track=_track)
     except (ModelFileError, BackendError, OutputExistsError) as error:
         raise _fail(str(error)) from None
     diff = run.differential
@@ -221,6 +231,8 @@ def analyze(
     console.print(table)
     for name, reason in run.skipped:
         console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
+    for name, note in run.notes:
+        console.print(f"[cyan]note[/] {name}: {note}", highlight=False)
     if diff.warning:
         console.print(f"[bold yellow]warning[/]: {diff.warning}", highlight=False)
     console.print(f"report: {out / 'report.html'}  (per field: {out / 'fields'}, "

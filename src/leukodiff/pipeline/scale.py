@@ -34,6 +34,14 @@ MIN_CELL_FRACTION, MAX_CELL_FRACTION = 0.15, 0.85
 # count error at 1.7x: 271 / 0.58, at 2x: 266 / 0.41; without shrinking 252 / 1.31 and
 # 171 / 2.34).
 SHRINK_ABOVE = 1.5
+# The detector's scale in micrometres: red cells are ~7.5 um across, and BCCD's whole,
+# round red cells (boxes not cut by the field's edge, sides within 0.8-1.25 of each other:
+# 2674 of them) are 104 px at the median (p10-p90 91-118; tests/test_scale.py recomputes
+# it), so the detector learnt fields of about 0.072 um a pixel. A whole slide whose file
+# gives its microns per pixel is resized to this (`pipeline.wholeslide`).
+RED_CELL_MICRONS = 7.5
+RED_CELL_PIXELS = 104.0
+DETECTOR_MPP = RED_CELL_MICRONS / RED_CELL_PIXELS
 
 
 def cell_mask(image: Image.Image) -> np.ndarray:

@@ -1,32 +1,34 @@
-"""Whole-slide images: read lazily, window by window, and analysed as one slide.
+"""Whole-slide images, analysed window by window as one slide.
 
-    slide = open_slide("scan.ome.tif")          # size, levels, microns per pixel
     result = analyze_whole_slide(analyzer, "scan.ome.tif")   # SlideResult
+    result.field.cells, result.mpp, result.counting_area
 
-A pyramidal or OME TIFF (tifffile, the `wsi` extra) is read one tile of its file at a
-time: a window of the full-resolution level decodes only the file tiles it covers (a
-small cache holds the last ones, as neighbouring windows overlap), so memory stays
-bounded by a window, the cache and the lowest level, whatever the slide's size. Other
-formats (.svs, .ndpi, .mrxs, ...) go through OpenSlide when `openslide` imports.
+The file is read lazily region by region (`pipeline.slidefiles`: pyramidal / OME TIFF,
+DICOM WSI, OpenSlide formats). Windows are the detector's native field (640x480 for
+the shipped one) at the detector's scale, with half a side of overlap, as
+`pipeline.tiling.detect_tiled` uses; a window whose part of the thumbnail shows no
+structure (bare glass, a plain area) is skipped without being read. Boxes are merged
+across window borders with the grid-bucketed merge (`tiling.merge_tiles_local`), then
+each cell is classified from the one window that holds it whole (or a region read
+around it).
 
-Windows are the detector's native field (640x480 for the shipped one) with half a side
-of overlap, as `pipeline.tiling.detect_tiled` uses; a window whose part of the lowest
-level shows no structure (bare glass, a plain area: no cell of any kind) is skipped
-without reading it. Boxes are merged across window borders with the grid-bucketed
-merge (`tiling.merge_tiles_local`), then each cell is classified from the one window
-that holds it whole (or from a region read around it).
+Scale: the detector learnt fields of scale.DETECTOR_MPP micrometres a pixel (BCCD's red
+cells, 104 px, are 7.5 um). When the file gives its microns per pixel, windows of the
+same extent in micrometres are read and resized to the detector's field (unless within
+MPP_TOLERANCE); when it does not, the red-cell ruler (`pipeline.scale`) measures the
+cells on a few windows of the slide, its estimate is used and reported as such
+(resizing only when the cells look more than SHRINK_ABOVE times larger or smaller
+than BCCD's, the ruler's own precision), and a note says so.
 
-Scale: microns per pixel come from the file (OME PhysicalSizeX, the Aperio description,
-the TIFF resolution tags; None when absent or implausible) and are reported; the
-windows are shrunk, as the Analyzer shrinks a large frame, when the red-cell ruler
-(`pipeline.scale`) says the cells look much larger than BCCD's. The counting area (the
-monolayer) is not chosen yet: every window with structure is counted.
+Counting area (`pipeline.monolayer`): every window read is placed in the monolayer,
+a thick or a thin area by its red-cell coverage; the result reports each zone's
+windows, area and white cells, and `monolayer_only` counts the monolayer's cells alone
+(the other windows are then not run through the detector).
 """
 
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,288 +37,36 @@ import numpy as np
 from PIL import Image
 
 from leukodiff.data.records import Box
-from leukodiff.pipeline.analyzer import AnalysisError, Analyzer, CellCall, FieldResult
+from leukodiff.pipeline.analyzer import Analyzer, CellCall, FieldResult
 from leukodiff.pipeline.boxes import Detections
-from leukodiff.pipeline.scale import SHRINK_ABOVE, cell_size_ratio
+from leukodiff.pipeline.monolayer import (
+    Cores,
+    CountingArea,
+    counting_area,
+    coverage,
+    glass_level,
+    zone_of,
+)
+from leukodiff.pipeline.scale import DETECTOR_MPP, SHRINK_ABOVE, cell_size_ratio
+from leukodiff.pipeline.slidefiles import (
+    Slide,
+    SlideError,
+    is_whole_slide,
+    open_slide,
+)
 from leukodiff.pipeline.tiling import merge_tiles_local, tile_origins
 
-# File endings that may hold a whole slide; TIFFs count as one only when pyramidal or
-# larger than WHOLE_SLIDE_SIDE on a side (an ordinary field photographed as .tif does not).
-TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
-OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide")
-WHOLE_SLIDE_SIDE = 8000
-# Plausible microns per pixel of a bright-field scan (x100 oil ~0.1, x10 ~1); resolution
-# tags outside this (72 dpi written by default, ...) are not a scale.
-MPP_RANGE = (0.02, 20.0)
+__all__ = ["Slide", "SlideError", "SlideResult", "analyze_whole_slide", "is_whole_slide",
+           "open_slide", "plan_windows"]
+
 # A window is background when, on the lowest level, fewer than this share of its pixels
 # differ from their window's median gray by more than STRUCTURE_GRAY: no cell, red or white.
 STRUCTURE_GRAY = 20
 MIN_STRUCTURE = 0.005
-THUMBNAIL_SIDE = 2048  # the lowest level read whole; larger ones are subsampled
-CACHE_BYTES = 24 << 20  # decoded file tiles kept (neighbouring windows overlap)
-
-
-class SlideError(AnalysisError):
-    """A whole-slide file that cannot be read, with the reason."""
-
-
-def _missing(package: str, extra: str, path: Path) -> SlideError:
-    return SlideError(f"{path}: reading this whole-slide format needs {package}: "
-                      f"pip install {extra}")
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix.lower()
-
-
-def is_whole_slide(path: str | Path) -> bool:
-    """Whether `path` should be read as a whole slide: an OpenSlide format, or a TIFF
-    that is pyramidal or larger than WHOLE_SLIDE_SIDE pixels on a side."""
-    path = Path(path)
-    suffix = _suffix(path)
-    if suffix in OPENSLIDE_SUFFIXES:
-        return True
-    if suffix not in TIFF_SUFFIXES or not path.is_file():
-        return False
-    try:
-        import tifffile
-    except ImportError:
-        return False  # read as an ordinary image; a large one then says what to install
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            height, width = series.levels[0].shape[:2]
-            return len(series.levels) > 1 or max(width, height) > WHOLE_SLIDE_SIDE
-    except Exception:  # a broken .tif: open_slide says why
-        return suffix in (".ome.tif", ".ome.tiff")
-
-
-class Slide:
-    """A whole-slide image: its level-0 size, levels, microns per pixel, regions."""
-
-    path: Path
-    width: int
-    height: int
-    levels: list[tuple[int, int]]  # (width, height) of each level, full resolution first
-    mpp: float | None
-    mpp_source: str
-
-    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        """Level-0 pixels [y0:y1, x0:x1] as (h, w, 3) uint8 RGB."""
-        raise NotImplementedError
-
-    def thumbnail(self) -> np.ndarray:
-        """The lowest level (subsampled to at most THUMBNAIL_SIDE a side), RGB."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> Slide:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-def _plausible(mpp: float | None) -> float | None:
-    if mpp is None or not np.isfinite(mpp) or not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
-        return None
-    return float(mpp)
-
-
-_UNIT_MICRONS = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4,
-                 "m": 1e6}
-
-
-class TiffSlide(Slide):
-    """A pyramidal, OME or large TIFF read with tifffile, one file tile (or strip) at a
-    time, without zarr."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            import tifffile
-        except ImportError:
-            raise _missing("tifffile", "'leukodiff[wsi]' (or: pip install tifffile)",
-                           self.path) from None
-        if not self.path.is_file():
-            raise SlideError(f"{self.path}: no such file")
-        try:
-            self._tif = tifffile.TiffFile(self.path)
-            series = self._tif.series[0]
-            self._pages = [level.pages[0] if hasattr(level, "pages") else level.keyframe
-                           for level in series.levels]
-        except Exception as error:  # tifffile raises many kinds
-            raise SlideError(f"{self.path}: not a readable TIFF ({error}); is the file "
-                             "corrupt or truncated?") from None
-        for page in self._pages:
-            if page is None or page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4):
-                self._tif.close()
-                raise SlideError(f"{self.path}: unsupported TIFF layout (needs 8-bit "
-                                 "RGB, RGBA or gray pixels)")
-        self.levels = [(int(p.imagewidth), int(p.imagelength)) for p in self._pages]
-        self.width, self.height = self.levels[0]
-        self.mpp, self.mpp_source = self._read_mpp()
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._cached = 0  # bytes in the cache
-        # every tile/strip of level 0 must lie in the file: a truncated file says so now
-        size = self.path.stat().st_size
-        page = self._pages[0]
-        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)
-                if c]
-        if not ends or max(ends) > size:
-            self._tif.close()
-            raise SlideError(f"{self.path}: the file is truncated (its image data runs "
-                             f"past its {size} bytes)")
-
-    def _read_mpp(self) -> tuple[float | None, str]:
-        tif = self._tif
-        if tif.is_ome and tif.ome_metadata:
-            match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-            if match:
-                factor = _UNIT_MICRONS.get(unit.group(1) if unit else "µm", 1.0)
-                if (mpp := _plausible(float(match.group(1)) * factor)) is not None:
-                    return mpp, "OME PhysicalSizeX"
-        page = self._pages[0]
-        description = page.description or ""
-        match = re.search(r"MPP\s*=\s*([0-9.]+)", description)
-        if match is not None and (mpp := _plausible(float(match.group(1)))) is not None:
-            return mpp, "Aperio MPP"
-        tags = page.tags
-        if "XResolution" in tags and "ResolutionUnit" in tags:
-            numerator, denominator = tags["XResolution"].value
-            unit = int(tags["ResolutionUnit"].value)
-            per_unit = numerator / denominator if denominator else 0.0
-            microns = {2: 25400.0, 3: 10000.0}.get(unit)
-            if microns and per_unit > 0 and (mpp := _plausible(microns / per_unit)):
-                return mpp, "TIFF resolution tags"
-        return None, "none"
-
-    def _segment(self, page, index: int) -> np.ndarray:
-        key = (self._pages.index(page), index)
-        if (hit := self._cache.get(key)) is not None:
-            self._cache.move_to_end(key)
-            return hit
-        fh = self._tif.filehandle
-        fh.seek(page.dataoffsets[index])
-        data = fh.read(page.databytecounts[index])
-        try:
-            segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
-        except Exception as error:
-            if "imagecodecs" in str(error):
-                raise _missing("imagecodecs", "imagecodecs", self.path) from None
-            raise SlideError(f"{self.path}: cannot decode its image data ({error}); is "
-                             "the file corrupt or truncated?") from None
-        if segment is None:
-            raise SlideError(f"{self.path}: an empty tile in the image data; is the file "
-                             "corrupt?")
-        segment = np.asarray(segment).reshape(shape)[0]  # (length, width, samples)
-        self._cache[key] = segment
-        self._cached += segment.nbytes
-        while self._cached > CACHE_BYTES and len(self._cache) > 1:
-            self._cached -= self._cache.popitem(last=False)[1].nbytes
-        return segment
-
-    def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        page = self._pages[level]
-        width, height = self.levels[level]
-        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
-        samples = int(page.samplesperpixel)
-        out = np.zeros((max(0, y1 - y0), max(0, x1 - x0), samples), dtype=np.uint8)
-        if page.is_tiled:
-            tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
-        else:
-            tile_w, tile_h = width, int(min(page.rowsperstrip or height, height))
-        across = -(-width // tile_w)
-        for ty in range(y0 // tile_h, -(-y1 // tile_h)):
-            for tx in range(x0 // tile_w, -(-x1 // tile_w)):
-                segment = self._segment(page, ty * across + tx)
-                sx0, sy0 = tx * tile_w, ty * tile_h
-                ax0, ay0 = max(x0, sx0), max(y0, sy0)
-                ax1 = min(x1, sx0 + tile_w, sx0 + segment.shape[1])
-                ay1 = min(y1, sy0 + tile_h, sy0 + segment.shape[0])
-                if ax1 > ax0 and ay1 > ay0:
-                    out[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0] = \
-                        segment[ay0 - sy0:ay1 - sy0, ax0 - sx0:ax1 - sx0, :samples]
-        if samples == 1:
-            return np.repeat(out, 3, axis=2)
-        return out[..., :3]
-
-    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        return self._read_level(0, x0, y0, x1, y1)
-
-    def thumbnail(self) -> np.ndarray:
-        level = len(self.levels) - 1
-        width, height = self.levels[level]
-        step = max(1, -(-max(width, height) // THUMBNAIL_SIDE))
-        if step == 1:
-            return self._read_level(level, 0, 0, width, height)
-        block = step * max(1, 1024 // step)  # a block at a time, never the whole level
-        out = np.empty((-(-height // step), -(-width // step), 3), dtype=np.uint8)
-        for y in range(0, height, block):
-            for x in range(0, width, block):
-                part = self._read_level(level, x, y, x + block, y + block)[::step, ::step]
-                out[y // step:y // step + part.shape[0],
-                    x // step:x // step + part.shape[1]] = part
-        return out
-
-    def close(self) -> None:
-        self._cache.clear()
-        self._cached = 0
-        self._tif.close()
-
-
-class OpenSlideSlide(Slide):
-    """Any format OpenSlide reads (.svs, .ndpi, .mrxs, ...)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            import openslide
-        except ImportError:
-            raise _missing("OpenSlide", "openslide-bin openslide-python", self.path) from None
-        try:
-            self._slide = openslide.OpenSlide(str(self.path))
-        except Exception as error:
-            raise SlideError(f"{self.path}: OpenSlide cannot read it ({error}); is the "
-                             "file corrupt or truncated?") from None
-        self.levels = [tuple(map(int, d)) for d in self._slide.level_dimensions]
-        self.width, self.height = self.levels[0]
-        mpp = self._slide.properties.get("openslide.mpp-x")
-        self.mpp = _plausible(float(mpp)) if mpp else None
-        self.mpp_source = "openslide.mpp-x" if self.mpp else "none"
-
-    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        region = self._slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0))
-        return np.asarray(region.convert("RGB"))
-
-    def thumbnail(self) -> np.ndarray:
-        width, height = self.levels[-1]
-        scale = min(1.0, THUMBNAIL_SIDE / max(width, height))
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        level = len(self.levels) - 1
-        image = self._slide.read_region((0, 0), level, (width, height)).convert("RGB")
-        return np.asarray(image.resize(size))
-
-    def close(self) -> None:
-        self._slide.close()
-
-
-def open_slide(path: str | Path) -> Slide:
-    """The whole slide at `path` (TIFF: tifffile; other formats: OpenSlide), or SlideError
-    saying why it cannot be read (what to install, corrupt or truncated file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlideError(f"{path}: no such file")
-    if _suffix(path) in TIFF_SUFFIXES:
-        return TiffSlide(path)
-    return OpenSlideSlide(path)
+# A slide whose file gives its microns per pixel is resized to the detector's scale
+# (scale.DETECTOR_MPP) unless within this factor of it: the detector learnt fields whose
+# cells vary more than that (the ruler: 0.80-1.39 of BCCD's median, p10-p90).
+MPP_TOLERANCE = 1.1
 
 
 @dataclass(frozen=True)
@@ -333,13 +83,15 @@ class Window:
         return self.x0, self.y0, self.x1, self.y1
 
 
-def plan_windows(slide: Slide, size: tuple[int, int], overlap: int | None = None
-                 ) -> tuple[list[Window], list[Window]]:
+def plan_windows(slide: Slide, size: tuple[int, int], overlap: int | None = None,
+                 thumbnail: np.ndarray | None = None) -> tuple[list[Window], list[Window]]:
     """Overlapping level-0 windows of `size` over the slide, as (to read, skipped): a
-    window is skipped when its part of the thumbnail shows no structure (MIN_STRUCTURE)."""
+    window is skipped when its part of the thumbnail (`slide.thumbnail()` unless given)
+    shows no structure (MIN_STRUCTURE)."""
     tile_w, tile_h = min(size[0], slide.width), min(size[1], slide.height)
     overlap = overlap if overlap is not None else min(tile_w, tile_h) // 2
-    thumb = np.asarray(Image.fromarray(slide.thumbnail()).convert("L"), dtype=np.int16)
+    thumbnail = slide.thumbnail() if thumbnail is None else thumbnail
+    thumb = np.asarray(Image.fromarray(thumbnail).convert("L"), dtype=np.int16)
     fx, fy = thumb.shape[1] / slide.width, thumb.shape[0] / slide.height
     keep, skip = [], []
     for y in tile_origins(slide.height, tile_h, overlap):
@@ -357,21 +109,43 @@ class SlideResult:
     """A whole slide's cells (in level-0 pixels) and how it was read."""
 
     field: FieldResult
-    mpp: float | None
-    mpp_source: str
+    mpp: float | None  # microns per pixel the analysis used: the file's, or the ruler's
+    mpp_source: str  # where `mpp` came from
     levels: list[tuple[int, int]]
     windows: int
     skipped_windows: int
-    shrink: float = 1.0  # windows were shrunk this many times for the detector
+    shrink: float = 1.0  # windows were resized this many times smaller for the detector
     ruler_ratio: float | None = None  # the red-cell ruler: cells' size / BCCD's
     notes: list[str] = field(default_factory=list)
+    counting_area: CountingArea | None = None
 
     def to_dict(self) -> dict:
         return {"image": self.field.image, "width": self.field.width,
                 "height": self.field.height, "levels": [list(s) for s in self.levels],
-                "mpp": self.mpp, "mpp_source": self.mpp_source, "windows": self.windows,
+                "mpp": self.mpp, "mpp_source": self.mpp_source,
+                "detector_mpp": round(DETECTOR_MPP, 4), "windows": self.windows,
                 "skipped_windows": self.skipped_windows, "shrink": self.shrink,
-                "ruler_ratio": self.ruler_ratio, "notes": self.notes}
+                "ruler_ratio": self.ruler_ratio, "notes": self.notes,
+                "counting_area": (self.counting_area.to_dict()
+                                  if self.counting_area is not None else None)}
+
+
+    def summary(self) -> list[str]:
+        """What a reader of the report must know: the scale's notes, the counting area."""
+        lines = list(self.notes)
+        if (area := self.counting_area) is not None:
+            size = (f"{area.area_mm2['monolayer']:.3g} mm^2" if area.area_mm2 is not None
+                    else f"{area.area_px['monolayer']:.3g} px")
+            read = sum(n for zone, n in area.windows.items() if zone != "background")
+            outside = {z: n for z, n in area.cells.items() if z != "monolayer" and n}
+            head = (f"counting area (monolayer): {size}, {area.windows['monolayer']} of {read} "
+                    f"windows read; {area.cells['monolayer']} white cells inside it")
+            if area.restricted:
+                lines.append(f"{head}, only these counted (thick and thin areas not searched)")
+            else:
+                lines.append(f"{head}, {sum(outside.values())} outside" + (
+                    f" ({', '.join(f'{z} {n}' for z, n in outside.items())})" if outside else ""))
+        return lines
 
 
 def _ruler(slide: Slide, windows: list[Window], samples: int = 6) -> float | None:
@@ -391,9 +165,40 @@ def _ruler(slide: Slide, windows: list[Window], samples: int = 6) -> float | Non
     return float(np.median(ratios)) if ratios else None
 
 
+@dataclass
+class _Scale:
+    shrink: float
+    mpp: float | None
+    source: str
+    ruler_ratio: float | None = None
+    note: str | None = None
+
+
+def _scale(slide: Slide, windows: list[Window]) -> _Scale:
+    """How many times to shrink the windows for the detector, and the microns per pixel:
+    from the file (resized to DETECTOR_MPP), else from the red-cell ruler."""
+    if slide.mpp is not None:
+        shrink = DETECTOR_MPP / slide.mpp
+        if abs(math.log(shrink)) <= math.log(MPP_TOLERANCE):
+            shrink = 1.0
+        return _Scale(shrink, slide.mpp, slide.mpp_source)
+    ratio = _ruler(slide, windows)
+    if ratio is None:
+        return _Scale(1.0, None, "unknown", None,
+                      "no microns per pixel in the file, and the red-cell ruler found too "
+                      "few red cells to measure them: analysed at the file's own pixels, "
+                      f"as if {DETECTOR_MPP:.3f} um a pixel (the detector's); areas in "
+                      "pixels only")
+    shrink = ratio if ratio > SHRINK_ABOVE or ratio < 1 / SHRINK_ABOVE else 1.0
+    mpp = DETECTOR_MPP / ratio
+    return _Scale(shrink, mpp, "red-cell ruler (no microns per pixel in the file)", ratio,
+                  f"no microns per pixel in the file: the red-cell ruler estimates {mpp:.3f} "
+                  f"um a pixel (cells {ratio:.2f} times the detector's size)")
+
+
 def iter_windows(slide: Slide, windows: list[Window], shrink: float = 1.0
                  ) -> Iterator[tuple[Window, Image.Image]]:
-    """Each window's pixels, shrunk `shrink` times (for the detector)."""
+    """Each window's pixels, resized `shrink` times smaller (for the detector)."""
     for window in windows:
         image = Image.fromarray(slide.read(*window.box))
         if shrink != 1.0:
@@ -404,29 +209,43 @@ def iter_windows(slide: Slide, windows: list[Window], shrink: float = 1.0
 
 
 def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
-                        shrink: float | None = None, track=None) -> SlideResult:
+                        shrink: float | None = None, monolayer_only: bool = False,
+                        track=None) -> SlideResult:
     """Every white cell of a whole slide, in level-0 pixels, counted once.
 
-    `shrink`: how many times to shrink the windows for the detector (default: from the
-    red-cell ruler, as `Analyzer.detect` does for a large frame; 1 keeps native pixels).
-    `track`: an optional progress wrapper, `track(iterable, description)`."""
+    `shrink`: how many times smaller to resize the windows for the detector (default:
+    from the file's microns per pixel, else the red-cell ruler; 1 keeps the file's
+    pixels). `monolayer_only`: count only the cells of the counting area (the
+    monolayer); the other zones are still reported. `track`: an optional progress
+    wrapper, `track(iterable, description)`."""
     track = track or (lambda items, _description: items)
     with open_slide(path) as slide:
         size = analyzer.tile
-        ratio = None
-        notes = []
-        first, _ = plan_windows(slide, size)
-        if shrink is None:
-            ratio = _ruler(slide, first)
-            shrink = ratio if ratio is not None and ratio > SHRINK_ABOVE else 1.0
-        native = (max(1, round(size[0] * shrink)), max(1, round(size[1] * shrink)))
-        windows, skipped = plan_windows(slide, native) if shrink != 1.0 else (first, _)
-        if slide.mpp is None:
-            notes.append("no microns per pixel in the file: scale from the red-cell ruler")
+        thumbnail = slide.thumbnail()
+        glass = glass_level(thumbnail)
+        windows, skipped = plan_windows(slide, size, thumbnail=thumbnail)
+        scale = _scale(slide, windows)
+        if shrink is not None:
+            scale.shrink = shrink
+        native = (max(1, round(size[0] * scale.shrink)), max(1, round(size[1] * scale.shrink)))
+        if native != tuple(size):
+            windows, skipped = plan_windows(slide, native, thumbnail=thumbnail)
+        tile = (min(native[0], slide.width), min(native[1], slide.height))
+        cores = Cores([(w.x0, w.y0) for w in (*windows, *skipped)], tile,
+                      (slide.width, slide.height))
+        zones: dict[tuple[int, int], str] = {}
         found, origins = [], []
-        for window, image in track(iter_windows(slide, windows, shrink), "Reading windows"):
+        for window, image in track(iter_windows(slide, windows, scale.shrink),
+                                   "Reading windows"):
+            fx, fy = image.width / tile[0], image.height / tile[1]
+            x0, y0, x1, y1 = cores.core(window.x0, window.y0)
+            core = np.asarray(image)[round((y0 - window.y0) * fy):round((y1 - window.y0) * fy),
+                                     round((x0 - window.x0) * fx):round((x1 - window.x0) * fx)]
+            zone = zones[window.x0, window.y0] = zone_of(coverage(core, glass))
+            if monolayer_only and zone != "monolayer":
+                continue
             detections = analyzer._detect_field(image)  # the pipeline's own
-            if shrink != 1.0:
+            if image.size != (window.x1 - window.x0, window.y1 - window.y0):
                 back = np.array([window.x1 - window.x0, window.y1 - window.y0] * 2,
                                 dtype=np.float32) / np.array([image.width, image.height] * 2,
                                                               dtype=np.float32)
@@ -436,10 +255,15 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
             origins.append(window.box)
         merged = merge_tiles_local(found, origins, (slide.width, slide.height))
         merged = merged.above(analyzer.detection_threshold)
+        area, inside = counting_area(zones, cores, merged.boxes, scale.mpp, glass,
+                                     monolayer_only)
+        if monolayer_only:
+            merged = merged.take(np.flatnonzero(inside))
         cells = _classify(analyzer, slide, merged, windows)
         result = FieldResult(str(path), slide.width, slide.height, cells)
-        return SlideResult(result, slide.mpp, slide.mpp_source, slide.levels,
-                           len(windows), len(skipped), shrink, ratio, notes)
+        notes = [scale.note] if scale.note else []
+        return SlideResult(result, scale.mpp, scale.source, slide.levels, len(windows),
+                           len(skipped), scale.shrink, scale.ruler_ratio, notes, area)
 
 
 def _classify(analyzer: Analyzer, slide: Slide, found: Detections,

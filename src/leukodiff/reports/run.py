@@ -31,6 +31,7 @@ class OutputExistsError(FileExistsError):
 class RunResult:
     results: list[FieldResult] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (whole slide, note)
     differential: Differential | None = None
 
 
@@ -41,7 +42,9 @@ def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[
     for item in inputs:
         text = str(item)
         path = Path(text)
-        if path.is_dir():
+        if path.is_dir() and is_whole_slide(path):  # a DICOM WSI folder: one slide
+            files.append(path)
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir()
                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
@@ -67,8 +70,10 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 
 def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir: Path, *,
-                      overwrite: bool = False, track: Track = no_progress) -> RunResult:
-    """Analyse every input, write per-field and whole-run outputs, report what was skipped."""
+                      overwrite: bool = False, monolayer_only: bool = False,
+                      track: Track = no_progress) -> RunResult:
+    """Analyse every input, write per-field and whole-run outputs, report what was skipped.
+    `monolayer_only`: whole slides count only their counting area's cells."""
     out_dir = Path(out_dir)
     prepare_output(out_dir, overwrite)
     files, skipped = expand_inputs(inputs)
@@ -77,12 +82,13 @@ def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir:
     for path in track(files, "Analysing fields"):
         if is_whole_slide(path):  # read window by window, never whole
             try:
-                slide = analyze_whole_slide(analyzer, path)
+                slide = analyze_whole_slide(analyzer, path, monolayer_only=monolayer_only)
             except AnalysisError as error:
                 run.skipped.append((str(path), str(error).removeprefix(f"{path}: ")))
                 continue
             write_whole_slide(out_dir, field_stem(slide.field, len(run.results) + 1), slide,
                               gallery)
+            run.notes.extend((str(path), note) for note in slide.summary())
             run.results.append(slide.field)
             continue
         try:
@@ -99,7 +105,8 @@ def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir:
     write_coco(out_dir / "detections.coco.json", run.results)
     (out_dir / "differential.json").write_text(json.dumps(
         {**run.differential.to_dict(), "skipped": [{"input": i, "reason": r}
-                                                   for i, r in run.skipped]}, indent=2) + "\n")
+                                                   for i, r in run.skipped],
+         "notes": [{"input": i, "note": n} for i, n in run.notes]}, indent=2) + "\n")
     models = {role: f"{manifest.get('weights', '?')} (sha256 {manifest.get('sha256', '?')[:12]})"
               for role, manifest in analyzer.backend.manifests.items()}
     models["runtime"] = analyzer.backend.name
