@@ -560,7 +560,7 @@ def markdown(rows: list[dict], meta: dict, figure_name: str) -> str:
               "make bench            # installs the bench extra (ultralytics), runs the suite",
               "# or by hand:",
               "pip install -e '.[bench]'",
-              "python -m benchmarks.run                  # full: ~30 min, idle machine",
+              "python -m benchmarks.run               # full: ~25-30 min on 2 idle cores (--plan)",
               "python -m benchmarks.run --quick --out /tmp/bench   # smoke test, ~3 min",
               "```", "",
               f"Raw results of this run: `figures/{Path(figure_name).stem}.json`.", ""]

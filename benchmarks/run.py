@@ -34,10 +34,10 @@ SECTIONS = ("latency", "onnx", "level2", "coldstart", "scaling", "slides", "whol
             "profile", "training")
 PEERS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
 #: Sizes of the issue-17 scaling figures, full run and (quick) smoke test.
-SLIDES_FIELDS = {False: 1000, True: 40}  # --workers 1 vs 2
+SLIDES_FIELDS = {False: 1000, True: 20}  # --workers 1 vs 2
 SLIDES_PER_SLIDE = {False: 100, True: 10}
-MEMORY_SIZES = {False: [500, 10_000], True: [20, 200]}  # peak RSS, small vs large run
-WSI_SIDE_GRID = {False: (50_000, 16), True: (8_000, 3)}  # slide side (px), grid of fields
+MEMORY_SIZES = {False: [500, 10_000], True: [10, 100]}  # peak RSS, small vs large run
+WSI_SIDE_GRID = {False: (50_000, 16), True: (6_000, 3)}  # slide side (px), grid of fields
 
 
 @dataclass
@@ -253,11 +253,11 @@ def slides_jobs(args: argparse.Namespace) -> list[Job]:
     return [Job("slides", f"analyze --slides, --workers 1 vs 2, {fields:,} fields",
                 {**common, "kind": "slides_workers", "fields": fields,
                  "timeout": max(args.timeout, 20 * workers_s)},
-                workers_s, timeout_s=max(args.timeout, 20 * workers_s)),
+                workers_s, timeout_s=max(args.timeout, 60 * workers_s)),
             Job("slides", "analyze --slides, peak RSS, " + " vs ".join(f"{n:,}" for n in sizes)
                 + " fields", {**common, "kind": "slides_memory", "sizes": sizes,
                               "timeout": max(args.timeout, 20 * memory_s)},
-                memory_s, timeout_s=max(args.timeout, 20 * memory_s))]
+                memory_s, timeout_s=max(args.timeout, 60 * memory_s))]
 
 
 def _clock(seconds: float) -> str:

@@ -47,8 +47,8 @@ def test_quick_run_writes_page_figure_and_rows(tmp_path: Path, shared_data: Path
         assert {f"yolov8n onnx, {threads}", f"yolo11n onnx, {threads}"} <= set(onnx)
     workers, memory = [row for row in rows if row["section"] == "slides"]
     assert set(workers["metrics"]["configs"]) >= {"1 worker", "2 workers"}
-    assert all(r["slides_finished"] == 4 for r in workers["metrics"]["configs"].values())
-    assert set(memory["metrics"]["sizes"]) == {"20", "200"}
+    assert all(r["slides_finished"] == 2 for r in workers["metrics"]["configs"].values())
+    assert set(memory["metrics"]["sizes"]) == {"10", "100"}
     wsi = by_name["analyze the synthetic slide"]["metrics"]
     assert wsi["known_cells"] > 0 and wsi["slide_peak_rss_mb"] > 0
     for heading in ("## Targets", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.",
