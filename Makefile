@@ -32,7 +32,8 @@ test: setup lint
 demo: setup
 	$(BIN)/leukodiff analyze $(DEMO_FIELDS) --out out/demo --overwrite
 
-# Benchmarks against peer detectors -> docs/BENCHMARKS.md (~7-10 min: run on an idle machine).
+# Benchmarks against peer detectors, slides and whole slides -> docs/BENCHMARKS.md
+# (~30 min: run on an idle machine; `make bench-quick` is the ~3 min smoke test).
 bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[bench]' torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m benchmarks.run

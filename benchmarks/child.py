@@ -18,12 +18,16 @@ from benchmarks.common import RESULT_MARK, NetworkGuard, Skip, peak_rss_mb
 
 
 def _kinds() -> dict[str, Callable[[dict], dict]]:
-    from benchmarks import scaling, systems, training
+    from benchmarks import peers_onnx, scaling, slides, systems, training, wholeslide
 
     return {"pipeline": systems.pipeline, "torchvision": systems.torchvision_peer,
             "yolo": systems.yolo_peer, "level2": systems.level2,
             "profile_torch": systems.profile_torch, "profile_onnx": systems.profile_onnx,
-            "scaling": scaling.scaling, "training": training.training}
+            "scaling": scaling.scaling, "training": training.training,
+            "onnx_export": peers_onnx.export, "torchvision_onnx": peers_onnx.torchvision_onnx,
+            "yolo_onnx": peers_onnx.yolo_onnx, "slides_workers": slides.workers,
+            "slides_memory": slides.memory, "wsi_build": wholeslide.build,
+            "wsi": wholeslide.analyze}
 
 
 def main(argv: list[str]) -> int:

@@ -3,6 +3,9 @@
 Nothing here is hand-written per run: targets are checked, ratios computed and
 the "where the time goes" text filled from the profiles, so the page always
 says what the last run measured (and says so when it was a quick run).
+
+Over 500 lines: one page's generator, a function per section; issue 17's sections
+(peers on onnxruntime, slides, whole slide) are in report_scale.py.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from benchmarks.common import REPO
 PACKAGES = ("leukodiff", "torch", "torchvision", "onnxruntime", "ultralytics", "numpy",
             "pillow", "opencv-python")
 PEER_LABELS = {
-    "fasterrcnn_mobilenet_v3_large_320_fpn": "torchvision fasterrcnn_mobilenet_v3_large_320_fpn",
-    "fasterrcnn_mobilenet_v3_large_fpn": "torchvision fasterrcnn_mobilenet_v3_large_fpn",
-    "yolov8n": "ultralytics YOLOv8n",
+    "fasterrcnn_mobilenet_v3_large_320_fpn": "torchvision fasterrcnn_mobilenet_v3_large_320_fpn "
+                                             "(torch)",
+    "fasterrcnn_mobilenet_v3_large_fpn": "torchvision fasterrcnn_mobilenet_v3_large_fpn (torch)",
+    "yolov8n": "ultralytics YOLOv8n (torch)",
 }
 NA = "-"  # an empty cell
 TARGET_MS, TARGET_VS_320, TARGET_VS_YOLO, TARGET_SCALING, TARGET_COLD_S = 30, 2.0, 1.0, 1.6, 3.0
@@ -136,7 +140,7 @@ def targets(rows: list[dict]) -> list[str]:
                   _f(onnx, 1, " ms") if onnx else _why(rows, "latency", "leukodiff onnx"),
                   verdict(None if onnx is None else onnx <= TARGET_MS)])
     for label, peer, need in (("fasterrcnn_mobilenet_v3_large_320_fpn", p320, TARGET_VS_320),
-                              ("YOLOv8n (full predict)", yolo, TARGET_VS_YOLO)):
+                              ("YOLOv8n on torch (full predict)", yolo, TARGET_VS_YOLO)):
         if onnx and peer:
             speedup = peer / onnx
             lines.append([f"leukodiff (onnxruntime) vs {label}", f"≥ {need:g}x faster",
@@ -481,7 +485,12 @@ def markdown(rows: list[dict], meta: dict, figure_name: str) -> str:
                   "the machine was not idle, so timings are pessimistic and noisy.", ""]
     goals = targets(rows)
     missed = [line.split(" | ")[0].removeprefix("| ") for line in goals if "**missed**" in line]
+    from benchmarks import report_scale
+
     lines += ["## Targets (issue #8)", "", *goals]
+    lines += ["## Targets (issue #17)", "",
+              "Ratios from this run; a figure measured at smaller sizes than the target names "
+              "(a quick run) is shown but not judged.", "", *report_scale.targets(rows)]
     lines += ["## Machine and versions", ""]
     lines += _table(["", ""], [
         ["CPU", f"{meta['cpu']}, {meta['cores']} cores"],
@@ -507,7 +516,9 @@ def markdown(rows: list[dict], meta: dict, figure_name: str) -> str:
               "not depend on weights; with random weights they find almost nothing, so their "
               "NMS is if anything cheaper than a trained model's); torchvision models as "
               "shipped (91 COCO classes), YOLOv8n built from `yolov8n.yaml` (80 classes), "
-              "timed over ultralytics' full `predict` (letterbox, inference, NMS).", ""]
+              "timed over ultralytics' full `predict` (letterbox, inference, NMS). The peers "
+              "here run **on torch** while leukodiff's first row runs on onnxruntime: "
+              "section 7 compares every system on onnxruntime.", ""]
     lines += latency(rows)
     lines += [f"![latency and throughput](figures/{figure_name})", ""]
     lines += ["## 2. Level 2 alone: crops per second", "",
@@ -543,13 +554,14 @@ def markdown(rows: list[dict], meta: dict, figure_name: str) -> str:
         lines += ["Targets missed in this run: " + "; ".join(missed) + ". The stage split and "
                   "the profilers below show where the time goes.", ""]
     lines += profiles(rows)
+    lines += report_scale.sections(rows)
     lines += ["## Skipped and failed", "", *problems(rows)]
     lines += ["## Reproduce", "", "```bash",
               "make bench            # installs the bench extra (ultralytics), runs the suite",
               "# or by hand:",
               "pip install -e '.[bench]'",
-              "python -m benchmarks.run                  # full: ~10 min, idle machine",
-              "python -m benchmarks.run --quick --out /tmp/bench   # smoke test, < 1 min",
+              "python -m benchmarks.run               # full: ~25-30 min on 2 idle cores (--plan)",
+              "python -m benchmarks.run --quick --out /tmp/bench   # smoke test, ~3 min",
               "```", "",
               f"Raw results of this run: `figures/{Path(figure_name).stem}.json`.", ""]
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Run the whole benchmark suite and write docs/BENCHMARKS.md (+ figures, raw JSON).
 
-    python -m benchmarks.run                 # full run: ~8-10 min on 2 idle cores
-    python -m benchmarks.run --quick         # smoke test: 3 fields, 3 runs, no training
+    python -m benchmarks.run                 # full run: ~30 min on 2 idle cores
+    python -m benchmarks.run --quick         # smoke test: 3 fields, 3 runs, small sizes
     python -m benchmarks.run --only latency,level2 --out /tmp/bench
 
 The parent only schedules: every system runs in its own subprocess
@@ -30,8 +30,14 @@ from typing import Any
 
 from benchmarks.common import REPO, RESULT_MARK, set_thread_env
 
-SECTIONS = ("latency", "level2", "coldstart", "scaling", "profile", "training")
+SECTIONS = ("latency", "onnx", "level2", "coldstart", "scaling", "slides", "wholeslide",
+            "profile", "training")
 PEERS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
+#: Sizes of the issue-17 scaling figures, full run and (quick) smoke test.
+SLIDES_FIELDS = {False: 1000, True: 20}  # --workers 1 vs 2
+SLIDES_PER_SLIDE = {False: 100, True: 10}
+MEMORY_SIZES = {False: [500, 10_000], True: [10, 100]}  # peak RSS, small vs large run
+WSI_SIDE_GRID = {False: (50_000, 16), True: (6_000, 3)}  # slide side (px), grid of fields
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Job:
     spec: dict[str, Any] = field(default_factory=dict)
     estimate_s: float = 10.0
     command: list[str] | None = None  # a plain command (cold start) instead of a child spec
+    timeout_s: float | None = None  # longer than --timeout for the long scaling runs
 
 
 @dataclass
@@ -164,6 +171,8 @@ def plan(args: argparse.Namespace) -> list[Job]:
             jobs.append(Job("latency", name, {**base, "kind": "torchvision", "model": name},
                             5 + 70 * per_run * scale))
         jobs.append(Job("latency", "yolov8n", {**base, "kind": "yolo"}, 5 + 70 * 0.06 * scale))
+    if "onnx" in sections:
+        jobs += onnx_jobs(args, base)
     if "level2" in sections:
         for backend, seconds in (("onnx", 15), ("torch", 25)):
             jobs.append(Job("level2", f"level 2 {backend}",
@@ -183,6 +192,18 @@ def plan(args: argparse.Namespace) -> list[Job]:
                         {**base, "kind": "scaling", "backend": args.scaling_backend,
                          "configs": configs, "sizes": sizes},
                         len(configs) * (3 + per_field * 1.3 * sum(sizes))))
+    if "slides" in sections:
+        jobs += slides_jobs(args)
+    if "wholeslide" in sections:
+        side, grid = WSI_SIDE_GRID[quick]
+        jobs.append(Job("wholeslide", "build the synthetic slide",
+                        {"kind": "wsi_build", "side": side, "grid": grid, "path": "",
+                         "data_root": args.data_root}, 2 + side * side / 1e6 * 0.02,
+                        timeout_s=max(args.timeout, 1800)))
+        jobs.append(Job("wholeslide", "analyze the synthetic slide",
+                        {"kind": "wsi", "path": "", "threads": threads},
+                        10 + grid * grid * 1.0 + side * side / 1e6 * 0.01,
+                        timeout_s=max(args.timeout, 1800)))
     if "profile" in sections:
         prof = {**base, "runs": max(2, min(args.runs, 10))}
         jobs.append(Job("profile", "torch.profiler, torch pipeline",
@@ -200,6 +221,43 @@ def plan(args: argparse.Namespace) -> list[Job]:
                         {"kind": "training", "item": "detector", "threads": threads,
                          "steps": args.train_steps, "data_root": args.data_root}, 40))
     return jobs
+
+
+def onnx_jobs(args: argparse.Namespace, base: dict) -> list[Job]:
+    """Every ONNX system at each thread count of --onnx-threads, after one export job."""
+    from benchmarks.peers_onnx import TORCHVISION_MODEL, YOLO_MODELS
+
+    jobs = [Job("onnx", "export the peers to ONNX",
+                {"kind": "onnx_export", "threads": args.threads, "tmp": ""}, 25)]
+    scale = args.runs / 60
+    for threads in args.onnx_threads:
+        spec = {**base, "threads": threads, "tmp": ""}
+        suffix = f", {threads} thread{'s' if threads > 1 else ''}"
+        jobs.append(Job("onnx", "leukodiff onnx" + suffix,
+                        {**spec, "kind": "pipeline", "backend": "onnx"}, 4 + 80 * 0.04 * scale))
+        for model in YOLO_MODELS:
+            jobs.append(Job("onnx", f"{model} onnx{suffix}",
+                            {**spec, "kind": "yolo_onnx", "model": model},
+                            6 + 70 * 0.05 * scale))
+        jobs.append(Job("onnx", f"{TORCHVISION_MODEL} onnx{suffix}",
+                        {**spec, "kind": "torchvision_onnx"}, 4 + 70 * 0.12 * scale))
+    return jobs
+
+
+def slides_jobs(args: argparse.Namespace) -> list[Job]:
+    """`leukodiff analyze --slides`: 2 workers vs 1, and peak RSS small vs large."""
+    quick, per_slide = args.quick, SLIDES_PER_SLIDE[args.quick]
+    fields, sizes = SLIDES_FIELDS[quick], MEMORY_SIZES[quick]
+    common = {"per_slide": per_slide, "tmp": "", "data_root": args.data_root}
+    workers_s, memory_s = 10 + fields * 0.11, 10 + sum(sizes) * 0.05
+    return [Job("slides", f"analyze --slides, --workers 1 vs 2, {fields:,} fields",
+                {**common, "kind": "slides_workers", "fields": fields,
+                 "timeout": max(args.timeout, 20 * workers_s)},
+                workers_s, timeout_s=max(args.timeout, 60 * workers_s)),
+            Job("slides", "analyze --slides, peak RSS, " + " vs ".join(f"{n:,}" for n in sizes)
+                + " fields", {**common, "kind": "slides_memory", "sizes": sizes,
+                              "timeout": max(args.timeout, 20 * memory_s)},
+                memory_s, timeout_s=max(args.timeout, 60 * memory_s))]
 
 
 def _clock(seconds: float) -> str:
@@ -232,6 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scaling-backend", default="onnx", choices=("onnx", "torch"))
     parser.add_argument("--scaling-sizes", type=lambda s: [int(x) for x in s.split(",")],
                         help="batch sizes in fields [1,10,100,1000; quick 1,10]")
+    parser.add_argument("--onnx-threads", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 2], help="thread counts of the onnxruntime peers [1,2]")
     parser.add_argument("--train-steps", type=int, default=3,
                         help="timed training steps per model (after one warm-up step)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
@@ -295,9 +355,12 @@ def main(argv: list[str] | None = None) -> int:
                 job.spec["field"] = str(fields[0].image)
                 row = cold_start(job, env, args.timeout, tmp)
             else:
-                if job.spec.get("kind") == "profile_onnx":
+                if "tmp" in job.spec:
                     job.spec["tmp"] = str(tmp)
-                row = run_child(job, env, args.timeout)
+                if "path" in job.spec:
+                    job.spec["path"] = str(tmp / "wholeslide" / "slide.ome.tif")
+                job_env = set_thread_env(job.spec.get("threads", args.threads), dict(env))
+                row = run_child(job, job_env, job.timeout_s or args.timeout)
             rows.append(row)
             remaining -= job.estimate_s
             elapsed = time.perf_counter() - started
@@ -322,6 +385,17 @@ def _headline(row: dict) -> str:
     if "rows" in metrics:  # level 2
         best = max(metrics["rows"].values(), key=lambda r: r["crops_per_s"])
         return f"up to {best['crops_per_s']:.0f} crops/s (batch {best['batch']})"
+    if "side" in metrics:  # the whole slide
+        from benchmarks.wholeslide import describe
+
+        return describe(metrics) if "found_once" in metrics else (
+            f"{metrics['megapixels']:,.0f} MP, {metrics['file_mb']:.0f} MB")
+    if "sizes" in metrics:  # slides, memory
+        return "; ".join(f"{n} fields: peak {r['tree_peak_rss_mb']:.0f} MiB"
+                         for n, r in metrics["sizes"].items())
+    if "per_slide" in metrics:  # slides, workers
+        return "; ".join(f"{label}: {r['fields_per_s']:.1f} fields/s"
+                         for label, r in metrics["configs"].items())
     if "configs" in metrics:  # scaling
         return "; ".join(f"{label}: {c['rows'][-1]['fields_per_s']:.1f} fields/s"
                          for label, c in metrics["configs"].items())

@@ -12,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK_SECTIONS = {"latency", "level2", "coldstart", "scaling", "profile"}
+QUICK_SECTIONS = {"latency", "onnx", "level2", "coldstart", "scaling", "slides", "wholeslide",
+                  "profile"}
 
 
 @pytest.mark.slow
@@ -38,8 +40,20 @@ def test_quick_run_writes_page_figure_and_rows(tmp_path: Path, shared_data: Path
     assert torch_row["metrics"]["runs"] == 3 and torch_row["peak_rss_mb"] > 0
     assert by_name["fasterrcnn_mobilenet_v3_large_320_fpn"]["status"] == "ok"
     assert all(not row.get("network_attempts") for row in rows)
+    onnx = {row["name"]: row for row in rows if row["section"] == "onnx"}
+    for threads in ("1 thread", "2 threads"):
+        assert onnx[f"leukodiff onnx, {threads}"]["status"] == "ok"
+        assert onnx[f"fasterrcnn_mobilenet_v3_large_320_fpn onnx, {threads}"]["status"] == "ok"
+        assert {f"yolov8n onnx, {threads}", f"yolo11n onnx, {threads}"} <= set(onnx)
+    workers, memory = [row for row in rows if row["section"] == "slides"]
+    assert set(workers["metrics"]["configs"]) >= {"1 worker", "2 workers"}
+    assert all(r["slides_finished"] == 2 for r in workers["metrics"]["configs"].values())
+    assert set(memory["metrics"]["sizes"]) == {"10", "100"}
+    wsi = by_name["analyze the synthetic slide"]["metrics"]
+    assert wsi["known_cells"] > 0 and wsi["slide_peak_rss_mb"] > 0
     for heading in ("## Targets", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.",
-                    "Quick run", "leukodiff torch"):
+                    "## 7.", "## 8.", "## 9.", "Quick run", "leukodiff torch",
+                    "Targets (issue #17)"):
         assert heading in page
 
 
@@ -66,3 +80,48 @@ def test_summary_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stats["runs"] == 10 and stats["median_ms"] == 5.5
     assert stats["p90_ms"] == pytest.approx(9.1)
     assert summarize([]) == {"runs": 0}
+
+
+def test_synthetic_slide_levels_and_known_cells(tmp_path: Path, shared_data: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's whole slide: every pyramid level is level 0 subsampled, the
+    resolution tags say its microns per pixel, and each known cell lies on a pasted field
+    whose pixels are the BCCD field's own."""
+    tifffile = pytest.importorskip("tifffile")
+    monkeypatch.syspath_prepend(str(REPO))
+    from PIL import Image
+
+    from benchmarks import wholeslide
+
+    path = tmp_path / "slide.tif"
+    made = wholeslide.build({"side": 3000, "grid": 2, "path": str(path),
+                             "data_root": str(shared_data)})
+    assert made["pasted_fields"] == 4 and made["levels"][1] == (1500, 1500)
+    layout = json.loads(Path(f"{path}.json").read_text())
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        level0 = page.asarray()
+        assert level0.shape == (3000, 3000, 3)
+        assert np.array_equal(page.pages[0].asarray(), level0[::2, ::2])
+        assert page.tags["XResolution"].value[0] / page.tags["XResolution"].value[1] == \
+            pytest.approx(1e4 / wholeslide.MPP)
+    assert (level0[:100, :100] == wholeslide.PLAIN).all()
+    for (index, x, y), known in zip(layout["placements"], layout["known"], strict=True):
+        field = np.asarray(Image.open(layout["fields"][index]).convert("RGB"))
+        assert np.array_equal(level0[y:y + 480, x:x + 640], field)
+        assert x + wholeslide.INSIDE <= known[0] < known[2] <= x + 640 - wholeslide.INSIDE
+
+
+def test_slide_tree_links_fields(tmp_path: Path, make_image, monkeypatch) -> None:
+    """25 fields from 3 images: slides of 10, every field a hard link to one of 3 copies."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.slides import slide_tree
+
+    sources = [make_image(f"src/{n}.jpg", seed=n) for n in range(3)]
+    root = slide_tree(tmp_path / "work", sources, 25, 10)
+    folders = sorted(p.name for p in root.iterdir())
+    assert folders == ["slide_00000", "slide_00001", "slide_00002"]
+    fields = sorted(root.glob("*/*.jpg"))
+    assert len(fields) == 25 and len(list((root / "slide_00002").iterdir())) == 5
+    assert {f.stat().st_ino for f in fields} == {
+        p.stat().st_ino for p in (tmp_path / "work" / "sources").iterdir()}
