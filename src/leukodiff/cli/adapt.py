@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from leukodiff.cli.common import DataRoot, _fail, _require_torch, _track, console
+from leukodiff.cli.common import ConfigDefault, DataRoot, _fail, _require_torch, _track, console
+
+if TYPE_CHECKING:
+    from leukodiff.training.adapt import AdaptConfig
+    from leukodiff.training.adapt_detector import DetectorAdaptConfig
+
+
+def _adapt_config() -> type:
+    from leukodiff.training.adapt import AdaptConfig
+
+    return AdaptConfig
+
+
+def _detector_adapt_config() -> type:
+    from leukodiff.training.adapt_detector import DetectorAdaptConfig
+
+    return DetectorAdaptConfig
+
+
+Level2 = partial(ConfigDefault, _adapt_config)
+Detector = partial(ConfigDefault, _detector_adapt_config)
 
 
 def adapt(
@@ -27,11 +49,46 @@ def adapt(
     mononuclear: str = typer.Option("mononuclear", help="Base lymphocyte/monocyte model."),
     polymorphonuclear: str = typer.Option("polymorphonuclear", help="Base neutrophil/"
                                           "eosinophil/basophil model."),
-    epochs: int = typer.Option(8, help="Passes over the lab's cells (and the replay)."),
-    replay_per_class: int = typer.Option(100, help="Cells per type from the base models' "
-                                         "own training data, so nothing is forgotten."),
-    held_out: float = typer.Option(0.3, help="Share of the lab's cases/slides kept to "
-                                   "measure before and after."),
+    epochs: int = typer.Option(Level2("epochs"), help="Passes over the lab's cells (and the "
+                               "replay)."),
+    lr: float = typer.Option(Level2("lr"), help="Level 2: Adam learning rate."),
+    batch_size: int = typer.Option(Level2("batch_size"), help="Level 2: cells per step."),
+    replay_per_class: int = typer.Option(Level2("replay_per_class"), help="Cells per type "
+                                         "from the base models' own training data, so "
+                                         "nothing is forgotten."),
+    held_out: float = typer.Option(Level2("held_out"), help="Share of the lab's cases/slides "
+                                   "kept to measure before and after (level 2 and the "
+                                   "detector)."),
+    validation: float = typer.Option(Level2("validation"), help="Level 2: share of the "
+                                     "learning cases that choose the epoch (0: all learn, "
+                                     "the last epoch kept)."),
+    min_per_type: int = typer.Option(Level2("min_per_type"), help="Level 2: fewer reviewed "
+                                     "cells of a type are refused."),
+    seed: int = typer.Option(Level2("seed"), help="Level 2: seed of the split and training."),
+    detector_epochs: int = typer.Option(Detector("epochs"), help="Detector: passes over the "
+                                        "lab's fields (and the replay)."),
+    detector_lr: float = typer.Option(Detector("lr"), help="Detector: learning rate."),
+    detector_batch_size: int = typer.Option(Detector("batch_size"), help="Detector: fields "
+                                            "per step."),
+    frozen_blocks: int = typer.Option(Detector("frozen_blocks"), help="Detector: MobileNet "
+                                      "conv layers kept as they are."),
+    replay_per_field: float = typer.Option(Detector("replay_per_field"), help="Detector: base "
+                                           "training fields mixed in per lab field."),
+    min_replay: int = typer.Option(Detector("min_replay"), help="Detector: at least this "
+                                   "many replay fields."),
+    detector_validation: float = typer.Option(Detector("validation"), help="Detector: share "
+                                              "of the learning cases that choose the epoch "
+                                              "and the threshold."),
+    min_fields: int = typer.Option(Detector("min_fields"), help="Detector: fewer reviewed "
+                                   "fields are refused."),
+    group_epochs: int = typer.Option(Detector("group_epochs"), help="Detector: group "
+                                     "classifier epochs on the lab's typed cells."),
+    group_lr: float = typer.Option(Detector("group_lr"), help="Detector: group classifier "
+                                   "learning rate."),
+    group_pbc_per_type: int = typer.Option(Detector("group_pbc_per_type"), help="Detector: "
+                                           "PBC cells per type for the group classifier."),
+    detector_seed: int = typer.Option(Detector("seed"), help="Detector: seed of the split "
+                                      "and training."),
     group_by: str = typer.Option("prefix", help="How a class-folder image names its case "
                                  "or slide: 'prefix' (file name up to '-field', as "
                                  "`export-training` writes ACCESSION-fieldN-cellN.png, else "
@@ -45,6 +102,9 @@ def adapt(
     model set to --out."""
     _require_torch()
     import tempfile
+
+    from leukodiff.training.adapt import AdaptConfig
+    from leukodiff.training.adapt_detector import DetectorAdaptConfig
 
     if group_by not in ("prefix", "file"):
         raise _fail("--group-by is 'prefix' or 'file'")
@@ -69,18 +129,27 @@ def adapt(
             if (Path(exported) / "station" / "fields").is_dir():
                 field_sources.append(str(Path(exported) / "station" / "fields"))
         if sources:
-            _adapt_from(sources, shown, out, mononuclear, polymorphonuclear, epochs,
-                        replay_per_class, held_out, group_by, force, data_root)
+            config = AdaptConfig(epochs=epochs, lr=lr, batch_size=batch_size,
+                                 replay_per_class=replay_per_class, held_out=held_out,
+                                 validation=validation, min_per_type=min_per_type, seed=seed)
+            _adapt_from(sources, shown, out, mononuclear, polymorphonuclear, config, group_by,
+                        force, data_root)
         if field_sources:
-            _adapt_detector_from(field_sources, out, detector, held_out, group_by, force,
-                                 data_root)
+            detector_config = DetectorAdaptConfig(
+                epochs=detector_epochs, lr=detector_lr, batch_size=detector_batch_size,
+                frozen_blocks=frozen_blocks, replay_per_field=replay_per_field,
+                min_replay=min_replay, held_out=held_out, validation=detector_validation,
+                min_fields=min_fields, group_epochs=group_epochs, group_lr=group_lr,
+                group_pbc_per_type=group_pbc_per_type, seed=detector_seed)
+            _adapt_detector_from(field_sources, out, detector, detector_config, group_by,
+                                 force, data_root)
 
 
-def _adapt_detector_from(sources: list[str], out: Path, detector: str, held_out: float,
+def _adapt_detector_from(sources: list[str], out: Path, detector: str,
+                         config: DetectorAdaptConfig,
                          group_by: str, force: bool, data_root: Path | None) -> None:
     from leukodiff.training.adapt import AdaptRefused
     from leukodiff.training.adapt_detector import (
-        DetectorAdaptConfig,
         DetectorAdaptError,
         adapt_detector,
         lab_fields,
@@ -89,7 +158,7 @@ def _adapt_detector_from(sources: list[str], out: Path, detector: str, held_out:
 
     try:
         lab = lab_fields(sources, group_by, data_root, _track, console.print)
-        result = adapt_detector(lab, out, DetectorAdaptConfig(held_out=held_out),
+        result = adapt_detector(lab, out, config,
                                 base=detector, force=force, data_root=data_root,
                                 track=_track, log=console.print)
     except AdaptRefused as refused:
@@ -119,16 +188,14 @@ def _print_detector_adaptation(result: dict) -> None:
 
 
 def _adapt_from(cells: list[str], shown: list[str], out: Path, mononuclear: str,
-                polymorphonuclear: str, epochs: int, replay_per_class: int, held_out: float,
-                group_by: str, force: bool, data_root: Path | None) -> None:
-    from leukodiff.training.adapt import AdaptConfig, AdaptError, AdaptRefused, lab_cells
+                polymorphonuclear: str, config: AdaptConfig, group_by: str, force: bool,
+                data_root: Path | None) -> None:
+    from leukodiff.training.adapt import AdaptError, AdaptRefused, lab_cells
     from leukodiff.training.adapt import adapt as adapt_models
     from leukodiff.training.classifier import TrainingError
 
     try:
         lab = lab_cells(cells, group_by, data_root, _track, console.print)
-        config = AdaptConfig(epochs=epochs, replay_per_class=replay_per_class,
-                             held_out=held_out)
         results = adapt_models(shown, out, config, cells=lab, force=force,
                                bases={"mononuclear": mononuclear,
                                       "polymorphonuclear": polymorphonuclear},

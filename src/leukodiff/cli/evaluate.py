@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from leukodiff.cli.common import (
+    ConfigDefault,
     DataRoot,
     WeightsDir,
     _fail,
@@ -16,6 +18,29 @@ from leukodiff.cli.common import (
     _track,
     console,
 )
+
+
+def _labs_config() -> type:
+    from leukodiff.evaluation.labs import LabsConfig
+
+    return LabsConfig
+
+
+def _adaptation_config() -> type:
+    from leukodiff.evaluation.adaptation import AdaptationConfig
+
+    return AdaptationConfig
+
+
+def _eval_config() -> type:
+    from leukodiff.evaluation.results import EvalConfig
+
+    return EvalConfig
+
+
+Labs = partial(ConfigDefault, _labs_config)
+Adaptation = partial(ConfigDefault, _adaptation_config)
+Eval = partial(ConfigDefault, _eval_config)
 
 evaluate_app = typer.Typer(help="Measure a trained model on held-out data.", no_args_is_help=True,
                            callback=_require_torch)
@@ -210,24 +235,39 @@ def evaluate_robustness_command(
 def evaluate_labs_command(
     out: Path = typer.Option(Path("runs/labs"), help="Fold models (reused and resumed when "
                              "run again) and labs.json."),
-    labs: str = typer.Option(",".join(("chula", "pbc", "bccd", "bcd")),
-                             help="Held-out labs to run, in this order."),
-    seed: int = typer.Option(0, help="Seed of every split, initialisation and augmentation."),
-    classifier_epochs: int = typer.Option(20, help="Level-2 epochs per fold (as shipped)."),
-    detector_epochs: int = typer.Option(10, help="Detector epochs per fold (shipped: 40)."),
-    max_per_class: int = typer.Option(400, help="Level-2 training cells per class, source "
-                                      "and part (0: all, as shipped)."),
-    augmentation: str = typer.Option("basic", help="Crop classifiers' augmentation (level 2 "
-                                     "and the group classifier): basic | lab."),
-    stain: str = typer.Option("none", help="Crop classifiers' colour normalisation: none | "
-                              "reinhard."),
-    pbc_paste: float = typer.Option(0.0, help="Detectors: probability of pasting a PBC cell "
-                                    "(any type) into a training field."),
+    labs: str = typer.Option(Labs("labs"), help="Held-out labs to run, in this order."),
+    seed: int = typer.Option(Labs("seed"), help="Seed of every split, initialisation and "
+                             "augmentation."),
+    classifier_epochs: int = typer.Option(Labs("classifier_epochs"), help="Level-2 epochs "
+                                          "per fold (as shipped)."),
+    detector_epochs: int = typer.Option(Labs("detector_epochs"), help="Detector epochs per "
+                                        "fold (shipped: 40)."),
+    mono_oversample: int = typer.Option(Labs("mono_oversample"), help="Detectors: times a "
+                                        "field with a mononuclear cell is drawn per epoch "
+                                        "(shipped: 5)."),
+    group_epochs: int = typer.Option(Labs("group_epochs"), help="Group classifier epochs per "
+                                     "fold (shipped: 8)."),
+    group_pbc_per_type: int = typer.Option(Labs("group_pbc_per_type"), help="Group "
+                                           "classifier: PBC cells per type (shipped: 800)."),
+    max_per_class: int = typer.Option(Labs("max_per_class"), help="Level-2 training cells "
+                                      "per class, source and part (0: all, as shipped)."),
+    augmentation: str = typer.Option(Labs("augmentation"), help="Crop classifiers' "
+                                     "augmentation (level 2 and the group classifier): "
+                                     "basic | lab."),
+    stain: str = typer.Option(Labs("stain"), help="Crop classifiers' colour normalisation: "
+                              "none | reinhard."),
+    pbc_paste: float = typer.Option(Labs("pbc_paste"), help="Detectors: probability of "
+                                    "pasting a PBC cell (any type) into a training field."),
+    max_train_fields: int = typer.Option(Labs("max_train_fields"), help="Training fields "
+                                         "per detector (0: all; quick runs)."),
+    max_measured: int = typer.Option(Labs("max_measured"), help="Measured images per lab "
+                                     "(0: all; quick runs)."),
     quick: bool = typer.Option(False, help="Every step on a few images (minutes); the "
                                "numbers mean nothing."),
     docs: Path | None = typer.Option(None, help="Also write the section of RESULTS.md, "
                                      "labs.json and figures into this docs folder."),
-    threads: int = typer.Option(0, help="onnxruntime threads (0: all cores)."),
+    threads: int | None = typer.Option(Labs("threads"), help="onnxruntime threads "
+                                       "[None: all cores]."),
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
 ) -> None:
@@ -243,8 +283,11 @@ def evaluate_labs_command(
         raise _fail(f"unknown lab(s) {', '.join(unknown)}; labs: {', '.join(LABS)}")
     config = LabsConfig.quick(chosen) if quick else LabsConfig(
         labs=chosen, seed=seed, classifier_epochs=classifier_epochs,
-        detector_epochs=detector_epochs, max_per_class=max_per_class,
-        augmentation=augmentation, stain=stain, pbc_paste=pbc_paste, threads=threads or None)
+        detector_epochs=detector_epochs, mono_oversample=mono_oversample,
+        group_epochs=group_epochs, group_pbc_per_type=group_pbc_per_type,
+        max_per_class=max_per_class, augmentation=augmentation, stain=stain,
+        pbc_paste=pbc_paste, threads=threads or None, max_train_fields=max_train_fields,
+        max_measured=max_measured)
     try:
         results = evaluate_labs(out, config, data_root=data_root, weights_dir=weights_dir,
                                 track=_track, log=console.print)
@@ -261,17 +304,20 @@ def evaluate_adaptation_command(
     labs_dir: Path = typer.Option(Path("runs/labs-v2"), help="`evaluate labs --out` folder "
                                   "holding each lab's fold models (without-LAB/)."),
     out: Path = typer.Option(Path("runs/adaptation"), help="adaptation.json, figure, table."),
-    labs: str = typer.Option("chula,bccd,pbc", help="Labs to adapt to, in this order."),
-    shots: str = typer.Option("0,5,10,25,50", help="Reviewed cells per type."),
-    draws: int = typer.Option(3, help="Draws per k (seeded)."),
-    epochs: int = typer.Option(8, help="Adaptation epochs (as `leukodiff adapt`)."),
-    detector_labs: str = typer.Option("", help="Labs to adapt the fold detector to (e.g. "
-                                      "chula,bccd,bcd; empty: level 2 only). A run with "
-                                      "--labs '' keeps the level-2 curve of --out."),
-    detector_shots: str = typer.Option("0,10,25", help="Reviewed cells per type whose "
-                                       "fields adapt the detector."),
-    detector_draws: int = typer.Option(1, help="Draws per k for the detector (minutes "
-                                       "each on 2 CPU cores)."),
+    labs: str = typer.Option(Adaptation("labs"), help="Labs to adapt to, in this order."),
+    shots: str = typer.Option(Adaptation("shots"), help="Reviewed cells per type."),
+    draws: int = typer.Option(Adaptation("draws"), help="Draws per k (seeded)."),
+    seed: int = typer.Option(Adaptation("seed"), help="Seed of the draws and splits."),
+    epochs: int = typer.Option(Adaptation("adapt.epochs"), help="Adaptation epochs (as "
+                               "`leukodiff adapt`)."),
+    detector_labs: str = typer.Option(Adaptation("detector_labs"), help="Labs to adapt the "
+                                      "fold detector to (e.g. chula,bccd,bcd; empty: level "
+                                      "2 only). A run with --labs '' keeps the level-2 curve "
+                                      "of --out."),
+    detector_shots: str = typer.Option(Adaptation("detector_shots"), help="Reviewed cells "
+                                       "per type whose fields adapt the detector."),
+    detector_draws: int = typer.Option(Adaptation("detector_draws"), help="Draws per k for "
+                                       "the detector (minutes each on 2 CPU cores)."),
     docs: Path | None = typer.Option(None, help="Also write the section of RESULTS.md, "
                                      "adaptation.json and the figure into this docs folder."),
     data_root: Path | None = DataRoot,
@@ -299,7 +345,7 @@ def evaluate_adaptation_command(
         detector_ks = tuple(int(k) for k in _split_list(detector_shots))
     except ValueError:
         raise _fail("--shots and --detector-shots take comma-separated whole numbers") from None
-    config = AdaptationConfig(labs=chosen, shots=ks, draws=draws,
+    config = AdaptationConfig(labs=chosen, shots=ks, draws=draws, seed=seed,
                               adapt=AdaptConfig(epochs=epochs), detector_labs=boxed,
                               detector_shots=detector_ks, detector_draws=detector_draws)
     try:
@@ -314,11 +360,25 @@ def evaluate_adaptation_command(
 @evaluate_app.command("all")
 def evaluate_all_command(
     out: Path = typer.Option(Path("docs"), help="Folder for RESULTS.md and figures/."),
-    seed: int = typer.Option(0, help="Seed of every split, head and augmentation."),
-    repeats: int = typer.Option(10, help="Monte Carlo repeats (the paper: 10)."),
-    finetune_splits: int = typer.Option(2, help="Splits of each kind to fine-tune on "
-                                        "(0: frozen base only)."),
-    finetune_epochs: int = typer.Option(5, help="Epochs of each fine-tuning run."),
+    seed: int = typer.Option(Eval("seed"), help="Seed of every split, head and "
+                             "augmentation."),
+    repeats: int = typer.Option(Eval("repeats"), help="Monte Carlo repeats (the paper: 10)."),
+    train_fraction: float = typer.Option(Eval("train_fraction"), help="Share of each split "
+                                         "that trains (the paper: 0.7)."),
+    kbc_crop_scale: float = typer.Option(Eval("kbc_crop_scale"), help="Paper protocol: crop "
+                                         "side / box side (tight, like the paper's boxes)."),
+    cross_crop_scale: float = typer.Option(Eval("cross_crop_scale"), help="Cross-source: "
+                                           "crop side / box side (the project's geometry)."),
+    finetune_splits: int = typer.Option(Eval("finetune_splits"), help="Splits of each kind "
+                                        "to fine-tune on (0: frozen base only)."),
+    finetune_epochs: int = typer.Option(Eval("finetune_epochs"), help="Epochs of each "
+                                        "fine-tuning run."),
+    max_per_class: int = typer.Option(Eval("max_per_class"), help="A seeded subset per "
+                                      "class and source (0: all; quick runs)."),
+    synthetic: int = typer.Option(Eval("synthetic"), help="Synthetic KBC copies to check "
+                                  "the matcher on."),
+    augment_copies: int = typer.Option(Eval("augment_copies"), help="Colour-jittered copies "
+                                       "of the training set (cross-source)."),
     quick: bool = typer.Option(False, help="A few dozen cells per class: checks that every "
                                "protocol runs (a minute); the numbers mean nothing."),
     cache: Path | None = typer.Option(None, help="Keep provenance and features here between "
@@ -332,8 +392,11 @@ def evaluate_all_command(
     from leukodiff.training.classifier import TrainingError
 
     config = (EvalConfig.quick(seed) if quick else
-              EvalConfig(seed=seed, repeats=repeats, finetune_splits=finetune_splits,
-                         finetune_epochs=finetune_epochs))
+              EvalConfig(seed=seed, repeats=repeats, train_fraction=train_fraction,
+                         kbc_crop_scale=kbc_crop_scale, cross_crop_scale=cross_crop_scale,
+                         finetune_splits=finetune_splits, finetune_epochs=finetune_epochs,
+                         max_per_class=max_per_class, synthetic=synthetic,
+                         augment_copies=augment_copies))
     try:
         results = evaluate_all(out, config=config, data_root=data_root,
                                weights_dir=weights_dir, cache_dir=cache, track=_track,

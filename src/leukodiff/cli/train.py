@@ -3,11 +3,13 @@ and the familiarity reference."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
 
 from leukodiff.cli.common import (
+    ConfigDefault,
     DataRoot,
     WeightsDir,
     _command,
@@ -18,30 +20,62 @@ from leukodiff.cli.common import (
     console,
 )
 
+
+def _classifier_config() -> type:
+    from leukodiff.training.classifier import ClassifierConfig
+
+    return ClassifierConfig
+
+
+def _detector_config() -> type:
+    from leukodiff.training.detector import DetectorConfig
+
+    return DetectorConfig
+
+
+Classifier = partial(ConfigDefault, _classifier_config)
+Detector = partial(ConfigDefault, _detector_config)
+
 train_app = typer.Typer(help="Train the level-1 detector or the level-2 classifiers.",
                         no_args_is_help=True, callback=_require_torch)
 
 
 @train_app.command("classifier")
 def train_classifier_command(
-    task: str = typer.Option("mononuclear", help="mononuclear | polymorphonuclear | flat."),
+    task: str = typer.Option(Classifier("task"), help="mononuclear | polymorphonuclear | flat."),
     out: Path = typer.Option(..., help="Run folder: checkpoints, model.pt, manifest."),
-    sources: str = typer.Option("pbc,bccd", help="Comma-separated: data set names "
+    sources: str = typer.Option(Classifier("sources"), help="Comma-separated: data set names "
                                 "(pbc, kbc, bccd, chula) or folders of class folders."),
-    classes: str = typer.Option("", help="Only these types of the task, e.g. "
+    classes: str = typer.Option(Classifier("classes"), help="Only these types of the task, e.g. "
                                 "'neutrophil,eosinophil' (the paper's 2-class setting)."),
-    mode: str = typer.Option("finetune", help="frozen (paper: base frozen, head only) "
+    mode: str = typer.Option(Classifier("mode"), help="frozen (paper: base frozen, head only) "
                              "| finetune (all layers)."),
-    epochs: int = typer.Option(12),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(1e-3, help="Adam learning rate (paper: 1e-3)."),
-    seed: int = typer.Option(0, help="Seed of the split, initialisation and augmentation."),
-    crop_scale: float = typer.Option(2.6, help="Square crop side / box side, for field cells."),
-    max_per_class: int = typer.Option(0, help="Cap cells per class, source and part (quick runs)."),
-    augmentation: str = typer.Option("basic", help="basic (flips, turns, zoom, colour "
-                                     "jitter) | lab (+ stain and camera: other labs' look)."),
-    stain: str = typer.Option("none", help="Colour normalisation of each crop: none | "
-                              "reinhard (every crop to one reference look)."),
+    epochs: int = typer.Option(Classifier("epochs")),
+    batch_size: int = typer.Option(Classifier("batch_size")),
+    lr: float = typer.Option(Classifier("lr"), help="Adam learning rate (paper: 1e-3)."),
+    seed: int = typer.Option(Classifier("seed"), help="Seed of the split, initialisation and "
+                             "augmentation."),
+    width: float = typer.Option(Classifier("width"), help="MobileNetV1 width multiplier "
+                                "(ImageNet weights: 0.25, 0.5, 0.75, 1.0)."),
+    input_size: int = typer.Option(Classifier("input_size"), help="Crop side in pixels."),
+    crop_scale: float = typer.Option(Classifier("crop_scale"), help="Square crop side / box "
+                                     "side, for field cells."),
+    val_fraction: float = typer.Option(Classifier("val_fraction"), help="Share of each "
+                                       "source's groups for validation."),
+    test_fraction: float = typer.Option(Classifier("test_fraction"), help="Share of each "
+                                        "source's groups held out for the test."),
+    max_per_class: int = typer.Option(Classifier("max_per_class"), help="Cap cells per "
+                                      "class, source and part (quick runs)."),
+    balance: bool = typer.Option(Classifier("balance"), "--balance/--no-balance",
+                                 help="Class-weighted loss."),
+    source_balance: float = typer.Option(Classifier("source_balance"), help="Draw cells "
+                                         "with weight 1 / (cells of their source) ** this "
+                                         "(0: every cell alike)."),
+    augmentation: str = typer.Option(Classifier("augmentation"), help="basic (flips, turns, "
+                                     "zoom, colour jitter) | lab (+ stain and camera: other "
+                                     "labs' look)."),
+    stain: str = typer.Option(Classifier("stain"), help="Colour normalisation of each crop: "
+                              "none | reinhard (every crop to one reference look)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
@@ -51,8 +85,11 @@ def train_classifier_command(
 
     config = ClassifierConfig(task=task, classes=_split_list(classes),
                               sources=_split_list(sources), mode=mode, epochs=epochs,
-                              batch_size=batch_size, lr=lr, seed=seed, crop_scale=crop_scale,
-                              max_per_class=max_per_class, augmentation=augmentation,
+                              batch_size=batch_size, lr=lr, seed=seed, width=width,
+                              input_size=input_size, crop_scale=crop_scale,
+                              val_fraction=val_fraction, test_fraction=test_fraction,
+                              max_per_class=max_per_class, balance=balance,
+                              source_balance=source_balance, augmentation=augmentation,
                               stain=stain)
     try:
         manifest = train_classifier(config, out, data_root=data_root, weights_dir=weights_dir,
@@ -70,48 +107,84 @@ def train_classifier_command(
 @train_app.command("detector")
 def train_detector_command(
     out: Path = typer.Option(..., help="Run folder: checkpoints, detector.pt, manifest."),
-    epochs: int = typer.Option(40),
-    batch_size: int = typer.Option(8, help="Fields per step."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate (linear warm-up, then cosine)."),
-    seed: int = typer.Option(0, help="Seed of initialisation, sampling and augmentation."),
-    warmup_steps: int = typer.Option(50, help="Steps of linear learning-rate warm-up."),
-    val_every: int = typer.Option(2, help="Epochs between validations (and the last one)."),
-    validation: str = typer.Option("voc", help="voc: select on BCCD's VOC val list | grouped: "
-                                   "on a grouped split of VOC train+val. The test list is "
-                                   "never used."),
-    mono_oversample: int = typer.Option(5, help="Times a field with a mononuclear cell is "
-                                        "drawn per epoch."),
-    copy_paste: float = typer.Option(0.5, help="Probability of pasting a mononuclear cell "
-                                     "from another training field."),
-    pbc_paste: float = typer.Option(0.0, help="Probability of pasting a PBC cell (any of the "
-                                    "five types, coloured and sized like the field)."),
-    scale_range: str = typer.Option("0.5,1.25", help="Scale jitter: min,max factor."),
-    colour_jitter: str = typer.Option("0.25,0.25,0.25,0.04", help="Colour jitter: "
+    epochs: int = typer.Option(Detector("epochs")),
+    batch_size: int = typer.Option(Detector("batch_size"), help="Fields per step."),
+    lr: float = typer.Option(Detector("lr"), help="AdamW learning rate (linear warm-up, then "
+                             "cosine)."),
+    weight_decay: float = typer.Option(Detector("weight_decay"), help="AdamW weight decay."),
+    frozen_blocks: int = typer.Option(Detector("frozen_blocks"), help="MobileNet conv blocks "
+                                      "kept at their ImageNet weights."),
+    seed: int = typer.Option(Detector("seed"), help="Seed of initialisation, sampling and "
+                             "augmentation."),
+    warmup_steps: int = typer.Option(Detector("warmup_steps"), help="Steps of linear "
+                                     "learning-rate warm-up."),
+    val_every: int = typer.Option(Detector("val_every"), help="Epochs between validations "
+                                  "(and the last one)."),
+    validation: str = typer.Option(Detector("validation"), help="voc: select on BCCD's VOC "
+                                   "val list | grouped: on a grouped split of VOC "
+                                   "train+val. The test list is never used."),
+    val_fraction: float = typer.Option(Detector("val_fraction"), help="Share of the fields "
+                                       "that validate (only with --validation grouped)."),
+    mono_oversample: int = typer.Option(Detector("mono_oversample"), help="Times a field "
+                                        "with a mononuclear cell is drawn per epoch."),
+    copy_paste: float = typer.Option(Detector("copy_paste"), help="Probability of pasting a "
+                                     "mononuclear cell from another training field."),
+    pbc_paste: float = typer.Option(Detector("pbc_paste"), help="Probability of pasting a PBC "
+                                    "cell (any of the five types, coloured and sized like "
+                                    "the field)."),
+    pbc_paste_per_type: int = typer.Option(Detector("pbc_paste_per_type"), help="PBC cells "
+                                           "per type to paste from."),
+    pbc_box_detector: str = typer.Option(Detector("pbc_box_detector"), help="The detector "
+                                         "that boxes the PBC cells to paste."),
+    scale_range: str = typer.Option(Detector("scale_range"), help="Scale jitter: min,max "
+                                    "factor."),
+    colour_jitter: str = typer.Option(Detector("color_jitter"), help="Colour jitter: "
                                       "brightness,contrast,saturation,hue."),
-    channel_gain: float = typer.Option(0.15, help="Each RGB channel times 1 +- this "
-                                       "(stain and lamp balance)."),
-    blur: float = typer.Option(0.3, help="Probability of a Gaussian blur (focus, optics)."),
-    group_classifier: bool = typer.Option(True, "--group-classifier/--no-group-classifier",
+    channel_gain: float = typer.Option(Detector("channel_gain"), help="Each RGB channel "
+                                       "times 1 +- this (stain and lamp balance)."),
+    blur: float = typer.Option(Detector("blur"), help="Probability of a Gaussian blur "
+                               "(focus, optics)."),
+    window_on_cell: float = typer.Option(Detector("window_on_cell"), help="Probability that "
+                                         "a window cut from a large field holds a white "
+                                         "cell."),
+    group_classifier: bool = typer.Option(Detector("spec.group_classifier"),
+                                          "--group-classifier/--no-group-classifier",
                                           help="Relabel boxes with a crop classifier trained "
                                           "on BCCD + PBC cells."),
-    group_epochs: int = typer.Option(8, help="Epochs of the group classifier (0: keep the "
-                                     "one of --init-weights)."),
-    group_pbc_per_type: int = typer.Option(800, help="PBC cells per type for the group "
-                                           "classifier (0: field cells only)."),
-    group_augmentation: str = typer.Option("basic", help="Group classifier augmentation: "
-                                           "basic | lab (+ stain and camera)."),
-    group_stain: str = typer.Option("none", help="Group classifier crop colour "
-                                    "normalisation: none | reinhard."),
-    colour_standardise: bool = typer.Option(False, "--colour-standardise/--raw-colours",
+    group_epochs: int = typer.Option(Detector("group_epochs"), help="Epochs of the group "
+                                     "classifier (0: keep the one of --init-weights)."),
+    group_lr: float = typer.Option(Detector("group_lr"), help="Group classifier learning "
+                                   "rate."),
+    group_batch_size: int = typer.Option(Detector("group_batch_size"), help="Group "
+                                         "classifier cells per step."),
+    group_pbc_per_type: int = typer.Option(Detector("group_pbc_per_type"), help="PBC cells "
+                                           "per type for the group classifier (0: field "
+                                           "cells only)."),
+    group_bccd_repeat: int = typer.Option(Detector("group_bccd_repeat"), help="Times the "
+                                          "training fields' cells are drawn per group "
+                                          "classifier epoch."),
+    group_augmentation: str = typer.Option(Detector("group_augmentation"), help="Group "
+                                           "classifier augmentation: basic | lab (+ stain "
+                                           "and camera)."),
+    group_stain: str = typer.Option(Detector("spec.group_stain"), help="Group classifier "
+                                    "crop colour normalisation: none | reinhard."),
+    colour_standardise: bool = typer.Option(Detector("spec.colour_standardise"),
+                                            "--colour-standardise/--raw-colours",
                                             help="Standardise each field's colours to BCCD's "
                                             "statistics inside the model."),
-    unknown_group: str = typer.Option("ignore", help="Cells whose group is unknown: 'ignore' "
-                                      "(neither cell nor background) or 'drop' their fields."),
-    init_weights: Path | None = typer.Option(None, help="Start from this detector.pt "
-                                             "(fine-tuning)."),
-    max_train_fields: int = typer.Option(0, help="Only this many training fields (quick runs)."),
-    sources: str = typer.Option("bccd", help="Field sets to learn from, comma-separated: "
-                                "bccd (VOC lists), bcd, chula (split by slide/field)."),
+    unknown_group: str = typer.Option(Detector("unknown_group"), help="Cells whose group is "
+                                      "unknown: 'ignore' (neither cell nor background) or "
+                                      "'drop' their fields."),
+    init_weights: str = typer.Option(Detector("init_weights"), help="Start from this "
+                                     "detector.pt (fine-tuning) [default: ImageNet "
+                                     "backbone only]."),
+    max_train_fields: int = typer.Option(Detector("max_train_fields"), help="Only this many "
+                                         "training fields (quick runs)."),
+    max_val_fields: int = typer.Option(Detector("max_val_fields"), help="Only this many "
+                                       "validation fields (quick runs)."),
+    sources: str = typer.Option(Detector("sources"), help="Field sets to learn from, "
+                                "comma-separated: bccd (VOC lists), bcd, chula (split by "
+                                "slide/field)."),
     device: str = typer.Option("", help="cpu | cuda [default: cuda when available]."),
     time_limit: float = typer.Option(0.0, help="Stop cleanly after the epoch that passes this "
                                      "many minutes (0: no limit); --resume goes on."),
@@ -138,18 +211,25 @@ def train_detector_command(
         raise _fail("--scale-range and --colour-jitter take comma-separated numbers") from None
     if len(scales) != 2 or len(jitter) != 4:
         raise _fail("--scale-range takes 2 numbers, --colour-jitter 4")
-    config = DetectorConfig(spec=spec, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+    config = DetectorConfig(spec=spec, epochs=epochs, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, frozen_blocks=frozen_blocks, seed=seed,
                             warmup_steps=warmup_steps, val_every=val_every,
                             scale_range=scales, color_jitter=jitter,
                             channel_gain=channel_gain, blur=blur,
-                            validation=validation, mono_oversample=mono_oversample,
+                            window_on_cell=window_on_cell, validation=validation,
+                            val_fraction=val_fraction, mono_oversample=mono_oversample,
                             copy_paste=copy_paste, pbc_paste=pbc_paste,
-                            group_epochs=group_epochs,
+                            pbc_paste_per_type=pbc_paste_per_type,
+                            pbc_box_detector=pbc_box_detector,
+                            group_epochs=group_epochs, group_lr=group_lr,
+                            group_batch_size=group_batch_size,
                             unknown_group=unknown_group,
                             group_pbc_per_type=group_pbc_per_type,
+                            group_bccd_repeat=group_bccd_repeat,
                             group_augmentation=group_augmentation,
-                            init_weights=str(init_weights or ""),
+                            init_weights=init_weights,
                             max_train_fields=max_train_fields,
+                            max_val_fields=max_val_fields,
                             sources=_split_list(sources))
     try:
         manifest = train_detector(config, out, data_root=data_root, weights_dir=weights_dir,

@@ -31,7 +31,7 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells, load_fields
 from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.data.splits import holdout
-from leukodiff.evaluation.labs import TYPED_LABS, available_labs
+from leukodiff.evaluation.labs import available_labs
 from leukodiff.models.files import read_checked
 from leukodiff.models.io import load_classifier
 from leukodiff.taxonomy import CellType
@@ -55,7 +55,7 @@ from leukodiff.training.classifier import predict_logits
 
 @dataclass(frozen=True)
 class AdaptationConfig:
-    labs: tuple[str, ...] = TYPED_LABS
+    labs: tuple[str, ...] = ("chula", "bccd", "pbc")  # of TYPED_LABS, run in this order
     shots: tuple[int, ...] = (0, 5, 10, 25, 50)  # reviewed cells per type
     draws: int = 3
     seed: int = 0
