@@ -95,7 +95,7 @@ def adaptation_curve(lab: str, bases: dict[str, Path], config: AdaptationConfig,
     cells = load_cells(lab, data_root, track).records
     pool, test = lab_parts(cells, config.seed)
     manifests = {task: read_checked(bases[task])[1] for task in TASKS}
-    classes = {task: [str(c) for c in manifests[task]["classes"]] for task in TASKS}
+    classes = {task: list(manifests[task].classes) for task in TASKS}
     images = {task: CellImages(crop_geometry(manifests[task])) for task in TASKS}
     replay = {task: replay_cells(manifests[task], config.adapt.replay_per_class,
                                  config.adapt.seed, data_root, track, log) for task in TASKS}
@@ -175,7 +175,7 @@ def detector_curve(lab: str, base: Path, config: AdaptationConfig, out: Path, *,
     fields = sorted(load_fields(lab, data_root, track).records, key=lambda r: r.image.name)
     pool, test = field_parts(fields, config.seed)
     ignore = unboxed_white_cells(lab)
-    base_threshold = float(read_checked(base)[1]["architecture"]["score_threshold"])
+    base_threshold = read_checked(base)[1].score_threshold
     before = detection_scores(detect_fields(base, test, track=track,
                                             description=f"{lab} test fields, fold detector"),
                               test, base_threshold, ignore)

@@ -66,6 +66,14 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
     (out_dir / "fields").mkdir(parents=True, exist_ok=True)
 
 
+def models_of(analyzer: Analyzer) -> dict[str, str]:
+    """The report's "Models" list: each model file and its hash, and the runtime."""
+    models = {role: f"{m.provenance.weights or '?'} (sha256 {(m.sha256 or '?')[:12]})"
+              for role, m in analyzer.backend.manifests.items()}
+    models["runtime"] = analyzer.backend.name
+    return models
+
+
 def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir: Path, *,
                       overwrite: bool = False, track: Track = no_progress) -> RunResult:
     """Analyse every input, write per-field and whole-run outputs, report what was skipped."""
@@ -100,8 +108,6 @@ def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir:
     (out_dir / "differential.json").write_text(json.dumps(
         {**run.differential.to_dict(), "skipped": [{"input": i, "reason": r}
                                                    for i, r in run.skipped]}, indent=2) + "\n")
-    models = {role: f"{manifest.get('weights', '?')} (sha256 {manifest.get('sha256', '?')[:12]})"
-              for role, manifest in analyzer.backend.manifests.items()}
-    models["runtime"] = analyzer.backend.name
-    write_report(out_dir / "report.html", run.differential, gallery, run.skipped, models)
+    write_report(out_dir / "report.html", run.differential, gallery, run.skipped,
+                 models_of(analyzer))
     return run

@@ -17,7 +17,6 @@ roll back stack is replayed from those events, so it survives restarts.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -33,7 +32,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from leukodiff.models.files import sha256_of, shipped
+from leukodiff.models.files import ModelFileError, read_manifest, sha256_of, shipped
 from leukodiff.server.db import AuditEvent, Case, Database, ModelJob, ModelSet, User, utcnow
 from leukodiff.server.settings import PRIVATE_DIR, Settings, private_dir
 
@@ -109,8 +108,8 @@ def _shipped_figures() -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for role in ROLES:
         try:
-            metrics = json.loads(shipped(role, ".json").read_text()).get("metrics", {})
-        except (OSError, ValueError):
+            metrics = read_manifest(shipped(role, ".json")).metrics
+        except ModelFileError:
             continue
         val = metrics.get("val", {})
         if role == "detector" and "wbc" in val:
