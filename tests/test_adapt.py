@@ -196,4 +196,4 @@ def test_unidentified_threshold_recalibrated_on_the_lab_only_with_enough_cells(
         from leukodiff.taxonomy import Group
 
         assert analyzer.classifiers[Group.MONONUCLEAR].threshold == pytest.approx(
-            lab["calibration"]["threshold"])
+            lab.threshold)

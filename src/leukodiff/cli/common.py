@@ -68,7 +68,6 @@ def _command() -> str:
     return "leukodiff " + " ".join(sys.argv[1:])
 
 
-
 class ConfigDefault:
     """A command option's default, read from a config dataclass's field when it is needed:
     the dataclass is the one place a default is written. The config modules import torch

@@ -267,7 +267,7 @@ def evaluate_labs_command(
     docs: Path | None = typer.Option(None, help="Also write the section of RESULTS.md, "
                                      "labs.json and figures into this docs folder."),
     threads: int | None = typer.Option(Labs("threads"), help="onnxruntime threads "
-                                       "[None: all cores]."),
+                                       "(unset or 0: all cores)."),
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
 ) -> None:
