@@ -200,12 +200,13 @@ def weights_dir() -> Path:
 def real_crops(name: str, count: int, data_root: str | None) -> np.ndarray:
     """(count, 3, S, S) float32 in [0, 1]: BCCD white cells cut as the pipeline cuts them."""
     from leukodiff.data.crops import crop_cell, square_input
+    from leukodiff.models.files import read_manifest
 
     manifest_path = weights_dir() / f"{name}.json"
     if not manifest_path.exists():  # an install with the ONNX files only
         manifest_path = weights_dir() / f"{name}.onnx.json"
-    manifest = json.loads(manifest_path.read_text())["input"]
-    scale, size = float(manifest["crop_scale"]), int(manifest["size"])
+    geometry = read_manifest(manifest_path).input
+    scale, size = geometry.crop_scale, geometry.size
     fields = bench_fields(max(count, 8), data_root)
     crops = []
     for record, image in zip(fields, load_rgb(f.image for f in fields), strict=True):

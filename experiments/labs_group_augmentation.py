@@ -60,7 +60,7 @@ results = json.loads(saved.read_text()) if saved.exists() else {}
 for lab in ("bccd", "chula"):
     fold = labs_dir / f"without-{lab}" / "detector"
     model, manifest = load_detector(fold / "detector.pt")
-    trained = DetectorConfig.from_dict(manifest["training"])
+    trained = DetectorConfig.from_dict(manifest.training.settings)
     data = prepare_fields(trained)
     cells = load_cells(lab).records
     targets = torch.tensor([0 if GROUP_OF[c.cell_type] is Group.MONONUCLEAR else 1

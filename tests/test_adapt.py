@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from leukodiff.data.sources import load_cells, read_class_folders
-from leukodiff.models.io import load_classifier, sha256_of, shipped
+from leukodiff.models.io import load_classifier, read_checked, sha256_of, shipped
 from leukodiff.pipeline.analyzer import Analyzer
 from leukodiff.training.adapt import (
     AdaptConfig,
@@ -57,9 +57,9 @@ def test_adapt_writes_a_new_model_set_with_before_and_after(lab_folder, tmp_path
     assert mono["cells"]["validation"] and 0 <= mono["cells"]["best_epoch"] <= QUICK.epochs
     assert mono["cells"]["held_out_groups"] >= 1 and sum(mono["cells"]["replay"].values()) > 0
     _, manifest = load_classifier(tmp_path / "set" / "mononuclear.pt")
-    assert manifest["adapted"]["base"]["sha256"] == shipped_hash
-    assert manifest["adapted"]["after"] == json.loads(json.dumps(mono["after"]))
-    assert manifest["input"] == json.loads(shipped("mononuclear", ".json").read_text())["input"]
+    assert manifest.provenance.adapted["base"]["sha256"] == shipped_hash
+    assert manifest.provenance.adapted["after"] == json.loads(json.dumps(mono["after"]))
+    assert manifest.input == read_checked("mononuclear")[1].input
     assert (tmp_path / "set" / "mononuclear.onnx").exists()
     assert sha256_of(shipped("mononuclear")) == shipped_hash  # the base is never touched
     with Analyzer.load(mononuclear=tmp_path / "set" / "mononuclear.pt", backend="onnx",
@@ -115,7 +115,7 @@ def test_worse_after_adaptation_writes_nothing_unless_forced(lab_folder, tmp_pat
     adapt(["mylab"], tmp_path / "forced", ruinous, cells=_lab_cells(lab_folder), force=True,
           data_root=shared_data)
     _, manifest = load_classifier(tmp_path / "forced" / "mononuclear.pt")
-    assert manifest["adapted"]["forced"] is True
+    assert manifest.provenance.adapted["forced"] is True
 
 
 def test_adaptation_curve_and_its_results_section(tmp_path, shared_data):
@@ -163,8 +163,8 @@ def test_adapt_command_prints_before_and_after_and_names_the_new_files(lab_folde
     assert "before -> after" in said and "macro-F1" in said and "lymphocyte" in said
     assert (out / "mononuclear.onnx").exists() and not (out / "polymorphonuclear.pt").exists()
     _, manifest = load_classifier(out / "mononuclear.pt")
-    assert manifest["adapted"]["lab"] == [str(lab_folder)]
-    assert manifest["adapted"]["cells"]["held_out_groups"] >= 1
+    assert manifest.provenance.adapted["lab"] == [str(lab_folder)]
+    assert manifest.provenance.adapted["cells"]["held_out_groups"] >= 1
     refused = CliRunner().invoke(app, ["adapt", "--out", str(out)])
     assert refused.exit_code == 1 and "--station" in refused.output
 
@@ -180,20 +180,20 @@ def test_unidentified_threshold_recalibrated_on_the_lab_only_with_enough_cells(
           data_root=shared_data)
     _, kept = load_classifier(tmp_path / "kept" / "mononuclear.pt")
     _, base = load_classifier("mononuclear")
-    assert kept["adapted"]["recalibrated"] is False
-    assert kept["calibration"] == base["calibration"]
+    assert kept.provenance.adapted["recalibrated"] is False
+    assert kept.calibration == base.calibration
     monkeypatch.setattr(adapt_module, "MIN_CALIBRATION_CELLS", 1)
     adapt([str(lab_folder)], tmp_path / "lab", QUICK, cells=_lab_cells(lab_folder),
           data_root=shared_data)
     _, lab = load_classifier(tmp_path / "lab" / "mononuclear.pt")
-    assert lab["adapted"]["recalibrated"] is True
-    assert lab["calibration"]["on"].startswith("the lab's validation cases")
-    assert 0 <= lab["calibration"]["threshold"] <= 1
-    assert lab["calibration"]["validation_cells"] == sum(lab["adapted"]["cells"]["validation"]
+    assert lab.provenance.adapted["recalibrated"] is True
+    assert lab.calibration["on"].startswith("the lab's validation cases")
+    assert 0 <= lab.threshold <= 1
+    assert lab.calibration["validation_cells"] == sum(lab.provenance.adapted["cells"]["validation"]
                                                          .values())
     with Analyzer.load(mononuclear=tmp_path / "lab" / "mononuclear.pt",
                        backend="onnx") as analyzer:
         from leukodiff.taxonomy import Group
 
         assert analyzer.classifiers[Group.MONONUCLEAR].threshold == pytest.approx(
-            lab["calibration"]["threshold"])
+            lab.threshold)

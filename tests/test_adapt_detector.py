@@ -49,12 +49,12 @@ def test_adapted_detector_is_written_with_its_before_and_after(lab_fields, tmp_p
         assert 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
         assert 0 <= scores["group_accuracy"] <= 1
     _, manifest = load_detector(tmp_path / "set" / "detector.pt")
-    adapted = manifest["adapted"]
-    group = manifest["training"]["group_classifier"]  # its epoch 0 (as it came) competed
+    adapted = manifest.provenance.adapted
+    group = manifest.training.settings["group_classifier"]  # its epoch 0 (as it came) competed
     assert group["history"][0]["epoch"] == 0 and 0 <= group["best_epoch"] <= QUICK.group_epochs
     assert adapted["base"]["sha256"] == sha256_of(shipped("detector"))
     assert adapted["fields"] == result["fields"] and adapted["forced"] in (True, False)
-    assert manifest["architecture"]["score_threshold"] == result["threshold"]
+    assert manifest.score_threshold == result["threshold"]
     assert sha256_of(shipped("detector")) == adapted["base"]["sha256"]  # base untouched
     # the adapted set runs through the shipped code path, its threshold with it
     with Analyzer.load(tmp_path / "set" / "detector.pt", backend="onnx") as analyzer:

@@ -90,8 +90,8 @@ def test_export_writes_what_onnxruntime_runs_and_refuses_stale_files(model_copy,
     network, manifest = load_classifier(model_copy["mononuclear"])
     with torch.no_grad():
         network.head[-1].bias.add_(0.5)
-    save_model(network, {k: v for k, v in manifest.items() if k not in ("sha256", "weights")},
-               model_copy["mononuclear"])
+    save_model(network, {k: v for k, v in manifest.to_dict().items()
+                         if k not in ("sha256", "weights")}, model_copy["mononuclear"])
     with pytest.raises(BackendError, match=r"another version of mononuclear\.pt"):
         open_backend("onnx", model_copy)
     fallback = open_backend("auto", model_copy)

@@ -23,7 +23,7 @@ from leukodiff.models.detector import (
     predict,
     standardise_colour,
 )
-from leukodiff.models.files import group_manifest
+from leukodiff.models.files import Manifest
 from leukodiff.models.io import ModelFileError, load_detector, shipped
 from leukodiff.taxonomy import Group
 from leukodiff.training.detector import (
@@ -346,7 +346,7 @@ def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_
     assert manifest["training"]["group_classifier"]["cells"]["pbc"] == 0
     assert (tmp_path / "detector.pt").stat().st_size < 15e6
     model, loaded = load_detector(tmp_path / "detector.pt")
-    assert loaded["sha256"] == manifest["sha256"] and model.spec.rpn_post_nms_test == 50
+    assert loaded.sha256 == manifest["sha256"] and model.spec.rpn_post_nms_test == 50
     with pytest.raises(DetectorTrainingError, match="finished"):
         train_detector(config, tmp_path, data_root=shared_data, data=data, resume=True)
 
@@ -357,7 +357,7 @@ def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_
     assert again["architecture"]["group_stain"] == "reinhard"
     assert again["training"]["group_augmentation"] == "lab"
     assert again["training"]["group_retrained_from"]["sha256"] == manifest["sha256"]
-    assert group_manifest(again)["input"]["stain"] == "reinhard"
+    assert Manifest.from_dict(again).group().input.stain == "reinhard"
     retrained, _ = load_detector(tmp_path / "group" / "detector.pt")
     assert retrained.spec.group_stain == "reinhard"
     before, after = model.state_dict(), retrained.state_dict()
@@ -388,7 +388,7 @@ def test_shipped_detector_on_bccd_test_fields(bccd):
     if not shipped("detector").exists():
         pytest.skip("no shipped detector")
     model, manifest = load_detector("detector")
-    assert manifest["classes"] == ["background", "mononuclear", "polymorphonuclear"]
+    assert manifest.classes == ("background", "mononuclear", "polymorphonuclear")
     # a fixed subset of the VOC test list: the first 16 fields with a white-cell box and
     # every mononuclear one
     test = [r for r in bccd if r.subset == "test" and r.wbc_boxes]

@@ -25,10 +25,10 @@ FLOORS = {
 @pytest.mark.parametrize("name", sorted(FLOORS))
 def test_shipped_model_matches_its_manifest(name):
     _, manifest = load_classifier(shipped(name))
-    assert manifest["sha256"] == sha256_of(shipped(name))
-    assert manifest["task"] == name
+    assert manifest.sha256 == sha256_of(shipped(name))
+    assert manifest.task == name
     assert shipped(name).stat().st_size < 8_000_000
-    assert manifest["metrics"]["test"]["pbc"]["n"] > 400
+    assert manifest.metrics["test"]["pbc"]["n"] > 400
 
 
 @pytest.mark.parametrize("name", sorted(FLOORS))

@@ -121,7 +121,7 @@ def test_model_files_are_checked_against_their_manifest(tmp_path, shared_data):
     assert manifest["classes"] == ["lymphocyte", "monocyte"]
     assert manifest["input"]["crop_scale"] == 2.6
     _, loaded = load_classifier(tmp_path / "model.pt")
-    assert loaded["sha256"] == manifest["sha256"]
+    assert loaded.sha256 == manifest["sha256"]
     with open(tmp_path / "model.pt", "ab") as handle:
         handle.write(b"tampered")
     with pytest.raises(ModelFileError, match="sha256"):

@@ -14,6 +14,7 @@ from leukodiff.data.records import Cell
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import holdout
 from leukodiff.evaluation.figures import plot_confusion
+from leukodiff.models.files import Manifest
 from leukodiff.models.io import load_classifier
 from leukodiff.training.cells import load_cell_tensors
 from leukodiff.training.classifier import (
@@ -26,13 +27,14 @@ from leukodiff.training.classifier import (
 PARTS = ("train", "val", "test", "all")
 
 
-def training_config(manifest: dict) -> ClassifierConfig:
+def training_config(manifest: Manifest) -> ClassifierConfig:
     """The configuration a model was trained with, from its manifest."""
     known = {f.name for f in fields(ClassifierConfig)}
-    return ClassifierConfig(**{k: v for k, v in manifest["training"].items() if k in known})
+    return ClassifierConfig(**{k: v for k, v in manifest.training.settings.items()
+                               if k in known})
 
 
-def held_out_cells(manifest: dict, sources: tuple[str, ...] | None = None,
+def held_out_cells(manifest: Manifest, sources: tuple[str, ...] | None = None,
                    part: str = "test", data_root: str | Path | None = None,
                    track: Track = no_progress) -> list[Cell]:
     """The cells of `part` of the split a model was trained with (same seed and fractions),
@@ -41,7 +43,7 @@ def held_out_cells(manifest: dict, sources: tuple[str, ...] | None = None,
         raise TrainingError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
     config = training_config(manifest)
     config_sources = tuple(sources or config.sources)
-    cells, _ = select_cells(config_sources, tuple(manifest["classes"]), data_root, track)
+    cells, _ = select_cells(config_sources, manifest.classes, data_root, track)
     if part == "all":
         chosen = list(range(len(cells)))
     else:
@@ -67,7 +69,7 @@ def evaluate_classifier(
     network, manifest = load_classifier(model)
     config = training_config(manifest)
     cells = held_out_cells(manifest, sources, part, data_root, track)
-    classes = tuple(manifest["classes"])
+    classes = manifest.classes
     images = load_cell_tensors(cells, config.geometry, track)
     targets = torch.tensor([classes.index(str(c.cell_type)) for c in cells])
     results = evaluate_by_source(network, images, targets, cells, classes)
@@ -75,7 +77,7 @@ def evaluate_classifier(
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, metrics in results.items():
             plot_confusion(metrics, out_dir / f"confusion_{name}_{part}.png",
-                           title=f"{manifest['task']} on {name} ({part}): accuracy "
+                           title=f"{manifest.task} on {name} ({part}): accuracy "
                            f"{metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
         (out_dir / f"metrics_{part}.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -86,7 +86,7 @@ def _resolve(model):
 
     if isinstance(model, str | Path):
         return load_detector(model)
-    return model, {}
+    return model, None
 
 
 def _timed_predict(network, images: Sequence, scale: float = 1.0, track: Track = no_progress,
@@ -133,7 +133,7 @@ def evaluate_detector(
                                          description="BCCD test fields")
     results: dict = {
         "model": str(model) if isinstance(model, str | Path) else "in memory",
-        "model_sha256": manifest.get("sha256"),
+        "model_sha256": manifest.sha256 if manifest else None,
         "bccd_test": detection_metrics(detections, test, score_threshold=threshold),
         # BCCD leaves some white cells unboxed (4 test fields have no WBC box although
         # one is visible), so finding them counts as false. Reported beside the official

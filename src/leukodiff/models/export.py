@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from leukodiff.models.files import (
-    group_manifest,
+    Manifest,
     manifest_path,
     onnx_paths,
     resolve,
@@ -40,13 +40,13 @@ def _export(model: nn.Module, example: Any, path: Path, inputs: list[str], outpu
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
 
 
-def _write_manifest(path: Path, manifest: dict[str, Any], source: Path) -> dict[str, Any]:
-    manifest = {**manifest, "format": {"name": "onnx", "opset": OPSET,
+def _write_manifest(path: Path, manifest: Manifest, source: Path) -> None:
+    """The ONNX file's manifest: its torch file's, with the format and where it came from."""
+    written = {**manifest.to_dict(), "format": {"name": "onnx", "opset": OPSET,
                                        "torch": torch.__version__},
                 "source": {"weights": source.name, "sha256": sha256_of(source)},
                 "weights": path.name, "sha256": sha256_of(path)}
-    manifest_path(path).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    manifest_path(path).write_text(json.dumps(written, indent=2) + "\n")
 
 
 def _classifier_for_export(network: nn.Module) -> nn.Module:
@@ -71,7 +71,7 @@ def export_detector(detector: str | Path = "detector") -> dict[str, Path]:
         size = spec.group_input_size
         _export(_classifier_for_export(group), (torch.rand(2, 3, size, size),), paths["group"],
                 ["images"], ["logits"], {"images": {0: "crops"}, "logits": {0: "crops"}})
-        _write_manifest(paths["group"], group_manifest(manifest), source)
+        _write_manifest(paths["group"], manifest.group(), source)
         written["group"] = paths["group"]
     return written
 
@@ -81,7 +81,7 @@ def export_classifier(model: str | Path) -> Path:
     network, manifest = load_classifier(model)
     source = resolve(model)
     path = source.with_suffix(".onnx")
-    size = int(manifest["input"]["size"])
+    size = manifest.input.size
     _export(_classifier_for_export(network), (torch.rand(2, 3, size, size),), path,
             ["images"], ["logits"], {"images": {0: "crops"}, "logits": {0: "crops"}})
     _write_manifest(path, manifest, source)

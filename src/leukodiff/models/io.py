@@ -15,6 +15,7 @@ import torch
 
 from leukodiff.models.files import (
     SHIPPED_DIR,
+    Manifest,
     ModelFileError,
     manifest_path,
     read_checked,
@@ -24,8 +25,8 @@ from leukodiff.models.files import (
 )
 from leukodiff.models.mobilenet import MobileNetClassifier
 
-__all__ = ["SHIPPED_DIR", "ModelFileError", "load_classifier", "load_detector", "read_checked",
-           "resolve", "save_model", "sha256_of", "shipped"]
+__all__ = ["SHIPPED_DIR", "Manifest", "ModelFileError", "load_classifier", "load_detector",
+           "read_checked", "resolve", "save_model", "sha256_of", "shipped"]
 
 
 def save_model(model: torch.nn.Module, manifest: dict[str, Any], path: Path) -> dict:
@@ -46,27 +47,26 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_classifier(model: str | Path) -> tuple[MobileNetClassifier, dict[str, Any]]:
+def load_classifier(model: str | Path) -> tuple[MobileNetClassifier, Manifest]:
     """A level-2 classifier in eval mode and its manifest (a path or a shipped name)."""
     path, manifest = read_checked(model)
-    arch = manifest.get("architecture", {})
-    if arch.get("name") != "mobilenet_v1":
-        raise ModelFileError(f"{path}: not a level-2 classifier ({arch.get('name')!r})")
+    if manifest.name != "mobilenet_v1":
+        raise ModelFileError(f"{path}: not a level-2 classifier ({manifest.name!r})")
+    arch = manifest.architecture
     network = MobileNetClassifier(
-        num_classes=len(manifest["classes"]), width=arch["width"], hidden=arch["hidden"]
+        num_classes=len(manifest.classes), width=arch["width"], hidden=arch["hidden"]
     )
     network.load_state_dict(_state(path))
     return network.eval(), manifest
 
 
-def load_detector(model: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_detector(model: str | Path) -> tuple[torch.nn.Module, Manifest]:
     """The level-1 Faster R-CNN in eval mode and its manifest (a path or a shipped name)."""
     from leukodiff.models.detector import DetectorSpec, build_detector
 
     path, manifest = read_checked(model)
-    name = str(manifest.get("architecture", {}).get("name", ""))
-    if not name.startswith("fasterrcnn"):
-        raise ModelFileError(f"{path}: not a detector ({name!r})")
-    network = build_detector(DetectorSpec.from_dict(manifest["architecture"]), pretrained=False)
+    if not manifest.is_detector:
+        raise ModelFileError(f"{path}: not a detector ({manifest.name!r})")
+    network = build_detector(DetectorSpec.from_dict(manifest.architecture), pretrained=False)
     network.load_state_dict(_state(path))
     return network.eval(), manifest

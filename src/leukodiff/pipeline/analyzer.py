@@ -253,12 +253,13 @@ class GroupClassifier:
     def __init__(self, backend: Backend, role: str, threshold: float | None = None):
         manifest = backend.manifests[role]
         self.backend, self.role, self.manifest = backend, role, manifest
-        self.classes = [str(c) for c in manifest["classes"]]
-        self.crop_scale = float(manifest["input"]["crop_scale"])
-        self.input_size = int(manifest["input"]["size"])
-        self.stain = str(manifest["input"].get("stain", "none"))  # before issue #14: none
-        calibrated = manifest.get("calibration", {}).get("threshold", 0.0)
-        self.threshold = calibrated if threshold is None else threshold
+        if manifest.input is None:
+            raise ModelFileError(f"the {role} model's manifest gives no crop geometry")
+        self.classes = list(manifest.classes)
+        self.crop_scale = manifest.input.crop_scale
+        self.input_size = manifest.input.size
+        self.stain = manifest.input.stain
+        self.threshold = manifest.threshold if threshold is None else threshold
 
     def __call__(self, image: Image.Image, boxes: Sequence[Box]) -> np.ndarray:
         """Class probabilities (N, classes) of the cells in `boxes`."""
@@ -324,7 +325,7 @@ class Analyzer:
                  familiarity: Familiarity | None = None) -> None:
         self.backend = backend
         self.familiarity = familiarity
-        spec = backend.manifests["detector"]["architecture"]
+        spec = backend.manifests["detector"].architecture
         self.spec = spec
         self.detection_threshold = (float(spec["score_threshold"]) if detection_threshold
                                     is None else detection_threshold)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from leukodiff.models.files import (
+    Manifest,
     ModelFileError,
-    group_manifest,
     onnx_paths,
     read_checked,
     resolve,
@@ -45,7 +45,7 @@ class BackendError(RuntimeError):
 
 class Backend(Protocol):
     name: str
-    manifests: dict[str, dict[str, Any]]
+    manifests: dict[str, Manifest]
 
     def detect(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Faster R-CNN on one image (3, H, W) float32 in [0, 1]: boxes, labels, scores."""
@@ -77,8 +77,7 @@ class TorchBackend:
         self._torch = torch
         self.detector, detector_manifest = load_detector(models["detector"])
         self.networks = {"group": getattr(self.detector, "group_classifier", None)}
-        self.manifests = {"detector": detector_manifest,
-                          "group": group_manifest(detector_manifest)}
+        self.manifests = {"detector": detector_manifest, "group": detector_manifest.group()}
         for role in ("mononuclear", "polymorphonuclear"):
             self.networks[role], self.manifests[role] = load_classifier(models[role])
         if self.networks["group"] is None:
@@ -127,7 +126,7 @@ class OnnxBackend:
             raise BackendError("the onnx backend needs onnxruntime: pip install onnxruntime"
                                ) from None
         paths = onnx_paths(models)
-        self.manifests: dict[str, dict[str, Any]] = {}
+        self.manifests: dict[str, Manifest] = {}
         self.sessions = {}
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -159,10 +158,10 @@ class OnnxBackend:
         return self.sessions[role].run(None, {"images": crops})[0]
 
 
-def _refuse_stale(onnx_path: Path, manifest: dict[str, Any], torch_path: Path,
+def _refuse_stale(onnx_path: Path, manifest: Manifest, torch_path: Path,
                   torch_sha256: str | None) -> None:
     """An ONNX file must come from the torch file beside it, when that file is there."""
-    if torch_sha256 is not None and manifest.get("source", {}).get("sha256") != torch_sha256:
+    if torch_sha256 is not None and manifest.provenance.source.get("sha256") != torch_sha256:
         raise BackendError(f"{onnx_path} was exported from another version of {torch_path.name}"
                            "; run `leukodiff export onnx` again")
 

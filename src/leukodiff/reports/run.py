@@ -69,6 +69,14 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
     (out_dir / "fields").mkdir(parents=True, exist_ok=True)
 
 
+def models_of(analyzer: Analyzer) -> dict[str, str]:
+    """The report's "Models" list: each model file and its hash, and the runtime."""
+    models = {role: f"{m.provenance.weights or '?'} (sha256 {(m.sha256 or '?')[:12]})"
+              for role, m in analyzer.backend.manifests.items()}
+    models["runtime"] = analyzer.backend.name
+    return models
+
+
 def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir: Path, *,
                       overwrite: bool = False, monolayer_only: bool = False,
                       track: Track = no_progress) -> RunResult:
@@ -107,8 +115,6 @@ def analyze_to_folder(analyzer: Analyzer, inputs: Sequence[str | Path], out_dir:
         {**run.differential.to_dict(), "skipped": [{"input": i, "reason": r}
                                                    for i, r in run.skipped],
          "notes": [{"input": i, "note": n} for i, n in run.notes]}, indent=2) + "\n")
-    models = {role: f"{manifest.get('weights', '?')} (sha256 {manifest.get('sha256', '?')[:12]})"
-              for role, manifest in analyzer.backend.manifests.items()}
-    models["runtime"] = analyzer.backend.name
-    write_report(out_dir / "report.html", run.differential, gallery, run.skipped, models)
+    write_report(out_dir / "report.html", run.differential, gallery, run.skipped,
+                 models_of(analyzer))
     return run

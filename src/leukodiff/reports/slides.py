@@ -56,7 +56,7 @@ from leukodiff.pipeline.analyzer import (
     coco_categories,
 )
 from leukodiff.reports.outputs import CSV_COLUMNS, cell_thumbnail, write_field, write_report
-from leukodiff.reports.run import OutputExistsError
+from leukodiff.reports.run import OutputExistsError, models_of
 from leukodiff.taxonomy import CellType
 
 SLIDES = "slides"  # OUT/slides/<slide>/
@@ -563,14 +563,6 @@ def write_summary(out_dir: Path, run: SlidesRun) -> None:
     _atomic_write(out_dir / "summary.json", json.dumps(
         {"slides": run.rows, "notes": run.notes, "interrupted": run.interrupted,
          "order": field_order, "categories": list(COCO_CATEGORY_IDS)}, indent=2) + "\n")
-
-
-def models_of(analyzer: Analyzer) -> dict[str, str]:
-    """The report's "Models" list: each model file and its hash, and the runtime."""
-    models = {role: f"{m.get('weights', '?')} (sha256 {m.get('sha256', '?')[:12]})"
-              for role, m in analyzer.backend.manifests.items()}
-    models["runtime"] = analyzer.backend.name
-    return models
 
 
 def _parquet_available() -> bool:

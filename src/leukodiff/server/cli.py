@@ -1,7 +1,7 @@
 """`leukodiff serve`, the account commands (`create-user`, `set-password`,
 `deactivate-user`) and `leukodiff export-training`: thin wrappers.
 
-Wired into the main `leukodiff` command by src/leukodiff/cli.py.
+Wired into the main `leukodiff` command by src/leukodiff/cli/server.py.
 """
 
 from __future__ import annotations

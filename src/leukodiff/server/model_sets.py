@@ -15,7 +15,6 @@ roll back stack is replayed from those events, so it survives restarts.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from leukodiff.models.files import sha256_of, shipped
+from leukodiff.models.files import ModelFileError, read_manifest, sha256_of, shipped
 from leukodiff.server.db import AuditEvent, ModelSet, User
 from leukodiff.server.settings import Settings
 
@@ -91,8 +90,8 @@ def _shipped_figures() -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for role in ROLES:
         try:
-            metrics = json.loads(shipped(role, ".json").read_text()).get("metrics", {})
-        except (OSError, ValueError):
+            metrics = read_manifest(shipped(role, ".json")).metrics
+        except ModelFileError:
             continue
         val = metrics.get("val", {})
         if role == "detector" and "wbc" in val:

@@ -40,7 +40,7 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import holdout, monte_carlo
 from leukodiff.metrics.classification import calibrate_confidence, classification_metrics
 from leukodiff.models.export import export_classifier
-from leukodiff.models.files import read_checked, resolve
+from leukodiff.models.files import Manifest, read_checked, resolve
 from leukodiff.models.io import load_classifier, save_model
 from leukodiff.taxonomy import MIN_REVIEWED_PER_TYPE
 from leukodiff.training.cells import (
@@ -95,7 +95,7 @@ class Adapted:
 
     task: str
     model: torch.nn.Module
-    manifest: dict
+    manifest: Manifest
     before: dict
     after: dict
     cells: dict = field(default_factory=dict)
@@ -156,16 +156,16 @@ def lab_split(cells: Sequence[Cell], held_out: float, seed: int) -> tuple[list[C
     return [cells[i] for i in split.train], [cells[i] for i in split.test]
 
 
-def replay_cells(manifest: dict, per_class: int, seed: int, data_root=None,
+def replay_cells(manifest: Manifest, per_class: int, seed: int, data_root=None,
                  track: Track = no_progress, log: Callable[[str], None] = lambda m: None
                  ) -> list[Cell]:
     """Up to `per_class` cells of each type from the base model's own *training* part (its
     split is re-drawn from its manifest, so none of its test cells are used); a source
     that is not on this machine is left out, and said so."""
-    trained = manifest["training"]
-    classes = [str(c) for c in manifest["classes"]]
+    trained = manifest.training.settings
+    classes = list(manifest.classes)
     cells: list[Cell] = []
-    for source in trained["sources"]:
+    for source in manifest.training.sources:
         try:
             found, _ = select_cells([source], classes, data_root, track)
         except (DataNotFoundError, FileNotFoundError, ValueError) as error:
@@ -238,11 +238,11 @@ def plan_task(task: str, classes: Sequence[str], lab_cells: Sequence[Cell],
     return learn, held
 
 
-def crop_geometry(manifest: dict) -> CropGeometry:
+def crop_geometry(manifest: Manifest) -> CropGeometry:
     """How the model's manifest says its cells are cut, sized and normalised."""
-    given = manifest["input"]
-    return CropGeometry(int(given["size"]), float(given["crop_scale"]),
-                        str(given.get("stain", "none")))
+    if manifest.input is None:
+        raise AdaptError(f"{manifest.provenance.weights}: not a crop classifier")
+    return CropGeometry(manifest.input.size, manifest.input.crop_scale, manifest.input.stain)
 
 
 def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequence[Cell],
@@ -254,7 +254,7 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
     may be given when one lab is adapted to many times."""
     started = time.perf_counter()
     model, manifest = load_classifier(base)
-    classes = [str(c) for c in manifest["classes"]]
+    classes = list(manifest.classes)
     geometry = crop_geometry(manifest)
     images = images or CellImages(geometry)
     if images.geometry != geometry:
@@ -279,7 +279,7 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
     generator = torch.Generator().manual_seed(config.seed)
     sampler = WeightedRandomSampler(weights, num_samples=max(2 * len(fit), len(train_y)),
                                     generator=generator)
-    aug = str(manifest["training"].get("augmentation", "basic"))
+    aug = manifest.training.augmentation
     loader = DataLoader(CellTensorDataset(train_x, train_y, augmentation(aug, geometry.input_size)),
                         batch_size=config.batch_size, sampler=sampler)
     model.unfreeze_backbone(train_batchnorm=False)
@@ -328,7 +328,7 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
                        "on": "the lab's validation cases (leukodiff adapt)"}
         log(f"{task}: unidentified below confidence {calibration['threshold']:.3f} on the "
             f"lab's {len(val)} validation cells (was "
-            f"{manifest.get('calibration', {}).get('threshold', 0.0):.3f})")
+            f"{manifest.threshold:.3f})")
     cells = {"learnt": dict(sorted(Counter(str(c.cell_type) for c in fit).items())),
              "validation": dict(sorted(Counter(str(c.cell_type) for c in val).items())),
              "held_out": dict(sorted(Counter(str(c.cell_type) for c in held).items())),
@@ -355,8 +355,7 @@ def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = Adapt
     bases = {task: (bases or {}).get(task, task) for task in TASKS}
     if any((out_dir / f"{task}.pt").exists() for task in TASKS):
         raise AdaptError(f"{out_dir} already holds adapted models; choose another --out")
-    classes = {task: [str(c) for c in read_checked(bases[task])[1]["classes"]]
-               for task in TASKS}
+    classes = {task: list(read_checked(bases[task])[1].classes) for task in TASKS}
     if cells is None:
         cells, _ = select_cells(list(lab_sources), [c for t in TASKS for c in classes[t]],
                                 data_root, track)
@@ -388,10 +387,10 @@ def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = Adapt
             else ""
     for done in adapted:
         source = resolve(bases[done.task])
-        manifest = {**done.manifest,
-                    "calibration": done.calibration or done.manifest.get("calibration", {}),
+        manifest = {**done.manifest.to_dict(),
+                    "calibration": done.calibration or done.manifest.calibration,
                     "adapted": {"recalibrated": done.calibration is not None,
-                                "base": {"model": str(source), "sha256": done.manifest["sha256"]},
+                                "base": {"model": str(source), "sha256": done.manifest.sha256},
                                 "lab": [str(s) for s in lab_sources],
                                 "config": asdict(config), "cells": done.cells,
                                 "before": done.before, "after": done.after,

@@ -228,7 +228,7 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
                                  f"from (outside those held out); at least "
                                  f"{config.min_fields} are needed")
     fit, val = split_by_case(learn, config.validation, config.seed + 1)
-    base_config = DetectorConfig.from_dict(manifest["training"])
+    base_config = DetectorConfig.from_dict(manifest.training.settings)
     replay = replay_fields(base_config, max(config.min_replay,
                                             round(config.replay_per_field * len(fit))),
                            config.seed, data_root, track, log)
@@ -257,7 +257,7 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
                        log=log)
         trained = work / "detector.pt"
         export_detector(trained)
-        default = float(manifest["architecture"]["score_threshold"])
+        default = manifest.score_threshold
         threshold = default
         if val:
             threshold = best_threshold(detect_fields(trained, val, threads, track,
@@ -286,11 +286,11 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
         if command is None:  # this process's `leukodiff ...` command line
             command = shlex.join(["leukodiff", *sys.argv[1:]]) \
                 if "leukodiff" in sys.argv[0] else ""
-        final = {**trained_manifest,
-                 "architecture": {**trained_manifest["architecture"],
+        final = {**trained_manifest.to_dict(),
+                 "architecture": {**trained_manifest.architecture,
                                   "score_threshold": threshold},
                  "adapted": {"base": {"model": str(resolve(base)),
-                                      "sha256": manifest["sha256"]},
+                                      "sha256": manifest.sha256},
                              "config": asdict(config), "fields": result["fields"],
                              "before": before, "after": adapted, "threshold": threshold,
                              "forced": bool(force and worse),

@@ -207,7 +207,7 @@ def train_detector(
                      "pbc_pasted_cells": {t: sum(d.cell_type == t for d in donors)
                                           for t in sorted({d.cell_type for d in donors})},
                      "pbc_box_detector_sha256": (read_checked(config.pbc_box_detector)[1]
-                                                 ["sha256"] if donors else None),
+                                                 .sha256 if donors else None),
                      "group_classifier": group_info},
         "data": {"sources": list(config.sources), "origin": {
             "bccd": "Shenggan/BCCD_Dataset fields with labels.csv groups",
@@ -254,7 +254,7 @@ def retrain_group_classifier(
         raise DetectorTrainingError(f"{out_dir} already holds a detector; choose another --out")
     if resolve(out_dir / "detector.pt") == source:
         raise DetectorTrainingError("--out must not be the source detector's folder")
-    trained = DetectorConfig.from_dict(manifest["training"])
+    trained = DetectorConfig.from_dict(manifest.training.settings)
     if not trained.spec.group_classifier:
         raise DetectorTrainingError(f"{source} has no group classifier")
     config = replace(trained, group_augmentation=augmentation,
@@ -265,19 +265,19 @@ def retrain_group_classifier(
     data = prepare_fields(config, data_root, track)
     info = train_group_classifier(model, config, data, out_dir, device=torch.device("cpu"),
                                   data_root=data_root, track=track, log=log)
-    manifest = {
-        **manifest,
-        "architecture": {**manifest["architecture"], **config.spec.to_dict()},
-        "training": {**manifest["training"], **json.loads(json.dumps(asdict(config))),
+    written = {
+        **manifest.to_dict(),
+        "architecture": {**manifest.architecture, **config.spec.to_dict()},
+        "training": {**manifest.training.settings, **json.loads(json.dumps(asdict(config))),
                      "group_classifier": info,
                      "group_retrained_from": {"model": _shown(source),
-                                              "sha256": manifest["sha256"]}},
+                                              "sha256": manifest.sha256}},
         "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
         else "",
         "metrics": final_metrics(model, config, data),
         "torch": torch.__version__,
     }
-    return save_model(model, manifest, out_dir / "detector.pt")
+    return save_model(model, written, out_dir / "detector.pt")
 
 
 def _shown(path: Path) -> str:

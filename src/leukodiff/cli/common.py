@@ -1,0 +1,114 @@
+"""What every command module of the `leukodiff` command shares: the console, the error
+exit, the progress bar and the common options."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+
+def _require_torch() -> None:
+    """Training, evaluation and export need the [torch] extra; analysis alone does not."""
+    if "--help" in sys.argv:  # help needs no torch
+        return
+    for module in ("torch", "torchvision"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            Console().print("[bold red]error:[/] this command needs PyTorch: pip install "
+                            "'leukodiff\\[torch]' (analyze alone runs on onnxruntime)",
+                            highlight=False)
+            raise typer.Exit(code=1)
+
+
+console = Console()
+SHORT_NAMES = {"lymphocyte": "Lym", "monocyte": "Mono", "neutrophil": "Neut",
+               "eosinophil": "Eos", "basophil": "Baso"}
+
+
+DataRoot = typer.Option(
+    None, "--data-root", help="Folder holding bccd/, kbc/, pbc/, bcd/ "
+    "[default: $LEUKODIFF_DATA, else ../shared/data beside the checkout]."
+)
+
+
+WeightsDir = typer.Option(
+    None, "--weights-dir", help="ImageNet TFLite weights folder "
+    "[default: $LEUKODIFF_WEIGHTS, else ../shared/weights]."
+)
+
+
+def _track(items, description: str = ""):
+    """Progress bar for long library loops (library code itself never prints)."""
+    from rich.progress import track
+
+    if not console.is_terminal:  # logs and CI: no bar redraws
+        return items
+    return track(items, description=description, console=console, transient=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print("[bold red]error:[/]", escape(message), highlight=False)
+    return typer.Exit(code=1)
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _command() -> str:
+    return "leukodiff " + " ".join(sys.argv[1:])
+
+
+class ConfigDefault:
+    """A command option's default, read from a config dataclass's field when it is needed:
+    the dataclass is the one place a default is written. The config modules import torch
+    and the `leukodiff` command starts without it, so the field is read only when the
+    command runs or its help is shown (without torch, the help names the field instead).
+
+    `config` returns the dataclass (a function, so the import stays lazy and visible to
+    tests/test_architecture.py); `name` is the field, dotted into nested configs
+    (`"spec.group_stain"`). Tuples are shown and given as comma-separated text, as the
+    options take them.
+    """
+
+    def __init__(self, config: Callable[[], type], name: str) -> None:
+        self.config, self.name = config, name
+
+    def __call__(self) -> Any:
+        try:
+            return self._value()
+        except ImportError:  # a command without the [torch] extra: say so, no traceback
+            _require_torch()
+            raise
+
+    def _value(self) -> Any:
+        value: Any = self.config()()
+        for part in self.name.split("."):
+            value = getattr(value, part)
+        if isinstance(value, tuple):
+            return ",".join(str(v) for v in value)
+        return value
+
+    def __str__(self) -> str:
+        try:
+            return str(self._value())
+        except ImportError:  # help without torch
+            return f"{self.name} of the config"
+
+    def __bool__(self) -> bool:  # typer's help of a --flag/--no-flag option asks this
+        try:
+            return bool(self._value())
+        except ImportError:
+            return False
+
+    def __repr__(self) -> str:
+        return f"ConfigDefault({self.name})"
