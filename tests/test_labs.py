@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from leukodiff.evaluation.labs import FoldMismatchError, LabsConfig, evaluate_labs
-from leukodiff.evaluation.results import keep_marked_sections
 from leukodiff.reports.labs import END, START, insert_section, render_section, write_labs_report
+from leukodiff.reports.study import keep_marked_sections
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

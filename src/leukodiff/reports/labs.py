@@ -1,7 +1,7 @@
 """The leave-one-lab-out results (`evaluate labs`) as a table, figures and a RESULTS.md section.
 
 The section sits first in docs/RESULTS.md between markers, so `evaluate all`, which
-rewrites the rest of the file, keeps it (`evaluation.results.keep_marked_sections`).
+rewrites the rest of the file, keeps it (`reports.study.keep_marked_sections`).
 """
 
 from __future__ import annotations
