@@ -58,7 +58,8 @@ NARROW: dict[tuple[str, str], Narrow] = {
         why="detection metrics use the pipeline's numpy box arithmetic (area, intersection), "
             "never the Analyzer"),
     ("reports", "metrics"): Narrow(
-        anywhere=("leukodiff.metrics.records", "leukodiff.metrics.study"),
+        anywhere=("leukodiff.metrics.records", "leukodiff.metrics.study",
+                  "leukodiff.metrics.labs", "leukodiff.metrics.adaptation"),
         why="reports render the typed records evaluations return and store (dataclasses "
             "and their JSON); they compute no metric"),
     ("pipeline", "models"): Narrow(

@@ -11,8 +11,17 @@ from typing import Any
 
 
 def to_plain(record: Any) -> Any:
-    """Dicts, lists and numbers (`json.dumps` writes them; tuples become lists)."""
-    return dataclasses.asdict(record) if dataclasses.is_dataclass(record) else record
+    """Dicts, lists and numbers (`json.dumps` writes them; tuples become lists). A field
+    that is None by default and None now is left out: a part the run did not measure is
+    absent from the JSON, as it was when the results were dicts."""
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        return {f.name: to_plain(getattr(record, f.name)) for f in dataclasses.fields(record)
+                if not (getattr(record, f.name) is None and f.default is None)}
+    if isinstance(record, dict):
+        return {key: to_plain(value) for key, value in record.items()}
+    if isinstance(record, list | tuple):
+        return [to_plain(value) for value in record]
+    return record
 
 
 def from_plain(kind: Any, data: Any) -> Any:
