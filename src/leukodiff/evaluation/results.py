@@ -227,6 +227,7 @@ def evaluate_all(out_dir: Path, *, config: EvalConfig = EvalConfig(),
                                epochs=config.finetune_epochs, seed=config.seed + k,
                                weights_dir=weights_dir)
                 for k, split in enumerate(splits[kind][:config.finetune_splits])]
+    finetuned_tables = {kind: paper_table(finetuned[kind]) for kind in finetuned}
     finetuned_splits = {
         kind: {task: [FinetunedSplit(accuracy=round(100 * r.metrics()["accuracy"], 2),
                                      best_epoch=r.extra["best_epoch"]) for r in task_runs]
@@ -267,9 +268,8 @@ def evaluate_all(out_dir: Path, *, config: EvalConfig = EvalConfig(),
     timer.mark("figures")
     return Study(
         config=asdict(config), command=COMMAND, provenance=provenance.report, paper=paper,
-        split_sizes=split_sizes,
-        finetuned={kind: paper_table(finetuned[kind]) for kind in finetuned},
-        finetuned_splits=finetuned_splits, flat_vs_two_level=comparisons,
+        split_sizes=split_sizes, finetuned=finetuned_tables, finetuned_splits=finetuned_splits,
+        flat_vs_two_level=comparisons,
         cross_source=cross, end_to_end=end_to_end, detector_test=detector["bccd_test"],
         detector_test_unboxed_ignored=detector["bccd_test_unboxed_ignored"],
         figures=[str(p.relative_to(out_dir)) for p in made],
