@@ -68,6 +68,6 @@ for lab in (x for x in TYPED_LABS if present[x]):
         setattr(models, task, path)
     with models.analyzer(threads=None) as analyzer:
         result = measure_types(analyzer, load_cells(lab).records, lab)
-    recall = ", ".join(f"{t} {r:.2f}" for t, r in result["recall"].items())
-    console.print(f"held out {lab}: accuracy {result['accuracy']:.3f} macro-F1 "
-                  f"{result['macro_f1']:.3f} ({recall})")
+    recall = ", ".join(f"{t} {r:.2f}" for t, r in result.recall.items())
+    console.print(f"held out {lab}: accuracy {result.accuracy:.3f} macro-F1 "
+                  f"{result.macro_f1:.3f} ({recall})")

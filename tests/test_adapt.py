@@ -133,12 +133,12 @@ def test_adaptation_curve_and_its_results_section(tmp_path, shared_data):
                               adapt=replace(QUICK, replay_per_class=4))
     results = evaluate_adaptation(tmp_path / "labs", tmp_path / "out", config,
                                   data_root=shared_data)
-    assert "no fold models" in results["labs"]["pbc"]["skipped"]
-    curve = results["labs"]["bccd"]
-    assert [(r["k"], r["draw"]) for r in curve["runs"]] == [(0, 0), (5, 0)]
-    assert curve["runs"][0]["cells"] == 0 and 0 < curve["runs"][1]["cells"] <= 25
-    assert curve["runs"][0]["n"] == curve["test_cells"] > 0
-    assert all(0 <= r["macro_f1"] <= 1 for r in curve["runs"])
+    assert "no fold models" in results.labs["pbc"].skipped
+    curve = results.labs["bccd"]
+    assert [(r.k, r.draw) for r in curve.runs] == [(0, 0), (5, 0)]
+    assert curve.runs[0].cells == 0 and 0 < curve.runs[1].cells <= 25
+    assert curve.runs[0].n == curve.test_cells > 0
+    assert all(0 <= r.macro_f1 <= 1 for r in curve.runs)
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "RESULTS.md").write_text("# results\n\n<!-- labs:start -->\nfolds\n"

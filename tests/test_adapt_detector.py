@@ -142,6 +142,8 @@ def test_detector_adaptation_curve_and_its_table(tmp_path, shared_data):
     standing in for the fold trained without BCCD (the figures mean nothing here); a
     detector-only run keeps the level-2 curve already in --out."""
     from leukodiff.evaluation.adaptation import AdaptationConfig, evaluate_adaptation
+    from leukodiff.metrics.adaptation import AdaptationResults
+    from leukodiff.metrics.records import from_plain, to_plain
     from leukodiff.reports.adaptation import render_section
 
     fold = tmp_path / "labs" / "without-bccd" / "detector"
@@ -155,13 +157,16 @@ def test_detector_adaptation_curve_and_its_table(tmp_path, shared_data):
     config = AdaptationConfig(labs=(), detector_labs=("bccd", "bcd"), detector_shots=(0, 1),
                               detector=replace(QUICK, min_fields=2))
     results = evaluate_adaptation(tmp_path / "labs", out, config, data_root=shared_data)
-    assert results["labs"] == earlier["labs"]  # level 2's curve kept
-    assert "no fold detector" in results["detector"]["bcd"]["skipped"]
-    curve = results["detector"]["bccd"]
-    assert (curve["runs"][0]["k"], curve["runs"][0]["reviewed_fields"]) == (0, 0)
-    assert 1 <= curve["runs"][1]["reviewed_fields"] <= 5  # a cell of each type: <= 5 fields
-    assert curve["test_fields"] == 72 and curve["runs"][0]["truth"] == curve["test_cells"]
-    text = render_section({**results, "config": {**earlier["config"], "draws": 1,
-                                                  "adapt": {"epochs": 1, "lr": 0.1,
-                                                            "replay_per_class": 1}}})
+    assert to_plain(results.labs) == earlier["labs"]  # level 2's curve kept
+    assert "no fold detector" in results.detector["bcd"].skipped
+    curve = results.detector["bccd"]
+    assert (curve.runs[0].k, curve.runs[0].reviewed_fields) == (0, 0)
+    assert 1 <= curve.runs[1].reviewed_fields <= 5  # a cell of each type: <= 5 fields
+    assert curve.test_fields == 72 and curve.runs[0].truth == curve.test_cells
+    stored = json.loads((out / "adaptation.json").read_text())
+    assert stored == json.loads(json.dumps(to_plain(results)))  # the record as written
+    assert from_plain(AdaptationResults, stored).detector == results.detector
+    text = render_section(replace(results, config={**earlier["config"], "draws": 1,
+                                                   "adapt": {"epochs": 1, "lr": 0.1,
+                                                             "replay_per_class": 1}}))
     assert "### The detector, taught by the same reviews" in text and "| BCCD | 72" in text

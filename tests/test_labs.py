@@ -9,8 +9,17 @@ from dataclasses import replace
 import pytest
 
 from leukodiff.evaluation.labs import FoldMismatchError, LabsConfig, evaluate_labs
-from leukodiff.evaluation.results import keep_marked_sections
+from leukodiff.metrics.labs import (
+    Fires,
+    LabDetection,
+    LabEndToEnd,
+    LabRun,
+    LabsResults,
+    LabTyping,
+    TrainedOn,
+)
 from leukodiff.reports.labs import END, START, insert_section, render_section, write_labs_report
+from leukodiff.reports.study import keep_marked_sections
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,26 +33,28 @@ def test_quick_folds_train_without_the_held_out_lab_and_resume(tmp_path, shared_
     evaluate_labs(tmp_path, LabsConfig.quick(("pbc",)), data_root=shared_data)
     config = LabsConfig.quick(("bcd",))  # one lab at a time builds one table
     results = evaluate_labs(tmp_path, config, data_root=shared_data)
-    assert results["labs_present"] == {"bccd": True, "pbc": True, "chula": False, "bcd": True}
-    pbc, bcd = results["folds"]["pbc"], results["folds"]["bcd"]
-    assert pbc["trained_on"] == {"level2": ["bccd"], "detector": None}
-    assert bcd["trained_on"] == {"level2": None, "detector": ["bccd"]}
-    assert "detector" not in pbc and "level2" not in bcd
-    assert pbc["level2"]["n"] == 12 and 0 <= pbc["level2"]["macro_f1"] <= 1
-    assert sum(map(sum, pbc["level2"]["confusion"])) == 12
-    assert bcd["fields"] == 12 and 0 <= bcd["detector"]["recall"] <= 1
-    assert bcd["unlike_training"] is not None  # the fold's own familiarity reference
+    assert results.labs_present == {"bccd": True, "pbc": True, "chula": False, "bcd": True}
+    pbc, bcd = results.folds["pbc"], results.folds["bcd"]
+    assert pbc.trained_on == TrainedOn(level2=["bccd"], detector=None)
+    assert bcd.trained_on == TrainedOn(level2=None, detector=["bccd"])
+    assert pbc.detector is None and bcd.level2 is None
+    assert pbc.level2.n == 12 and 0 <= pbc.level2.macro_f1 <= 1
+    assert sum(map(sum, pbc.level2.confusion)) == 12
+    assert bcd.fields == 12 and 0 <= bcd.detector.recall <= 1
+    assert bcd.unlike_training is not None  # the fold's own familiarity reference
+    stored = json.loads((tmp_path / "labs.json").read_text())
+    assert "detector" not in stored["folds"]["pbc"] and "level2" not in stored["folds"]["bcd"]
     for model in ("mononuclear/model.onnx", "polymorphonuclear/model.onnx"):
         assert (tmp_path / "without-pbc" / model).is_file()
     assert (tmp_path / "without-bcd" / "detector" / "detector.familiarity.json").is_file()
     trained = json.loads((tmp_path / "without-pbc" / "mononuclear" / "model.json").read_text())
     assert trained["training"]["sources"] == ["bccd"]
     # the shipped models learnt BCCD, PBC, BCD and Chula: no lab here is new to them
-    assert results["shipped"] == {}
+    assert results.shipped == {}
     stamp = (tmp_path / "without-pbc" / "mononuclear" / "model.pt").stat().st_mtime_ns
     again = evaluate_labs(tmp_path, LabsConfig.quick(("pbc",)), data_root=shared_data)
     assert (tmp_path / "without-pbc" / "mononuclear" / "model.pt").stat().st_mtime_ns == stamp
-    assert again["folds"]["pbc"]["level2"] == pbc["level2"] and "bcd" in again["folds"]
+    assert again.folds["pbc"].level2 == pbc.level2 and "bcd" in again.folds
     with pytest.raises(FoldMismatchError, match="other settings \\(epochs\\)"):
         evaluate_labs(tmp_path, replace(LabsConfig.quick(("pbc",)), classifier_epochs=2),
                       data_root=shared_data)
@@ -54,15 +65,17 @@ def test_quick_folds_train_without_the_held_out_lab_and_resume(tmp_path, shared_
 
 
 def test_section_goes_first_and_survives_a_rewrite(tmp_path):
-    results = {"config": LabsConfig().__dict__ | {"labs": ["chula"]}, "folds": {
-        "chula": {"detector": {"precision": 0.5, "recall": 0.9, "ap50": 0.8,
-                               "exact_count": 0.4},
-                  "level2": {"accuracy": 0.6, "macro_f1": 0.55, "min_recall": 0.1,
-                             "recall": {"monocyte": 0.1, "basophil": 0.9}},
-                  "end_to_end": {"cells": 10, "right": 5, "share": 0.5},
-                  "unlike_training": 0.75,
-                  "warning_on_training_labs": {"bccd": {"fields": 72, "unfamiliar": 2}}}},
-               "shipped": {}}
+    results = LabsResults(config=LabsConfig().__dict__ | {"labs": ["chula"]},
+                          labs_present={"chula": True}, shipped={}, folds={"chula": LabRun(
+        detector=LabDetection(precision=0.5, recall=0.9, ap50=0.8, truth=10, found=9,
+                              false=9, group_accuracy=None, exact_count=0.4, count_mae=1.0,
+                              extra_cells_per_field=1.0),
+        level2=LabTyping(n=10, accuracy=0.6, macro_f1=0.55, min_recall=0.1,
+                         recall={"monocyte": 0.1, "basophil": 0.9}, confusion=[], classes=[],
+                         unidentified_share=0.0),
+        end_to_end=LabEndToEnd(cells=10, right=5, share=0.5, per_type={}, said={}),
+        unlike_training=0.75,
+        warning_on_training_labs={"bccd": Fires(fields=72, unfamiliar=2)})})
     section = render_section(results)
     assert section.startswith(START) and section.rstrip().endswith(END)
     assert "| Chula | left out of training | 0.500 | 0.900 | 0.800 | 40.0% | 60.0% | 0.550 " \

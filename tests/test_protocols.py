@@ -12,6 +12,7 @@ from leukodiff.evaluation import kbc_matching as M
 from leukodiff.evaluation import protocols as P
 from leukodiff.evaluation import provenance as V
 from leukodiff.evaluation.results import EvalConfig, evaluate_all
+from leukodiff.reports.study import load_study, render_markdown, write_study_report
 
 
 def _run(name, classes, test, y_true, y_pred):
@@ -22,9 +23,9 @@ def test_mcnemar_is_the_exact_binomial_test_on_discordant_cells():
     a = np.array([True] * 10 + [False] * 2 + [True] * 5)
     b = np.array([False] * 10 + [True] * 2 + [True] * 5)
     result = P.mcnemar(a, b)
-    assert (result["a_only"], result["b_only"]) == (10, 2)
-    assert result["p"] == pytest.approx(0.0385742, rel=1e-4)  # 2 * P(X <= 2), X ~ B(12, 1/2)
-    assert P.mcnemar(a, a)["p"] == 1.0
+    assert (result.a_only, result.b_only) == (10, 2)
+    assert result.p == pytest.approx(0.0385742, rel=1e-4)  # 2 * P(X <= 2), X ~ B(12, 1/2)
+    assert P.mcnemar(a, a).p == 1.0
 
 
 def test_paper_table_averages_splits_and_classes():
@@ -32,10 +33,11 @@ def test_paper_table_averages_splits_and_classes():
     runs = {"mononuclear": [_run("s0", classes, [0, 1, 2, 3], [0, 0, 1, 1], [0, 0, 1, 1]),
                             _run("s1", classes, [0, 1, 2, 3], [0, 0, 1, 1], [0, 1, 1, 1])]}
     table = P.paper_table(runs)
-    assert table["lymphocyte"]["accuracy"][0] == pytest.approx(87.5)
-    assert table["lymphocyte"]["recall"] == pytest.approx((75.0, np.std([100, 50], ddof=1)))
-    assert table["monocyte"]["precision"][0] == pytest.approx((100 + 100 * 2 / 3) / 2)
-    assert set(table["average"]) == set(P.METRICS)
+    assert table["lymphocyte"].accuracy[0] == pytest.approx(87.5)
+    assert table["lymphocyte"].recall == pytest.approx((75.0, np.std([100, 50], ddof=1)))
+    assert table["monocyte"].precision[0] == pytest.approx((100 + 100 * 2 / 3) / 2)
+    assert all(getattr(table["average"], m)[1] != getattr(table["average"], m)[1]
+               for m in P.METRICS)  # the average of class means: no std
 
 
 def test_two_level_answers_combine_per_cell_and_compare_with_flat():
@@ -51,11 +53,11 @@ def test_two_level_answers_combine_per_cell_and_compare_with_flat():
     oracle = P.restrict_to_true_group(flat, P.PAPER_TASKS)
     assert oracle.y_pred.tolist() == [0, 3, 2, 1]  # the cross-group error is gone
     result = P.flat_vs_two_level([flat], [combined])
-    assert result["summary"]["mcnemar_pooled"]["a_only"] == 1
-    assert result["parameters"]["two_level"]["models"] == 2
+    assert result.summary.mcnemar_pooled.a_only == 1
+    assert result.parameters.two_level.models == 2
     # Table 2: 1,093,218 total / 263,682 trainable for one two-class model
-    assert result["parameters"]["two_level"]["total"] == 2 * 1_093_218
-    assert result["oracle_flat_vs_two_level"]["mcnemar_pooled"]["a_only"] == 1
+    assert result.parameters.two_level.total == 2 * 1_093_218
+    assert result.oracle_flat_vs_two_level.mcnemar_pooled.a_only == 1
     with pytest.raises(ValueError, match="different cells"):
         P.flat_vs_two_level([_run("s0", combined.classes, [0, 1], [0, 1], [0, 1])], [combined])
 
@@ -107,8 +109,10 @@ def test_the_matcher_finds_the_field_of_kbc_like_copies(shared_data):
 
 @pytest.mark.slow
 def test_every_protocol_runs_end_to_end_on_a_subset(tmp_path, shared_data):
-    results = evaluate_all(tmp_path, config=EvalConfig.quick(), data_root=shared_data)
+    study = evaluate_all(tmp_path, config=EvalConfig.quick(), data_root=shared_data)
+    write_study_report(study, tmp_path)
     text = (tmp_path / "RESULTS.md").read_text()
+    assert render_markdown(load_study(tmp_path / "study.json")) == text
     for heading in ("## 1. The paper's protocol", "## 2. Provenance", "## 3. Grouped",
                     "## 4. Cross-source", "## 5. Flat versus two-level", "## 6. End to end"):
         assert heading in text
@@ -118,14 +122,14 @@ def test_every_protocol_runs_end_to_end_on_a_subset(tmp_path, shared_data):
                        "cross_source_recall.png", "flat_vs_two_level.png", "provenance.png",
                        "table3_per_class.png"]
     assert all((tmp_path / "figures" / f).stat().st_size < 200_000 for f in figures)
-    sizes = results["split_sizes"]
-    assert sizes["source-grouped"]["shared_groups"] == 0
-    assert sizes["random"]["shared_groups"] > 0
-    prov = results["provenance"]
+    sizes = study.split_sizes
+    assert sizes["source-grouped"].shared_groups == 0
+    assert sizes["random"].shared_groups > 0
+    prov = study.provenance
     assert prov["fields_in_train_and_test_simple"] == []
     assert prov["test_simple_exact"]["patch_matcher_agrees"] == 1.0
-    assert set(results["flat_vs_two_level"]) == {
+    assert set(study.flat_vs_two_level) == {
         "KBC, random", "KBC, source-grouped", "PBC, random (5 classes)"}
-    assert set(results["cross_source"]["variants"]) == set(
+    assert set(study.cross_source.variants) == set(
         ("none", "stain augmentation", "colour normalisation", "feature standardisation",
          "normalisation + standardisation"))

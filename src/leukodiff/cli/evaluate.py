@@ -386,9 +386,11 @@ def evaluate_all_command(
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
 ) -> None:
-    """Reproduce the paper's Table 3 and measure what it hides: writes OUT/RESULTS.md and
-    OUT/figures/*.png (provenance, grouped splits, cross-source, flat vs two-level)."""
+    """Reproduce the paper's Table 3 and measure what it hides: writes OUT/RESULTS.md,
+    OUT/study.json and OUT/figures/*.png (provenance, grouped splits, cross-source, flat
+    vs two-level)."""
     from leukodiff.evaluation.results import EvalConfig, evaluate_all
+    from leukodiff.reports.study import write_study_report
     from leukodiff.training.classifier import TrainingError
 
     config = (EvalConfig.quick(seed) if quick else
@@ -398,11 +400,12 @@ def evaluate_all_command(
                          max_per_class=max_per_class, synthetic=synthetic,
                          augment_copies=augment_copies))
     try:
-        results = evaluate_all(out, config=config, data_root=data_root,
-                               weights_dir=weights_dir, cache_dir=cache, track=_track,
-                               log=console.print)
+        study = evaluate_all(out, config=config, data_root=data_root,
+                             weights_dir=weights_dir, cache_dir=cache, track=_track,
+                             log=console.print)
     except (TrainingError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    console.print(f"wrote {out / 'RESULTS.md'} and {len(results['figures'])} figures in "
-                  f"{results['timing']['total_s'] / 60:.1f} min")
+    written = write_study_report(study, out)
+    console.print(f"wrote {', '.join(map(str, written))} and {len(study.figures)} figures in "
+                  f"{study.timing.total_s / 60:.1f} min")
 

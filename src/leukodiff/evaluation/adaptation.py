@@ -21,7 +21,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,16 @@ from leukodiff.data.sources import load_cells, load_fields
 from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.data.splits import holdout
 from leukodiff.evaluation.labs import available_labs
+from leukodiff.metrics.adaptation import (
+    AdaptationResults,
+    DetectorCurve,
+    DetectorPoint,
+    DetectorRun,
+    TypingCurve,
+    TypingPoint,
+    TypingRun,
+)
+from leukodiff.metrics.records import from_plain, to_plain
 from leukodiff.models.files import read_checked
 from leukodiff.models.io import load_classifier
 from leukodiff.taxonomy import CellType
@@ -89,7 +99,7 @@ def draw(pool: Sequence[Cell], k: int, seed: int) -> list[Cell]:
 
 def adaptation_curve(lab: str, bases: dict[str, Path], config: AdaptationConfig, *,
                      data_root=None, track: Track = no_progress,
-                     log: Callable[[str], None] = lambda m: None) -> dict:
+                     log: Callable[[str], None] = lambda m: None) -> TypingCurve:
     """Level-2 macro-F1 (both models' cells together) on the lab's test part after adapting
     with k cells per type, for every k and draw."""
     cells = load_cells(lab, data_root, track).records
@@ -122,23 +132,23 @@ def adaptation_curve(lab: str, bases: dict[str, Path], config: AdaptationConfig,
             names = [str(t) for t in CellType]
             result = scores([names.index(t) for t in truth], [names.index(t) for t in said],
                             names)
-            runs.append({"k": k, "draw": index, "cells": len(chosen),
-                         "seconds": time.perf_counter() - started, **result})
+            runs.append(TypingRun(k=k, draw=index, cells=len(chosen),
+                                  seconds=time.perf_counter() - started, **result))
             log(f"{lab}: k {k} draw {index}: macro-F1 {result['macro_f1']:.3f} "
-                f"({len(chosen)} cells, {runs[-1]['seconds']:.0f} s)")
-    return {"test_cells": len(test), "pool_cells": len(pool), "runs": runs,
-            "summary": _summary(runs)}
+                f"({len(chosen)} cells, {runs[-1].seconds:.0f} s)")
+    return TypingCurve(test_cells=len(test), pool_cells=len(pool), runs=runs,
+                       summary=_summary(runs))
 
 
-def _summary(runs: Sequence[dict]) -> list[dict]:
+def _summary(runs: Sequence[TypingRun]) -> list[TypingPoint]:
     rows = []
-    for k in sorted({r["k"] for r in runs}):
-        mine = [r for r in runs if r["k"] == k]
-        f1 = [r["macro_f1"] for r in mine]
-        rows.append({"k": k, "draws": len(mine), "macro_f1": float(np.mean(f1)),
-                     "macro_f1_sd": float(np.std(f1)), "accuracy": float(np.mean(
-                         [r["accuracy"] for r in mine])),
-                     "seconds": float(np.mean([r["seconds"] for r in mine]))})
+    for k in sorted({r.k for r in runs}):
+        mine = [r for r in runs if r.k == k]
+        f1 = [r.macro_f1 for r in mine]
+        rows.append(TypingPoint(k=k, draws=len(mine), macro_f1=float(np.mean(f1)),
+                                macro_f1_sd=float(np.std(f1)),
+                                accuracy=float(np.mean([r.accuracy for r in mine])),
+                                seconds=float(np.mean([r.seconds for r in mine]))))
     return rows
 
 
@@ -169,7 +179,7 @@ def draw_fields(pool: Sequence[Field], k: int, seed: int) -> list[Field]:
 
 def detector_curve(lab: str, base: Path, config: AdaptationConfig, out: Path, *,
                    data_root=None, threads: int | None = None, track: Track = no_progress,
-                   log: Callable[[str], None] = lambda m: None) -> dict:
+                   log: Callable[[str], None] = lambda m: None) -> DetectorCurve:
     """Detector precision / recall / F1 on the lab's test fields after adapting the fold
     detector `base` with the fields of k reviewed cells per type, for every k and draw."""
     fields = sorted(load_fields(lab, data_root, track).records, key=lambda r: r.image.name)
@@ -179,7 +189,7 @@ def detector_curve(lab: str, base: Path, config: AdaptationConfig, out: Path, *,
     before = detection_scores(detect_fields(base, test, track=track,
                                             description=f"{lab} test fields, fold detector"),
                               test, base_threshold, ignore)
-    runs = [{"k": 0, "draw": 0, "seconds": 0.0, **before, "reviewed_fields": 0}]
+    runs = [DetectorRun(k=0, draw=0, seconds=0.0, **before, reviewed_fields=0)]
     log(f"{lab} detector: k 0: precision {before['precision']:.3f} recall "
         f"{before['recall']:.3f} ({len(test)} test fields)")
     for k in [k for k in config.detector_shots if k]:
@@ -189,70 +199,74 @@ def detector_curve(lab: str, base: Path, config: AdaptationConfig, out: Path, *,
                                      base=base, held=test, ignore=ignore, before=before,
                                      force=True, data_root=data_root, threads=threads,
                                      track=track, log=log)
-            runs.append({"k": k, "draw": index, "seconds": adapted["seconds"],
-                         **adapted["after"], "reviewed_fields": len(chosen)})
+            runs.append(DetectorRun(k=k, draw=index, seconds=adapted["seconds"],
+                                    **adapted["after"], reviewed_fields=len(chosen)))
             log(f"{lab} detector: k {k} draw {index}: precision "
                 f"{adapted['after']['precision']:.3f} recall {adapted['after']['recall']:.3f} "
                 f"({len(chosen)} fields, {adapted['seconds']:.0f} s)")
     summary = []
-    for k in sorted({r["k"] for r in runs}):
-        mine = [r for r in runs if r["k"] == k]
-        medians = {name: float(np.median([r[name] for r in mine]))
+    for k in sorted({r.k for r in runs}):
+        mine = [r for r in runs if r.k == k]
+        medians = {name: float(np.median([getattr(r, name) for r in mine]))
                    for name in ("precision", "recall", "f1", "threshold", "seconds")}
-        summary.append({"k": k, "draws": len(mine), "reviewed_fields": float(np.mean(
-            [r["reviewed_fields"] for r in mine])), **medians})
-    return {"test_fields": len(test), "pool_fields": len(pool),
-            "test_cells": before["truth"], "runs": runs, "summary": summary}
+        summary.append(DetectorPoint(k=k, draws=len(mine), reviewed_fields=float(np.mean(
+            [r.reviewed_fields for r in mine])), **medians))
+    return DetectorCurve(test_fields=len(test), pool_fields=len(pool),
+                         test_cells=before["truth"], runs=runs, summary=summary)
 
 
 def evaluate_adaptation(labs_dir: Path, out: Path, config: AdaptationConfig, *,
                         data_root=None, track: Track = no_progress,
-                        log: Callable[[str], None] = lambda m: None) -> dict:
+                        log: Callable[[str], None] = lambda m: None) -> AdaptationResults:
     """Every lab's curve; the fold models come from `labs_dir` (`evaluate labs --out`);
     `out/adaptation.json` is written as each lab finishes."""
     out = Path(out)
     present = available_labs(data_root)
-    results: dict = {"config": asdict(config), "labs_dir": str(labs_dir), "labs": {}}
+    results = AdaptationResults(config=asdict(config), labs_dir=str(labs_dir), labs={})
     earlier_path = Path(out) / "adaptation.json"
-    earlier = json.loads(earlier_path.read_text()) if earlier_path.exists() else {}
-    if not config.labs and earlier.get("labs"):  # a detector-only run keeps level 2's curve
-        results.update({k: earlier[k] for k in ("config", "labs_dir", "labs")})
-    if not config.detector_labs and earlier.get("detector"):
-        results.update({k: earlier[k] for k in ("detector", "detector_config")
-                        if k in earlier})
+    earlier = (from_plain(AdaptationResults, json.loads(earlier_path.read_text()))
+               if earlier_path.exists() else None)
+    if earlier and not config.labs and earlier.labs:  # a detector-only run keeps level 2's
+        results = replace(results, config=earlier.config, labs_dir=earlier.labs_dir,
+                          labs=earlier.labs)
+    if earlier and not config.detector_labs and earlier.detector:
+        results = replace(results, detector=earlier.detector,
+                          detector_config=earlier.detector_config)
+    detectors: dict[str, DetectorCurve] = {}
     if config.detector_labs:
-        results["detector_config"] = {
+        results = replace(results, detector=detectors, detector_config={
             "labs_dir": str(labs_dir), "labs": list(config.detector_labs),
             "shots": list(config.detector_shots), "draws": config.detector_draws,
-            "seed": config.seed, "adapt": asdict(config.detector)}
+            "seed": config.seed, "adapt": asdict(config.detector)})
     for lab in config.labs:
         if not present.get(lab):
-            results["labs"][lab] = {"skipped": "data absent"}
+            results.labs[lab] = TypingCurve(skipped="data absent")
             continue
         bases = {task: Path(labs_dir) / f"without-{lab}" / task / "model.pt" for task in TASKS}
         if missing := [str(p) for p in bases.values() if not p.exists()]:
-            results["labs"][lab] = {"skipped": f"no fold models ({', '.join(missing)}): run "
-                                    f"`leukodiff evaluate labs --labs {lab} --out {labs_dir}`"}
-            log(f"{lab}: {results['labs'][lab]['skipped']}")
+            results.labs[lab] = TypingCurve(
+                skipped=f"no fold models ({', '.join(missing)}): run "
+                        f"`leukodiff evaluate labs --labs {lab} --out {labs_dir}`")
+            log(f"{lab}: {results.labs[lab].skipped}")
             continue
-        results["labs"][lab] = adaptation_curve(lab, bases, config, data_root=data_root,
-                                                track=track, log=log)
-        out.mkdir(parents=True, exist_ok=True)  # each lab kept as it finishes
-        (out / "adaptation.json").write_text(json.dumps(results, indent=1) + "\n")
-    if config.detector_labs:
-        results["detector"] = {}
+        results.labs[lab] = adaptation_curve(lab, bases, config, data_root=data_root,
+                                             track=track, log=log)
+        _write(results, out)  # each lab kept as it finishes
     for lab in config.detector_labs:
         base = Path(labs_dir) / f"without-{lab}" / "detector" / "detector.pt"
         if not present.get(lab):
-            results["detector"][lab] = {"skipped": "data absent"}
+            detectors[lab] = DetectorCurve(skipped="data absent")
         elif not base.exists():
-            results["detector"][lab] = {"skipped": f"no fold detector ({base}): run "
-                                        f"`leukodiff evaluate labs --labs {lab} --out "
-                                        f"{labs_dir}`"}
+            detectors[lab] = DetectorCurve(
+                skipped=f"no fold detector ({base}): run `leukodiff evaluate labs --labs "
+                        f"{lab} --out {labs_dir}`")
         else:
-            results["detector"][lab] = detector_curve(lab, base, config, out / "detectors",
-                                                      data_root=data_root, track=track,
-                                                      log=log)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "adaptation.json").write_text(json.dumps(results, indent=1) + "\n")
+            detectors[lab] = detector_curve(lab, base, config, out / "detectors",
+                                            data_root=data_root, track=track, log=log)
+        _write(results, out)
     return results
+
+
+def _write(results: AdaptationResults, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adaptation.json").write_text(json.dumps(to_plain(results), indent=1) + "\n")

@@ -33,7 +33,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,17 @@ from leukodiff.evaluation.pipeline import match_truth
 from leukodiff.imaging import load_image
 from leukodiff.metrics.classification import classification_metrics
 from leukodiff.metrics.detection import detection_metrics
+from leukodiff.metrics.labs import (
+    Fires,
+    LabDetection,
+    LabEndToEnd,
+    LabRun,
+    LabsResults,
+    LabTyping,
+    TrainedOn,
+    TypeCounts,
+)
+from leukodiff.metrics.records import from_plain, to_plain
 from leukodiff.models.detector import DetectorSpec
 from leukodiff.models.export import export_classifier, export_detector
 from leukodiff.models.files import read_checked
@@ -221,7 +232,7 @@ def _as_torch(found) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def measure_fields(analyzer: Analyzer, fields: Sequence[Field], lab: str,
-                   track: Track = no_progress) -> dict:
+                   track: Track = no_progress) -> LabRun:
     """Level 1 and end to end on a lab's fields, one detection pass per field.
 
     `analyzer` must detect down to a low threshold (for AP); cells at or above the
@@ -246,29 +257,27 @@ def measure_fields(analyzer: Analyzer, fields: Sequence[Field], lab: str,
     level1 = detection_metrics(detections, fields, score_threshold=operating, ignore=ignore)
     cells = sum(c["cells"] for c in per_type.values())
     right = sum(c["right"] for c in per_type.values())
-    return {
-        "fields": len(fields),
+    wbc = level1["wbc"]
+    return LabRun(
+        fields=len(fields),
         # the honest warning: share of this lab's fields that look unlike the training labs
-        "unlike_training": sum(unlike) / len(unlike) if unlike else None,
-        "detector": {
-            "precision": level1["wbc"]["precision"], "recall": level1["wbc"]["recall"],
-            "ap50": level1["wbc"]["ap50"], "truth": level1["wbc"]["truth"],
-            "found": level1["wbc"]["found"], "false": level1["wbc"]["false"],
-            "group_accuracy": level1["matched"]["group_accuracy"],
-            "exact_count": sum(e == 0 for e in counts) / max(1, len(counts)),
-            "count_mae": float(np.mean(np.abs(counts))) if counts else 0.0,
-            "extra_cells_per_field": float(np.mean(counts)) if counts else 0.0,
-        },
-        "end_to_end": {
-            "cells": cells, "right": right, "share": right / cells if cells else None,
-            "per_type": {t: dict(c) for t, c in per_type.items() if c["cells"]},
-            "said": {f"{t} -> {s}": n for (t, s), n in sorted(said.items())},
-        },
-    }
+        unlike_training=sum(unlike) / len(unlike) if unlike else None,
+        detector=LabDetection(
+            precision=wbc["precision"], recall=wbc["recall"], ap50=wbc["ap50"],
+            truth=wbc["truth"], found=wbc["found"], false=wbc["false"],
+            group_accuracy=level1["matched"]["group_accuracy"],
+            exact_count=sum(e == 0 for e in counts) / max(1, len(counts)),
+            count_mae=float(np.mean(np.abs(counts))) if counts else 0.0,
+            extra_cells_per_field=float(np.mean(counts)) if counts else 0.0),
+        end_to_end=LabEndToEnd(
+            cells=cells, right=right, share=right / cells if cells else None,
+            per_type={t: TypeCounts(**c) for t, c in per_type.items() if c["cells"]},
+            said={f"{t} -> {s}": n for (t, s), n in sorted(said.items())}),
+    )
 
 
 def measure_types(analyzer: Analyzer, cells: Sequence[Cell], lab: str,
-                  track: Track = no_progress, batch: int = 64) -> dict:
+                  track: Track = no_progress, batch: int = 64) -> LabTyping:
     """Level 2 on true boxes: each cell cropped as the pipeline crops it, given to its true
     group's model (argmax: the model's best type, confident or not)."""
     truth, predicted, unsure = [], [], 0
@@ -285,35 +294,37 @@ def measure_types(analyzer: Analyzer, cells: Sequence[Cell], lab: str,
             unsure += int((probs.max(1) < clf.threshold).sum())
     metrics = classification_metrics(truth, predicted, TYPES)
     present = [t for t in TYPES if metrics["per_class"][t]["support"]]
-    return {"n": metrics["n"], "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro_f1"],
-            "recall": {t: metrics["per_class"][t]["recall"] for t in present},
-            "min_recall": min(metrics["per_class"][t]["recall"] for t in present),
-            "confusion": metrics["confusion"], "classes": list(TYPES),
-            "unidentified_share": unsure / max(1, metrics["n"])}
+    return LabTyping(n=metrics["n"], accuracy=metrics["accuracy"],
+                     macro_f1=metrics["macro_f1"],
+                     recall={t: metrics["per_class"][t]["recall"] for t in present},
+                     min_recall=min(metrics["per_class"][t]["recall"] for t in present),
+                     confusion=metrics["confusion"], classes=list(TYPES),
+                     unidentified_share=unsure / max(1, metrics["n"]))
 
 
 def measure_lab(models: FoldModels, lab: str, config: LabsConfig, *, data_root=None,
-                track: Track = no_progress) -> dict:
-    result: dict = {}
+                track: Track = no_progress) -> LabRun:
+    """Level 1 and end to end where the lab has boxed fields; level 2 where it has typed
+    cells."""
+    result = LabRun()
     limit = config.max_measured or None
     if lab in DETECTION_LABS:
         fields = sorted(load_fields(lab, data_root, track).records,
                         key=lambda r: r.image.name)[:limit]
         with models.analyzer(config.threads, detection_threshold=0.05) as analyzer:
-            result.update(measure_fields(analyzer, fields, lab, track))
+            result = measure_fields(analyzer, fields, lab, track)
     if lab in TYPED_LABS:
         with models.analyzer(config.threads) as analyzer:
             cells = load_cells(lab, data_root, track).records
             if limit:  # a spread of types, not the first folder's cells
                 cells = cells[::max(1, len(cells) // limit)][:limit]
-            result["level2"] = measure_types(analyzer, cells, lab, track)
+            result = replace(result, level2=measure_types(analyzer, cells, lab, track))
     return result
 
 
 def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root=None,
                   weights_dir=None, track: Track = no_progress,
-                  log: Callable[[str], None] = lambda m: None) -> dict:
+                  log: Callable[[str], None] = lambda m: None) -> LabsResults:
     """Run every fold (training what is missing), measure, write `OUT/labs.json`.
 
     Beside each fold, the shipped models are measured on the labs they never saw (the
@@ -325,53 +336,56 @@ def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root
     if missing:
         log(f"left out (data absent): {', '.join(missing)}")
     started = time.perf_counter()
-    results: dict = {"config": asdict(config), "labs_present": present, "folds": {},
-                     "shipped": {}}
+    results = LabsResults(config=asdict(config), labs_present=present, folds={}, shipped={})
     earlier = _earlier_results(out_dir / "labs.json", config)
-    for kind in ("folds", "shipped"):  # folds run before with the same schedule are kept
-        results[kind].update({lab: run for lab, run in earlier.get(kind, {}).items()
-                              if lab not in config.labs})
+    if earlier is not None:  # folds run before with the same schedule are kept
+        for mine, theirs in ((results.folds, earlier.folds), (results.shipped, earlier.shipped)):
+            mine.update({lab: run for lab, run in theirs.items() if lab not in config.labs})
     shipped_sources = _shipped_sources()
     for lab in config.labs:
         if not present.get(lab):
-            results["folds"][lab] = {"skipped": "data absent"}
+            results.folds[lab] = LabRun(skipped="data absent")
             continue
         models = train_fold(lab, present, config, out_dir, data_root=data_root,
                             weights_dir=weights_dir, track=track, log=log)
         fold = measure_lab(models, lab, config, data_root=data_root, track=track)
-        fold["trained_on"] = {
-            "level2": [x for x in TYPED_LABS if x != lab and present[x]]
+        fold = replace(fold, trained_on=TrainedOn(
+            level2=[x for x in TYPED_LABS if x != lab and present[x]]
             if lab in TYPED_LABS else None,
-            "detector": [x for x in DETECTION_LABS if x != lab and present[x]]
-            if lab in DETECTION_LABS else None}
-        fold["minutes"] = models.minutes
-        results["folds"][lab] = fold
+            detector=[x for x in DETECTION_LABS if x != lab and present[x]]
+            if lab in DETECTION_LABS else None), minutes=models.minutes)
+        results.folds[lab] = fold
         log(f"without {lab}: {summary_line(fold)}")
         if lab not in shipped_sources:  # the shipped models never saw this lab either
-            results["shipped"][lab] = measure_lab(FoldModels(), lab, config,
-                                                  data_root=data_root, track=track)
-            log(f"shipped models on {lab}: {summary_line(results['shipped'][lab])}")
-        (out_dir / "labs.json").write_text(json.dumps(results, indent=1) + "\n")
-    for lab, fold in results["folds"].items():
+            results.shipped[lab] = measure_lab(FoldModels(), lab, config,
+                                               data_root=data_root, track=track)
+            log(f"shipped models on {lab}: {summary_line(results.shipped[lab])}")
+        _write(results, out_dir / "labs.json")
+    for lab, fold in results.folds.items():
         reference = familiarity_path(out_dir / f"without-{lab}" / "detector" / "detector.pt")
         if reference.is_file():  # how often the warning fires on the labs it was fitted on
-            fold["warning_on_training_labs"] = json.loads(reference.read_text())["fitted"][
-                "fires_on_test_parts"]
-    results["minutes"] = (time.perf_counter() - started) / 60
-    (out_dir / "labs.json").write_text(json.dumps(results, indent=1) + "\n")
+            fires = json.loads(reference.read_text())["fitted"]["fires_on_test_parts"]
+            results.folds[lab] = replace(fold, warning_on_training_labs=from_plain(
+                dict[str, Fires], fires))
+    results = replace(results, minutes=(time.perf_counter() - started) / 60)
+    _write(results, out_dir / "labs.json")
     return results
 
 
-def _earlier_results(path: Path, config: LabsConfig) -> dict:
+def _write(results: LabsResults, path: Path) -> None:
+    path.write_text(json.dumps(to_plain(results), indent=1) + "\n")
+
+
+def _earlier_results(path: Path, config: LabsConfig) -> LabsResults | None:
     """The results already in OUT/labs.json when they were made with the same schedule
-    (running `--labs` one lab at a time builds one table); else nothing."""
+    (running `--labs` one lab at a time builds one table); else None."""
     if not path.exists():
-        return {}
+        return None
     earlier = json.loads(path.read_text())
     loose = ("labs", "threads")  # neither changes a figure
     mine = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in loose}
     theirs = {k: v for k, v in earlier.get("config", {}).items() if k not in loose}
-    return earlier if mine == theirs else {}
+    return from_plain(LabsResults, earlier) if mine == theirs else None
 
 
 def _shipped_sources() -> set[str]:
@@ -386,19 +400,16 @@ def _shipped_sources() -> set[str]:
     return sources
 
 
-def summary_line(fold: dict) -> str:
+def summary_line(fold: LabRun) -> str:
     parts = []
-    if "detector" in fold:
-        d = fold["detector"]
-        parts.append(f"detector P {d['precision']:.3f} R {d['recall']:.3f} AP50 "
-                     f"{d['ap50'] or 0:.3f} exact count {d['exact_count']:.1%}")
-    if "level2" in fold:
-        t = fold["level2"]
-        parts.append(f"level 2 acc {t['accuracy']:.3f} macro-F1 {t['macro_f1']:.3f} "
-                     f"min recall {t['min_recall']:.3f}")
-    if fold.get("end_to_end", {}).get("share") is not None:
-        e = fold["end_to_end"]
-        parts.append(f"end to end {e['right']}/{e['cells']} = {e['share']:.1%}")
+    if (d := fold.detector) is not None:
+        parts.append(f"detector P {d.precision:.3f} R {d.recall:.3f} AP50 "
+                     f"{d.ap50 or 0:.3f} exact count {d.exact_count:.1%}")
+    if (t := fold.level2) is not None:
+        parts.append(f"level 2 acc {t.accuracy:.3f} macro-F1 {t.macro_f1:.3f} "
+                     f"min recall {t.min_recall:.3f}")
+    if (e := fold.end_to_end) is not None and e.share is not None:
+        parts.append(f"end to end {e.right}/{e.cells} = {e.share:.1%}")
     return "; ".join(parts)
 
 

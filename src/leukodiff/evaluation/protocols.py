@@ -32,6 +32,17 @@ from torchvision.transforms import v2
 from leukodiff.data.records import Cell
 from leukodiff.data.splits import Split, holdout
 from leukodiff.metrics.classification import classification_metrics
+from leukodiff.metrics.study import (
+    METRICS,
+    ClassRow,
+    ClassTable,
+    Comparison,
+    FlatVsTwoLevel,
+    McNemar,
+    ParameterCount,
+    Parameters,
+    Scores,
+)
 from leukodiff.models.mobilenet import MobileNetClassifier, keras_parameter_counts
 from leukodiff.taxonomy import CELL_TYPES_OF, Group
 from leukodiff.training.classifier import (
@@ -45,20 +56,6 @@ from leukodiff.training.classifier import (
     train_classifier,
 )
 from leukodiff.training.engine import Step, classification_loss, train_epoch
-
-#: The paper's Table 3 (mean, std in %), per class: accuracy, recall, precision, F1.
-PAPER_TABLE3: dict[str, dict[str, tuple[float, float]]] = {
-    "lymphocyte": {"accuracy": (99.92, 0.08), "recall": (99.94, 0.08),
-                   "precision": (99.91, 0.08), "f1": (99.93, 0.07)},
-    "monocyte": {"accuracy": (99.92, 0.08), "recall": (99.91, 0.09),
-                 "precision": (99.94, 0.09), "f1": (99.92, 0.08)},
-    "eosinophil": {"accuracy": (96.80, 0.30), "recall": (96.86, 1.17),
-                   "precision": (96.85, 0.61), "f1": (96.85, 0.32)},
-    "neutrophil": {"accuracy": (96.80, 0.30), "recall": (96.75, 0.70),
-                   "precision": (96.78, 1.14), "f1": (96.76, 0.27)},
-}
-PAPER_AVERAGE = {"accuracy": 98.36, "recall": 98.37, "precision": 98.37, "f1": 98.36}
-METRICS = ("accuracy", "recall", "precision", "f1")
 
 #: The paper's level-2 tasks: the four types it classifies, two per group (no basophils).
 PAPER_TASKS: dict[str, tuple[str, ...]] = {
@@ -234,18 +231,19 @@ def two_level_runs(features: torch.Tensor, cells: Sequence[Cell], splits: Sequen
 # --- the paper's table ------------------------------------------------------------------------
 
 
-def paper_table(runs: dict[str, list[Run]]) -> dict[str, dict[str, tuple[float, float]]]:
+def paper_table(runs: dict[str, list[Run]]) -> ClassTable:
     """Per class (and 'average' over classes): mean and std over splits, in %, of the
     one-vs-rest accuracy, recall, precision and F1 (the layout of Table 3)."""
-    table: dict[str, dict[str, tuple[float, float]]] = {}
+    table: ClassTable = {}
     for task_runs in runs.values():
         per_split = [r.metrics() for r in task_runs]
         for name in task_runs[0].classes:
-            table[name] = {
+            table[name] = ClassRow(**{
                 m: _mean_std([100 * s["per_class"][name][m] for s in per_split]) for m in METRICS
-            }
-    table["average"] = {m: (float(np.mean([v[m][0] for v in table.values()])), float("nan"))
-                        for m in METRICS}
+            })
+    table["average"] = ClassRow(**{
+        m: (float(np.mean([getattr(v, m)[0] for v in table.values()])), float("nan"))
+        for m in METRICS})
     return table
 
 
@@ -296,7 +294,7 @@ def restrict_to_true_group(run: Run, tasks: dict[str, tuple[str, ...]]) -> Run:
 
 def flat_vs_two_level(flat: Sequence[Run], two_level: Sequence[Run],
                       tasks: dict[str, tuple[str, ...]] = PAPER_TASKS, width: float = 0.5
-                      ) -> dict:
+                      ) -> FlatVsTwoLevel:
     """Flat against two-level on the same test cells of the same splits: accuracy, macro-F1,
     McNemar per split and pooled, Wilcoxon over splits, and parameter counts. Also the flat
     model given the same true group (`restrict_to_true_group`) against two-level."""
@@ -306,38 +304,37 @@ def flat_vs_two_level(flat: Sequence[Run], two_level: Sequence[Run],
     classes = flat[0].classes
     two_params = [parameter_counts(len(t), width) for t in tasks.values()]
     flat_oracle = [restrict_to_true_group(r, tasks) for r in flat]
-    return {
-        "classes": classes,
-        "summary": compare_runs(flat, two_level),
+    return FlatVsTwoLevel(
+        classes=classes,
+        summary=compare_runs(flat, two_level),
         # the same oracle for both: is the gain the hierarchy or the given group?
-        "oracle_flat_vs_two_level": compare_runs(flat_oracle, two_level),
-        "parameters": {
-            "flat": parameter_counts(len(classes), width),
-            "two_level": {"total": sum(p["total"] for p in two_params),
-                          "trainable": sum(p["trainable"] for p in two_params),
-                          "models": len(two_params)},
-        },
-    }
+        oracle_flat_vs_two_level=compare_runs(flat_oracle, two_level),
+        parameters=Parameters(
+            flat=parameter_counts(len(classes), width),
+            two_level=ParameterCount(total=sum(p.total for p in two_params),
+                                     trainable=sum(p.trainable for p in two_params),
+                                     models=len(two_params))),
+    )
 
 
-def parameter_counts(n_classes: int, width: float = 0.5) -> dict:
+def parameter_counts(n_classes: int, width: float = 0.5) -> ParameterCount:
     """Keras-style counts of one level-2 model (Table 2): total, and trainable when frozen."""
     model = MobileNetClassifier(n_classes, width=width)
     model.freeze_backbone()
     total, trainable = keras_parameter_counts(model)
-    return {"total": total, "trainable": trainable}
+    return ParameterCount(total=total, trainable=trainable)
 
 
-def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> dict:
+def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> McNemar:
     """McNemar's exact test: of the cells exactly one model gets right, is the split 50/50?"""
     a_only = int(np.sum(a_correct & ~b_correct))
     b_only = int(np.sum(~a_correct & b_correct))
     n = a_only + b_only
     p = binomtest(a_only, n, 0.5).pvalue if n else 1.0
-    return {"a_only": a_only, "b_only": b_only, "p": float(p)}
+    return McNemar(a_only=a_only, b_only=b_only, p=float(p))
 
 
-def compare_runs(a_runs: Sequence[Run], b_runs: Sequence[Run]) -> dict:
+def compare_runs(a_runs: Sequence[Run], b_runs: Sequence[Run]) -> Comparison:
     """Accuracy and macro-F1 of two models over the same splits (mean, std), McNemar on the
     pooled discordant cells, and Wilcoxon's signed-rank test on the per-split accuracies."""
     a = [r.metrics() for r in a_runs]
@@ -349,15 +346,15 @@ def compare_runs(a_runs: Sequence[Run], b_runs: Sequence[Run]) -> dict:
         signed = float(wilcoxon(diffs).pvalue) if any(diffs) and len(diffs) > 1 else 1.0
     except ValueError:
         signed = 1.0
-    per_split = [mcnemar(x.correct, y.correct)["p"] for x, y in zip(a_runs, b_runs, strict=True)]
-    return {
-        "a": {k: _mean_std([100 * m[k] for m in a]) for k in ("accuracy", "macro_f1")},
-        "b": {k: _mean_std([100 * m[k] for m in b]) for k in ("accuracy", "macro_f1")},
-        "mcnemar_pooled": pooled,
-        "mcnemar_split_p": per_split,
-        "splits_p_below_0_05": int(sum(p < 0.05 for p in per_split)),
-        "wilcoxon_p": signed,
-    }
+    per_split = [mcnemar(x.correct, y.correct).p for x, y in zip(a_runs, b_runs, strict=True)]
+    return Comparison(
+        a=Scores(**{k: _mean_std([100 * m[k] for m in a]) for k in ("accuracy", "macro_f1")}),
+        b=Scores(**{k: _mean_std([100 * m[k] for m in b]) for k in ("accuracy", "macro_f1")}),
+        mcnemar_pooled=pooled,
+        mcnemar_split_p=per_split,
+        splits_p_below_0_05=int(sum(p < 0.05 for p in per_split)),
+        wilcoxon_p=signed,
+    )
 
 
 # --- cross-source -----------------------------------------------------------------------------

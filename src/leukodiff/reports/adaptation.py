@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from leukodiff.metrics.adaptation import AdaptationResults
 from leukodiff.reports.labs import NAMES, write_section_files
 
 SECTION = "adaptation"
 
 
-def render_section(results: dict, figure: str = "figures/adaptation.png") -> str:
-    config = results["config"]
+def render_section(results: AdaptationResults, figure: str = "figures/adaptation.png") -> str:
+    config = results.config
     shots = [k for k in config["shots"]]
     adapt = config["adapt"]
     lines = [
         f"<!-- {SECTION}:start -->",
         "## 0b. Teaching it a lab: level-2 macro-F1 after k reviewed cells per type",
         "",
-        f"`leukodiff evaluate adaptation --labs-dir {results['labs_dir']} --docs docs/`. "
+        f"`leukodiff evaluate adaptation --labs-dir {results.labs_dir} --docs docs/`. "
         "The level-2 models trained without each lab (its leave-one-lab-out fold, section "
         "0) are adapted as `leukodiff adapt` does (fine-tuning with a replay sample of their "
         f"own training cells; {adapt['epochs']} epochs, lr {adapt['lr']}, "
@@ -32,35 +33,35 @@ def render_section(results: dict, figure: str = "figures/adaptation.png") -> str
         "| lab | test cells | " + " | ".join(f"k = {k}" for k in shots) + " |",
         "|---|---|" + "---|" * len(shots),
     ]
-    for lab, curve in results["labs"].items():
-        if "skipped" in curve:
+    for lab, curve in results.labs.items():
+        if curve.skipped is not None or curve.summary is None:
             lines.append(f"| {NAMES.get(lab, lab)} | - | "
-                         + " | ".join("-" for _ in shots) + f" |  <!-- {curve['skipped']} -->")
+                         + " | ".join("-" for _ in shots) + f" |  <!-- {curve.skipped} -->")
             continue
-        by_k = {row["k"]: row for row in curve["summary"]}
+        by_k = {row.k: row for row in curve.summary}
         cells = []
         for k in shots:
             row = by_k.get(k)
             if row is None:
                 cells.append("-")
-            elif row["draws"] > 1:
-                cells.append(f"{row['macro_f1']:.3f} ± {row['macro_f1_sd']:.3f} "
-                             f"({row['seconds']:.0f} s)")
+            elif row.draws > 1:
+                cells.append(f"{row.macro_f1:.3f} ± {row.macro_f1_sd:.3f} "
+                             f"({row.seconds:.0f} s)")
             else:
-                cells.append(f"{row['macro_f1']:.3f}")
-        lines.append(f"| {NAMES.get(lab, lab)} | {curve['test_cells']} | "
+                cells.append(f"{row.macro_f1:.3f}")
+        lines.append(f"| {NAMES.get(lab, lab)} | {curve.test_cells} | "
                      + " | ".join(cells) + " |")
     lines += _detector_lines(results)
     lines += ["", f"![adaptation]({figure})", "", f"<!-- {SECTION}:end -->"]
     return "\n".join(lines) + "\n"
 
 
-def _detector_lines(results: dict) -> list[str]:
+def _detector_lines(results: AdaptationResults) -> list[str]:
     """The detector's curve: precision / recall at IoU 0.5 on each lab's test fields."""
-    curves = results.get("detector") or {}
-    if not curves:
+    curves = results.detector or {}
+    if not curves or results.detector_config is None:
         return []
-    config = results["detector_config"]
+    config = results.detector_config
     adapt = config["adapt"]
     shots = list(config["shots"])
     lines = [
@@ -84,41 +85,42 @@ def _detector_lines(results: dict) -> list[str]:
         "|---|---|" + "---|" * len(shots),
     ]
     for lab, curve in curves.items():
-        if "skipped" in curve:
+        if curve.skipped is not None or curve.summary is None:
             lines.append(f"| {NAMES.get(lab, lab)} | - | " + " | ".join("-" for _ in shots)
-                         + f" |  <!-- {curve['skipped']} -->")
+                         + f" |  <!-- {curve.skipped} -->")
             continue
-        by_k = {row["k"]: row for row in curve["summary"]}
+        by_k = {row.k: row for row in curve.summary}
         cells = []
         for k in shots:
             row = by_k.get(k)
             cells.append("-" if row is None else
-                         f"{row['precision']:.3f} / {row['recall']:.3f}"
-                         + (f" ({row['reviewed_fields']:.0f} fields, {row['seconds']:.0f} s)"
+                         f"{row.precision:.3f} / {row.recall:.3f}"
+                         + (f" ({row.reviewed_fields:.0f} fields, {row.seconds:.0f} s)"
                             if k else ""))
-        lines.append(f"| {NAMES.get(lab, lab)} | {curve['test_fields']} "
-                     f"({curve['test_cells']}) | " + " | ".join(cells) + " |")
+        lines.append(f"| {NAMES.get(lab, lab)} | {curve.test_fields} "
+                     f"({curve.test_cells}) | " + " | ".join(cells) + " |")
     return lines
 
 
-def plot_adaptation(results: dict, path: Path) -> Path:
+def plot_adaptation(results: AdaptationResults, path: Path) -> Path:
     """Macro-F1 against reviewed cells per type, one line per lab, draws as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {lab: c for lab, c in (results.get("detector") or {}).items() if "skipped" not in c}
+    curves = {lab: c for lab, c in (results.detector or {}).items()
+              if c.skipped is None and c.summary is not None}
     figure, panels = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 6.5, 4),
                                   squeeze=False)
     axes = panels[0][0]
-    for lab, curve in results["labs"].items():
-        if "skipped" in curve:
+    for lab, curve in results.labs.items():
+        if curve.skipped is not None or curve.summary is None:
             continue
-        rows = curve["summary"]
-        axes.errorbar([r["k"] for r in rows], [r["macro_f1"] for r in rows],
-                      yerr=[r["macro_f1_sd"] for r in rows], marker="o", capsize=3,
-                      label=f"{NAMES.get(lab, lab)} ({curve['test_cells']} test cells)")
+        rows = curve.summary
+        axes.errorbar([r.k for r in rows], [r.macro_f1 for r in rows],
+                      yerr=[r.macro_f1_sd for r in rows], marker="o", capsize=3,
+                      label=f"{NAMES.get(lab, lab)} ({curve.test_cells} test cells)")
     axes.axhline(0.85, color="grey", linestyle=":", label="target on a new lab")
     axes.set_xlabel("reviewed cells per type used to adapt")
     axes.set_ylabel("level-2 macro-F1 on the lab's test part")
@@ -128,10 +130,10 @@ def plot_adaptation(results: dict, path: Path) -> Path:
     if curves:
         right = panels[0][1]
         for lab, curve in curves.items():
-            rows = curve["summary"]
-            line, = right.plot([r["k"] for r in rows], [r["precision"] for r in rows],
+            points = curve.summary or []
+            line, = right.plot([r.k for r in points], [r.precision for r in points],
                                marker="o", label=f"{NAMES.get(lab, lab)} precision")
-            right.plot([r["k"] for r in rows], [r["recall"] for r in rows], marker="s",
+            right.plot([r.k for r in points], [r.recall for r in points], marker="s",
                        linestyle="--", color=line.get_color(), label="recall")
         right.axhline(0.95, color="grey", linestyle=":", label="precision target")
         right.set_xlabel("reviewed cells per type (their fields) used to adapt")
@@ -146,7 +148,8 @@ def plot_adaptation(results: dict, path: Path) -> Path:
     return path
 
 
-def write_adaptation_report(results: dict, out: Path, docs: Path | None = None) -> list[Path]:
+def write_adaptation_report(results: AdaptationResults, out: Path, docs: Path | None = None
+                            ) -> list[Path]:
     """`OUT/adaptation.json`, `.png`, `ADAPTATION.md`; with `docs`, also
     docs/adaptation.json, the figure and the section after section 0 of docs/RESULTS.md."""
     return write_section_files(results, out, docs, SECTION, render_section, plot_adaptation,

@@ -1,7 +1,7 @@
 """The leave-one-lab-out results (`evaluate labs`) as a table, figures and a RESULTS.md section.
 
 The section sits first in docs/RESULTS.md between markers, so `evaluate all`, which
-rewrites the rest of the file, keeps it (`evaluation.results.keep_marked_sections`).
+rewrites the rest of the file, keeps it (`reports.study.keep_marked_sections`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,12 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
+
+from leukodiff.metrics.labs import LabRun, LabsResults
+from leukodiff.metrics.records import to_plain
 
 SECTION = "labs"
 START, END = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
@@ -26,37 +30,37 @@ def _f(value: float | None, percent: bool = False) -> str:
     return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
 
 
-def _home(fires: dict | None) -> str:
+def _home(fold: LabRun) -> str:
     """Fields flagged / tested on the training labs' own test parts."""
-    if not fires:
+    if not fold.warning_on_training_labs:
         return "-"
-    return ", ".join(f"{NAMES.get(lab, lab)} {v['unfamiliar']}/{v['fields']}"
-                     for lab, v in fires.items())
+    return ", ".join(f"{NAMES.get(lab, lab)} {v.unfamiliar}/{v.fields}"
+                     for lab, v in fold.warning_on_training_labs.items())
 
 
-def rows(results: dict) -> list[dict[str, str]]:
+def rows(results: LabsResults) -> list[dict[str, str]]:
     """One row per held-out lab (and per lab the shipped models never saw)."""
     out = []
-    runs = [(lab, "left out of training", fold) for lab, fold in results["folds"].items()]
+    runs = [(lab, "left out of training", fold) for lab, fold in results.folds.items()]
     runs += [(lab, "shipped models (never saw it)", fold)
-             for lab, fold in results.get("shipped", {}).items()]
+             for lab, fold in results.shipped.items()]
     for lab, how, fold in runs:
-        if "skipped" in fold:
-            out.append({"lab": NAMES.get(lab, lab), "models": f"skipped: {fold['skipped']}"})
+        if fold.skipped is not None:
+            out.append({"lab": NAMES.get(lab, lab), "models": f"skipped: {fold.skipped}"})
             continue
-        d, t, e = fold.get("detector"), fold.get("level2"), fold.get("end_to_end")
+        d, t, e = fold.detector, fold.level2, fold.end_to_end
         out.append({
             "lab": NAMES.get(lab, lab), "models": how,
-            "precision": _f(d and d["precision"]), "recall": _f(d and d["recall"]),
-            "ap50": _f(d and d["ap50"]),
-            "exact_count": _f(d and d["exact_count"], True),
-            "accuracy": _f(t and t["accuracy"], True), "macro_f1": _f(t and t["macro_f1"]),
-            "min_recall": (f"{t['min_recall']:.2f} ({min(t['recall'], key=t['recall'].get)})"
+            "precision": _f(d and d.precision), "recall": _f(d and d.recall),
+            "ap50": _f(d and d.ap50),
+            "exact_count": _f(d and d.exact_count, True),
+            "accuracy": _f(t and t.accuracy, True), "macro_f1": _f(t and t.macro_f1),
+            "min_recall": (f"{t.min_recall:.2f} ({min(t.recall, key=t.recall.__getitem__)})"
                            if t else "-"),
-            "end_to_end": (f"{e['right']}/{e['cells']} ({_f(e['share'], True)})"
-                           if e and e.get("share") is not None else "-"),
-            "warned": _f(fold.get("unlike_training"), True),
-            "warned_home": _home(fold.get("warning_on_training_labs")),
+            "end_to_end": (f"{e.right}/{e.cells} ({_f(e.share, True)})"
+                           if e and e.share is not None else "-"),
+            "warned": _f(fold.unlike_training, True),
+            "warned_home": _home(fold),
         })
     return out
 
@@ -68,7 +72,7 @@ COLUMNS = [("lab", "held-out lab"), ("models", "models"), ("precision", "det. pr
            ("warned", "warned: held-out lab"), ("warned_home", "warned: training labs' test")]
 
 
-def labs_table(results: dict) -> Table:
+def labs_table(results: LabsResults) -> Table:
     table = Table(title="Leave one lab out (onnxruntime, the shipped pipeline)")
     for _, title in COLUMNS:
         table.add_column(title)
@@ -77,8 +81,8 @@ def labs_table(results: dict) -> Table:
     return table
 
 
-def render_section(results: dict, figure: str = "figures/labs.png") -> str:
-    config = results["config"]
+def render_section(results: LabsResults, figure: str = "figures/labs.png") -> str:
+    config = results.config
     lines = [
         START,
         "## 0. On a lab it was never trained on (leave one lab out)",
@@ -145,7 +149,7 @@ def insert_section(path: Path, section: str, name: str = SECTION, after: str | N
     path.write_text(f"{title}\n\n{section}\n{rest.lstrip()}")
 
 
-def plot_labs(results: dict, path: Path) -> Path:
+def plot_labs(results: LabsResults, path: Path) -> Path:
     """Grouped bars per held-out lab: detector precision/recall, exact count, level-2
     macro-F1 and lowest recall, end to end; target lines."""
     import matplotlib
@@ -153,16 +157,15 @@ def plot_labs(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("detector precision", lambda f: f.get("detector", {}).get("precision")),
-               ("detector recall", lambda f: f.get("detector", {}).get("recall")),
-               ("exact count", lambda f: f.get("detector", {}).get("exact_count")),
-               ("level-2 macro-F1", lambda f: f.get("level2", {}).get("macro_f1")),
-               ("level-2 lowest recall", lambda f: f.get("level2", {}).get("min_recall")),
-               ("found + typed right", lambda f: f.get("end_to_end", {}).get("share"))]
-    runs = [(f"{NAMES.get(lab, lab)}\nleft out", fold) for lab, fold in results["folds"].items()
-            if "skipped" not in fold]
-    runs += [(f"{NAMES.get(lab, lab)}\nshipped", fold)
-             for lab, fold in results.get("shipped", {}).items()]
+    metrics = [("detector precision", lambda f: f.detector and f.detector.precision),
+               ("detector recall", lambda f: f.detector and f.detector.recall),
+               ("exact count", lambda f: f.detector and f.detector.exact_count),
+               ("level-2 macro-F1", lambda f: f.level2 and f.level2.macro_f1),
+               ("level-2 lowest recall", lambda f: f.level2 and f.level2.min_recall),
+               ("found + typed right", lambda f: f.end_to_end and f.end_to_end.share)]
+    runs = [(f"{NAMES.get(lab, lab)}\nleft out", fold) for lab, fold in results.folds.items()
+            if fold.skipped is None]
+    runs += [(f"{NAMES.get(lab, lab)}\nshipped", fold) for lab, fold in results.shipped.items()]
     figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(runs) + 2), 4))
     width = 0.8 / len(metrics)
     for i, (name, get) in enumerate(metrics):
@@ -184,29 +187,31 @@ def plot_labs(results: dict, path: Path) -> Path:
     return path
 
 
-def write_labs_report(results: dict, out: Path, docs: Path | None = None) -> list[Path]:
+def write_labs_report(results: LabsResults, out: Path, docs: Path | None = None
+                      ) -> list[Path]:
     """`OUT/LABS.md` + `OUT/labs.png`; with `docs`, also docs/labs.json, the figure and
     the section first in docs/RESULTS.md."""
     return write_section_files(results, out, docs, SECTION, render_section, plot_labs)
 
 
-def write_section_files(results: dict, out: Path, docs: Path | None, name: str,
-                        render: Callable[[dict, str], str],
-                        plot: Callable[[dict, Path], Path], after: str | None = None
+def write_section_files(results: Any, out: Path, docs: Path | None, name: str,
+                        render: Callable[[Any, str], str],
+                        plot: Callable[[Any, Path], Path], after: str | None = None
                         ) -> list[Path]:
     """An evaluation's own section: `OUT/NAME.md`, `OUT/NAME.png`, `OUT/NAME.json`; with
     `docs`, also docs/NAME.json, docs/figures/NAME.png and the section in docs/RESULTS.md
     (first, or after the section named `after`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    record = json.dumps(to_plain(results), indent=1) + "\n"
+    (out / f"{name}.json").write_text(record)
     written = [out / f"{name}.json", plot(results, out / f"{name}.png")]
     (out / f"{name.upper()}.md").write_text(render(results, f"{name}.png"))
     written.append(out / f"{name.upper()}.md")
     if docs is not None:
         docs = Path(docs)
         written.append(plot(results, docs / "figures" / f"{name}.png"))
-        (docs / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+        (docs / f"{name}.json").write_text(record)
         insert_section(docs / "RESULTS.md", render(results, f"figures/{name}.png"), name,
                        after)
         written += [docs / f"{name}.json", docs / "RESULTS.md"]
