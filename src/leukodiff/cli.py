@@ -642,19 +642,22 @@ def evaluate_detector_command(
                                             help="BCD: standardise colours to BCCD's "
                                             "statistics before detection."),
     examples: int = typer.Option(6, help="Annotated BCCD fields to save (errors first)."),
+    backend: str = typer.Option("onnx", help="onnx | torch | auto: where the detector runs "
+                                "(the pipeline's own detection either way)."),
     data_root: Path | None = DataRoot,
 ) -> None:
     """COCO AP, recall/precision and group accuracy on BCCD's VOC test list; recall and
-    precision on BCD."""
+    precision on BCD (boxes found as `analyze` finds them)."""
     from leukodiff.evaluation.detector import evaluate_detector
     from leukodiff.models.files import ModelFileError
+    from leukodiff.pipeline.backends import BackendError
 
     try:
-        results = evaluate_detector(model, data_root=data_root, out_dir=out, bcd=bcd,
-                                    bcd_scale=bcd_scale,
+        results = evaluate_detector(model, backend=backend, data_root=data_root, out_dir=out,
+                                    bcd=bcd, bcd_scale=bcd_scale,
                                     bcd_colour_standardise=colour_standardise,
                                     examples=examples, track=_track)
-    except (ModelFileError, FileNotFoundError, ValueError) as error:
+    except (ModelFileError, BackendError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     test = results["bccd_test"]
     wbc, matched = test["wbc"], test["matched"]
@@ -673,7 +676,7 @@ def evaluate_detector_command(
                   f"{boxed['precision']:.3f}")
     speed = results["ms_per_field"]
     console.print(f"  {speed['median']:.1f} ms per {speed['size']} field (median, "
-                  f"{speed['threads']} threads)")
+                  f"{results['backend']})")
     if "bcd" in results:
         b = results["bcd"]
         console.print(f"BCD x{b['scale']:.2f}"
@@ -719,14 +722,21 @@ def evaluate_groups_command(
 def evaluate_pipeline_command(
     data_root: Path | None = DataRoot,
     out: Path | None = typer.Option(None, help="Write metrics.json here."),
+    backend: str = typer.Option("onnx", help="onnx | torch | auto."),
 ) -> None:
     """End to end on BCCD's VOC test fields: is each labelled cell found and rightly typed?"""
     import json
 
     from leukodiff.evaluation.pipeline import evaluate_bccd_test
+    from leukodiff.models.files import ModelFileError
     from leukodiff.pipeline import Analyzer
+    from leukodiff.pipeline.backends import BackendError
 
-    results = evaluate_bccd_test(Analyzer.load(), data_root, _track)
+    try:
+        with Analyzer.load(backend=backend) as analyzer:
+            results = evaluate_bccd_test(analyzer, data_root, _track)
+    except (ModelFileError, BackendError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
     for name in ("single_wbc_fields", "all_labelled_cells"):
         part = results[name]
         table = Table(title=f"{name.replace('_', ' ')}: {part['right']} of {part['cells']} "

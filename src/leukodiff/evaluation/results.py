@@ -262,7 +262,8 @@ def evaluate_all(out_dir: Path, *, config: EvalConfig = EvalConfig(),
     timer.mark("cross-source")
 
     # 6. end to end: the shipped detector + level-2 models on BCCD's VOC test fields
-    results["end_to_end"] = evaluate_bccd_test(Analyzer.load(), data_root, track)
+    with Analyzer.load(backend="onnx") as analyzer:
+        results["end_to_end"] = evaluate_bccd_test(analyzer, data_root, track)
     detector = evaluate_detector("detector", data_root=data_root, bcd=False, track=track)
     results["detector_test"] = detector["bccd_test"]
     results["detector_test_unboxed_ignored"] = detector["bccd_test_unboxed_ignored"]

@@ -44,8 +44,8 @@ R-CNN's RoI head learns the groups poorly from BCCD's ~36 mononuclear training
 cells (63-96% group accuracy on the VOC test list over five runs), so after the detector's
 epochs a MobileNetV1-0.5 crop classifier is fine-tuned on the training fields'
 cells (drawn `group_bccd_repeat` times) plus `group_pbc_per_type` PBC cells of
-each type, cropped as the level-2 models crop them; `predict` relabels the
-detector's confident boxes with it. It is selected on the val fields' cells.
+each type, cropped as the level-2 models crop them; the pipeline relabels every box
+the detector finds with it (`Analyzer.detect`). It is selected on the val fields' cells.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -80,10 +81,10 @@ from leukodiff.models.detector import (
     DetectorSpec,
     build_detector,
     parameter_count,
-    predict,
 )
 from leukodiff.models.files import read_checked, resolve
 from leukodiff.models.io import load_detector, save_model
+from leukodiff.pipeline.analyzer import Analyzer
 from leukodiff.taxonomy import GROUP_OF, Group
 from leukodiff.training.cells import (
     AUGMENTATIONS,
@@ -327,13 +328,13 @@ def pbc_donors(config: DetectorConfig, data_root: str | Path | None = None,
     for cell_type in sorted({c.cell_type for c in cells}):
         mine = sorted((c for c in cells if c.cell_type == cell_type), key=lambda c: c.image.name)
         chosen += rng.sample(mine, min(config.pbc_paste_per_type, len(mine)))
-    model, _ = load_detector(config.pbc_box_detector)
+    analyzer = Analyzer.of_detector(load_detector(config.pbc_box_detector)[0], group=False,
+                                    detection_threshold=0.5)
     donors = []
     for start in track(range(0, len(chosen), 16), "Boxing PBC cells to paste"):
         batch = chosen[start:start + 16]
         pixels = [np.asarray(load_image(c.image), dtype=np.uint8) for c in batch]
-        found = predict(model, pixels, refine=False, score_threshold=0.5,
-                        batch_size=len(batch))
+        found = [analyzer.detect(Image.fromarray(image)) for image in pixels]
         for cell, image, detections in zip(batch, pixels, found, strict=True):
             height, width = image.shape[:2]
             best = None
@@ -579,11 +580,17 @@ def selection_score(metrics: dict, with_groups: bool = True) -> tuple[float, flo
 
 
 def validate(model, records: Sequence[Field], images: FieldImages | None = None,
-             batch_size: int = 4, refine: bool = True) -> dict:
-    """Detection metrics on `records` (decoded from disk unless `images` holds them)."""
-    inputs = ([images.image(i) for i in range(len(records))] if images is not None
-              else [r.image for r in records])
-    detections = predict(model, inputs, batch_size=batch_size, refine=refine)
+             refine: bool = True) -> dict:
+    """Detection metrics on `records` (decoded from disk unless `images` holds them), found
+    by the pipeline's own detection on the model in memory (`Analyzer.of_detector`: what
+    ships, down to score 0 for AP). `refine=False`: Faster R-CNN's own group labels (the
+    group classifier is trained after the detector's epochs)."""
+    detections = []
+    with Analyzer.of_detector(model, group=refine) as analyzer:
+        for index, record in enumerate(records):
+            image = (Image.fromarray(images.image(index).permute(1, 2, 0).numpy())
+                     if images is not None else load_image(record.image))
+            detections.append(analyzer.detect(image))
     spec: DetectorSpec = model.spec
     return detection_metrics(detections, records, score_threshold=spec.score_threshold)
 
