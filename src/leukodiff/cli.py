@@ -761,7 +761,7 @@ def evaluate_pipeline_command(
 @evaluate_app.command("robustness")
 def evaluate_robustness_command(
     out: Path | None = typer.Option(None, help="Write metrics.json and robustness.png here."),
-    backend: str = typer.Option("auto", help="auto | onnx | torch."),
+    backend: str = typer.Option("onnx", help="onnx | torch | auto."),
     max_fields: int = typer.Option(0, help="First N BCCD test fields only (0: all 72)."),
     max_cells: int = typer.Option(0, help="First N PBC held-out cells per model (0: all)."),
     data_root: Path | None = DataRoot,
@@ -771,11 +771,16 @@ def evaluate_robustness_command(
     import json
 
     from leukodiff.evaluation.robustness import evaluate_robustness, plot_robustness
+    from leukodiff.models.files import ModelFileError
     from leukodiff.pipeline import Analyzer
+    from leukodiff.pipeline.backends import BackendError
 
-    with Analyzer.load(backend=backend) as analyzer:
-        results = evaluate_robustness(analyzer, data_root, max_fields=max_fields,
-                                      max_cells=max_cells, track=_track)
+    try:
+        with Analyzer.load(backend=backend) as analyzer:
+            results = evaluate_robustness(analyzer, data_root, max_fields=max_fields,
+                                          max_cells=max_cells, track=_track)
+    except (ModelFileError, BackendError, FileNotFoundError) as error:
+        raise _fail(str(error)) from None
     table = Table(title=f"Robustness ({results['backend']}; BCCD test fields end to end, "
                   "PBC held-out cells)")
     for column in ("change", "BCCD found", "BCCD right type", "count MAE",
