@@ -16,15 +16,15 @@ from leukodiff.evaluation.detector import scale_between
 from leukodiff.imaging import load_image
 from leukodiff.metrics.detection import detection_metrics, match
 from leukodiff.models.detector import (
-    Detections,
     DetectorSpec,
     build_detector,
     parameter_count,
-    predict,
     standardise_colour,
 )
 from leukodiff.models.files import Manifest
 from leukodiff.models.io import ModelFileError, load_detector, shipped
+from leukodiff.pipeline.analyzer import Analyzer, as_image
+from leukodiff.pipeline.boxes import Detections
 from leukodiff.taxonomy import Group
 from leukodiff.training.detector import (
     Augmenter,
@@ -223,23 +223,28 @@ def _no_wbc_field(bccd):
     return next(r for r in bccd if not r.wbc_boxes)
 
 
-def test_predict_takes_fields_without_cells_grayscale_rgba_arrays_and_paths(untrained, bccd):
+def test_a_detector_in_memory_runs_the_pipelines_detection_on_any_image_mode(untrained, bccd):
     empty = _no_wbc_field(bccd)
     rgb = load_image(empty.image)
     rgba = rgb.convert("RGBA")
     rgba.putalpha(200)
-    inputs = [rgb, rgb.convert("L"), rgba, np.asarray(rgb), empty.image,
+    inputs = [rgb, rgb.convert("L"), rgba, np.asarray(rgb),
               Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)]
-    results = predict(untrained, inputs)
-    assert len(results) == len(inputs)
-    for found in results:
-        boxes, labels, scores = found
-        assert boxes.shape[1] == 4 and len(boxes) == len(labels) == len(scores)
-        assert set(labels.tolist()) <= {1, 2}
-        assert (boxes[:, 2] <= rgb.width + 1e-3).all() and (boxes[:, 3] <= rgb.height + 1e-3).all()
-        assert all(isinstance(g, Group) for g in found.groups)
-    single = predict(untrained, rgb, scale=0.5, score_threshold=0.0)
-    assert len(single) == 1 and (single[0].boxes[:, 2] <= rgb.width + 1e-3).all()
+    before = {k: v.clone() for k, v in untrained.state_dict().items()}
+    with Analyzer.of_detector(untrained) as analyzer:
+        assert not analyzer.classifiers  # level 1 only
+        for image in inputs:
+            found = analyzer.detect(analyzer.check(as_image(image)))
+            assert found.boxes.shape[1] == 4 and len(found.boxes) == len(found.labels)
+            assert set(found.labels.tolist()) <= {1, 2}
+            assert (found.boxes[:, 2] <= rgb.width + 1e-3).all()
+            assert (found.boxes[:, 3] <= rgb.height + 1e-3).all()
+            assert all(isinstance(g, Group) for g in found.groups)
+        with pytest.raises(ValueError, match="no level-2 model"):
+            analyzer.classify(rgb, Detections.of([[0, 0, 90, 90]], [2], [0.9]))
+    after = untrained.state_dict()  # trainable as it was: no BatchNorm folded into it
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_cell_crops_are_square_even_for_tiny_boxes():
@@ -269,9 +274,8 @@ def test_detection_metrics_perfect_wrong_and_missing(bccd):
             labels = [label[b.group] for b in r.wbc_boxes]
             if flip:
                 labels = [3 - x for x in labels]
-            out.append(Detections(torch.tensor([b.xyxy for b in r.wbc_boxes]).reshape(-1, 4),
-                                  torch.tensor(labels, dtype=torch.int64),
-                                  torch.full((len(labels),), 0.9)))
+            out.append(Detections.of([b.xyxy for b in r.wbc_boxes], labels,
+                                     [0.9] * len(labels)))
         return out
 
     perfect = detection_metrics(truth(), fields)
@@ -279,12 +283,11 @@ def test_detection_metrics_perfect_wrong_and_missing(bccd):
     assert perfect["matched"]["group_accuracy"] == 1.0 and perfect["wbc"]["false"] == 0
     wrong = detection_metrics(truth(flip=True), fields)
     assert wrong["wbc"]["ap50"] == pytest.approx(1.0) and wrong["matched"]["group_accuracy"] == 0
-    empty = [Detections(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
-             for _ in fields]
+    empty = [Detections.empty() for _ in fields]
     missing = detection_metrics(empty, fields)
     assert missing["wbc"]["recall"] == 0.0 and missing["wbc"]["found"] == 0
-    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]])
-    assert match(boxes, torch.tensor([0.2, 0.9]), boxes[:1]) == [(1, 0)]
+    boxes = np.array([[0.0, 0, 10, 10], [0, 0, 10, 10]])
+    assert match(boxes, np.array([0.2, 0.9]), boxes[:1]) == [(1, 0)]
 
 
 def test_unboxed_white_cells_are_ignored_not_counted_false(bccd):
@@ -299,8 +302,8 @@ def test_unboxed_white_cells_are_ignored_not_counted_false(bccd):
     region = unboxed["BloodImage_00135"][0]
     inside = Box(region.x0 + 5, region.y0 + 5, region.x1 - 5, region.y1 - 5)
     truth = fields[1].wbc_boxes[0]
-    found = [Detections(torch.tensor([inside.xyxy]), torch.tensor([2]), torch.tensor([0.99])),
-             Detections(torch.tensor([truth.xyxy]), torch.tensor([2]), torch.tensor([0.9]))]
+    found = [Detections.of([inside.xyxy], [2], [0.99]),
+             Detections.of([truth.xyxy], [2], [0.9])]
     official = detection_metrics(found, fields)["wbc"]
     assert official["false"] == 1 and official["ap50"] < 1.0
     fair = detection_metrics(found, fields, ignore=unboxed)["wbc"]
@@ -309,12 +312,12 @@ def test_unboxed_white_cells_are_ignored_not_counted_false(bccd):
     # a nucleus-sized box inside a region is ignored too (its own area counts, not IoU) ...
     ruptured = unboxed["BloodImage_00171"][0]  # a basophil: polymorphonuclear
     nucleus = (ruptured.x0 + 40, ruptured.y0 + 40, ruptured.x0 + 100, ruptured.y0 + 100)
-    one = [Detections(torch.tensor([nucleus]), torch.tensor([2]), torch.tensor([0.99]))]
+    one = [Detections.of([nucleus], [2], [0.99])]
     small = detection_metrics(one, [by_name["BloodImage_00171"]], ignore=unboxed)
     assert small["wbc"]["false"] == 0 and small["wbc"]["ignored"] == 1
     # ... but calling it mononuclear is a mononuclear false positive for per-group AP
-    as_mono = [Detections(torch.tensor([nucleus]), torch.tensor([1]), torch.tensor([0.99])),
-               Detections(torch.tensor([truth.xyxy]), torch.tensor([2]), torch.tensor([0.9]))]
+    as_mono = [Detections.of([nucleus], [1], [0.99]),
+               Detections.of([truth.xyxy], [2], [0.9])]
     pair = [by_name["BloodImage_00171"], fields[1]]
     groups = detection_metrics(as_mono, pair, ignore=unboxed)["groups"]["ap50"]
     assert groups["polymorphonuclear"] == pytest.approx(1.0)
@@ -393,12 +396,21 @@ def test_shipped_detector_on_bccd_test_fields(bccd):
     # every mononuclear one
     test = [r for r in bccd if r.subset == "test" and r.wbc_boxes]
     subset = test[:16] + [r for r in test[16:] if has_mononuclear(r)]
-    found = predict(model, [r.image for r in subset])
+    with Analyzer.of_detector(model) as analyzer:
+        found = [analyzer.detect(load_image(r.image)) for r in subset]
     metrics = detection_metrics(found, subset, score_threshold=model.spec.score_threshold)
     assert metrics["wbc"]["ap50"] >= 0.95
     assert metrics["wbc"]["recall"] >= 0.95
     assert metrics["matched"]["group_accuracy"] >= 0.9
     assert metrics["matched"]["mononuclear_recall"] >= 0.8
+    # the model in memory (training validates so) counts as the shipped files on onnxruntime
+    with Analyzer.load(backend="onnx", detection_threshold=0.0) as shipped_pipeline:
+        onnx = [shipped_pipeline.detect(load_image(r.image)) for r in subset]
+    same = detection_metrics(onnx, subset, score_threshold=model.spec.score_threshold)
+    assert [same["wbc"][k] for k in ("found", "false", "truth")] == \
+        [metrics["wbc"][k] for k in ("found", "false", "truth")]
+    assert same["matched"]["confusion"] == metrics["matched"]["confusion"]
+    assert same["wbc"]["ap50"] == pytest.approx(metrics["wbc"]["ap50"], abs=0.005)
 
 
 def test_shipped_detector_on_bcd_tiles_from_another_lab(shared_data):
@@ -408,7 +420,8 @@ def test_shipped_detector_on_bcd_tiles_from_another_lab(shared_data):
         pytest.skip("no shipped detector")
     model, _ = load_detector("detector")
     tiles = sorted(load_fields("bcd", shared_data).records, key=lambda r: r.image.name)[:40]
-    found = predict(model, [load_image(r.image) for r in tiles])
+    with Analyzer.of_detector(model) as analyzer:
+        found = [analyzer.detect(load_image(r.image)) for r in tiles]
     metrics = detection_metrics(found, tiles, score_threshold=model.spec.score_threshold)
     assert metrics["wbc"]["truth"] >= 35
     assert metrics["wbc"]["recall"] >= 0.85 and metrics["wbc"]["precision"] >= 0.9

@@ -26,13 +26,6 @@ def test_fields(shared_data):
     return sorted(fields, key=lambda f: f.image.name)
 
 
-def _iou(a, b):
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def test_finds_and_names_the_white_cell_of_single_cell_fields(analyzer, test_fields):
     singles = [f for f in test_fields if len(f.wbc_boxes) == 1 and f.wbc_boxes[0].cell_type][:8]
     right_place = right_type = 0
@@ -40,7 +33,8 @@ def test_finds_and_names_the_white_cell_of_single_cell_fields(analyzer, test_fie
         result = analyzer(field.image)
         truth = field.wbc_boxes[0]
         assert (result.width, result.height) == (640, 480)
-        matched = [c for c in result.cells if _iou(c.box, truth.xyxy) >= 0.5]
+        matched = [c for c in result.cells
+                   if box_iou(np.array([c.box]), np.array([truth.xyxy]))[0, 0] >= 0.5]
         right_place += bool(matched)
         right_type += bool(matched) and matched[0].cell_type is truth.cell_type
         for cell in result.cells:

@@ -86,19 +86,22 @@ def evaluate_detector_command(
                                             help="BCD: standardise colours to BCCD's "
                                             "statistics before detection."),
     examples: int = typer.Option(6, help="Annotated BCCD fields to save (errors first)."),
+    backend: str = typer.Option("onnx", help="onnx | torch | auto: where the detector runs "
+                                "(the pipeline's own detection either way)."),
     data_root: Path | None = DataRoot,
 ) -> None:
     """COCO AP, recall/precision and group accuracy on BCCD's VOC test list; recall and
-    precision on BCD."""
+    precision on BCD (boxes found as `analyze` finds them)."""
     from leukodiff.evaluation.detector import evaluate_detector
     from leukodiff.models.files import ModelFileError
+    from leukodiff.pipeline.backends import BackendError
 
     try:
-        results = evaluate_detector(model, data_root=data_root, out_dir=out, bcd=bcd,
-                                    bcd_scale=bcd_scale,
+        results = evaluate_detector(model, backend=backend, data_root=data_root, out_dir=out,
+                                    bcd=bcd, bcd_scale=bcd_scale,
                                     bcd_colour_standardise=colour_standardise,
                                     examples=examples, track=_track)
-    except (ModelFileError, FileNotFoundError, ValueError) as error:
+    except (ModelFileError, BackendError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     test = results["bccd_test"]
     wbc, matched = test["wbc"], test["matched"]
@@ -117,7 +120,7 @@ def evaluate_detector_command(
                   f"{boxed['precision']:.3f}")
     speed = results["ms_per_field"]
     console.print(f"  {speed['median']:.1f} ms per {speed['size']} field (median, "
-                  f"{speed['threads']} threads)")
+                  f"{results['backend']})")
     if "bcd" in results:
         b = results["bcd"]
         console.print(f"BCD x{b['scale']:.2f}"
@@ -163,14 +166,21 @@ def evaluate_groups_command(
 def evaluate_pipeline_command(
     data_root: Path | None = DataRoot,
     out: Path | None = typer.Option(None, help="Write metrics.json here."),
+    backend: str = typer.Option("onnx", help="onnx | torch | auto."),
 ) -> None:
     """End to end on BCCD's VOC test fields: is each labelled cell found and rightly typed?"""
     import json
 
     from leukodiff.evaluation.pipeline import evaluate_bccd_test
+    from leukodiff.models.files import ModelFileError
     from leukodiff.pipeline import Analyzer
+    from leukodiff.pipeline.backends import BackendError
 
-    results = evaluate_bccd_test(Analyzer.load(), data_root, _track)
+    try:
+        with Analyzer.load(backend=backend) as analyzer:
+            results = evaluate_bccd_test(analyzer, data_root, _track)
+    except (ModelFileError, BackendError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
     for name in ("single_wbc_fields", "all_labelled_cells"):
         part = results[name]
         table = Table(title=f"{name.replace('_', ' ')}: {part['right']} of {part['cells']} "
@@ -195,7 +205,7 @@ def evaluate_pipeline_command(
 @evaluate_app.command("robustness")
 def evaluate_robustness_command(
     out: Path | None = typer.Option(None, help="Write metrics.json and robustness.png here."),
-    backend: str = typer.Option("auto", help="auto | onnx | torch."),
+    backend: str = typer.Option("onnx", help="onnx | torch | auto."),
     max_fields: int = typer.Option(0, help="First N BCCD test fields only (0: all 72)."),
     max_cells: int = typer.Option(0, help="First N PBC held-out cells per model (0: all)."),
     data_root: Path | None = DataRoot,
@@ -205,11 +215,16 @@ def evaluate_robustness_command(
     import json
 
     from leukodiff.evaluation.robustness import evaluate_robustness, plot_robustness
+    from leukodiff.models.files import ModelFileError
     from leukodiff.pipeline import Analyzer
+    from leukodiff.pipeline.backends import BackendError
 
-    with Analyzer.load(backend=backend) as analyzer:
-        results = evaluate_robustness(analyzer, data_root, max_fields=max_fields,
-                                      max_cells=max_cells, track=_track)
+    try:
+        with Analyzer.load(backend=backend) as analyzer:
+            results = evaluate_robustness(analyzer, data_root, max_fields=max_fields,
+                                          max_cells=max_cells, track=_track)
+    except (ModelFileError, BackendError, FileNotFoundError) as error:
+        raise _fail(str(error)) from None
     table = Table(title=f"Robustness ({results['backend']}; BCCD test fields end to end, "
                   "PBC held-out cells)")
     for column in ("change", "BCCD found", "BCCD right type", "count MAE",

@@ -1,5 +1,10 @@
 """`leukodiff evaluate detector`: the level-1 detector on held-out smear fields.
 
+Boxes come from the pipeline's own detection (`Analyzer.detect`: the agnostic NMS,
+tiling and group classifier that `analyze` runs), on onnxruntime by default, down to
+score 0 for AP; recall, precision and group accuracy are counted at the detector's
+operating threshold.
+
 * BCCD's VOC test list (never used in training or selection): COCO-style AP
   from torchmetrics' `MeanAveragePrecision` (pycocotools backend): white-cell
   AP50 and AP50:95 class-agnostic, per-group AP; then, at the operating score
@@ -28,7 +33,14 @@ from PIL import Image, ImageDraw
 
 from leukodiff.data.records import Field
 from leukodiff.data.scan import Track, no_progress
+from leukodiff.data.sources import load_fields
+from leukodiff.data.sources.unboxed import unboxed_white_cells
+from leukodiff.imaging import load_image
 from leukodiff.metrics.detection import MONO, POLY, detection_metrics
+from leukodiff.models.detector import standardise_colour
+from leukodiff.models.files import Manifest
+from leukodiff.pipeline.analyzer import Analyzer
+from leukodiff.pipeline.boxes import Detections
 from leukodiff.taxonomy import Group, ObjectKind
 
 # --- scale between sources ---------------------------------------------------------------------
@@ -81,24 +93,46 @@ def _without_per_image(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "per_image"}
 
 
-def _resolve(model):
-    from leukodiff.models.io import load_detector
-
+def _analyzer(model: str | Path | torch.nn.Module, backend: str
+              ) -> tuple[Analyzer, Manifest | None]:
+    """Level 1 as `analyze` runs it, down to score 0 (AP needs every box), and the
+    detector's manifest (None for a model in memory, which runs on torch)."""
     if isinstance(model, str | Path):
-        return load_detector(model)
-    return model, None
+        analyzer = Analyzer.load(model, backend=backend, detection_threshold=0.0)
+        return analyzer, analyzer.backend.manifests["detector"]
+    return Analyzer.of_detector(model), None
 
 
-def _timed_predict(network, images: Sequence, scale: float = 1.0, track: Track = no_progress,
-                   description: str = "Detecting", colour: bool = False
-                   ) -> tuple[list, list[float]]:
-    from leukodiff.models.detector import predict
+def _standardised(image: Image.Image, spec: dict) -> Image.Image:
+    """`image` with each channel's colours moved to BCCD's statistics (label-free)."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    moved = standardise_colour(pixels, spec["colour_mean"], spec["colour_std"],
+                               spec["colour_max_gain"]).clamp(0, 1)
+    return Image.fromarray((moved * 255).round().byte().permute(1, 2, 0).numpy())
 
-    predict(network, images[:1], scale=scale, colour_standardise=colour)  # warm-up
+
+def _timed_detect(analyzer: Analyzer, images: Sequence[Image.Image], scale: float = 1.0,
+                  track: Track = no_progress, description: str = "Detecting",
+                  colour: bool = False) -> tuple[list[Detections], list[float]]:
+    """`Analyzer.detect` on each image, enlarged by `scale` (boxes mapped back to the image),
+    then its colours standardised when `colour`; the seconds of each."""
+
+    def detect(image: Image.Image) -> Detections:
+        if scale != 1.0:
+            image = image.resize((max(1, round(image.width * scale)),
+                                  max(1, round(image.height * scale))),
+                                 Image.Resampling.BILINEAR)
+        if colour and not analyzer.spec["colour_standardise"]:  # else the model does it
+            image = _standardised(image, analyzer.spec)
+        found = analyzer.detect(image)
+        return Detections(found.boxes / np.float32(scale), found.labels, found.scores)
+
+    if images:
+        detect(images[0])  # warm-up
     detections, seconds = [], []
     for image in track(images, description):
         start = time.perf_counter()
-        detections.extend(predict(network, [image], scale=scale, colour_standardise=colour))
+        detections.append(detect(image))
         seconds.append(time.perf_counter() - start)
     return detections, seconds
 
@@ -106,6 +140,7 @@ def _timed_predict(network, images: Sequence, scale: float = 1.0, track: Track =
 def evaluate_detector(
     model: str | Path | torch.nn.Module = "detector",
     *,
+    backend: str = "onnx",
     data_root: str | Path | None = None,
     out_dir: Path | None = None,
     bcd: bool = True,
@@ -116,23 +151,34 @@ def evaluate_detector(
     max_fields: int = 0,
     track: Track = no_progress,
 ) -> dict:
-    """Metrics of a detector (a .pt with manifest, a shipped name, or a model) on BCCD's
-    VOC test list and on BCD; with `out_dir`, also metrics.json and annotated PNGs."""
-    from leukodiff.data.sources import load_fields
-    from leukodiff.data.sources.unboxed import unboxed_white_cells
-    from leukodiff.imaging import load_image
+    """Metrics of a detector (a .pt with manifest, a shipped name, or a model in memory) on
+    BCCD's VOC test list and on BCD, detected as `analyze` detects (`Analyzer.detect`, on
+    `backend`: onnx, torch or auto; a model in memory runs on torch); with `out_dir`, also
+    metrics.json and annotated PNGs."""
 
-    network, manifest = _resolve(model)
-    threshold = network.spec.score_threshold
+    analyzer, manifest = _analyzer(model, backend)
+    try:
+        return _evaluate(analyzer, manifest, "in memory" if isinstance(model, torch.nn.Module)
+                         else str(model), data_root, out_dir, bcd, bcd_scale,
+                         bcd_colour_standardise, scale_sweep, examples, max_fields, track)
+    finally:
+        analyzer.close()
+
+
+def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, data_root,
+              out_dir, bcd: bool,
+              bcd_scale: float, bcd_colour_standardise: bool, scale_sweep: Sequence[float],
+              examples: int, max_fields: int, track: Track) -> dict:
+    threshold = float(analyzer.spec["score_threshold"])
     bccd = sorted(load_fields("bccd", data_root, track).records, key=lambda r: r.image.name)
     test = [r for r in bccd if r.subset == "test"]
     if max_fields:
         test = test[:max_fields]
     images = [load_image(r.image) for r in test]
-    detections, seconds = _timed_predict(network, images, track=track,
-                                         description="BCCD test fields")
+    detections, seconds = _timed_detect(analyzer, images, track=track,
+                                        description="BCCD test fields")
     results: dict = {
-        "model": str(model) if isinstance(model, str | Path) else "in memory",
+        "model": model_name, "backend": analyzer.backend.name,
         "model_sha256": manifest.sha256 if manifest else None,
         "bccd_test": detection_metrics(detections, test, score_threshold=threshold),
         # BCCD leaves some white cells unboxed (4 test fields have no WBC box although
@@ -145,7 +191,6 @@ def evaluate_detector(
             [r for r in test if r.wbc_boxes], score_threshold=threshold)),
         "ms_per_field": {"median": 1000 * statistics.median(seconds),
                          "mean": 1000 * statistics.fmean(seconds), "n": len(seconds),
-                         "threads": torch.get_num_threads(),
                          "size": f"{test[0].width}x{test[0].height}" if test else ""},
     }
     saved = []
@@ -170,10 +215,10 @@ def evaluate_detector(
         estimated = scale_between(train, tiles)
         scale = bcd_scale or estimated  # 0: from the red-cell sizes
         tile_images = [load_image(r.image) for r in tiles]
-        in_model = bool(network.spec.colour_standardise)  # trained with it: always on
+        in_model = bool(analyzer.spec["colour_standardise"])  # trained with it: always on
         colour = bcd_colour_standardise or in_model
-        bcd_detections, _ = _timed_predict(network, tile_images, scale, track, "BCD tiles",
-                                           colour)
+        bcd_detections, _ = _timed_detect(analyzer, tile_images, scale, track, "BCD tiles",
+                                          colour)
         main = detection_metrics(bcd_detections, tiles, score_threshold=threshold)
         keys = ("ap50", "recall", "precision", "found", "false", "truth")
         sweep = {}
@@ -183,8 +228,8 @@ def evaluate_detector(
                 if (factor, standardise) == (scale, colour):
                     metrics = main  # the headline run: not detected twice
                 else:
-                    found, _ = _timed_predict(network, tile_images, factor, track,
-                                              f"BCD x{factor:g}", standardise)
+                    found, _ = _timed_detect(analyzer, tile_images, factor, track,
+                                             f"BCD x{factor:g}", standardise)
                     metrics = detection_metrics(found, tiles, score_threshold=threshold)
                 name = f"x{factor:g}" + (", colour standardised" if standardise else "")
                 if factor == from_rbc and factor not in scale_sweep:

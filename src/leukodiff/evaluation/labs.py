@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from leukodiff.data.crops import cell_input
 from leukodiff.data.records import Cell, Field
@@ -226,11 +225,6 @@ def train_fold(lab: str, present: dict[str, bool], config: LabsConfig, out_dir: 
 # --- measuring -------------------------------------------------------------------------------
 
 
-def _as_torch(found) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (torch.from_numpy(found.boxes), torch.from_numpy(found.labels),
-            torch.from_numpy(found.scores))
-
-
 def measure_fields(analyzer: Analyzer, fields: Sequence[Field], lab: str,
                    track: Track = no_progress) -> LabRun:
     """Level 1 and end to end on a lab's fields, one detection pass per field.
@@ -244,7 +238,7 @@ def measure_fields(analyzer: Analyzer, fields: Sequence[Field], lab: str,
     for record in track(fields, f"Analysing {lab} fields"):
         image = analyzer.check(load_image(record.image))
         found = analyzer.detect(image)
-        detections.append(_as_torch(found))
+        detections.append(found)
         if analyzer.familiarity is not None:
             unlike.append(analyzer.look(image)[1])
         cells = analyzer.classify(image, found.above(operating))
@@ -311,7 +305,7 @@ def measure_lab(models: FoldModels, lab: str, config: LabsConfig, *, data_root=N
     if lab in DETECTION_LABS:
         fields = sorted(load_fields(lab, data_root, track).records,
                         key=lambda r: r.image.name)[:limit]
-        with models.analyzer(config.threads, detection_threshold=0.05) as analyzer:
+        with models.analyzer(config.threads, detection_threshold=0.0) as analyzer:
             result = measure_fields(analyzer, fields, lab, track)
     if lab in TYPED_LABS:
         with models.analyzer(config.threads) as analyzer:

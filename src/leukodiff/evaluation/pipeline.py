@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from leukodiff.data.records import Field
@@ -19,29 +20,22 @@ from leukodiff.data.sources import load_fields
 from leukodiff.imaging import load_image
 from leukodiff.pipeline import Analyzer
 from leukodiff.pipeline.analyzer import CellCall
+from leukodiff.pipeline.boxes import box_iou
 from leukodiff.taxonomy import CellType
-
-
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def match_truth(cells: Sequence[CellCall], field: Field, scale: float = 1.0
                 ) -> list[tuple[str, str]]:
     """(true type, what the pipeline said: its label, or "missed") for each typed white cell
     of `field`: found = a cell with IoU >= 0.5 (boxes in a field scaled by `scale`)."""
+    typed = [box for box in field.wbc_boxes if box.cell_type is not None]
+    found = np.array([cell.box for cell in cells], dtype=np.float64).reshape(-1, 4) / scale
+    overlaps = box_iou(np.array([box.xyxy for box in typed]).reshape(-1, 4), found)
     pairs = []
-    for box in field.wbc_boxes:
-        if box.cell_type is None:
-            continue
-        scored = [(c, _iou(tuple(v / scale for v in c.box), box.xyxy)) for c in cells]
-        best = max(scored, key=lambda pair: pair[1], default=(None, 0.0))
-        found = best[0] is not None and best[1] >= 0.5
-        pairs.append((str(box.cell_type), best[0].label if found else "missed"))
+    for box, row in zip(typed, overlaps, strict=True):
+        best = int(row.argmax()) if len(cells) else -1
+        said = cells[best].label if best >= 0 and row[best] >= 0.5 else "missed"
+        pairs.append((str(box.cell_type), said))
     return pairs
 
 

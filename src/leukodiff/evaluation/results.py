@@ -257,7 +257,8 @@ def evaluate_all(out_dir: Path, *, config: EvalConfig = EvalConfig(),
     timer.mark("cross-source")
 
     # 6. end to end: the shipped detector + level-2 models on BCCD's VOC test fields
-    end_to_end = evaluate_bccd_test(Analyzer.load(), data_root, track)
+    with Analyzer.load(backend="onnx") as analyzer:
+        end_to_end = evaluate_bccd_test(analyzer, data_root, track)
     detector = evaluate_detector("detector", data_root=data_root, bcd=False, track=track)
     timer.mark("end to end")
 

@@ -15,46 +15,36 @@ import numpy as np
 import torch
 
 from leukodiff.data.records import Box, Field
-from leukodiff.pipeline.boxes import box_area, intersection
+from leukodiff.pipeline.boxes import Detections, box_area, box_iou, intersection
 from leukodiff.taxonomy import Group
 
 MONO, POLY = 1, 2  # label indices of leukodiff.models.detector.CLASSES
 _LABEL = {Group.MONONUCLEAR: MONO, Group.POLYMORPHONUCLEAR: POLY}
 
 
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from torchvision.ops import box_iou
-
-    if not len(a) or not len(b):
-        return torch.zeros((len(a), len(b)))
-    return box_iou(a, b)
-
-
-def match(boxes: torch.Tensor, scores: torch.Tensor, truth: torch.Tensor, iou: float = 0.5
+def match(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray, iou: float = 0.5
           ) -> list[tuple[int, int]]:
     """Greedy one-to-one matching, best score first: (detection index, truth index) pairs."""
-    overlaps = _iou(boxes, truth)
-    taken: set[int] = set()
+    boxes, truth = np.asarray(boxes).reshape(-1, 4), np.asarray(truth).reshape(-1, 4)
+    if not len(boxes) or not len(truth):
+        return []
+    overlaps = box_iou(boxes, truth)
+    taken = np.zeros(len(truth), dtype=bool)
     pairs = []
-    for d in torch.argsort(scores, descending=True).tolist():
-        if not len(truth):
-            break
-        row = overlaps[d].clone()
-        if taken:
-            row[list(taken)] = -1
+    for d in np.argsort(-np.asarray(scores), kind="stable").tolist():
+        row = np.where(taken, -1.0, overlaps[d])
         best = int(row.argmax())
-        if float(row[best]) >= iou:
-            taken.add(best)
+        if row[best] >= iou:
+            taken[best] = True
             pairs.append((d, best))
     return pairs
 
 
-def _inside(boxes: torch.Tensor, regions: torch.Tensor) -> np.ndarray:
+def _inside(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """For each box, the largest share of its own area lying in one of `regions`."""
     if not len(boxes) or not len(regions):
         return np.zeros(len(boxes))
-    a, b = boxes.numpy(), regions.numpy()
-    return (intersection(a, b) / np.maximum(box_area(a), 1e-6)[:, None]).max(1)
+    return (intersection(boxes, regions) / np.maximum(box_area(boxes), 1e-6)[:, None]).max(1)
 
 
 def _truth(record: Field) -> tuple[torch.Tensor, list[Group | None]]:
@@ -82,8 +72,8 @@ def detection_metrics(detections: Sequence, records: Sequence[Field], *,
                       ignore: Mapping[str, Sequence[Box]] | None = None) -> dict:
     """COCO AP (class-agnostic and per group) and matched-detection figures for `records`.
 
-    `detections[i]` is `(boxes, labels, scores)` for `records[i]` (as from
-    `models.detector.predict`). Truth boxes whose group is unknown count as
+    `detections[i]` is `(boxes, labels, scores)` for `records[i]` (`pipeline.boxes.Detections`,
+    as `Analyzer.detect` gives them; numpy or torch). Truth boxes whose group is unknown count as
     white cells; for per-group AP they are marked crowd (ignored) in both
     groups, and they are left out of the group accuracy. `ignore` maps a field
     name to regions holding a white cell the annotation left out (e.g.
@@ -102,7 +92,9 @@ def detection_metrics(detections: Sequence, records: Sequence[Field], *,
     truth_counts = {MONO: 0, POLY: 0}
     detected_right = {MONO: 0, POLY: 0}
     per_image = []
-    for (boxes, labels, scores), record in zip(detections, records, strict=True):
+    for given, record in zip(detections, records, strict=True):
+        field = Detections.of(*(np.asarray(part) for part in given))
+        boxes, labels, scores = (torch.from_numpy(part) for part in field)
         truth, groups = _truth(record)
         unboxed = ignore.get(record.image.stem, ())
         regions = torch.tensor([b.xyxy for b in unboxed], dtype=torch.float32).reshape(-1, 4)
@@ -125,11 +117,11 @@ def detection_metrics(detections: Sequence, records: Sequence[Field], *,
         group_targets.append({
             "boxes": group_boxes, "labels": torch.tensor(group_labels, dtype=torch.int64),
             "iscrowd": torch.tensor([0] * len(known) + [1] * len(crowd), dtype=torch.int64)})
-        keep = scores >= score_threshold
-        kept_boxes, kept_labels, kept_scores = boxes[keep], labels[keep], scores[keep]
-        pairs = match(kept_boxes, kept_scores, truth, iou)
+        kept = field.above(score_threshold)
+        kept_boxes, kept_labels = kept.boxes, kept.labels
+        pairs = match(kept_boxes, kept.scores, truth.numpy(), iou)
         unmatched = sorted(set(range(len(kept_boxes))) - {d for d, _ in pairs})
-        ignored = int((_inside(kept_boxes[unmatched], regions) >= iou).sum())
+        ignored = int((_inside(kept_boxes[unmatched], regions.numpy()) >= iou).sum())
         found += len(pairs)
         missed += len(truth) - len(pairs)
         false += len(unmatched) - ignored

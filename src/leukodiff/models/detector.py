@@ -5,7 +5,11 @@ polymorphonuclear. Only the backbone is ours; the RPN, RoI heads, box coding
 and NMS are torchvision's (`torchvision.models.detection.FasterRCNN`).
 
     model = build_detector(DetectorSpec(), weights_dir=...)  # ImageNet backbone
-    boxes, labels, scores = predict(model, [load_image(path)])[0]
+    found = Analyzer.of_detector(model).detect(load_image(path))  # as `analyze` runs it
+
+Inference (agnostic NMS, tiling, the group classifier's relabelling) is the pipeline's
+alone (`pipeline.Analyzer.detect`, numpy, on torch or onnxruntime): this module only
+builds the network.
 
 Design (see `DetectorSpec`):
 
@@ -17,12 +21,12 @@ Design (see `DetectorSpec`):
   few fields would give useless statistics.
 * Native resolution: the RCNN transform neither resizes nor normalises (the
   backbone normalises). BCCD's 640x480 fields go in at 640x480; other sources
-  are rescaled explicitly with `predict(..., scale=)` so that their cells have
-  BCCD's size in pixels (a white cell is ~200 px across in BCCD).
+  are rescaled so that their cells have BCCD's size in pixels (a white cell is
+  ~200 px across in BCCD; `pipeline.scale`).
 * Anchors 64-256 px (three aspect ratios) on the single stride-16 map cover
   BCCD's white cells, 120-260 px for 90% of them and ~30 px for slivers cut by
   the image border.
-* `predict` adds a class-agnostic NMS after torchvision's per-class NMS, so a
+* The pipeline adds a class-agnostic NMS after torchvision's per-class NMS, so a
   cell is reported once, with the group of its best-scoring box.
 """
 
@@ -31,11 +35,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -43,11 +44,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, box_iou, nms
+from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from leukodiff.data.crops import cell_batch
-from leukodiff.data.records import Box
-from leukodiff.imaging import load_image, to_rgb
 from leukodiff.models.mobilenet import MobileNetClassifier, MobileNetV1
 from leukodiff.models.tflite import load_imagenet_backbone
 from leukodiff.taxonomy import DETECTOR_LABEL_OF, GROUP_OF_DETECTOR_LABEL, Group
@@ -93,12 +91,10 @@ class DetectorSpec:
     group_input_size: int = 128
     group_hidden: int = 128
     group_stain: str = "none"  # imaging.STAIN_NORMALISATIONS of the group classifier's crops
-    refine_min_score: float = 0.2  # only boxes scoring at least this are relabelled
-    refine_max: int = 10
     # Per-image colour standardisation (stain/lamp differences between labs): each RGB
     # channel is shifted and scaled to the mean/std of BCCD's training fields. When True
-    # the model was trained with it (it is done in the RCNN transform); `predict` can also
-    # apply it to a model trained without it (`colour_standardise=True`).
+    # the model was trained with it (it is done in the RCNN transform); `evaluate detector`
+    # also tries it on BCD for a model trained without it.
     colour_standardise: bool = False
     colour_mean: tuple[float, float, float] = (0.7413, 0.7012, 0.7110)
     colour_std: tuple[float, float, float] = (0.0609, 0.1016, 0.0873)
@@ -300,148 +296,14 @@ def parameter_count(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-class Detections(NamedTuple):
-    """White cells found in one image, in the input image's pixels (x0, y0, x1, y1)."""
-
-    boxes: torch.Tensor  # (N, 4) float
-    labels: torch.Tensor  # (N,) int64: 1 mononuclear, 2 polymorphonuclear
-    scores: torch.Tensor  # (N,) float, descending
-
-    @property
-    def groups(self) -> list[Group]:
-        return [GROUP_OF_LABEL[int(label)] for label in self.labels]
-
-    def above(self, threshold: float) -> Detections:
-        keep = self.scores >= threshold
-        return Detections(self.boxes[keep], self.labels[keep], self.scores[keep])
-
-
-ImageInput = Image.Image | str | Path | np.ndarray | torch.Tensor
-
-
-def to_tensor(image: ImageInput, scale: float = 1.0) -> torch.Tensor:
-    """Any supported input as float RGB (3, H, W) in [0, 1], rescaled by `scale`.
-
-    PIL images of any mode go through `imaging.to_rgb`, paths through
-    `imaging.load_image`; uint8 arrays (H, W[, C]) and float/uint8 tensors
-    (C, H, W) are taken as they are (1 or 4 channels: gray or RGBA).
-    """
-    if isinstance(image, str | Path):
-        image = load_image(image)
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if isinstance(image, Image.Image):
-        image = to_rgb(image)
-        if scale != 1.0:
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
-    if not isinstance(image, torch.Tensor) or image.dim() != 3:
-        raise TypeError(f"expected a PIL image, path, array or (C, H, W) tensor, got {image!r:.80}")
-    tensor = image.float().div(255) if image.dtype == torch.uint8 else image.float()
-    if tensor.shape[0] == 1:
-        tensor = tensor.expand(3, -1, -1)
-    elif tensor.shape[0] == 4:  # RGBA over a white slide background, as imaging.to_rgb does
-        tensor = tensor[:3] * tensor[3:] + (1 - tensor[3:])
-    elif tensor.shape[0] != 3:
-        raise ValueError(f"expected 1, 3 or 4 channels, got {tensor.shape[0]}")
-    if scale != 1.0:
-        tensor = nn.functional.interpolate(tensor[None], scale_factor=scale, mode="bilinear",
-                                           align_corners=False)[0]
-    return tensor.contiguous()
-
-
-def agnostic_nms(detections: Detections, iou: float) -> Detections:
-    """Keep the best-scoring box of any overlapping group of boxes, whatever their labels."""
-    if len(detections.scores) < 2 or iou >= 1:
-        return detections
-    keep = nms(detections.boxes, detections.scores, iou)
-    return Detections(detections.boxes[keep], detections.labels[keep], detections.scores[keep])
-
-
-def refine_groups(model: FasterRCNN, image: torch.Tensor, found: Detections) -> Detections:
-    """Relabel the confident boxes of `found` (in `image`'s pixels) with the group
-    classifier; the others keep Faster R-CNN's label. Crops are cut as the classifier's
-    training crops were (`data.crops.cell_batch`, PIL), as the pipeline does."""
-    spec: DetectorSpec = model.spec
-    chosen = torch.nonzero(found.scores >= spec.refine_min_score).flatten()[: spec.refine_max]
-    if not len(chosen):
-        return found
-    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    boxes = [Box(*box) for box in found.boxes[chosen].tolist()]
-    crops = torch.from_numpy(cell_batch(Image.fromarray(pixels), boxes, spec.group_crop_scale,
-                                        spec.group_input_size, spec.group_stain)).to(image.device)
-    classifier = model.group_classifier
-    classifier.eval()
-    groups = classifier(crops).argmax(1).cpu() + 1  # 0 mononuclear -> label 1, 1 -> label 2
-    labels = found.labels.clone()
-    labels[chosen] = groups
-    return Detections(found.boxes, labels, found.scores)
-
-
-@torch.inference_mode()
-def predict(
-    model: FasterRCNN,
-    images: ImageInput | Sequence[ImageInput],
-    *,
-    scale: float = 1.0,
-    score_threshold: float | None = None,
-    batch_size: int = 1,
-    refine: bool = True,
-    colour_standardise: bool = False,
-) -> list[Detections]:
-    """White cells in each image: (boxes, labels, scores) in the input's own pixels.
-
-    `scale` resizes every image before detection (e.g. ~2 for BCD tiles whose
-    cells are half BCCD's size); boxes are mapped back to the input. Boxes with
-    a score under `score_threshold` are dropped (default: keep all the model
-    reports, down to its `box_score_thresh`, as AP needs). With a group classifier in the
-    model, confident boxes get its group unless `refine=False` (Faster R-CNN's own labels).
-    `colour_standardise` maps each image's colours to BCCD's statistics before detection
-    (for other labs' stains; the group classifier still sees the image as it is).
-    """
-    if isinstance(images, Image.Image | str | Path | np.ndarray | torch.Tensor) and not (
-        isinstance(images, torch.Tensor) and images.dim() == 4
-    ):
-        images = [images]
-    spec: DetectorSpec = getattr(model, "spec", DetectorSpec())
-    device = next(model.parameters()).device
-    model.eval()
-    results: list[Detections] = []
-    for start in range(0, len(images), batch_size):
-        batch = [to_tensor(image, scale).to(device)
-                 for image in images[start:start + batch_size]]
-        inputs = batch
-        if colour_standardise and not spec.colour_standardise:
-            inputs = [standardise_colour(x, spec.colour_mean, spec.colour_std,
-                                         spec.colour_max_gain) for x in batch]
-        for image, output in zip(batch, model(inputs), strict=True):
-            output = {k: v.cpu() for k, v in output.items()}
-            found = agnostic_nms(Detections(output["boxes"], output["labels"], output["scores"]),
-                                 spec.agnostic_nms_iou)
-            if refine and spec.group_classifier and hasattr(model, "group_classifier"):
-                found = refine_groups(model, image, found)
-            found = Detections(found.boxes / scale, found.labels, found.scores)
-            if score_threshold is not None:
-                found = found.above(score_threshold)
-            results.append(found)
-    return results
-
-
 __all__ = [
     "CLASSES",
     "GROUP_OF_LABEL",
     "LABEL_OF",
-    "Detections",
     "DetectorSpec",
     "MobileNetFeatures",
     "NativeResolutionTransform",
-    "agnostic_nms",
     "build_detector",
     "parameter_count",
-    "predict",
-    "refine_groups",
     "standardise_colour",
-    "to_tensor",
 ]

@@ -332,9 +332,11 @@ class Analyzer:
         self.tile = (int(spec["max_size"]), int(spec["min_size"]))  # its native field size
         self.group_refiner = (GroupClassifier(backend, "group", 0.0)
                               if "group" in backend.manifests else None)
+        # level 2, one model per group (none on a level-1-only backend: `of_detector`)
         self.classifiers = {Group(role): GroupClassifier(backend, role, min_confidence)
-                            for role in ("mononuclear", "polymorphonuclear")}
-        self._pool = ThreadPoolExecutor(max_workers=len(self.classifiers))
+                            for role in ("mononuclear", "polymorphonuclear")
+                            if role in backend.manifests}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.classifiers)))
 
     @classmethod
     def load(cls, detector: str | Path = "detector",
@@ -354,6 +356,17 @@ class Analyzer:
         return cls(open_backend(backend, models, threads), min_confidence=min_confidence,
                    detection_threshold=detection_threshold,
                    familiarity=_familiarity_of(detector))
+
+    @classmethod
+    def of_detector(cls, detector, *, group: bool = True,
+                    detection_threshold: float = 0.0) -> Analyzer:
+        """Level 1 of a torch detector in memory (`pipeline.backends.TorchBackend.of_detector`):
+        `detect` as `analyze` runs it, down to `detection_threshold` (0: every box the network
+        keeps, as AP needs). Training validates with it; it has no level-2 models."""
+        from leukodiff.pipeline.backends import TorchBackend
+
+        return cls(TorchBackend.of_detector(detector, group=group),
+                   detection_threshold=detection_threshold)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -449,6 +462,9 @@ class Analyzer:
         boxes = [Box(*(float(v) for v in b)) for b in found.boxes.tolist()]
         groups = found.groups
         routed = {g: [i for i, group in enumerate(groups) if group is g] for g in Group}
+        if missing := [str(g) for g in Group if routed[g] and g not in self.classifiers]:
+            raise ValueError(f"no level-2 model for {', '.join(missing)} cells (a level-1-only "
+                             "Analyzer detects; `Analyzer.load` also names the cells)")
         futures = {g: self._pool.submit(clf, image, [boxes[i] for i in routed[g]])
                    for g, clf in self.classifiers.items() if routed[g]}
         cells: list[CellCall | None] = [None] * len(boxes)

@@ -59,11 +59,23 @@ def _source_role(role: str) -> str:
 
 
 class TorchBackend:
-    """The trained torch models as they are (the reference; needs torch + torchvision)."""
+    """The trained torch models as they are (the reference; needs torch + torchvision).
+
+    `TorchBackend.load` reads the model files; `TorchBackend.of_detector` takes a detector
+    in memory (training validates with it), so both run the one detection path."""
 
     name = "torch"
 
-    def __init__(self, models: dict[str, str | Path], threads: int | None = None) -> None:
+    def __init__(self, detector, manifests: dict[str, Manifest],
+                 networks: dict[str, object]) -> None:
+        import torch
+
+        self._torch = torch
+        self.detector, self.manifests, self.networks = detector, manifests, networks
+
+    @classmethod
+    def load(cls, models: dict[str, str | Path], threads: int | None = None) -> TorchBackend:
+        """The four networks from their files, BatchNorm folded for inference."""
         try:
             import torch
         except ImportError:
@@ -74,29 +86,49 @@ class TorchBackend:
 
         if threads:
             torch.set_num_threads(threads)
-        self._torch = torch
-        self.detector, detector_manifest = load_detector(models["detector"])
-        self.networks = {"group": getattr(self.detector, "group_classifier", None)}
-        self.manifests = {"detector": detector_manifest, "group": detector_manifest.group()}
+        detector, detector_manifest = load_detector(models["detector"])
+        networks = {"group": getattr(detector, "group_classifier", None)}
+        manifests = {"detector": detector_manifest, "group": detector_manifest.group()}
         for role in ("mononuclear", "polymorphonuclear"):
-            self.networks[role], self.manifests[role] = load_classifier(models[role])
-        if self.networks["group"] is None:
-            del self.networks["group"], self.manifests["group"]
-        for network in (self.detector, *self.networks.values()):
+            networks[role], manifests[role] = load_classifier(models[role])
+        if networks["group"] is None:
+            del networks["group"], manifests["group"]
+        for network in (detector, *networks.values()):
             _fold_batchnorm(network.eval())
-        for network in self.networks.values():
+        for network in networks.values():
             network.to(memory_format=torch.channels_last)
+        return cls(detector, manifests, networks)
+
+    @classmethod
+    def of_detector(cls, detector, *, group: bool = True) -> TorchBackend:
+        """Level 1 only, on a torch detector in memory with its `spec` (as
+        `models.detector.build_detector` makes it), on whatever device it is on. Its group
+        classifier relabels the boxes unless `group` is False (e.g. before it is trained).
+        Nothing in the network is changed (no BatchNorm folding): training goes on after."""
+        manifest = Manifest.from_dict({"architecture": detector.spec.to_dict()})
+        manifests, networks = {"detector": manifest}, {}
+        if group and detector.spec.group_classifier:
+            networks["group"] = detector.group_classifier
+            manifests["group"] = manifest.group()
+        return cls(detector, manifests, networks)
+
+    def _device(self):
+        return next(self.detector.parameters()).device
 
     def detect(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        with self._torch.inference_mode():
-            out = self.detector([self._torch.from_numpy(pixels)])[0]
-        return out["boxes"].numpy(), out["labels"].numpy(), out["scores"].numpy()
+        torch = self._torch
+        self.detector.eval()
+        with torch.inference_mode():
+            out = self.detector([torch.from_numpy(pixels).to(self._device())])[0]
+        return tuple(out[key].cpu().numpy() for key in ("boxes", "labels", "scores"))
 
     def classify(self, role: str, crops: np.ndarray) -> np.ndarray:
         torch = self._torch
-        batch = torch.from_numpy(crops).contiguous(memory_format=torch.channels_last)
+        network = self.networks[role].eval()
+        batch = torch.from_numpy(crops).to(self._device()).contiguous(
+            memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self.networks[role](batch).numpy()
+            return network(batch).cpu().numpy()
 
 
 def _fold_batchnorm(network) -> None:
@@ -175,7 +207,7 @@ def open_backend(kind: str = "auto", models: dict[str, str | Path] | None = None
     if kind == "onnx":
         return OnnxBackend(models, threads)
     if kind == "torch":
-        return TorchBackend(models, threads)
+        return TorchBackend.load(models, threads)
     if kind != "auto":
         raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
     if importlib.util.find_spec("onnxruntime") is not None:
@@ -187,6 +219,6 @@ def open_backend(kind: str = "auto", models: dict[str, str | Path] | None = None
             reason = str(onnx_error)
     else:
         reason = "onnxruntime is not installed"
-    backend = TorchBackend(models, threads)
+    backend = TorchBackend.load(models, threads)
     backend.fallback_reason = reason  # why auto did not take onnxruntime
     return backend

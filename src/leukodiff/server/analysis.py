@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from sqlalchemy import select
 
 from leukodiff.imaging import ImageError
 from leukodiff.models.files import ModelFileError
 from leukodiff.pipeline import AnalysisError, Analyzer
+from leukodiff.pipeline.boxes import box_iou
 from leukodiff.server.case_summary import disagrees
 from leukodiff.server.db import (
     Case,
@@ -156,16 +158,6 @@ def _new_cell(field_id: int, call) -> CellRecord:
                       label=call.label)
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def merge_calls(field: FieldImage, calls: list) -> dict[str, int]:
     """A re-analysis's calls merged into a field's cells, keeping what people decided.
 
@@ -178,8 +170,10 @@ def merge_calls(field: FieldImage, calls: list) -> dict[str, int]:
     detection), and a new call matching no cell becomes a new, unreviewed cell.
     """
     live = [c for c in field.cells if not c.deleted]
-    pairs = sorted(((_iou(cell.box, tuple(call.box)), i, j) for i, cell in enumerate(live)
-                    for j, call in enumerate(calls)), reverse=True)
+    overlaps = box_iou(np.array([cell.box for cell in live], dtype=np.float64).reshape(-1, 4),
+                       np.array([call.box for call in calls], dtype=np.float64).reshape(-1, 4))
+    pairs = sorted(((float(overlaps[i, j]), i, j) for i in range(len(live))
+                    for j in range(len(calls))), reverse=True)
     matched_cells: dict[int, int] = {}
     used_calls: set[int] = set()
     for iou, i, j in pairs:

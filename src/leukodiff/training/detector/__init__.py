@@ -44,8 +44,8 @@ R-CNN's RoI head learns the groups poorly from BCCD's ~36 mononuclear training
 cells (63-96% group accuracy on the VOC test list over five runs), so after the detector's
 epochs a MobileNetV1-0.5 crop classifier is fine-tuned on the training fields'
 cells (drawn `group_bccd_repeat` times) plus `group_pbc_per_type` PBC cells of
-each type, cropped as the level-2 models crop them; `predict` relabels the
-detector's confident boxes with it. It is selected on the val fields' cells.
+each type, cropped as the level-2 models crop them; the pipeline relabels every box
+the detector finds with it (`Analyzer.detect`). It is selected on the val fields' cells.
 
 The modules, in the order they build on each other: `config` (DetectorConfig),
 `fields` (the fields of a run, split, decoded, drawn per epoch), `augmentation`

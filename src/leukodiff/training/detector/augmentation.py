@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -19,8 +20,9 @@ from torchvision.transforms.v2 import functional as TF
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells
 from leukodiff.imaging import lab_to_srgb, load_image, srgb_to_lab
-from leukodiff.models.detector import LABEL_OF, predict
+from leukodiff.models.detector import LABEL_OF
 from leukodiff.models.io import load_detector
+from leukodiff.pipeline.analyzer import Analyzer
 from leukodiff.taxonomy import GROUP_OF, Group
 from leukodiff.training.cells import StainJitter
 from leukodiff.training.detector.config import DetectorConfig
@@ -62,13 +64,13 @@ def pbc_donors(config: DetectorConfig, data_root: str | Path | None = None,
     for cell_type in sorted({c.cell_type for c in cells}):
         mine = sorted((c for c in cells if c.cell_type == cell_type), key=lambda c: c.image.name)
         chosen += rng.sample(mine, min(config.pbc_paste_per_type, len(mine)))
-    model, _ = load_detector(config.pbc_box_detector)
+    analyzer = Analyzer.of_detector(load_detector(config.pbc_box_detector)[0], group=False,
+                                    detection_threshold=0.5)
     donors = []
     for start in track(range(0, len(chosen), 16), "Boxing PBC cells to paste"):
         batch = chosen[start:start + 16]
         pixels = [np.asarray(load_image(c.image), dtype=np.uint8) for c in batch]
-        found = predict(model, pixels, refine=False, score_threshold=0.5,
-                        batch_size=len(batch))
+        found = [analyzer.detect(Image.fromarray(image)) for image in pixels]
         for cell, image, detections in zip(batch, pixels, found, strict=True):
             height, width = image.shape[:2]
             best = None

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from PIL import Image
+
 from leukodiff.data.records import Field
+from leukodiff.imaging import load_image
 from leukodiff.metrics.detection import detection_metrics
-from leukodiff.models.detector import DetectorSpec, predict
+from leukodiff.models.detector import DetectorSpec
+from leukodiff.pipeline.analyzer import Analyzer
 from leukodiff.training.detector.config import DetectorConfig
 from leukodiff.training.detector.fields import DetectorData, FieldImages
 
@@ -23,11 +27,17 @@ def selection_score(metrics: dict, with_groups: bool = True) -> tuple[float, flo
 
 
 def validate(model, records: Sequence[Field], images: FieldImages | None = None,
-             batch_size: int = 4, refine: bool = True) -> dict:
-    """Detection metrics on `records` (decoded from disk unless `images` holds them)."""
-    inputs = ([images.image(i) for i in range(len(records))] if images is not None
-              else [r.image for r in records])
-    detections = predict(model, inputs, batch_size=batch_size, refine=refine)
+             refine: bool = True) -> dict:
+    """Detection metrics on `records` (decoded from disk unless `images` holds them), found
+    by the pipeline's own detection on the model in memory (`Analyzer.of_detector`: what
+    ships, down to score 0 for AP). `refine=False`: Faster R-CNN's own group labels (the
+    group classifier is trained after the detector's epochs)."""
+    detections = []
+    with Analyzer.of_detector(model, group=refine) as analyzer:
+        for index, record in enumerate(records):
+            image = (Image.fromarray(images.image(index).permute(1, 2, 0).numpy())
+                     if images is not None else load_image(record.image))
+            detections.append(analyzer.detect(image))
     spec: DetectorSpec = model.spec
     return detection_metrics(detections, records, score_threshold=spec.score_threshold)
 
