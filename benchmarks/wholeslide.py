@@ -28,9 +28,12 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import bench_fields, load_rgb, peak_rss_mb
+from leukodiff.pipeline.scale import DETECTOR_MPP
 
 PLAIN = (214, 200, 206)  # a smear's background colour, flat (as tests/test_wholeslide.py)
-MPP = 0.25
+# The pasted BCCD fields are at the detector's own scale (BCCD's red cells define it), so
+# the slide says so: a made-up 0.25 um would make the analysis enlarge every window 3.5x.
+MPP = DETECTOR_MPP
 TILE = 512
 GAP = 64  # background between pasted fields
 INSIDE = 20  # a known cell is at least this far inside its field

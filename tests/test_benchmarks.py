@@ -125,3 +125,30 @@ def test_slide_tree_links_fields(tmp_path: Path, make_image, monkeypatch) -> Non
     assert len(fields) == 25 and len(list((root / "slide_00002").iterdir())) == 5
     assert {f.stat().st_ino for f in fields} == {
         p.stat().st_ino for p in (tmp_path / "work" / "sources").iterdir()}
+
+
+def test_quick_synthetic_slide_counts_each_known_cell_once(tmp_path: Path, shared_data: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """The quick run's 6,000 px slide (3x3 pasted fields), analysed whole: its microns
+    per pixel are the fields' own (no resizing), and each known cell is found once; its
+    cell at 3443..3601 x 3533..3671 was once counted twice (a piece boxed short of a
+    window's edge; tests/test_tiling.py pins that case's boxes)."""
+    pytest.importorskip("tifffile")
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import wholeslide
+    from leukodiff.pipeline import Analyzer
+    from leukodiff.pipeline.boxes import box_iou
+    from leukodiff.pipeline.wholeslide import analyze_whole_slide
+
+    path = tmp_path / "slide.ome.tif"
+    wholeslide.build({"side": 6000, "grid": 3, "path": str(path),
+                      "data_root": str(shared_data)})
+    known = np.array(json.loads(Path(f"{path}.json").read_text())["known"], dtype=np.float32)
+    with Analyzer.load(threads=1) as analyzer:
+        result = analyze_whole_slide(analyzer, path)
+    assert result.shrink == 1.0
+    boxes = np.array([c.box for c in result.field.cells], dtype=np.float32).reshape(-1, 4)
+    iou = box_iou(known, boxes)
+    assert ((iou >= 0.5).sum(1) == 1).all(), iou.max(1)
+    assert (np.sort(iou, axis=1)[:, -2] < 0.1).all(), np.sort(iou, axis=1)[:, -2]

@@ -5,7 +5,7 @@ from itertools import pairwise
 import numpy as np
 
 from leukodiff.pipeline.boxes import Detections, nms
-from leukodiff.pipeline.tiling import merge_tiles, tile_origins
+from leukodiff.pipeline.tiling import merge_tiles, merge_tiles_local, tile_origins
 
 
 def _found(*boxes, score=0.9, label=2):
@@ -100,3 +100,29 @@ def test_a_small_cell_beside_a_large_one_is_kept_whichever_copy_wins():
     second = Detections.of([(50, 100, 200, 250), (150, 180, 220, 250)], [2, 2], [0.9, 0.6])
     merged = merge_tiles([first, second], tiles, (1040, 480))
     assert sorted(merged.boxes.tolist()) == [list(map(float, large)), list(map(float, small))]
+
+
+def test_a_cell_cut_by_four_windows_and_boxed_short_of_their_edges_counts_once():
+    """A real case (benchmarks/wholeslide.py, the 6,000 px slide, BCCD's cell at
+    3443..3597 x 3525..3670): the windows above it cut it at y = 3600 and box it 6-7.5 px
+    short of that edge, the window right of it (x >= 3446) boxes it 7.5 px short of its
+    left edge; only window 46 sees it whole. Boxes as the detector found them (window
+    pixels), low scores included: one cell."""
+    windows = [(3063, 3120, 3703, 3600), (3446, 3120, 4086, 3600),
+               (3063, 3360, 3703, 3840), (3446, 3360, 4086, 3840),
+               (3063, 3600, 3703, 4080), (3446, 3600, 4086, 4080)]
+    found = [
+        Detections.of([(380.0, 409.9, 532.9, 474.0), (3.1, 1.8, 43.9, 54.2),
+                       (383.3, 413.2, 460.2, 473.1)], [2, 1, 2], [0.86, 0.216, 0.059]),
+        Detections.of([(10.0, 407.8, 139.0, 472.5)], [2], [0.847]),
+        Detections.of([(380.5, 165.5, 533.7, 310.4)], [2], [0.966]),
+        Detections.of([(7.5, 167.3, 148.6, 308.9)], [2], [0.967]),
+        Detections.of([(390.6, 0.4, 527.4, 65.9), (388.5, 1.7, 464.7, 85.3)], [2, 1],
+                      [0.687, 0.067]),
+        Detections.of([(8.0, 1.8, 148.2, 68.9)], [2], [0.724]),
+    ]
+    for merge in (merge_tiles, merge_tiles_local):
+        cells = merge(found, windows, (6000, 6000)).above(0.5)
+        near = cells.boxes[(cells.boxes[:, 0] > 3400) & (cells.boxes[:, 1] > 3480)]
+        assert np.allclose(near, [[3443.5, 3525.5, 3596.7, 3670.4]], atol=0.1), near
+

@@ -6,9 +6,11 @@
 The file is read lazily region by region (`pipeline.slidefiles`: pyramidal / OME TIFF,
 DICOM WSI, OpenSlide formats). Windows are the detector's native field (640x480 for
 the shipped one) at the detector's scale, with half a side of overlap, as
-`pipeline.tiling.detect_tiled` uses; a window whose part of the thumbnail shows no
-structure (bare glass, a plain area) is skipped without being read. Boxes are merged
-across window borders with the grid-bucketed merge (`tiling.merge_tiles_local`), then
+`pipeline.tiling.detect_tiled` uses (the largest white cell, ~240 px, fits it; larger
+windows would make the counting area, set per window, coarser); a window whose part of
+the thumbnail shows no structure (bare glass, a plain area) is skipped without being
+read. Boxes are merged across window borders, at the detector's scale, with the
+grid-bucketed merge (`tiling.merge_tiles_local`), then
 each cell is classified from the one window that holds it whole (or a region read
 around it).
 
@@ -253,7 +255,8 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
                                         detections.scores)
             found.append(detections)
             origins.append(window.box)
-        merged = merge_tiles_local(found, origins, (slide.width, slide.height))
+        merged = _merge_at_detector_scale(found, origins, (slide.width, slide.height),
+                                          scale.shrink)
         merged = merged.above(analyzer.detection_threshold)
         area, inside = counting_area(zones, cores, merged.boxes, scale.mpp, glass,
                                      monolayer_only)
@@ -264,6 +267,20 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
         notes = [scale.note] if scale.note else []
         return SlideResult(result, scale.mpp, scale.source, slide.levels, len(windows),
                            len(skipped), scale.shrink, scale.ruler_ratio, notes, area)
+
+
+def _merge_at_detector_scale(found: list[Detections],
+                             origins: list[tuple[int, int, int, int]],
+                             size: tuple[int, int], shrink: float) -> Detections:
+    """`merge_tiles_local` on level-0 boxes, run in the detector's pixels (level 0 /
+    `shrink`): its margins (tiling.EDGE_MARGIN) are the detector's, whatever the file's
+    scale."""
+    if shrink == 1.0:
+        return merge_tiles_local(found, origins, size)
+    small = [Detections(d.boxes / np.float32(shrink), d.labels, d.scores) for d in found]
+    merged = merge_tiles_local(small, [tuple(v / shrink for v in o) for o in origins],
+                               (size[0] / shrink, size[1] / shrink))
+    return Detections(merged.boxes * np.float32(shrink), merged.labels, merged.scores)
 
 
 def _classify(analyzer: Analyzer, slide: Slide, found: Detections,
