@@ -4,6 +4,7 @@ cluster and a cluster that dies mid-run get a clear message, finished slides kep
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -98,17 +99,23 @@ def test_an_unreachable_cluster_is_named_and_nothing_is_written(slides_dir, tmp_
     assert not out.exists()
 
 
-def children(pid: int) -> dict[int, str]:
-    """The processes `pid` started (Ray's head: gcs_server, raylet), with their commands."""
-    found = {}
+def descendants(pid: int) -> dict[int, str]:
+    """The processes under `pid` (Ray's head: gcs_server, raylet, its agents and workers),
+    with their commands."""
+    parents, commands = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().decode(
-                    errors="replace")
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().decode(
+                errors="replace")
         except (OSError, IndexError, ValueError):
             continue
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child in [c for c, p in parents.items() if p == parent]:
+            found[child] = commands[child]
+            todo.append(child)
     return found
 
 
@@ -130,19 +137,23 @@ def test_a_cluster_that_dies_mid_run_keeps_finished_slides_and_resume_goes_on(
                             "--slides", "--out", str(out), "--engine", "ray", "--workers",
                             "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
+    ours: dict[int, str] = {}
     try:
         while not (out / "slides" / "A" / "differential.json").exists():
             assert run.poll() is None, run.communicate()[0]
             time.sleep(0.1)
-        head = {pid: cmd for pid, cmd in children(run.pid).items()
-                if "gcs_server" in cmd or "raylet" in cmd}
-        assert len(head) == 2, children(run.pid)
+        ours = descendants(run.pid)
+        head = [pid for pid, cmd in ours.items() if "gcs_server" in cmd or "raylet" in cmd]
+        assert len(head) == 2, ours
         for pid in head:
             os.kill(pid, signal.SIGKILL)
         output, _ = run.communicate(timeout=120)
     finally:
         if run.poll() is None:
             run.kill()
+        for pid in ours:  # what the dead head leaves behind (its agents)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
     text = " ".join(output.split())
     assert run.returncode == 1, output
     assert "the Ray cluster failed during the run" in text and "rerun with --resume" in text
