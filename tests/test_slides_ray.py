@@ -18,6 +18,14 @@ from pathlib import Path
 import pytest
 from test_slides import analyze, comparable, flat, summary
 
+from leukodiff.reports.slides import (
+    AnalyzerSpec,
+    SlideProgress,
+    SlidesInterrupted,
+    analyze_slides,
+    slides_from_folders,
+)
+
 ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
 
 BCCD = ("bccd", "BCCD", "JPEGImages")
@@ -77,6 +85,27 @@ def test_ray_stops_a_slide_at_its_target_as_the_local_engine_does(local_ray, sli
     assert sorted(p.name for p in (on_ray / "slides" / "A" / "fields").glob("*.png")) == [
         "0001_BloodImage_00000.png", "0002_BloodImage_00001.png"]  # the third dropped
     assert comparable(on_ray) == comparable(local)
+
+
+def test_ctrl_c_on_ray_keeps_finished_slides_and_resume_on_ray_finishes(local_ray, slides_dir,
+                                                                        tmp_path):
+    class CtrlC(SlideProgress):
+        def field_done(self, slide) -> None:
+            if slide.slide_id == "B":
+                raise KeyboardInterrupt
+
+    slides, _ = slides_from_folders([slides_dir])
+    out = tmp_path / "out"
+    with pytest.raises(SlidesInterrupted) as interrupted:
+        analyze_slides(slides, out, AnalyzerSpec(), workers=2, engine="ray", progress=CtrlC())
+    statuses = {row["slide"]: row["status"] for row in interrupted.value.run.rows}
+    assert statuses == {"A": "done", "B": "interrupted"}
+    assert not (out / "slides" / "B" / "differential.json").exists()
+    kept = (out / "slides" / "A" / "differential.json").stat().st_mtime_ns
+    run = analyze_slides(slides, out, AnalyzerSpec(), workers=2, engine="ray", resume=True)
+    assert [row["status"] for row in run.rows] == ["done", "done"]
+    assert "finished by an earlier run" in run.rows[0]["note"]
+    assert (out / "slides" / "A" / "differential.json").stat().st_mtime_ns == kept
 
 
 def test_an_unreachable_cluster_is_named_and_nothing_is_written(slides_dir, tmp_path):
