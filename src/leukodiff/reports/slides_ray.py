@@ -196,7 +196,11 @@ def analyze_on_ray(slides: Sequence[Slide], out_dir: Path, spec: AnalyzerSpec,
 
     watch = _HeadWatch(ray.get_runtime_context().gcs_address, cluster_lost)
     try:
-        size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        size = workers or max(1, cpus)
+        if size > cpus:
+            log(f"note: {size} actors asked for, the Ray cluster has {cpus} CPU(s): the "
+                "pool waits for the rest (an autoscaling cluster adds nodes)")
         run.notes.append(f"engine: Ray, {size} actor(s) of one Analyzer x 1 thread"
                          + (f" on the cluster at {address}" if address else " (local)"))
         progress.run_started(len(slides))
