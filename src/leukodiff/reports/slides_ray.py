@@ -6,8 +6,8 @@ actor holds one Analyzer of one thread (one CPU), analyses a field and writes it
 JSON, GeoJSON and cell thumbnails into the slide's folder, and sends back only the
 field's cells. With `preserve_order` the fields come back in the order they went in, and
 this process commits them exactly as the local engine does (`_SlideState`): the same
-files, the same numbers. When a slide reaches its `--target` (or fails), a small actor
-(`_Stops`) tells the pool to skip that slide's remaining fields, and fields analysed
+files, the same numbers. With `--target`, when a slide reaches it (or fails) a small
+actor (`_Stops`) tells the pool to skip that slide's remaining fields; fields analysed
 ahead are removed (as the local engine does).
 
 Paths: actors read the images and write the slide folders themselves, so the inputs and
@@ -156,7 +156,7 @@ def _analyze_batch(analyzer: Any, stops: Any, batch: dict[str, Any]) -> dict[str
     outcomes = []
     for folder, stem, path, name in zip(batch["folder"], batch["stem"], batch["path"],
                                         batch["name"], strict=True):
-        if ray.get(stops.is_closed.remote(str(folder))):
+        if stops is not None and ray.get(stops.is_closed.remote(str(folder))):
             outcomes.append(pickle.dumps(None))
             continue
         task = _FieldTask(str(folder), str(stem), str(path), str(name))
@@ -220,7 +220,8 @@ def analyze_on_ray(slides: Sequence[Slide], out_dir: Path, spec: AnalyzerSpec,
                       for index, path in enumerate(slide.fields, start=1)]
         notes = {number: note for number, _, note in plan}
         if tasks:
-            stops = ray.remote(num_cpus=0)(_Stops).remote()
+            # without a target only a failing slide closes early (rare): no call per field
+            stops = ray.remote(num_cpus=0)(_Stops).remote() if target else None
             for seq, outcome in _stream(ray, spec, stops, tasks, size):
                 with busy:
                     number, index, task = tasks[seq]
@@ -287,7 +288,7 @@ def _take(state: _SlideState, index: int, task: _FieldTask, outcome: Any,
     elif isinstance(outcome, _FieldOutcome):
         state.commit(index, task, outcome)
         progress.field_done(state.slide)
-    if state.stopped:
+    if state.stopped and stops is not None:
         stops.close.remote(str(Path(task.folder).absolute()))
 
 
