@@ -165,7 +165,8 @@ def analyze(
     engine: str = typer.Option("local", help="Slides: local (a process pool) or ray (Ray "
                                "Data over an actor pool; the `ray` extra): the same outputs."),
     address: str | None = typer.Option(None, help="Slides, --engine ray: a Ray cluster to "
-                                       "join (HOST:PORT, ray://HOST:10001 or auto) "
+                                       "join (HEAD:6379, or auto under `ray job "
+                                       "submit`) "
                                        "[default: a local one for the run]."),
     detector: str = typer.Option("detector", help="Level-1 model file or shipped name."),
     mononuclear: str = typer.Option("mononuclear", help="Level-2 mononuclear model."),
