@@ -29,6 +29,12 @@ def analyze(
                                        "each [default: one per core]; 1 runs in this process."),
     resume: bool = typer.Option(False, help="Slides: skip the slides finished in --out "
                                 "(after a crash or Ctrl-C); redo half-finished ones."),
+    engine: str = typer.Option("local", help="Slides: local (a process pool) or ray (Ray "
+                               "Data over an actor pool; the `ray` extra): the same outputs."),
+    address: str | None = typer.Option(None, help="Slides, --engine ray: a Ray cluster to "
+                                       "join (HEAD:6379, or auto under `ray job "
+                                       "submit`) "
+                                       "[default: a local one for the run]."),
     detector: str = typer.Option("detector", help="Level-1 model file or shipped name."),
     mononuclear: str = typer.Option("mononuclear", help="Level-2 mononuclear model."),
     polymorphonuclear: str = typer.Option("polymorphonuclear",
@@ -67,11 +73,13 @@ def analyze(
                         "not with --slides or --manifest")
         _analyze_slides(paths or [], out, manifest, overwrite, resume, target, workers,
                         threads, detector, mononuclear, polymorphonuclear, min_confidence,
-                        backend)
+                        backend, engine, address)
         return
-    if resume or target is not None or workers is not None:
-        raise _fail("--resume, --target and --workers work on slides: add --slides (each "
-                    "subfolder of PATHS is a slide) or --manifest slides.csv")
+    if (resume or target is not None or workers is not None or engine != "local"
+            or address is not None):
+        raise _fail("--resume, --target, --workers, --engine and --address work on slides: "
+                    "add --slides (each subfolder of PATHS is a slide) or --manifest "
+                    "slides.csv")
     if not paths:
         raise _fail("give smear images, folders or globs to analyse (or --manifest)")
     from leukodiff.models.files import ModelFileError
@@ -157,7 +165,7 @@ def _analyze_slides(paths: list[str], out: Path, manifest: Path | None, overwrit
                     resume: bool, target: int | None, workers: int | None,
                     threads: int | None, detector: str, mononuclear: str,
                     polymorphonuclear: str, min_confidence: float | None,
-                    backend: str) -> None:
+                    backend: str, engine: str, address: str | None) -> None:
     import os
 
     from leukodiff.models.files import ModelFileError
@@ -172,6 +180,7 @@ def _analyze_slides(paths: list[str], out: Path, manifest: Path | None, overwrit
         slides_from_folders,
         slides_from_manifest,
     )
+    from leukodiff.reports.slides_ray import RayEngineError
 
     if manifest is not None and paths:
         raise _fail("give either --manifest or slide folders, not both")
@@ -186,23 +195,27 @@ def _analyze_slides(paths: list[str], out: Path, manifest: Path | None, overwrit
         raise _fail(str(error)) from None
     for note in notes:
         console.print(f"[yellow]note[/]: {escape(note)}", highlight=False)
-    workers = workers or os.cpu_count() or 1
+    if engine != "ray" or address is None:  # a cluster's own size is its CPUs
+        workers = workers or os.cpu_count() or 1
+    where = (" on Ray" + (f" at {address}" if address else " (local)")) if engine == "ray" else ""
     console.print(f"{len(found)} slide(s), {sum(len(s.fields) for s in found)} fields; "
-                  f"{workers} worker(s)" + (f"; target {target} white cells" if target
-                                            else ""), highlight=False)
+                  + (f"{workers} worker(s)" if workers else "one worker per CPU") + where
+                  + (f"; target {target} white cells" if target else ""), highlight=False)
     spec = AnalyzerSpec(detector, mononuclear, polymorphonuclear, backend, min_confidence)
     try:
         with _SlideBars() as bars:
             run = analyze_slides(found, out, spec, workers=workers, threads=threads,
                                  target=target, resume=resume, overwrite=overwrite,
-                                 progress=bars, log=console.print)
+                                 progress=bars, log=console.print, engine=engine,
+                                 address=address)
     except SlidesInterrupted as interrupted:
         finished = sum(row["status"] in FINISHED for row in interrupted.run.rows)
         console.print(f"[bold yellow]interrupted[/]: {finished} slide(s) finished and kept; "
                       f"summary in {out / 'summary.csv'}; rerun with --resume to go on",
                       highlight=False)
         raise typer.Exit(code=130) from None
-    except (ModelFileError, BackendError, OutputExistsError, ValueError) as error:
+    except (ModelFileError, BackendError, OutputExistsError, ValueError,
+            RayEngineError) as error:
         raise _fail(str(error)) from None
     _print_slides_summary(run.rows)
     for note in run.notes:

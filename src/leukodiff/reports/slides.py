@@ -227,6 +227,7 @@ class _FieldTask:
     folder: str  # the slide's output folder
     stem: str  # fields/STEM.*, cells/STEM_NNN.jpg
     path: str  # the image
+    name: str = ""  # the input as given, in the outputs (default: path); Ray reads `path`
 
 
 @dataclass
@@ -243,11 +244,13 @@ def _field_stem(index: int, path: Path) -> str:
 def _analyze_field(analyzer: Analyzer, task: _FieldTask) -> _FieldOutcome:
     """One field, wherever it runs: analysed, its PNG/JSON/GeoJSON and cell thumbnails
     written; only its cells come back. An unusable image comes back as its reason."""
+    name = task.name or task.path
     try:
         image = load_image(task.path)
-        result = analyzer(image, name=task.path, look=True)
+        result = analyzer(image, name=name, look=True)
     except (ImageError, AnalysisError) as error:
-        return _FieldOutcome(None, str(error).removeprefix(f"{task.path}: "))
+        reason = str(error).removeprefix(f"{task.path}: ").removeprefix(f"{name}: ")
+        return _FieldOutcome(None, reason)
     folder = Path(task.folder)
     write_field(folder, task.stem, image, result)
     for number, cell in enumerate(result.cells, start=1):
@@ -387,8 +390,8 @@ class _SlideState:
         self.skipped: list[tuple[str, str]] = []
         self.stopped = self.exhausted = False
         self.error: str | None = None
-        (folder / "fields").mkdir(parents=True)
-        (folder / "cells").mkdir()
+        (folder / "fields").mkdir(parents=True, exist_ok=True)  # Ray's workers may have
+        (folder / "cells").mkdir(exist_ok=True)  # written the slide's first fields already
         self.csv_handle = (folder / "cells.csv").open("w", newline="")
         self.csv = csv.writer(self.csv_handle)
         self.csv.writerow(CELL_COLUMNS)
@@ -573,12 +576,50 @@ def _parquet_available() -> bool:
     return True
 
 
+def _claim(slide: Slide, out_dir: Path, resume: bool) -> tuple[dict | None, str]:
+    """Before a slide's first field: its summary row when there is nothing to do
+    (finished earlier with `resume`, or no images), else None and the note on the folder
+    an earlier run left (removed here, so the slide is redone from scratch)."""
+    folder = out_dir / SLIDES / slide.folder_name
+    if resume and (row := _finished_row(folder)) is not None:
+        return {**row, "note": "finished by an earlier run: skipped (--resume)"}, ""
+    if not slide.fields:
+        return _row(slide, NO_IMAGES, note=f"{slide.source}: no image files"), ""
+    if not folder.exists():
+        return None, ""
+    shutil.rmtree(folder)
+    return None, ("partial results of an interrupted run replaced: redone from scratch"
+                  if resume else "earlier results replaced (--overwrite)")
+
+
+def _cut_short(run: SlidesRun, slides: Sequence[Slide], rows: dict[int, dict],
+               states: dict[int, _SlideState], out_dir: Path, note: str = "") -> None:
+    """A run stopped (Ctrl-C, a dead worker or cluster): slides in progress are left
+    partial for --resume, finished ones kept; the summary says which is which."""
+    for number, state in states.items():
+        state.abandon()
+        rows[number] = _row(state.slide, INTERRUPTED, fields_total=len(state.slide.fields),
+                            note="interrupted: partial folder, redone by --resume")
+    for number, slide in enumerate(slides):
+        if number not in rows:
+            rows[number] = _row(slide, NOT_STARTED, fields_total=len(slide.fields))
+    run.rows = [rows[n] for n in sorted(rows)]
+    run.interrupted = True
+    if note:
+        run.notes.append(note)
+    write_summary(out_dir, run)
+
+
+ENGINES = ("local", "ray")
+
+
 def analyze_slides(slides: Sequence[Slide], out_dir: str | Path,
-                   spec: AnalyzerSpec = AnalyzerSpec(), *, workers: int = 1,
+                   spec: AnalyzerSpec = AnalyzerSpec(), *, workers: int | None = 1,
                    threads: int | None = None, target: int | None = None,
                    resume: bool = False, overwrite: bool = False,
                    progress: SlideProgress | None = None,
-                   log: Callable[[str], None] = lambda _: None) -> SlidesRun:
+                   log: Callable[[str], None] = lambda _: None, engine: str = "local",
+                   address: str | None = None) -> SlidesRun:
     """Analyse every slide into OUT/slides/<slide>/, then write OUT/summary.csv|json.
 
     `workers` > 1: a process pool (spawn), one Analyzer of one thread per worker; the
@@ -588,14 +629,29 @@ def analyze_slides(slides: Sequence[Slide], out_dir: str | Path,
     (an interrupted run) is removed and redone. Without `resume` or `overwrite` an output
     folder that holds anything is refused (OutputExistsError); `overwrite` replaces the
     folders of this run's slides. ModelFileError / BackendError come before any work.
+
+    `engine="ray"`: the same job on Ray (`reports.slides_ray`: an actor pool of `workers`
+    Analyzers, None: one per CPU of the cluster; `address`: an existing cluster, None: a
+    local one for the run); the same files. RayEngineError: Ray missing, unreachable or
+    failed mid-run (finished slides kept).
     """
     out_dir = Path(out_dir)
     progress = progress or SlideProgress()
     if resume and overwrite:
         raise ValueError("--resume keeps finished slides and --overwrite replaces them: "
                          "give one")
-    if workers < 1:
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)} (not {engine!r})")
+    if address is not None and engine != "ray":
+        raise ValueError("--address names a Ray cluster: add --engine ray")
+    if workers is None and engine == "local":
+        workers = os.cpu_count() or 1
+    if workers is not None and workers < 1:
         raise ValueError("--workers must be 1 or more")
+    if engine == "ray":
+        from leukodiff.reports.slides_ray import check_ray
+
+        check_ray(address)
     if target is not None and target < 1:
         raise ValueError("--target must be a positive number of white cells (100 or 200)")
     if out_dir.exists() and any(out_dir.iterdir()) and not (resume or overwrite):
@@ -610,6 +666,14 @@ def analyze_slides(slides: Sequence[Slide], out_dir: str | Path,
                          "'leukodiff[parquet]'); cells.csv holds the same rows")
     analyzer = spec.load(threads if workers == 1 else 1)  # model errors before any work
     models = models_of(analyzer)
+    if engine == "ray":
+        analyzer.close()
+        from leukodiff.reports.slides_ray import analyze_on_ray
+
+        return analyze_on_ray(slides, out_dir, spec, run, models, workers=workers,
+                              address=address, target=target, resume=resume,
+                              parquet=parquet, progress=progress, log=log)
+    assert workers is not None
     if workers == 1:
         executor: Any = _Inline(analyzer)
     else:
@@ -621,22 +685,13 @@ def analyze_slides(slides: Sequence[Slide], out_dir: str | Path,
     progress.run_started(len(slides))
 
     def prepare(number: int, slide: Slide) -> _SlideState | None:
-        folder = out_dir / SLIDES / slide.folder_name
-        note = ""
-        if resume and (row := _finished_row(folder)) is not None:
-            rows[number] = {**row, "note": "finished by an earlier run: skipped (--resume)"}
-            progress.slide_finished(slide, rows[number])
+        row, note = _claim(slide, out_dir, resume)
+        if row is not None:
+            rows[number] = row
+            progress.slide_finished(slide, row)
             return None
-        if not slide.fields:
-            rows[number] = _row(slide, NO_IMAGES, note=f"{slide.source}: no image files")
-            progress.slide_finished(slide, rows[number])
-            return None
-        if folder.exists():
-            note = ("partial results of an interrupted run replaced: redone from scratch"
-                    if resume else "earlier results replaced (--overwrite)")
-            shutil.rmtree(folder)
         progress.slide_started(slide)
-        return _SlideState(slide, folder, target, parquet, note)
+        return _SlideState(slide, out_dir / SLIDES / slide.folder_name, target, parquet, note)
 
     def tasks() -> Iterator[tuple[int, _SlideState, int, _FieldTask]]:
         for number, slide in enumerate(slides):
@@ -703,18 +758,9 @@ def analyze_slides(slides: Sequence[Slide], out_dir: str | Path,
                                 pending.cancel()
     except (KeyboardInterrupt, BrokenProcessPool) as error:
         executor.shutdown(wait=True, cancel_futures=True)
-        for number, state in states.items():
-            state.abandon()
-            rows[number] = _row(state.slide, INTERRUPTED, fields_total=len(state.slide.fields),
-                                note="interrupted: partial folder, redone by --resume")
-        for number, slide in enumerate(slides):
-            if number not in rows:
-                rows[number] = _row(slide, NOT_STARTED, fields_total=len(slide.fields))
-        run.rows = [rows[n] for n in sorted(rows)]
-        run.interrupted = True
-        if isinstance(error, BrokenProcessPool):
-            run.notes.append(f"a worker process died ({error}); rerun with --resume")
-        write_summary(out_dir, run)
+        _cut_short(run, slides, rows, states, out_dir,
+                   f"a worker process died ({error}); rerun with --resume"
+                   if isinstance(error, BrokenProcessPool) else "")
         if isinstance(error, KeyboardInterrupt):
             raise SlidesInterrupted(run) from None
         raise
