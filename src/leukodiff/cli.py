@@ -955,6 +955,10 @@ def adapt(
                                  "up to the first '-') or 'file' (every image its own)."),
     force: bool = typer.Option(False, help="Write the adapted models even when they are "
                                "worse on the held-out cells."),
+    resume: bool = typer.Option(False, help="Continue the adaptation interrupted in --out "
+                                "(a crash, Ctrl-C or --time-limit), from its last epoch."),
+    time_limit: float = typer.Option(0.0, help="Stop cleanly after the epoch that passes this "
+                                     "many minutes (0: no limit); --resume goes on."),
     data_root: Path | None = DataRoot,
 ) -> None:
     """Teach the models your lab's look from its reviewed cells (level 2) and fields (the
@@ -962,6 +966,8 @@ def adapt(
     model set to --out."""
     _require_torch()
     import tempfile
+
+    from leukodiff.training.adapt import TASKS, WORK_DIR, AdaptInterrupted
 
     if group_by not in ("prefix", "file"):
         raise _fail("--group-by is 'prefix' or 'file'")
@@ -985,16 +991,31 @@ def adapt(
                 shown.append(f"station {station} (signed cases {', '.join(map(str, ids))})")
             if (Path(exported) / "station" / "fields").is_dir():
                 field_sources.append(str(Path(exported) / "station" / "fields"))
-        if sources:
-            _adapt_from(sources, shown, out, mononuclear, polymorphonuclear, epochs,
-                        replay_per_class, held_out, group_by, force, data_root)
-        if field_sources:
-            _adapt_detector_from(field_sources, out, detector, held_out, group_by, force,
-                                 data_root)
+        # --resume: each part goes on from its checkpoints in OUT/.adapting; a part
+        # already written is not redone (nor overwritten)
+        level2_stopped = any((out / WORK_DIR / t / "last.pt").exists() for t in TASKS)
+        detector_stopped = (out / WORK_DIR / "detector" / "last.pt").exists()
+        level2_written = any((out / f"{t}.pt").exists() for t in TASKS)
+        if resume and not (level2_stopped or detector_stopped):
+            raise _fail(f"nothing to resume: no interrupted adaptation in {out}")
+        limit = time_limit or None
+        try:
+            if sources and resume and level2_written and not level2_stopped:
+                console.print(f"the level-2 models are already adapted in {out}")
+            elif sources:
+                _adapt_from(sources, shown, out, mononuclear, polymorphonuclear, epochs,
+                            replay_per_class, held_out, group_by, force, data_root,
+                            resume and level2_stopped, limit)
+            if field_sources:
+                _adapt_detector_from(field_sources, out, detector, held_out, group_by,
+                                     force, data_root, resume and detector_stopped, limit)
+        except AdaptInterrupted as stopped:
+            console.print(f"{stopped}: run the same command again with --resume")
 
 
 def _adapt_detector_from(sources: list[str], out: Path, detector: str, held_out: float,
-                         group_by: str, force: bool, data_root: Path | None) -> None:
+                         group_by: str, force: bool, data_root: Path | None, resume: bool,
+                         time_limit: float | None) -> None:
     from leukodiff.training.adapt import AdaptRefused
     from leukodiff.training.adapt_detector import (
         DetectorAdaptConfig,
@@ -1008,7 +1029,8 @@ def _adapt_detector_from(sources: list[str], out: Path, detector: str, held_out:
         lab = lab_fields(sources, group_by, data_root, _track, console.print)
         result = adapt_detector(lab, out, DetectorAdaptConfig(held_out=held_out),
                                 base=detector, force=force, data_root=data_root,
-                                track=_track, log=console.print)
+                                track=_track, log=console.print, resume=resume,
+                                time_limit_minutes=time_limit)
     except AdaptRefused as refused:
         _print_detector_adaptation(refused.results["detector"])
         raise _fail(str(refused)) from None
@@ -1037,7 +1059,8 @@ def _print_detector_adaptation(result: dict) -> None:
 
 def _adapt_from(cells: list[str], shown: list[str], out: Path, mononuclear: str,
                 polymorphonuclear: str, epochs: int, replay_per_class: int, held_out: float,
-                group_by: str, force: bool, data_root: Path | None) -> None:
+                group_by: str, force: bool, data_root: Path | None, resume: bool,
+                time_limit: float | None) -> None:
     from leukodiff.training.adapt import AdaptConfig, AdaptError, AdaptRefused, lab_cells
     from leukodiff.training.adapt import adapt as adapt_models
     from leukodiff.training.classifier import TrainingError
@@ -1049,7 +1072,8 @@ def _adapt_from(cells: list[str], shown: list[str], out: Path, mononuclear: str,
         results = adapt_models(shown, out, config, cells=lab, force=force,
                                bases={"mononuclear": mononuclear,
                                       "polymorphonuclear": polymorphonuclear},
-                               data_root=data_root, track=_track, log=console.print)
+                               data_root=data_root, track=_track, log=console.print,
+                               resume=resume, time_limit_minutes=time_limit)
     except AdaptRefused as refused:
         _print_adaptation(refused.results)
         raise _fail(str(refused)) from None
@@ -1077,6 +1101,8 @@ def _print_adaptation(results: dict) -> None:
                           str(after["right"][name]))
         table.add_row(task, "macro-F1", str(after["n"]), f"{before['macro_f1']:.3f}",
                       f"{after['macro_f1']:.3f}")
+        for name in result["cells"].get("replay_only", []):
+            table.add_row(task, name, "0", "no reviewed cell: the replay only", "")
     console.print(table)
 
 
