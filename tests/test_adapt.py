@@ -188,6 +188,9 @@ def test_adapt_command_prints_before_and_after_and_names_the_new_files(lab_folde
     assert manifest["adapted"]["cells"]["held_out_groups"] >= 1
     refused = CliRunner().invoke(app, ["adapt", "--out", str(out)])
     assert refused.exit_code == 1 and "--station" in refused.output
+    nothing = CliRunner().invoke(app, ["adapt", "--cells", str(lab_folder), "--out",
+                                       str(out), "--resume"])
+    assert nothing.exit_code == 1 and "nothing to resume" in nothing.output
 
 
 @pytest.mark.usefixtures("one_validation_case")
