@@ -279,9 +279,10 @@ def replay_only(classes: Sequence[str], learn: Sequence[Cell]) -> list[str]:
 def lab_digest(task: str, manifest: dict, learn: Sequence[Cell], held: Sequence[Cell]
                ) -> str:
     """What an adaptation learns from, in a word: resuming one with other cells or another
-    base model is refused."""
+    base model is refused. File names, not paths: `--station` exports its cells to a new
+    temporary folder on every run."""
     text = "\n".join([task, str(manifest["sha256"]),
-                      *(f"{part}:{c.image}:{c.cell_type}:{c.group_key}"
+                      *(f"{part}:{c.image.name}:{c.cell_type}:{c.group_key}"
                         for part, cells in (("learn", learn), ("held", held))
                         for c in cells)])
     return hashlib.sha256(text.encode()).hexdigest()
