@@ -5,13 +5,16 @@ import shutil
 from dataclasses import replace
 
 import pytest
+import torch
 
 from leukodiff.data.sources import load_cells, read_class_folders
 from leukodiff.models.io import load_classifier, read_checked, sha256_of, shipped
 from leukodiff.pipeline.analyzer import Analyzer
+from leukodiff.taxonomy import CellType
 from leukodiff.training.adapt import (
     AdaptConfig,
     AdaptError,
+    AdaptInterrupted,
     AdaptRefused,
     adapt,
     case_of,
@@ -43,6 +46,15 @@ def _lab_cells(root):
                               group_key=lambda p: case_of(p.name)).records
 
 
+@pytest.fixture
+def one_validation_case(monkeypatch):
+    """Let the lab's 4 cases choose the epoch on one (a real lab needs 2 or more)."""
+    import leukodiff.training.adapt as adapt_module
+
+    monkeypatch.setattr(adapt_module, "MIN_VALIDATION_GROUPS", 1)
+
+
+@pytest.mark.usefixtures("one_validation_case")
 def test_adapt_writes_a_new_model_set_with_before_and_after(lab_folder, tmp_path,
                                                              shared_data):
     shipped_hash = sha256_of(shipped("mononuclear"))
@@ -81,14 +93,23 @@ def test_adapt_refuses_too_few_cells_of_a_type_and_names_them(lab_folder, tmp_pa
     cells = _lab_cells(lab_folder)
     few = [c for c in cells if str(c.cell_type) == "lymphocyte"] + \
         [c for c in cells if str(c.cell_type) == "monocyte"][:4]
-    with pytest.raises(AdaptError, match=r"too few .*monocyte [0-4];"):
+    with pytest.raises(AdaptError, match=r"too few .*monocyte [0-4];") as refused:
         adapt(["mylab"], tmp_path / "few", QUICK, cells=few, data_root=shared_data)
+    assert "lymphocyte" not in str(refused.value)  # enough of them
+    # a type with none at all is learnt from the replay only, and said so
+    polys = [replace(c, cell_type=CellType("neutrophil"))
+             for c in {c.group_key: c for c in cells}.values()]  # one a case
+    with pytest.raises(AdaptError, match=r"neutrophil [1-4];.*none of eosinophil, basophil "
+                                         r"\(the replay only\)"):
+        adapt(["mylab"], tmp_path / "few", QUICK, cells=[*cells, *polys],
+              data_root=shared_data)
     one_case = [replace(c, group_key="case0") for c in cells]
     with pytest.raises(AdaptError, match="at least two cases"):
         adapt(["mylab"], tmp_path / "one", QUICK, cells=one_case, data_root=shared_data)
     assert not (tmp_path / "few").exists() and not (tmp_path / "one").exists()
 
 
+@pytest.mark.usefixtures("one_validation_case")
 def test_a_ruinous_adaptation_keeps_the_base_chosen_on_validation_cases(lab_folder,
                                                                         tmp_path,
                                                                         shared_data):
@@ -167,8 +188,12 @@ def test_adapt_command_prints_before_and_after_and_names_the_new_files(lab_folde
     assert manifest.provenance.adapted["cells"]["held_out_groups"] >= 1
     refused = CliRunner().invoke(app, ["adapt", "--out", str(out)])
     assert refused.exit_code == 1 and "--station" in refused.output
+    nothing = CliRunner().invoke(app, ["adapt", "--cells", str(lab_folder), "--out",
+                                       str(out), "--resume"])
+    assert nothing.exit_code == 1 and "nothing to resume" in nothing.output
 
 
+@pytest.mark.usefixtures("one_validation_case")
 def test_unidentified_threshold_recalibrated_on_the_lab_only_with_enough_cells(
         lab_folder, tmp_path, shared_data, monkeypatch):
     """28 reviewed cells leave a handful to validate on: the base model's threshold is
@@ -197,3 +222,47 @@ def test_unidentified_threshold_recalibrated_on_the_lab_only_with_enough_cells(
 
         assert analyzer.classifiers[Group.MONONUCLEAR].threshold == pytest.approx(
             lab.threshold)
+
+
+def test_an_interrupted_adaptation_resumes_to_the_same_models(lab_folder, tmp_path,
+                                                              shared_data):
+    """Stopped by its time limit after epoch 1 of 2 (as a crash or Ctrl-C would leave it,
+    checkpointed in OUT/.adapting), then resumed: the very weights and figures of a run
+    never stopped; a stopped run is not restarted over, a finished one not overwritten."""
+    config = replace(QUICK, epochs=2, validation=0.0)  # the last epoch kept: it is trained
+    cells = _lab_cells(lab_folder)
+    whole = adapt(["mylab"], tmp_path / "whole", config, cells=cells, data_root=shared_data)
+    cut = tmp_path / "cut"
+    with pytest.raises(AdaptInterrupted, match="after epoch 1 of 2"):
+        adapt(["mylab"], cut, config, cells=cells, data_root=shared_data,
+              time_limit_minutes=0)
+    assert (cut / ".adapting" / "mononuclear" / "last.pt").exists()
+    assert not (cut / "mononuclear.pt").exists()
+    with pytest.raises(AdaptError, match="interrupted adaptation; pass --resume"):
+        adapt(["mylab"], cut, config, cells=cells, data_root=shared_data)
+    with pytest.raises(AdaptError, match="another configuration"):
+        adapt(["mylab"], cut, replace(config, lr=1e-3), cells=cells, data_root=shared_data,
+              resume=True)
+    resumed = adapt(["mylab"], cut, config, cells=cells, data_root=shared_data, resume=True)
+    assert resumed["mononuclear"]["cells"] == whole["mononuclear"]["cells"]
+    assert resumed["mononuclear"]["after"] == whole["mononuclear"]["after"]
+    once, _ = load_classifier(tmp_path / "whole" / "mononuclear.pt")
+    twice, _ = load_classifier(cut / "mononuclear.pt")
+    base, _ = load_classifier("mononuclear")
+    assert all(torch.equal(a, b) for a, b in zip(once.state_dict().values(),
+                                                 twice.state_dict().values(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(once.state_dict().values(),
+                                                     base.state_dict().values(), strict=True))
+    assert not (cut / ".adapting").exists()
+    with pytest.raises(AdaptError, match="already holds adapted models"):
+        adapt(["mylab"], cut, config, cells=cells, data_root=shared_data, resume=True)
+
+
+def test_one_validation_case_is_too_few_to_choose_on(lab_folder, tmp_path, shared_data):
+    """4 cases: 1 held out, 3 to learn from, of which a quarter would be a single case to
+    choose the epoch on; all 3 are learnt from instead and the last epoch is kept."""
+    results = adapt(["mylab"], tmp_path / "all", QUICK, cells=_lab_cells(lab_folder),
+                    data_root=shared_data)
+    mono = results["mononuclear"]["cells"]
+    assert mono["validation"] == {} and mono["best_epoch"] == QUICK.epochs
+    assert sum(mono["learnt"].values()) + sum(mono["held_out"].values()) == 28

@@ -170,3 +170,32 @@ def test_detector_adaptation_curve_and_its_table(tmp_path, shared_data):
                                                    "adapt": {"epochs": 1, "lr": 0.1,
                                                              "replay_per_class": 1}}))
     assert "### The detector, taught by the same reviews" in text and "| BCCD | 72" in text
+
+
+def test_an_interrupted_detector_adaptation_resumes_from_its_last_epoch(lab_fields, tmp_path,
+                                                                        shared_data):
+    """Stopped by its time limit after epoch 1 of 2 (as a crash or Ctrl-C would leave it),
+    the adaptation is not restarted over by a plain run, and `resume` goes on from epoch 2
+    (the engine makes a resumed run bit-identical, tests/test_engine.py) to a written
+    detector, its checkpoints removed."""
+    from leukodiff.training.adapt import AdaptInterrupted
+
+    two = replace(QUICK, epochs=2, group_epochs=0)
+    out = tmp_path / "set"
+    learn, held = lab_fields[:12], lab_fields[12:]
+    with pytest.raises(AdaptInterrupted, match="after epoch 1 of 2"):
+        adapt_detector(learn, out, two, held=held, force=True, data_root=shared_data,
+                       time_limit_minutes=0)
+    assert (out / ".adapting" / "detector" / "last.pt").exists()
+    assert not (out / "detector.pt").exists()
+    with pytest.raises(DetectorAdaptError, match="pass --resume"):
+        adapt_detector(learn, out, two, held=held, force=True, data_root=shared_data)
+    result = adapt_detector(learn, out, two, held=held, force=True, data_root=shared_data,
+                            resume=True)
+    assert result["written"] == str(out / "detector.pt")
+    _, manifest = load_detector(out / "detector.pt")
+    assert [h["epoch"] for h in manifest["training"]["history"]] == [1, 2]
+    assert not (out / ".adapting").exists()
+    with pytest.raises(DetectorAdaptError, match="already holds"):
+        adapt_detector(learn, out, two, held=held, force=True, data_root=shared_data,
+                       resume=True)

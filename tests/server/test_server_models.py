@@ -4,9 +4,11 @@ models and shared data: the registry and its admin page, every analysis recordin
 the library's reasons, then a new set with before/after figures), promote and roll back,
 and re-analysis with another set keeping reviewed labels and showing disagreements.
 
-The adapt job runs the library's code with a small configuration (2 epochs, 6 replay cells
-per type, level-2 models only: the detector's adaptation takes minutes on 2 CPU cores and
-is covered by tests/test_adapt_detector.py); PBC cell images stand in for a lab's fields.
+The whole loop runs on BCCD test fields whose eosinophils the shipped models call
+neutrophil: a technologist corrects them, the cases are signed, the adapt job learns from
+them (level-2 models only, a small configuration: the detector's adaptation takes minutes
+on 2 CPU cores and is covered by tests/test_adapt_detector.py), the set is promoted, the
+cases are reopened and re-analysed with it, and the corrected cells now come out right.
 """
 
 from __future__ import annotations
@@ -25,11 +27,35 @@ from test_server_api import _alembic
 from leukodiff.models.files import sha256_of, shipped
 from leukodiff.server.model_sets import ROLES, set_digest
 
-ADAPT_JOB = {"level2": {"epochs": 2, "replay_per_class": 6, "batch_size": 16},
-             "detector": False}
-# 4 cases ("slides") of 4 lymphocytes and 3 monocytes each, one cell image a field.
-PER_CASE = {"lymphocyte": 4, "monocyte": 3}
-CASES = 4
+# `leukodiff adapt`'s own settings (8 passes over the lab's cells and 100 replay cells a
+# type: each lab cell is seen about 60 times, about what the lesson needs at lr 1e-4;
+# 20 replay cells a type over 20 passes took 4 of the 8 corrections instead of 6, and
+# lr 1e-3 took 7 but turned 3 of the 12 confirmed neutrophils).
+ADAPT_JOB = {"level2": {"epochs": 8, "replay_per_class": 100}, "detector": False}
+# BCCD VOC test fields (never trained on), each holding one white cell as the shipped
+# models find it. Found by running the shipped Analyzer once, offline, over the BCCD test
+# list and matching its cells to the VOC boxes and labels.csv's types: it calls 10 of the
+# 20 test eosinophils right; CORRECTED are the 8 single-cell fields whose eosinophil it
+# calls neutrophil, EOSINOPHILS 8 it calls right, NEUTROPHILS 12 it calls right.
+CORRECTED = ["BloodImage_00068.jpg", "BloodImage_00075.jpg", "BloodImage_00088.jpg",
+             "BloodImage_00093.jpg", "BloodImage_00137.jpg", "BloodImage_00149.jpg",
+             "BloodImage_00208.jpg", "BloodImage_00253.jpg"]
+EOSINOPHILS = ["BloodImage_00058.jpg", "BloodImage_00062.jpg", "BloodImage_00180.jpg",
+               "BloodImage_00184.jpg", "BloodImage_00220.jpg", "BloodImage_00271.jpg",
+               "BloodImage_00284.jpg", "BloodImage_00319.jpg"]
+NEUTROPHILS = ["BloodImage_00007.jpg", "BloodImage_00011.jpg", "BloodImage_00016.jpg",
+               "BloodImage_00018.jpg", "BloodImage_00019.jpg", "BloodImage_00033.jpg",
+               "BloodImage_00063.jpg", "BloodImage_00067.jpg", "BloodImage_00074.jpg",
+               "BloodImage_00077.jpg", "BloodImage_00098.jpg", "BloodImage_00136.jpg"]
+CASES = 4  # each: 2 corrected eosinophils, 2 confirmed eosinophils, 3 confirmed neutrophils
+
+
+def lab_cases() -> list[list[tuple[str, str]]]:
+    """The cases' fields with the technologist's label of each field's cell."""
+    return [[(name, "eosinophil") for name in CORRECTED[2 * c:2 * c + 2]]
+            + [(name, "eosinophil") for name in EOSINOPHILS[2 * c:2 * c + 2]]
+            + [(name, "neutrophil") for name in NEUTROPHILS[3 * c:3 * c + 3]]
+            for c in range(CASES)]
 
 
 def form_token(page: str) -> str:
@@ -58,40 +84,20 @@ def wait_job(client, job_id: int, timeout: float = 300.0) -> dict:
     raise AssertionError(f"model job {job_id} still running after {timeout} s")
 
 
-def pbc_cells(shared_data: Path) -> dict[str, list[Path]]:
-    return {label: sorted((shared_data / "pbc" / label).glob("*.jpg"))[:CASES * n]
-            for label, n in PER_CASE.items()}
-
-
-def reviewed_lab_case(tech, accession: str, images: list[tuple[Path, str]]) -> dict:
-    """A case of PBC images, one field each, whose one cell a person names: the detection
-    nearest the middle relabelled (or confirmed) as the image's type, the others deleted,
-    or a box drawn in the middle when nothing was found. Every cell is reviewed."""
+def reviewed_lab_case(tech, bccd: Path, accession: str, fields: list[tuple[str, str]]) -> dict:
+    """A case of BCCD fields whose one cell each a technologist names: the shipped models'
+    eosinophils-called-neutrophil reclassified, the right calls confirmed."""
     case = new_case(tech, accession, target=10)
-    for path, _ in images:
-        assert upload(tech, case["id"], path).status_code == 200
+    assert upload(tech, case["id"], *(bccd / name for name, _ in fields)).status_code == 200
     case = wait_analysed(tech, case["id"], timeout=120)
-    truth = {p.name: label for p, label in images}
+    truth = dict(fields)
     for field in case["fields"]:
-        label = truth[field["name"]]
-        middle = (field["width"] / 2, field["height"] / 2)
-        cells = sorted(field["cells"], key=lambda c: abs((c["box"][0] + c["box"][2]) / 2
-                                                         - middle[0])
-                       + abs((c["box"][1] + c["box"][3]) / 2 - middle[1]))
-        if cells:
-            keep, *rest = cells
-            response = tech.patch(f"/api/cases/{case['id']}/cells/{keep['id']}",
-                                  json={"label": label, "version": keep["version"]})
-            assert response.status_code == 200, response.text
-            for cell in rest:
-                assert tech.delete(f"/api/cases/{case['id']}/cells/{cell['id']}",
-                                   params={"version": cell["version"]}).status_code == 200
-        else:
-            w, h = field["width"], field["height"]
-            response = tech.post(f"/api/cases/{case['id']}/cells", json={
-                "field_id": field["id"], "box": [w * .25, h * .25, w * .75, h * .75],
-                "label": label})
-            assert response.status_code == 201, response.text
+        (cell,) = field["cells"]
+        expected = "neutrophil" if field["name"] in CORRECTED else truth[field["name"]]
+        assert cell["model_label"] == expected, (field["name"], cell["model_label"])
+        response = tech.patch(f"/api/cases/{case['id']}/cells/{cell['id']}",
+                              json={"label": truth[field["name"]], "version": cell["version"]})
+        assert response.status_code == 200, response.text
     return tech.get(f"/api/cases/{case['id']}").json()
 
 
@@ -166,23 +172,23 @@ def test_each_analysis_records_its_model_set_and_exports_name_it(station, bccd: 
         assert "shipped" in observation["method"]["text"]
 
 
-def test_adapt_promote_analyse_roll_back_and_reanalyse(make_station, database_url, bccd: Path,
-                                                       shared_data: Path) -> None:
-    """The issue's loop: signed cases with people's labels -> adapt (first refused: one
-    case is too few) -> promote -> new analyses use the new set -> re-analyse an open case
-    with it (reviewed labels kept, disagreements shown) -> roll back."""
+def test_adapt_promote_reanalyse_and_the_corrected_cells_come_out_right(
+        make_station, database_url, bccd: Path) -> None:
+    """The issue's loop: signed cases with a technologist's corrections -> adapt (first
+    refused: one case is too few) -> promote -> new analyses use the new set -> the signed
+    cases reopened and re-analysed with it: reviewed labels kept, and the eosinophils the
+    shipped models called neutrophil now come out as the technologist said, the cells she
+    confirmed still right -> roll back."""
     station = make_station(database_url, adapt_job=ADAPT_JOB)
     tech = station.client("tess")
     reviewer = station.client("rita", "reviewer")
     admin = station.client("ada", "admin")
-    images = pbc_cells(shared_data)
-    lab = [[(images[label][c * n + i], label) for label, n in PER_CASE.items()
-            for i in range(n)] for c in range(CASES)]
+    lab = lab_cases()
 
     # One signed case: the job starts, runs in the background and is refused with the
     # library's reason, shown on the page; no set is made.
-    first = reviewed_lab_case(tech, "LAB-0", lab[0])
-    sign(reviewer, first["id"])
+    cases = [reviewed_lab_case(tech, bccd, "LAB-0", lab[0])]
+    sign(reviewer, cases[0]["id"])
     started = admin.post("/api/model-jobs")
     assert started.status_code == 202, started.text
     assert admin.get("/api/cases").status_code == 200  # requests are served meanwhile
@@ -193,7 +199,8 @@ def test_adapt_promote_analyse_roll_back_and_reanalyse(make_station, database_ur
     assert [s["name"] for s in admin.get("/api/model-sets").json()] == ["shipped"]
 
     for c in range(1, CASES):
-        sign(reviewer, reviewed_lab_case(tech, f"LAB-{c}", lab[c])["id"])
+        cases.append(reviewed_lab_case(tech, bccd, f"LAB-{c}", lab[c]))
+        sign(reviewer, cases[-1]["id"])
     page = admin.get("/admin/models")
     response = admin.post("/admin/models/adapt", data={"csrf_token": form_token(page.text)},
                           follow_redirects=False)
@@ -208,22 +215,23 @@ def test_adapt_promote_analyse_roll_back_and_reanalyse(make_station, database_ur
     adapted = sets[name]
     assert adapted["source"] == "adapted" and adapted["base"] == "shipped"
     assert adapted["created_by"] == "ada" and not adapted["is_default"]
-    mono = adapted["figures"]["mononuclear"]
-    assert 0 <= mono["before"]["macro_f1"] <= 1 and 0 <= mono["after"]["macro_f1"] <= 1
-    assert set(mono["after"]["recall"]) <= {"lymphocyte", "monocyte"}
-    assert adapted["figures"]["polymorphonuclear"] == {
-        "skipped": "no reviewed cells of this group"}
+    poly = adapted["figures"]["polymorphonuclear"]
+    assert 0 <= poly["before"]["macro_f1"] <= poly["after"]["macro_f1"] <= 1
+    assert set(poly["after"]["recall"]) <= {"neutrophil", "eosinophil"}
+    assert adapted["figures"]["mononuclear"] == {"skipped": "no reviewed cells of this group"}
     # Only the adapted model is new; the others are the base set's files, unchanged.
     folder = station.settings.data_dir / "models" / name
-    assert adapted["files"]["mononuclear"] == {
-        "set": name, "file": "mononuclear.pt",
-        "sha256": sha256_of(folder / "mononuclear.pt")}
+    assert adapted["files"]["polymorphonuclear"] == {
+        "set": name, "file": "polymorphonuclear.pt",
+        "sha256": sha256_of(folder / "polymorphonuclear.pt")}
     assert adapted["files"]["detector"]["set"] == "shipped"
-    assert adapted["files"]["polymorphonuclear"]["set"] == "shipped"
-    assert (folder / "mononuclear.onnx").exists()
-    manifest = json.loads((folder / "mononuclear.json").read_text())
+    assert adapted["files"]["mononuclear"]["set"] == "shipped"
+    assert (folder / "polymorphonuclear.onnx").exists()
+    assert not (folder / ".adapting").exists()  # the checkpoints are not part of the set
+    manifest = json.loads((folder / "polymorphonuclear.json").read_text())
     assert manifest["adapted"]["command"] == f"review station adapt job {job_id} from shipped"
-    assert manifest["adapted"]["base"]["sha256"] == sha256_of(shipped("mononuclear"))
+    assert manifest["adapted"]["base"]["sha256"] == sha256_of(shipped("polymorphonuclear"))
+    assert manifest["adapted"]["cells"]["replay_only"] == ["basophil"]
     assert all(p.stat().st_mode & 0o777 == 0o400 for p in folder.iterdir())
     page = admin.get("/admin/models").text
     assert f'data-set="{name}"' in page and "macro-F1" in page and "ada" in page
@@ -234,12 +242,63 @@ def test_adapt_promote_analyse_roll_back_and_reanalyse(make_station, database_ur
     assert response.status_code == 303
     assert [s["name"] for s in admin.get("/api/model-sets").json() if s["is_default"]] == [name]
     fresh = new_case(tech, "AFTER-1", target=10)
-    upload(tech, fresh["id"], lab[0][0][0], bccd / FIELDS[0])
+    upload(tech, fresh["id"], bccd / CORRECTED[0], bccd / FIELDS[0])
     fresh = wait_analysed(tech, fresh["id"], timeout=120)
     assert {f["model_set"] for f in fresh["fields"]} == {name}
     assert {f["model_set_sha256"] for f in fresh["fields"]} == {adapted["sha256"]}
     trail = tech.get(f"/api/cases/{fresh['id']}/audit").json()
     assert {e["after"]["model_set"] for e in trail if e["action"] == "analysis"} == {name}
+
+    # Re-analyse the signed cases with the promoted set: a signed case is locked until a
+    # reviewer reopens it to amend it; only a reviewer or admin re-analyses, with a set
+    # that exists.
+    reviewed = {c["id"]: c["label"] for case in cases for c in all_cells(case)}
+    field_of = {c["id"]: f["name"] for case in cases for f in case["fields"]
+                for c in f["cells"]}
+    assert reviewer.post(f"/api/cases/{cases[0]['id']}/reanalyse",
+                         json={"model_set": name}).status_code == 423
+    for case in cases:
+        case = reviewer.get(f"/api/cases/{case['id']}").json()
+        response = reviewer.post(f"/api/cases/{case['id']}/reopen",
+                                 json={"revision": case["revision"],
+                                       "reason": "re-analysed with the lab's model set"})
+        assert response.status_code == 200, response.text
+    assert tech.post(f"/api/cases/{cases[0]['id']}/reanalyse",
+                     json={"model_set": name}).status_code == 403
+    assert reviewer.post(f"/api/cases/{cases[0]['id']}/reanalyse",
+                         json={"model_set": "nothing"}).status_code == 404
+    for case in cases:
+        response = reviewer.post(f"/api/cases/{case['id']}/reanalyse",
+                                 json={"model_set": name})
+        assert response.status_code == 202, response.text
+    again = [wait_analysed(tech, case["id"], timeout=120) for case in cases]
+    cells = {c["id"]: c for case in again for c in all_cells(case)}
+    assert set(cells) == set(reviewed)  # the same cells, matched
+    for cell_id, label in reviewed.items():
+        assert cells[cell_id]["label"] == label and cells[cell_id]["reviewed"]
+    for case in again:
+        assert {f["model_set"] for f in case["fields"]} == {name}
+        disagreeing = [c for c in all_cells(case) if c["model_label"]
+                       and c["model_label"] not in (c["label"], "unidentified")]
+        assert case["disagreements"] == len(disagreeing)
+        assert all(c["disagrees"] == (c in disagreeing) for c in all_cells(case))
+        trail = tech.get(f"/api/cases/{case['id']}/audit").json()
+        assert [e["after"]["model_set"] for e in trail if e["action"] == "reanalyse"] == [name]
+
+    corrected = [c for c in cells.values() if field_of[c["id"]] in CORRECTED]
+    confirmed = [c for c in cells.values() if field_of[c["id"]] not in CORRECTED]
+    now_right = [field_of[c["id"]] for c in corrected if c["model_label"] == c["label"]]
+    still_right = [field_of[c["id"]] for c in confirmed if c["model_label"] == c["label"]]
+    summary = (f"corrected eosinophils now called eosinophil: {len(now_right)} of "
+               f"{len(corrected)} (shipped: 0); confirmed cells still right: "
+               f"{len(still_right)} of {len(confirmed)}; calls: "
+               f"{ {field_of[c['id']]: c['model_label'] for c in cells.values()} }")
+    print(summary)
+    # Not all: one of the four cases is held out to judge the adaptation (it is not learnt
+    # from), and a few cells resist. Measured: 5 of 8 (00149 and 00208 stay neutrophil,
+    # 00093 is left unidentified, below the calibrated confidence), all 20 confirmed right.
+    assert len(corrected) == len(CORRECTED) and len(now_right) >= 5, summary
+    assert len(still_right) == len(confirmed) == len(EOSINOPHILS) + len(NEUTROPHILS), summary
 
     # Roll back: the shipped set is the default again.
     assert admin.post("/api/model-sets/rollback").json() == {"default": "shipped"}
@@ -252,40 +311,6 @@ def test_adapt_promote_analyse_roll_back_and_reanalyse(make_station, database_ur
     assert ("model_promote", name) in events and ("model_rollback", "shipped") in events
     assert not any(e["action"].startswith("model_")
                    for e in admin.get("/api/users/audit").json())
-
-    # Re-analyse an open case, analysed with the shipped set, whose cells a person named
-    # (some against the model's call): the labels stay, the new calls are recorded, and
-    # the case shows where the new model disagrees.
-    review_case = reviewed_lab_case(tech, "REVIEW-1", [(p, label) for p, label in lab[1]])
-    reviewed = {c["id"]: c["label"] for c in all_cells(review_case)}
-    right_before = sum(c["model_label"] == c["label"] for c in all_cells(review_case))
-    assert tech.post(f"/api/cases/{review_case['id']}/reanalyse",
-                     json={"model_set": name}).status_code == 403
-    assert reviewer.post(f"/api/cases/{review_case['id']}/reanalyse",
-                         json={"model_set": "nothing"}).status_code == 404
-    response = reviewer.post(f"/api/cases/{review_case['id']}/reanalyse",
-                             json={"model_set": name})
-    assert response.status_code == 202, response.text
-    again = wait_analysed(tech, review_case["id"], timeout=120)
-    assert {f["model_set"] for f in again["fields"]} == {name}
-    cells = {c["id"]: c for c in all_cells(again)}
-    for cell_id, label in reviewed.items():
-        assert cells[cell_id]["label"] == label and cells[cell_id]["reviewed"]
-    disagreeing = [c for c in cells.values() if c["reviewed"] and c["model_label"]
-                   and c["model_label"] not in (c["label"], "unidentified")]
-    assert again["disagreements"] == len(disagreeing)
-    assert all(c["disagrees"] == (c in disagreeing) for c in cells.values())
-    trail = tech.get(f"/api/cases/{review_case['id']}/audit").json()
-    assert [e["after"]["model_set"] for e in trail if e["action"] == "reanalyse"] == [name]
-    runs = [e["after"] for e in trail if e["action"] == "reanalysis"]
-    assert len(runs) == len(again["fields"]) and all(r["model_set"] == name for r in runs)
-    right = sum(c["model_label"] == reviewed.get(c["id"]) for c in cells.values())
-    print(f"cells of a signed case's images called right: shipped {right_before}, {name} "
-          f"{right} of {len(reviewed)}; {again['disagreements']} disagreements")
-
-    # A signed case is locked: no re-analysis.
-    assert reviewer.post(f"/api/cases/{first['id']}/reanalyse",
-                         json={"model_set": name}).status_code == 423
 
 
 def test_reanalysis_keeps_reviewed_labels_and_marks_disagreements(sqlite_station,

@@ -11,7 +11,7 @@ import typer
 from leukodiff.cli.common import ConfigDefault, DataRoot, _fail, _require_torch, _track, console
 
 if TYPE_CHECKING:
-    from leukodiff.training.adapt import AdaptConfig
+    from leukodiff.training.adapt import TASKS, WORK_DIR, AdaptConfig, AdaptInterrupted
     from leukodiff.training.adapt_detector import DetectorAdaptConfig
 
 
@@ -95,6 +95,10 @@ def adapt(
                                  "up to the first '-') or 'file' (every image its own)."),
     force: bool = typer.Option(False, help="Write the adapted models even when they are "
                                "worse on the held-out cells."),
+    resume: bool = typer.Option(False, help="Continue the adaptation interrupted in --out "
+                                "(a crash, Ctrl-C or --time-limit), from its last epoch."),
+    time_limit: float = typer.Option(0.0, help="Stop cleanly after the epoch that passes this "
+                                     "many minutes (0: no limit); --resume goes on."),
     data_root: Path | None = DataRoot,
 ) -> None:
     """Teach the models your lab's look from its reviewed cells (level 2) and fields (the
@@ -128,26 +132,41 @@ def adapt(
                 shown.append(f"station {station} (signed cases {', '.join(map(str, ids))})")
             if (Path(exported) / "station" / "fields").is_dir():
                 field_sources.append(str(Path(exported) / "station" / "fields"))
-        if sources:
-            config = AdaptConfig(epochs=epochs, lr=lr, batch_size=batch_size,
-                                 replay_per_class=replay_per_class, held_out=held_out,
-                                 validation=validation, min_per_type=min_per_type, seed=seed)
-            _adapt_from(sources, shown, out, mononuclear, polymorphonuclear, config, group_by,
-                        force, data_root)
-        if field_sources:
-            detector_config = DetectorAdaptConfig(
-                epochs=detector_epochs, lr=detector_lr, batch_size=detector_batch_size,
-                frozen_blocks=frozen_blocks, replay_per_field=replay_per_field,
-                min_replay=min_replay, held_out=held_out, validation=detector_validation,
-                min_fields=min_fields, group_epochs=group_epochs, group_lr=group_lr,
-                group_pbc_per_type=group_pbc_per_type, seed=detector_seed)
-            _adapt_detector_from(field_sources, out, detector, detector_config, group_by,
-                                 force, data_root)
+        # --resume: each part goes on from its checkpoints in OUT/.adapting; a part
+        # already written is not redone (nor overwritten)
+        level2_stopped = any((out / WORK_DIR / t / "last.pt").exists() for t in TASKS)
+        detector_stopped = (out / WORK_DIR / "detector" / "last.pt").exists()
+        level2_written = any((out / f"{t}.pt").exists() for t in TASKS)
+        if resume and not (level2_stopped or detector_stopped):
+            raise _fail(f"nothing to resume: no interrupted adaptation in {out}")
+        limit = time_limit or None
+        try:
+            if sources and resume and level2_written and not level2_stopped:
+                console.print(f"the level-2 models are already adapted in {out}")
+            elif sources:
+                config = AdaptConfig(epochs=epochs, lr=lr, batch_size=batch_size,
+                                     replay_per_class=replay_per_class, held_out=held_out,
+                                     validation=validation, min_per_type=min_per_type,
+                                     seed=seed)
+                _adapt_from(sources, shown, out, mononuclear, polymorphonuclear, config,
+                            group_by, force, data_root, resume and level2_stopped, limit)
+            if field_sources:
+                detector_config = DetectorAdaptConfig(
+                    epochs=detector_epochs, lr=detector_lr, batch_size=detector_batch_size,
+                    frozen_blocks=frozen_blocks, replay_per_field=replay_per_field,
+                    min_replay=min_replay, held_out=held_out, validation=detector_validation,
+                    min_fields=min_fields, group_epochs=group_epochs, group_lr=group_lr,
+                    group_pbc_per_type=group_pbc_per_type, seed=detector_seed)
+                _adapt_detector_from(field_sources, out, detector, detector_config, group_by,
+                                     force, data_root, resume and detector_stopped, limit)
+        except AdaptInterrupted as stopped:
+            console.print(f"{stopped}: run the same command again with --resume")
 
 
 def _adapt_detector_from(sources: list[str], out: Path, detector: str,
                          config: DetectorAdaptConfig,
-                         group_by: str, force: bool, data_root: Path | None) -> None:
+                         group_by: str, force: bool, data_root: Path | None, resume: bool,
+                         time_limit: float | None) -> None:
     from leukodiff.training.adapt import AdaptRefused
     from leukodiff.training.adapt_detector import (
         DetectorAdaptError,
@@ -160,7 +179,8 @@ def _adapt_detector_from(sources: list[str], out: Path, detector: str,
         lab = lab_fields(sources, group_by, data_root, _track, console.print)
         result = adapt_detector(lab, out, config,
                                 base=detector, force=force, data_root=data_root,
-                                track=_track, log=console.print)
+                                track=_track, log=console.print, resume=resume,
+                                time_limit_minutes=time_limit)
     except AdaptRefused as refused:
         _print_detector_adaptation(refused.results["detector"])
         raise _fail(str(refused)) from None
@@ -189,7 +209,7 @@ def _print_detector_adaptation(result: dict) -> None:
 
 def _adapt_from(cells: list[str], shown: list[str], out: Path, mononuclear: str,
                 polymorphonuclear: str, config: AdaptConfig, group_by: str, force: bool,
-                data_root: Path | None) -> None:
+                data_root: Path | None, resume: bool, time_limit: float | None) -> None:
     from leukodiff.training.adapt import AdaptError, AdaptRefused, lab_cells
     from leukodiff.training.adapt import adapt as adapt_models
     from leukodiff.training.classifier import TrainingError
@@ -199,7 +219,8 @@ def _adapt_from(cells: list[str], shown: list[str], out: Path, mononuclear: str,
         results = adapt_models(shown, out, config, cells=lab, force=force,
                                bases={"mononuclear": mononuclear,
                                       "polymorphonuclear": polymorphonuclear},
-                               data_root=data_root, track=_track, log=console.print)
+                               data_root=data_root, track=_track, log=console.print,
+                               resume=resume, time_limit_minutes=time_limit)
     except AdaptRefused as refused:
         _print_adaptation(refused.results)
         raise _fail(str(refused)) from None
@@ -227,5 +248,7 @@ def _print_adaptation(results: dict) -> None:
                           str(after["right"][name]))
         table.add_row(task, "macro-F1", str(after["n"]), f"{before['macro_f1']:.3f}",
                       f"{after['macro_f1']:.3f}")
+        for name in result["cells"].get("replay_only", []):
+            table.add_row(task, name, "0", "no reviewed cell: the replay only", "")
     console.print(table)
 

@@ -14,14 +14,19 @@ quarter of the lab's learning cases choose the epoch and recalibrate the operati
 score threshold (the F1-best on them); part of the lab's fields, grouped by case or
 slide, is held out and measured before and after through the shipped code path
 (onnxruntime). A detector that is worse there is not written unless forced.
+
+Training checkpoints every epoch in `OUT/.adapting/detector/` (the training engine's
+folder); an adaptation stopped by a crash, Ctrl-C or its time limit goes on from its
+last epoch with `resume=True`, and the folder is removed once the detector is written
+(or refused).
 """
 
 from __future__ import annotations
 
 import random
 import shlex
+import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -192,7 +197,8 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
                    force: bool = False, data_root=None, threads: int | None = None,
                    track: Track = no_progress,
                    log: Callable[[str], None] = lambda m: None,
-                   command: str | None = None) -> dict:
+                   command: str | None = None, resume: bool = False,
+                   time_limit_minutes: float | None = None) -> dict:
     """Fine-tune `base` on the lab's reviewed fields; write `out_dir/detector.pt` (+ ONNX)
     unless worse on the held-out fields (`held`, or a `config.held_out` share of the
     lab's cases). Returns {"before", "after", "fields", "threshold", "seconds", "written"}.
@@ -200,14 +206,26 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
     `ignore`: per field name, white cells nobody boxed (neither hit nor false alarm);
     `before`: the base detector's `detection_scores` on `held`, when already measured.
     Raises DetectorAdaptError (too little to learn from) or
-    `training.adapt.AdaptRefused` (worse on the held-out fields, not forced)."""
-    from leukodiff.training.adapt import AdaptRefused
+    `training.adapt.AdaptRefused` (worse on the held-out fields, not forced).
+    `resume` continues the training stopped in `out_dir/.adapting/detector/` (a crash,
+    Ctrl-C, or `time_limit_minutes`: `training.adapt.AdaptInterrupted` after the epoch
+    that passes it)."""
+    from leukodiff.training.adapt import WORK_DIR, AdaptInterrupted, AdaptRefused
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
     if (out_dir / "detector.pt").exists():
         raise DetectorAdaptError(f"{out_dir} already holds an adapted detector; choose "
                                  "another --out")
+    work = out_dir / WORK_DIR / "detector"
+    interrupted = (work / "last.pt").exists()
+    if resume and not interrupted:
+        raise DetectorAdaptError(f"nothing to resume: no interrupted adaptation of the "
+                                 f"detector in {out_dir}")
+    if interrupted and not resume:
+        raise DetectorAdaptError(f"{out_dir} holds an interrupted adaptation of the "
+                                 "detector; pass --resume to continue it or choose another "
+                                 "--out")
     base_path, manifest = read_checked(base)
     lab_fields = [f for f in lab_fields if f.wbc_boxes]
     if held is None:
@@ -245,12 +263,15 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
                      max_train_fields=0, max_val_fields=0)
     # no lab validation fields (one learning case): the replay part stands in for them
     data = DetectorData(train=fit + replay, val=val or replay[: config.min_replay], test=[])
-    with tempfile.TemporaryDirectory(prefix="leukodiff-adapt-") as scratch:
-        work = Path(scratch) / "detector"
-        train_detector(recipe, work, data=data, data_root=data_root, track=track,
-                       log=log)
-        trained = work / "detector.pt"
-        export_detector(trained)
+    trained = work / "detector.pt"
+    if not trained.exists():  # else trained before a stop: measured again below
+        done = train_detector(recipe, work, data=data, data_root=data_root, track=track,
+                              log=log, resume=resume, time_limit_minutes=time_limit_minutes)
+        if done.get("finished") is False:
+            raise AdaptInterrupted(f"detector: stopped after epoch {done['epoch']} of "
+                                   f"{config.epochs} (time limit); resume to go on")
+    export_detector(trained)
+    try:
         default = manifest.score_threshold
         threshold = default
         if val:
@@ -295,5 +316,17 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
         save_model(model, final, path)
         export_detector(path)
         add_lab_look(familiarity_path(base_path), fit, familiarity_path(path), track)
+    except AdaptRefused:
+        remove_work(work)
+        raise
+    remove_work(work)
     result["written"] = str(path)
     return result
+
+
+def remove_work(work: Path) -> None:
+    """An adaptation's checkpoint folder, once its outcome is written or refused (and
+    `.adapting` with it when nothing else is left there)."""
+    shutil.rmtree(work, ignore_errors=True)
+    if work.parent.is_dir() and not any(work.parent.iterdir()):
+        work.parent.rmdir()

@@ -94,10 +94,11 @@ class RunFolder:
     def save_last(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scheduler: Any, generator: torch.Generator, state: dict) -> None:
         """Everything needed to resume, written atomically so a kill never leaves half a
-        file."""
+        file. `scheduler` None: a constant learning rate (adaptation)."""
         partial = self.last.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
+                    "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(), "state": state,
                     "config": self.config}, partial)
         partial.replace(self.last)
@@ -110,7 +111,8 @@ class RunFolder:
             raise self.error(f"{self.last} was made with another configuration")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"])
         torch.set_rng_state(checkpoint["torch_rng"])
         return checkpoint["state"]
