@@ -173,12 +173,16 @@ def test_each_analysis_records_its_model_set_and_exports_name_it(station, bccd: 
 
 
 def test_adapt_promote_reanalyse_and_the_corrected_cells_come_out_right(
-        make_station, database_url, bccd: Path) -> None:
+        make_station, database_url, bccd: Path, shared_data: Path, monkeypatch) -> None:
     """The issue's loop: signed cases with a technologist's corrections -> adapt (first
     refused: one case is too few) -> promote -> new analyses use the new set -> the signed
     cases reopened and re-analysed with it: reviewed labels kept, and the eosinophils the
     shipped models called neutrophil now come out as the technologist said, the cells she
     confirmed still right -> roll back."""
+    # The replay sample comes from the base models' training labs present on the machine:
+    # the shared data only, as on CI (a machine that also holds Chula would replay it too
+    # and learn a little differently: 5 of 8 corrected cells instead of 4).
+    monkeypatch.setenv("LEUKODIFF_DATA", str(shared_data))
     station = make_station(database_url, adapt_job=ADAPT_JOB)
     tech = station.client("tess")
     reviewer = station.client("rita", "reviewer")
@@ -295,9 +299,10 @@ def test_adapt_promote_reanalyse_and_the_corrected_cells_come_out_right(
                f"{ {field_of[c['id']]: c['model_label'] for c in cells.values()} }")
     print(summary)
     # Not all: one of the four cases is held out to judge the adaptation (it is not learnt
-    # from), and a few cells resist. Measured: 5 of 8 (00149 and 00208 stay neutrophil,
-    # 00093 is left unidentified, below the calibrated confidence), all 20 confirmed right.
-    assert len(corrected) == len(CORRECTED) and len(now_right) >= 5, summary
+    # from), and a few cells resist. Measured with the shared data's replay: 4 of 8 (00068,
+    # 00075, 00088, 00093 now eosinophil; 00137 unidentified, below the calibrated
+    # confidence; 00149, 00208, 00253 stay neutrophil), all 20 confirmed still right.
+    assert len(corrected) == len(CORRECTED) and len(now_right) >= 4, summary
     assert len(still_right) == len(confirmed) == len(EOSINOPHILS) + len(NEUTROPHILS), summary
 
     # Roll back: the shipped set is the default again.
