@@ -20,10 +20,7 @@ An adaptation checkpoints every epoch in `OUT/.adapting/TASK/` (the training eng
 `last.pt` and `best.pt`); one stopped by a crash, Ctrl-C or its time limit goes on from
 its last epoch with `resume=True`, to the same weights as one never stopped. The folder
 is removed once the models are written (or refused); a finished model in `--out` is
-never overwritten.
-
-This is the level-2 part of issue #15; the detector and the group classifier are not
-adapted yet.
+never overwritten. The detector and its group classifier: `training.adapt_detector`.
 """
 
 from __future__ import annotations
