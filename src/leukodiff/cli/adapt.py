@@ -11,7 +11,7 @@ import typer
 from leukodiff.cli.common import ConfigDefault, DataRoot, _fail, _require_torch, _track, console
 
 if TYPE_CHECKING:
-    from leukodiff.training.adapt import TASKS, WORK_DIR, AdaptConfig, AdaptInterrupted
+    from leukodiff.training.adapt import AdaptConfig
     from leukodiff.training.adapt_detector import DetectorAdaptConfig
 
 
@@ -107,7 +107,7 @@ def adapt(
     _require_torch()
     import tempfile
 
-    from leukodiff.training.adapt import AdaptConfig
+    from leukodiff.training.adapt import TASKS, WORK_DIR, AdaptConfig, AdaptInterrupted
     from leukodiff.training.adapt_detector import DetectorAdaptConfig
 
     if group_by not in ("prefix", "file"):
