@@ -194,7 +194,7 @@ def test_an_interrupted_detector_adaptation_resumes_from_its_last_epoch(lab_fiel
                             resume=True)
     assert result["written"] == str(out / "detector.pt")
     _, manifest = load_detector(out / "detector.pt")
-    assert [h["epoch"] for h in manifest["training"]["history"]] == [1, 2]
+    assert [h["epoch"] for h in manifest.training.settings["history"]] == [1, 2]
     assert not (out / ".adapting").exists()
     with pytest.raises(DetectorAdaptError, match="already holds"):
         adapt_detector(learn, out, two, held=held, force=True, data_root=shared_data,
