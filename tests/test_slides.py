@@ -247,13 +247,16 @@ def test_resume_skips_finished_slides_and_redoes_a_partial_one(slides_dir, one_w
     assert both.exit_code == 1 and "give one" in both.output
 
 
+class CtrlC(SlideProgress):
+    """Ctrl-C as the first field of slide B is done (slide A finished before it)."""
+
+    def field_done(self, slide) -> None:
+        if slide.slide_id == "B":
+            raise KeyboardInterrupt
+
+
 def test_ctrl_c_keeps_finished_slides_and_resume_finishes_the_run(slides_dir, one_worker,
                                                                   tmp_path):
-    class CtrlC(SlideProgress):
-        def field_done(self, slide) -> None:
-            if slide.slide_id == "B":
-                raise KeyboardInterrupt
-
     slides, _ = slides_from_folders([slides_dir])
     out = tmp_path / "out"
     with pytest.raises(SlidesInterrupted) as interrupted:

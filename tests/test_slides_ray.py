@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_slides import analyze, comparable, flat, summary
+from test_slides import CtrlC, analyze, comparable, flat, summary
 
 from leukodiff.reports.slides import (
     AnalyzerSpec,
-    SlideProgress,
     SlidesInterrupted,
     analyze_slides,
     slides_from_folders,
@@ -89,11 +88,6 @@ def test_ray_stops_a_slide_at_its_target_as_the_local_engine_does(local_ray, sli
 
 def test_ctrl_c_on_ray_keeps_finished_slides_and_resume_on_ray_finishes(local_ray, slides_dir,
                                                                         tmp_path):
-    class CtrlC(SlideProgress):
-        def field_done(self, slide) -> None:
-            if slide.slide_id == "B":
-                raise KeyboardInterrupt
-
     slides, _ = slides_from_folders([slides_dir])
     out = tmp_path / "out"
     with pytest.raises(SlidesInterrupted) as interrupted:
