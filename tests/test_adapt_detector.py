@@ -21,6 +21,7 @@ from leukodiff.training.adapt_detector import (
     best_threshold,
     detection_scores,
 )
+from leukodiff.training.detector import DetectorTrainingError
 
 QUICK = DetectorAdaptConfig(epochs=1, min_replay=4, replay_per_field=0.5, min_fields=4,
                             group_epochs=1, group_pbc_per_type=4)
@@ -190,6 +191,10 @@ def test_an_interrupted_detector_adaptation_resumes_from_its_last_epoch(lab_fiel
     assert not (out / "detector.pt").exists()
     with pytest.raises(DetectorAdaptError, match="pass --resume"):
         adapt_detector(learn, out, two, held=held, force=True, data_root=shared_data)
+    with pytest.raises(DetectorTrainingError, match="differs in: fields"):
+        # other reviewed fields: going on would mix two adaptations
+        adapt_detector(learn[1:], out, two, held=held, force=True, data_root=shared_data,
+                       resume=True)
     result = adapt_detector(learn, out, two, held=held, force=True, data_root=shared_data,
                             resume=True)
     assert result["written"] == str(out / "detector.pt")

@@ -108,7 +108,10 @@ class RunFolder:
         """Restore the run `save_last` wrote; refuses one made with another configuration."""
         checkpoint = torch.load(self.last, map_location="cpu", weights_only=False)
         if checkpoint["config"] != self.config:
-            raise self.error(f"{self.last} was made with another configuration")
+            saved = checkpoint["config"]
+            differ = sorted(k for k in {*saved, *self.config} if saved.get(k) != self.config.get(k))
+            raise self.error(f"{self.last} was made with another configuration (differs in: "
+                             f"{', '.join(differ)})")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +51,17 @@ class DetectorData:
     val: list[Field]
     test: list[Field]
     dropped: list[Field] = field(default_factory=list)
+
+    def digest(self) -> str:
+        """The fields of each part and their boxes, in a word (file names, not paths)."""
+        def line(part: str, record: Field) -> str:
+            boxes = ";".join(f"{b.kind}/{b.cell_type or b.group}@"
+                             + ",".join(f"{v:.1f}" for v in b.xyxy) for b in record.boxes)
+            return f"{part}:{record.image.name}:{boxes}"
+
+        text = "\n".join(line(part, r) for part in ("train", "val", "test")
+                         for r in getattr(self, part))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def counts(self) -> dict[str, dict[str, int]]:
         def count(records: list[Field]) -> dict[str, int]:

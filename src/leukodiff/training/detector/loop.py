@@ -109,8 +109,10 @@ def train_detector(
     """
     config.check()
     out_dir = Path(out_dir)
+    # fields given by the caller (adaptation) are part of what a resume must match
+    record = asdict(config) if data is None else {**asdict(config), "fields": data.digest()}
     folder = RunFolder(out_dir, resume=resume, error=DetectorTrainingError,
-                       config=asdict(config), finished="detector.pt")
+                       config=record, finished="detector.pt")
     seed_everything(config.seed)
     started = time.perf_counter()
     run_device = _device(device)
