@@ -4,28 +4,36 @@
     result.field.cells, result.mpp, result.counting_area
 
 The file is read lazily region by region (`pipeline.slidefiles`: pyramidal / OME TIFF,
-DICOM WSI, OpenSlide formats). Windows are the detector's native field (640x480 for
-the shipped one) at the detector's scale, with half a side of overlap, as
-`pipeline.tiling.detect_tiled` uses (the largest white cell, ~240 px, fits it; larger
-windows would make the counting area, set per window, coarser); a window whose part of
-the thumbnail shows no structure (bare glass, a plain area) is skipped without being
-read. Boxes are merged across window borders, at the detector's scale, with the
-grid-bucketed merge (`tiling.merge_tiles_local`), then
-each cell is classified from the one window that holds it whole (or a region read
-around it).
+DICOM WSI, OpenSlide formats). Two grids, one decision each:
+
+- Blocks decide the counting area: the detector's native field (640x480 for the shipped
+  one) at the detector's scale, with half a side of overlap (the largest white cell,
+  ~240 px, fits it), as `pipeline.tiling.detect_tiled` tiles. A block whose part of the
+  thumbnail shows no structure (bare glass, a plain area) is background, never read.
+- Windows run the detector: DETECT_WINDOW (1280x960 at the detector's scale) groups of
+  neighbouring blocks, each cut to the blocks of its group that show structure. Every
+  block lies wholly inside one window, so a cell that fits a block (any cell up to the
+  blocks' overlap) is seen whole by some window; the detector re-reads less overlap and
+  pays its per-call cost less often than on blocks.
+
+Boxes are merged across window borders, at the detector's scale, with the grid-bucketed
+merge (`tiling.merge_tiles_local`; its 16 px edge margin is the detector's), then each
+cell is classified from the one window that holds it whole (or a region read around it).
 
 Scale: the detector learnt fields of scale.DETECTOR_MPP micrometres a pixel (BCCD's red
 cells, 104 px, are 7.5 um). When the file gives its microns per pixel, windows of the
-same extent in micrometres are read and resized to the detector's field (unless within
+same extent in micrometres are read and resized to the detector's scale (unless within
 MPP_TOLERANCE); when it does not, the red-cell ruler (`pipeline.scale`) measures the
-cells on a few windows of the slide, its estimate is used and reported as such
+cells on a few blocks of the slide, its estimate is used and reported as such
 (resizing only when the cells look more than SHRINK_ABOVE times larger or smaller
-than BCCD's, the ruler's own precision), and a note says so.
+than BCCD's, the ruler's own precision), and a note says so. A `shrink` given by the
+caller is used as it is: no ruler.
 
-Counting area (`pipeline.monolayer`): every window read is placed in the monolayer,
-a thick or a thin area by its red-cell coverage; the result reports each zone's
-windows, area and white cells, and `monolayer_only` counts the monolayer's cells alone
-(the other windows are then not run through the detector).
+Counting area (`pipeline.monolayer`): every block read is placed in the monolayer, a
+thick or a thin area by the red-cell coverage of its core (measured on its window's
+pixels); the result reports each zone's blocks, area and white cells, and
+`monolayer_only` counts the monolayer's cells alone (a window with no monolayer block
+is then not run through the detector).
 """
 
 from __future__ import annotations
@@ -58,8 +66,8 @@ from leukodiff.pipeline.slidefiles import (
 )
 from leukodiff.pipeline.tiling import merge_tiles_local, tile_origins
 
-__all__ = ["Slide", "SlideError", "SlideResult", "analyze_whole_slide", "is_whole_slide",
-           "open_slide", "plan_windows"]
+__all__ = ["Slide", "SlideError", "SlideResult", "analyze_whole_slide", "group_blocks",
+           "is_whole_slide", "open_slide", "plan_windows"]
 
 # A window is background when, on the lowest level, fewer than this share of its pixels
 # differ from their window's median gray by more than STRUCTURE_GRAY: no cell, red or white.
@@ -69,6 +77,9 @@ MIN_STRUCTURE = 0.005
 # (scale.DETECTOR_MPP) unless within this factor of it: the detector learnt fields whose
 # cells vary more than that (the ruler: 0.80-1.39 of BCCD's median, p10-p90).
 MPP_TOLERANCE = 1.1
+# The detector's windows, in its own pixels: about this size, made of whole blocks.
+# 1280x960 reads 1.7 times the smear (overlap 240 px) where field-size windows read 3.2.
+DETECT_WINDOW = (1280, 960)
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,29 @@ def plan_windows(slide: Slide, size: tuple[int, int], overlap: int | None = None
     return keep, skip
 
 
+def group_blocks(blocks: list[Window], skipped: list[Window], tile: tuple[int, int],
+                 window: tuple[int, int]) -> list[tuple[Window, list[Window]]]:
+    """The detector's windows over a grid of blocks (`plan_windows`: `blocks` to read,
+    `skipped` background), as (window, its blocks): neighbouring blocks grouped so that a
+    group spans at most `window` (level-0 pixels; at least one block), each window the
+    bounding box of its group's blocks to read. Every block to read lies wholly inside
+    exactly one window; a group with none is not read."""
+    xs = sorted({b.x0 for b in (*blocks, *skipped)})
+    ys = sorted({b.y0 for b in (*blocks, *skipped)})
+    step_x = xs[1] - xs[0] if len(xs) > 1 else tile[0]
+    step_y = ys[1] - ys[0] if len(ys) > 1 else tile[1]
+    per_x = max(1, 1 + (window[0] - tile[0]) // max(1, step_x))
+    per_y = max(1, 1 + (window[1] - tile[1]) // max(1, step_y))
+    column = {x: i // per_x for i, x in enumerate(xs)}
+    row = {y: i // per_y for i, y in enumerate(ys)}
+    groups: dict[tuple[int, int], list[Window]] = {}
+    for block in blocks:
+        groups.setdefault((row[block.y0], column[block.x0]), []).append(block)
+    return [(Window(min(b.x0 for b in members), min(b.y0 for b in members),
+                    max(b.x1 for b in members), max(b.y1 for b in members)), members)
+            for _, members in sorted(groups.items())]
+
+
 @dataclass
 class SlideResult:
     """A whole slide's cells (in level-0 pixels) and how it was read."""
@@ -114,19 +148,22 @@ class SlideResult:
     mpp: float | None  # microns per pixel the analysis used: the file's, or the ruler's
     mpp_source: str  # where `mpp` came from
     levels: list[tuple[int, int]]
-    windows: int
-    skipped_windows: int
+    windows: int  # the detector's windows read
+    skipped_windows: int  # blocks skipped as background (no structure in the thumbnail)
     shrink: float = 1.0  # windows were resized this many times smaller for the detector
     ruler_ratio: float | None = None  # the red-cell ruler: cells' size / BCCD's
     notes: list[str] = field(default_factory=list)
     counting_area: CountingArea | None = None
+    blocks: int = 0  # field-size blocks read (the counting area's grid)
+    read_px: float = 0.0  # level-0 pixels of the windows read
 
     def to_dict(self) -> dict:
         return {"image": self.field.image, "width": self.field.width,
                 "height": self.field.height, "levels": [list(s) for s in self.levels],
                 "mpp": self.mpp, "mpp_source": self.mpp_source,
                 "detector_mpp": round(DETECTOR_MPP, 4), "windows": self.windows,
-                "skipped_windows": self.skipped_windows, "shrink": self.shrink,
+                "blocks": self.blocks, "skipped_windows": self.skipped_windows,
+                "read_px": self.read_px, "shrink": self.shrink,
                 "ruler_ratio": self.ruler_ratio, "notes": self.notes,
                 "counting_area": (self.counting_area.to_dict()
                                   if self.counting_area is not None else None)}
@@ -141,7 +178,7 @@ class SlideResult:
             read = sum(n for zone, n in area.windows.items() if zone != "background")
             outside = {z: n for z, n in area.cells.items() if z != "monolayer" and n}
             head = (f"counting area (monolayer): {size}, {area.windows['monolayer']} of {read} "
-                    f"windows read; {area.cells['monolayer']} white cells inside it")
+                    f"blocks read; {area.cells['monolayer']} white cells inside it")
             if area.restricted:
                 lines.append(f"{head}, only these counted (thick and thin areas not searched)")
             else:
@@ -176,15 +213,24 @@ class _Scale:
     note: str | None = None
 
 
-def _scale(slide: Slide, windows: list[Window]) -> _Scale:
+def _scale(slide: Slide, size: tuple[int, int], thumbnail: np.ndarray,
+           shrink: float | None) -> _Scale:
     """How many times to shrink the windows for the detector, and the microns per pixel:
-    from the file (resized to DETECTOR_MPP), else from the red-cell ruler."""
+    `shrink` when given (the file's microns per pixel, if any, still reported), else from
+    the file (resized to DETECTOR_MPP), else from the red-cell ruler on blocks of `size`
+    with structure (the only case that reads pixels here)."""
+    if shrink is not None:
+        if slide.mpp is not None:
+            return _Scale(shrink, slide.mpp, slide.mpp_source)
+        return _Scale(shrink, None, "unknown", None,
+                      f"no microns per pixel in the file: analysed {shrink:g} times smaller, "
+                      "as asked; areas in pixels only")
     if slide.mpp is not None:
         shrink = DETECTOR_MPP / slide.mpp
         if abs(math.log(shrink)) <= math.log(MPP_TOLERANCE):
             shrink = 1.0
         return _Scale(shrink, slide.mpp, slide.mpp_source)
-    ratio = _ruler(slide, windows)
+    ratio = _ruler(slide, plan_windows(slide, size, thumbnail=thumbnail)[0])
     if ratio is None:
         return _Scale(1.0, None, "unknown", None,
                       "no microns per pixel in the file, and the red-cell ruler found too "
@@ -225,32 +271,32 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
         size = analyzer.tile
         thumbnail = slide.thumbnail()
         glass = glass_level(thumbnail)
-        windows, skipped = plan_windows(slide, size, thumbnail=thumbnail)
-        scale = _scale(slide, windows)
-        if shrink is not None:
-            scale.shrink = shrink
+        scale = _scale(slide, size, thumbnail, shrink)
         native = (max(1, round(size[0] * scale.shrink)), max(1, round(size[1] * scale.shrink)))
-        if native != tuple(size):
-            windows, skipped = plan_windows(slide, native, thumbnail=thumbnail)
+        blocks, skipped = plan_windows(slide, native, thumbnail=thumbnail)
         tile = (min(native[0], slide.width), min(native[1], slide.height))
-        cores = Cores([(w.x0, w.y0) for w in (*windows, *skipped)], tile,
+        cores = Cores([(b.x0, b.y0) for b in (*blocks, *skipped)], tile,
                       (slide.width, slide.height))
+        reach = (round(DETECT_WINDOW[0] * scale.shrink), round(DETECT_WINDOW[1] * scale.shrink))
+        grouped = group_blocks(blocks, skipped, tile, reach)
+        windows = [window for window, _ in grouped]
         zones: dict[tuple[int, int], str] = {}
         found, origins = [], []
-        for window, image in track(iter_windows(slide, windows, scale.shrink),
-                                   "Reading windows"):
-            fx, fy = image.width / tile[0], image.height / tile[1]
-            x0, y0, x1, y1 = cores.core(window.x0, window.y0)
-            core = np.asarray(image)[round((y0 - window.y0) * fy):round((y1 - window.y0) * fy),
-                                     round((x0 - window.x0) * fx):round((x1 - window.x0) * fx)]
-            zone = zones[window.x0, window.y0] = zone_of(coverage(core, glass))
-            if monolayer_only and zone != "monolayer":
+        for (window, image), (_, members) in zip(
+                track(iter_windows(slide, windows, scale.shrink), "Reading windows"), grouped,
+                strict=True):
+            pixels = np.asarray(image)
+            fx, fy = image.width / (window.x1 - window.x0), image.height / (window.y1 - window.y0)
+            for block in members:  # each block's zone, on its core's pixels
+                x0, y0, x1, y1 = cores.core(block.x0, block.y0)
+                core = pixels[round((y0 - window.y0) * fy):round((y1 - window.y0) * fy),
+                              round((x0 - window.x0) * fx):round((x1 - window.x0) * fx)]
+                zones[block.x0, block.y0] = zone_of(coverage(core, glass))
+            if monolayer_only and all(zones[b.x0, b.y0] != "monolayer" for b in members):
                 continue
             detections = analyzer._detect_field(image)  # the pipeline's own
             if image.size != (window.x1 - window.x0, window.y1 - window.y0):
-                back = np.array([window.x1 - window.x0, window.y1 - window.y0] * 2,
-                                dtype=np.float32) / np.array([image.width, image.height] * 2,
-                                                              dtype=np.float32)
+                back = np.array([1 / fx, 1 / fy] * 2, dtype=np.float32)
                 detections = Detections(detections.boxes * back, detections.labels,
                                         detections.scores)
             found.append(detections)
@@ -265,8 +311,10 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
         cells = _classify(analyzer, slide, merged, windows)
         result = FieldResult(str(path), slide.width, slide.height, cells)
         notes = [scale.note] if scale.note else []
+        read_px = float(sum((w.x1 - w.x0) * (w.y1 - w.y0) for w in windows))
         return SlideResult(result, scale.mpp, scale.source, slide.levels, len(windows),
-                           len(skipped), scale.shrink, scale.ruler_ratio, notes, area)
+                           len(skipped), scale.shrink, scale.ruler_ratio, notes, area,
+                           len(blocks), read_px)
 
 
 def _merge_at_detector_scale(found: list[Detections],
@@ -291,13 +339,15 @@ def _classify(analyzer: Analyzer, slide: Slide, found: Detections,
     if not len(found):
         return []
     batches: dict[tuple[int, int, int, int], list[int]] = {}
+    boxes = np.array([w.box for w in windows], dtype=np.float64).reshape(-1, 4)
     for i, (x0, y0, x1, y1) in enumerate(found.boxes.tolist()):
         mx, my = margin * (x1 - x0), margin * (y1 - y0)
         want = (x0 - mx, y0 - my, x1 + mx, y1 + my)
-        home = next((w.box for w in windows
-                     if w.x0 <= max(0, want[0]) and w.y0 <= max(0, want[1])
-                     and w.x1 >= min(slide.width, want[2])
-                     and w.y1 >= min(slide.height, want[3])), None)
+        holds = np.flatnonzero((boxes[:, 0] <= max(0, want[0]))
+                               & (boxes[:, 1] <= max(0, want[1]))
+                               & (boxes[:, 2] >= min(slide.width, want[2]))
+                               & (boxes[:, 3] >= min(slide.height, want[3])))
+        home = tuple(int(v) for v in boxes[holds[0]]) if len(holds) else None
         if home is None:
             home = (max(0, int(want[0])), max(0, int(want[1])),
                     min(slide.width, int(np.ceil(want[2]))),
