@@ -48,7 +48,7 @@ from PIL import Image
 
 from leukodiff.data.records import Box
 from leukodiff.pipeline.analyzer import Analyzer, CellCall, FieldResult
-from leukodiff.pipeline.boxes import Detections
+from leukodiff.pipeline.boxes import Detections, agnostic_nms
 from leukodiff.pipeline.monolayer import (
     Cores,
     CountingArea,
@@ -64,10 +64,15 @@ from leukodiff.pipeline.slidefiles import (
     is_whole_slide,
     open_slide,
 )
-from leukodiff.pipeline.tiling import merge_tiles_local, tile_origins
+from leukodiff.pipeline.tiling import (
+    EDGE_MARGIN,
+    detect_tiled,
+    merge_tiles_local,
+    tile_origins,
+)
 
-__all__ = ["Slide", "SlideError", "SlideResult", "analyze_whole_slide", "group_blocks",
-           "is_whole_slide", "open_slide", "plan_windows"]
+__all__ = ["Slide", "SlideError", "SlideResult", "analyze_whole_slide", "crop_to_structure",
+           "group_blocks", "is_whole_slide", "open_slide", "plan_windows"]
 
 # A window is background when, on the lowest level, fewer than this share of its pixels
 # differ from their window's median gray by more than STRUCTURE_GRAY: no cell, red or white.
@@ -124,20 +129,64 @@ def group_blocks(blocks: list[Window], skipped: list[Window], tile: tuple[int, i
     group spans at most `window` (level-0 pixels; at least one block), each window the
     bounding box of its group's blocks to read. Every block to read lies wholly inside
     exactly one window; a group with none is not read."""
+    if not blocks:
+        return []
     xs = sorted({b.x0 for b in (*blocks, *skipped)})
     ys = sorted({b.y0 for b in (*blocks, *skipped)})
     step_x = xs[1] - xs[0] if len(xs) > 1 else tile[0]
     step_y = ys[1] - ys[0] if len(ys) > 1 else tile[1]
     per_x = max(1, 1 + (window[0] - tile[0]) // max(1, step_x))
     per_y = max(1, 1 + (window[1] - tile[1]) // max(1, step_y))
-    column = {x: i // per_x for i, x in enumerate(xs)}
-    row = {y: i // per_y for i, y in enumerate(ys)}
+    # groups start at the first block to read, so a smear's edge starts a window
+    first_x, first_y = xs.index(min(b.x0 for b in blocks)), ys.index(min(b.y0 for b in blocks))
+    column = {x: (i - first_x) // per_x for i, x in enumerate(xs)}
+    row = {y: (i - first_y) // per_y for i, y in enumerate(ys)}
     groups: dict[tuple[int, int], list[Window]] = {}
     for block in blocks:
         groups.setdefault((row[block.y0], column[block.x0]), []).append(block)
     return [(Window(min(b.x0 for b in members), min(b.y0 for b in members),
                     max(b.x1 for b in members), max(b.y1 for b in members)), members)
             for _, members in sorted(groups.items())]
+
+
+def crop_to_structure(windows: list[Window], thumbnail: np.ndarray, glass: float,
+                      size: tuple[int, int], margin: float) -> list[Window]:
+    """Each window cut to the bounding box of its structure (thumbnail pixels darker in
+    green than the glass by STRUCTURE_GRAY; a white or red cell always is), widened by
+    `margin` level-0 pixels and two thumbnail pixels (the thumbnail subsamples), so the
+    bare glass at a smear's edge is not run through the detector. A window with no such
+    pixel is kept whole (its blocks' own test found structure)."""
+    busy = thumbnail[..., 1].astype(np.int16) < glass - STRUCTURE_GRAY
+    fx, fy = thumbnail.shape[1] / size[0], thumbnail.shape[0] / size[1]
+    pad_x, pad_y = margin + 2 / fx, margin + 2 / fy
+    out = []
+    for w in windows:
+        tx0, ty0 = int(w.x0 * fx), int(w.y0 * fy)
+        patch = busy[ty0:max(ty0 + 1, math.ceil(w.y1 * fy)),
+                     tx0:max(tx0 + 1, math.ceil(w.x1 * fx))]
+        rows, columns = np.flatnonzero(patch.any(1)), np.flatnonzero(patch.any(0))
+        if not len(rows):
+            out.append(w)
+            continue
+        out.append(Window(max(w.x0, math.floor((tx0 + columns[0]) / fx - pad_x)),
+                          max(w.y0, math.floor((ty0 + rows[0]) / fy - pad_y)),
+                          min(w.x1, math.ceil((tx0 + columns[-1] + 1) / fx + pad_x)),
+                          min(w.y1, math.ceil((ty0 + rows[-1] + 1) / fy + pad_y))))
+    return out
+
+
+def _coverage(pixels: np.ndarray, window: Window, core: tuple[float, float, float, float],
+              glass: float) -> float:
+    """`monolayer.coverage` of a block's core from its window's pixels (at any scale): the
+    part of the core the window was cut away from is glass (`crop_to_structure`)."""
+    height, width = pixels.shape[:2]
+    fx, fy = width / (window.x1 - window.x0), height / (window.y1 - window.y0)
+    x0, y0 = (core[0] - window.x0) * fx, (core[1] - window.y0) * fy
+    x1, y1 = (core[2] - window.x0) * fx, (core[3] - window.y0) * fy
+    part = pixels[max(0, round(y0)):max(0, round(y1)), max(0, round(x0)):max(0, round(x1))]
+    whole = max(1, (round(x1) - round(x0)) * (round(y1) - round(y0)))
+    return min(1.0, coverage(part, glass) * part.shape[0] * part.shape[1] / whole
+               if part.size else 0.0)
 
 
 @dataclass
@@ -156,6 +205,7 @@ class SlideResult:
     counting_area: CountingArea | None = None
     blocks: int = 0  # field-size blocks read (the counting area's grid)
     read_px: float = 0.0  # level-0 pixels of the windows read
+    retiled: int = 0  # windows whose boxes filled the detector's cap: run again in tiles
 
     def to_dict(self) -> dict:
         return {"image": self.field.image, "width": self.field.width,
@@ -163,7 +213,7 @@ class SlideResult:
                 "mpp": self.mpp, "mpp_source": self.mpp_source,
                 "detector_mpp": round(DETECTOR_MPP, 4), "windows": self.windows,
                 "blocks": self.blocks, "skipped_windows": self.skipped_windows,
-                "read_px": self.read_px, "shrink": self.shrink,
+                "read_px": self.read_px, "windows_retiled": self.retiled, "shrink": self.shrink,
                 "ruler_ratio": self.ruler_ratio, "notes": self.notes,
                 "counting_area": (self.counting_area.to_dict()
                                   if self.counting_area is not None else None)}
@@ -279,24 +329,24 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
                       (slide.width, slide.height))
         reach = (round(DETECT_WINDOW[0] * scale.shrink), round(DETECT_WINDOW[1] * scale.shrink))
         grouped = group_blocks(blocks, skipped, tile, reach)
-        windows = [window for window, _ in grouped]
+        windows = crop_to_structure([window for window, _ in grouped], thumbnail, glass,
+                                    (slide.width, slide.height), 2 * EDGE_MARGIN * scale.shrink)
         zones: dict[tuple[int, int], str] = {}
-        found, origins = [], []
+        found, origins, retiled = [], [], 0
         for (window, image), (_, members) in zip(
                 track(iter_windows(slide, windows, scale.shrink), "Reading windows"), grouped,
                 strict=True):
             pixels = np.asarray(image)
-            fx, fy = image.width / (window.x1 - window.x0), image.height / (window.y1 - window.y0)
             for block in members:  # each block's zone, on its core's pixels
-                x0, y0, x1, y1 = cores.core(block.x0, block.y0)
-                core = pixels[round((y0 - window.y0) * fy):round((y1 - window.y0) * fy),
-                              round((x0 - window.x0) * fx):round((x1 - window.x0) * fx)]
-                zones[block.x0, block.y0] = zone_of(coverage(core, glass))
+                core = cores.core(block.x0, block.y0)
+                zones[block.x0, block.y0] = zone_of(_coverage(pixels, window, core, glass))
             if monolayer_only and all(zones[b.x0, b.y0] != "monolayer" for b in members):
                 continue
-            detections = analyzer._detect_field(image)  # the pipeline's own
+            detections, tiled = _detect_window(analyzer, image)
+            retiled += tiled
             if image.size != (window.x1 - window.x0, window.y1 - window.y0):
-                back = np.array([1 / fx, 1 / fy] * 2, dtype=np.float32)
+                back = np.array([(window.x1 - window.x0) / image.width,
+                                 (window.y1 - window.y0) / image.height] * 2, dtype=np.float32)
                 detections = Detections(detections.boxes * back, detections.labels,
                                         detections.scores)
             found.append(detections)
@@ -314,7 +364,18 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
         read_px = float(sum((w.x1 - w.x0) * (w.y1 - w.y0) for w in windows))
         return SlideResult(result, scale.mpp, scale.source, slide.levels, len(windows),
                            len(skipped), scale.shrink, scale.ruler_ratio, notes, area,
-                           len(blocks), read_px)
+                           len(blocks), read_px, retiled)
+
+
+def _detect_window(analyzer: Analyzer, image: Image.Image) -> tuple[Detections, bool]:
+    """The detector on one window in one run, or, when that run fills the network's
+    per-image cap (spec detections_per_image boxes, any score: a dense window would lose
+    cells past it), on field-size tiles of the window (`tiling.detect_tiled`, as
+    `Analyzer.detect` tiles a large frame); and whether it was tiled."""
+    raw = analyzer._detect_raw(image)
+    if len(raw) < int(analyzer.spec["detections_per_image"]):
+        return agnostic_nms(raw, float(analyzer.spec["agnostic_nms_iou"])), False
+    return detect_tiled(analyzer._detect_field, image, analyzer.tile), True
 
 
 def _merge_at_detector_scale(found: list[Detections],
