@@ -19,8 +19,11 @@ from slide_helpers import CANVAS, FIELDS, MPP, build_slide  # noqa: E402
 from leukodiff.pipeline.boxes import Detections, box_iou  # noqa: E402
 from leukodiff.pipeline.tiling import merge_tiles, merge_tiles_local, tile_origins  # noqa: E402
 from leukodiff.pipeline.wholeslide import (  # noqa: E402
+    DETECT_WINDOW,
     SlideError,
     analyze_whole_slide,
+    crop_to_structure,
+    group_blocks,
     is_whole_slide,
     open_slide,
     plan_windows,
@@ -96,8 +99,56 @@ def test_every_known_cell_found_once(slide_file, analyzer):
         assert any(abs(box[0] - x) < 8 or abs(box[1] - y) < 8 or abs(box[2] - x - 640) < 8
                    or abs(box[3] - y - 480) < 8 for x, y in FIELDS.values()), box
     assert result.mpp == pytest.approx(MPP)
-    assert result.skipped_windows > 0 and result.windows > 0
-    assert result.shrink == 1.0
+    assert result.skipped_windows > 0 and 0 < result.windows < result.blocks
+    assert result.shrink == 1.0 and result.retiled == 0
+
+
+def test_detector_windows_are_groups_of_the_counting_blocks(slide_file):
+    """The counting area is decided on field-size blocks, the detector runs on larger
+    windows made of them: every block to read lies wholly inside one window, the windows
+    still overlap by the blocks' 240 px, and each known cell lies whole in some window,
+    clear of its edges (16 px: not a cut piece), after the windows are cut to the
+    smear's structure (the plain background right and below is not detected)."""
+    from leukodiff.pipeline.monolayer import glass_level
+    from leukodiff.pipeline.tiling import EDGE_MARGIN
+
+    path, known = slide_file
+    with open_slide(path) as slide:
+        thumbnail = slide.thumbnail()
+        blocks, skipped = plan_windows(slide, (640, 480), thumbnail=thumbnail)
+        grouped = group_blocks(blocks, skipped, (640, 480), DETECT_WINDOW)
+        windows = crop_to_structure([w for w, _ in grouped], thumbnail,
+                                    glass_level(thumbnail), CANVAS, 2 * EDGE_MARGIN)
+    assert sorted(b.box for _, members in grouped for b in members) == sorted(
+        b.box for b in blocks)  # each block in exactly one group
+    for window, members in grouped:
+        assert all(window.x0 <= b.x0 and window.y0 <= b.y0 and b.x1 <= window.x1
+                   and b.y1 <= window.y1 for b in members)
+        assert window.x1 - window.x0 <= DETECT_WINDOW[0]
+        assert window.y1 - window.y0 <= DETECT_WINDOW[1]
+    assert len(windows) < len(blocks) / 3  # larger windows: fewer runs, less overlap
+    area = lambda ws: sum((w.x1 - w.x0) * (w.y1 - w.y0) for w in ws)  # noqa: E731
+    assert area(windows) < area(w for w, _ in grouped) < area(blocks)
+    for x0, y0, x1, y1 in known:
+        assert any(w.x0 + EDGE_MARGIN < x0 and w.y0 + EDGE_MARGIN < y0
+                   and x1 < w.x1 - EDGE_MARGIN and y1 < w.y1 - EDGE_MARGIN for w in windows)
+
+
+def test_a_window_that_fills_the_detectors_cap_is_run_in_tiles(slide_file, analyzer):
+    """The network keeps at most `detections_per_image` boxes a run: a window that fills
+    it may hold more cells, so it is run again in field-size tiles. With the cap taken
+    as 2, most windows are; every known cell is still found once."""
+    path, known = slide_file
+    cap = analyzer.spec["detections_per_image"]
+    analyzer.spec["detections_per_image"] = 2  # what the slide path reads, not the network
+    try:
+        result = analyze_whole_slide(analyzer, path)
+    finally:
+        analyzer.spec["detections_per_image"] = cap
+    assert result.retiled > 0 and result.to_dict()["windows_retiled"] == result.retiled
+    boxes = np.array([c.box for c in result.field.cells], dtype=np.float32).reshape(-1, 4)
+    iou = box_iou(known, boxes)
+    assert ((iou >= 0.5).sum(1) == 1).all() and (np.sort(iou, axis=1)[:, -2] < 0.1).all()
 
 
 def test_cli_whole_slide_and_bad_files(slide_file, tmp_path):
