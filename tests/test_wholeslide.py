@@ -19,7 +19,8 @@ from slide_helpers import CANVAS, FIELDS, MPP, build_slide  # noqa: E402
 from leukodiff.pipeline.boxes import Detections, box_iou  # noqa: E402
 from leukodiff.pipeline.tiling import merge_tiles, merge_tiles_local, tile_origins  # noqa: E402
 from leukodiff.pipeline.wholeslide import (  # noqa: E402
-    DETECT_WINDOW,
+    DETECT_BLOCKS,
+    STRUCTURE_MARGIN,
     SlideError,
     analyze_whole_slide,
     crop_to_structure,
@@ -116,16 +117,16 @@ def test_detector_windows_are_groups_of_the_counting_blocks(slide_file):
     with open_slide(path) as slide:
         thumbnail = slide.thumbnail()
         blocks, skipped = plan_windows(slide, (640, 480), thumbnail=thumbnail)
-        grouped = group_blocks(blocks, skipped, (640, 480), DETECT_WINDOW)
+        grouped = group_blocks(blocks, skipped, DETECT_BLOCKS)
         windows = crop_to_structure([w for w, _ in grouped], thumbnail,
-                                    glass_level(thumbnail), CANVAS, 2 * EDGE_MARGIN)
+                                    glass_level(thumbnail), CANVAS, STRUCTURE_MARGIN)
     assert sorted(b.box for _, members in grouped for b in members) == sorted(
         b.box for b in blocks)  # each block in exactly one group
     for window, members in grouped:
         assert all(window.x0 <= b.x0 and window.y0 <= b.y0 and b.x1 <= window.x1
                    and b.y1 <= window.y1 for b in members)
-        assert window.x1 - window.x0 <= DETECT_WINDOW[0]
-        assert window.y1 - window.y0 <= DETECT_WINDOW[1]
+        assert window.x1 - window.x0 <= 640 + (DETECT_BLOCKS[0] - 1) * 400  # blocks <= 400 apart
+        assert window.y1 - window.y0 <= 480 + (DETECT_BLOCKS[1] - 1) * 240
     assert len(windows) < len(blocks) / 3  # larger windows: fewer runs, less overlap
     area = lambda ws: sum((w.x1 - w.x0) * (w.y1 - w.y0) for w in ws)  # noqa: E731
     assert area(windows) < area(w for w, _ in grouped) < area(blocks)

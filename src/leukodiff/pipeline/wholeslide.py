@@ -10,8 +10,8 @@ DICOM WSI, OpenSlide formats). Two grids, one decision each:
   one) at the detector's scale, with half a side of overlap (the largest white cell,
   ~240 px, fits it), as `pipeline.tiling.detect_tiled` tiles. A block whose part of the
   thumbnail shows no structure (bare glass, a plain area) is background, never read.
-- Windows run the detector: DETECT_WINDOW (1280x960 at the detector's scale) groups of
-  neighbouring blocks, each cut to the blocks of its group that show structure. Every
+- Windows run the detector: DETECT_BLOCKS (3x3: 1440x960 at the detector's scale) groups
+  of neighbouring blocks, each cut to the blocks of its group that show structure. Every
   block lies wholly inside one window, so a cell that fits a block (any cell up to the
   blocks' overlap) is seen whole by some window; the detector re-reads less overlap and
   pays its per-call cost less often than on blocks.
@@ -64,12 +64,7 @@ from leukodiff.pipeline.slidefiles import (
     is_whole_slide,
     open_slide,
 )
-from leukodiff.pipeline.tiling import (
-    EDGE_MARGIN,
-    detect_tiled,
-    merge_tiles_local,
-    tile_origins,
-)
+from leukodiff.pipeline.tiling import detect_tiled, merge_tiles_local, tile_origins
 
 __all__ = ["Slide", "SlideError", "SlideResult", "analyze_whole_slide", "crop_to_structure",
            "group_blocks", "is_whole_slide", "open_slide", "plan_windows"]
@@ -82,9 +77,16 @@ MIN_STRUCTURE = 0.005
 # (scale.DETECTOR_MPP) unless within this factor of it: the detector learnt fields whose
 # cells vary more than that (the ruler: 0.80-1.39 of BCCD's median, p10-p90).
 MPP_TOLERANCE = 1.1
-# The detector's windows, in its own pixels: about this size, made of whole blocks.
-# 1280x960 reads 1.7 times the smear (overlap 240 px) where field-size windows read 3.2.
-DETECT_WINDOW = (1280, 960)
+# The detector's windows: groups of this many blocks across and down (3x3: 1440x960 at
+# the detector's scale, overlap 240 px) read 1.6 times the smear, where the blocks
+# themselves read 3.2. On BCCD-dense smear such a window fills at most about 12 of the
+# network's 20 boxes (any score): larger windows come closer to that cap (see
+# `_detect_window`).
+DETECT_BLOCKS = (3, 3)
+# Detector pixels of glass kept around a window's structure when it is cut to it: nearer,
+# the window's edge shifts the detector's boxes (the same slide as TIFF and as SVS, whose
+# thumbnails differ: boxes' IoU 0.90 at 32 px, 0.95 at 64, identical at 96).
+STRUCTURE_MARGIN = 96
 
 
 @dataclass(frozen=True)
@@ -122,21 +124,17 @@ def plan_windows(slide: Slide, size: tuple[int, int], overlap: int | None = None
     return keep, skip
 
 
-def group_blocks(blocks: list[Window], skipped: list[Window], tile: tuple[int, int],
-                 window: tuple[int, int]) -> list[tuple[Window, list[Window]]]:
+def group_blocks(blocks: list[Window], skipped: list[Window], per: tuple[int, int]
+                 ) -> list[tuple[Window, list[Window]]]:
     """The detector's windows over a grid of blocks (`plan_windows`: `blocks` to read,
-    `skipped` background), as (window, its blocks): neighbouring blocks grouped so that a
-    group spans at most `window` (level-0 pixels; at least one block), each window the
-    bounding box of its group's blocks to read. Every block to read lies wholly inside
-    exactly one window; a group with none is not read."""
+    `skipped` background), as (window, its blocks): groups of `per` neighbouring blocks
+    (across, down), each window the bounding box of its group's blocks to read. Every
+    block to read lies wholly inside exactly one window; a group with none is not read."""
     if not blocks:
         return []
     xs = sorted({b.x0 for b in (*blocks, *skipped)})
     ys = sorted({b.y0 for b in (*blocks, *skipped)})
-    step_x = xs[1] - xs[0] if len(xs) > 1 else tile[0]
-    step_y = ys[1] - ys[0] if len(ys) > 1 else tile[1]
-    per_x = max(1, 1 + (window[0] - tile[0]) // max(1, step_x))
-    per_y = max(1, 1 + (window[1] - tile[1]) // max(1, step_y))
+    per_x, per_y = per
     # groups start at the first block to read, so a smear's edge starts a window
     first_x, first_y = xs.index(min(b.x0 for b in blocks)), ys.index(min(b.y0 for b in blocks))
     column = {x: (i - first_x) // per_x for i, x in enumerate(xs)}
@@ -327,10 +325,9 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
         tile = (min(native[0], slide.width), min(native[1], slide.height))
         cores = Cores([(b.x0, b.y0) for b in (*blocks, *skipped)], tile,
                       (slide.width, slide.height))
-        reach = (round(DETECT_WINDOW[0] * scale.shrink), round(DETECT_WINDOW[1] * scale.shrink))
-        grouped = group_blocks(blocks, skipped, tile, reach)
+        grouped = group_blocks(blocks, skipped, DETECT_BLOCKS)
         windows = crop_to_structure([window for window, _ in grouped], thumbnail, glass,
-                                    (slide.width, slide.height), 2 * EDGE_MARGIN * scale.shrink)
+                                    (slide.width, slide.height), STRUCTURE_MARGIN * scale.shrink)
         zones: dict[tuple[int, int], str] = {}
         found, origins, retiled = [], [], 0
         for (window, image), (_, members) in zip(
