@@ -11,10 +11,13 @@ DICOM WSI, OpenSlide formats). Two grids, one decision each:
   ~240 px, fits it), as `pipeline.tiling.detect_tiled` tiles. A block whose part of the
   thumbnail shows no structure (bare glass, a plain area) is background, never read.
 - Windows run the detector: DETECT_BLOCKS (3x3: 1440x960 at the detector's scale) groups
-  of neighbouring blocks, each cut to the blocks of its group that show structure. Every
-  block lies wholly inside one window, so a cell that fits a block (any cell up to the
-  blocks' overlap) is seen whole by some window; the detector re-reads less overlap and
-  pays its per-call cost less often than on blocks.
+  of neighbouring blocks, each the bounding box of its group's blocks that show
+  structure, then cut to the structure itself (STRUCTURE_MARGIN of glass kept). Every
+  block lies inside its group's box, and a window loses only bare glass, so a cell that
+  fits a block (any cell up to the blocks' overlap) is seen whole by some window; the
+  detector re-reads less overlap (1.6 times the smear read, not 3.2) and bare glass at
+  the smear's edge is not run through it. A window whose run fills the network's box
+  cap is run again in field-size tiles (`_detect_window`).
 
 Boxes are merged across window borders, at the detector's scale, with the grid-bucketed
 merge (`tiling.merge_tiles_local`; its 16 px edge margin is the detector's), then each
@@ -79,7 +82,7 @@ MIN_STRUCTURE = 0.005
 MPP_TOLERANCE = 1.1
 # The detector's windows: groups of this many blocks across and down (3x3: 1440x960 at
 # the detector's scale, overlap 240 px) read 1.6 times the smear, where the blocks
-# themselves read 3.2. On BCCD-dense smear such a window fills at most about 12 of the
+# themselves read 3.2. On BCCD-dense smear such a window fills at most 13 of the
 # network's 20 boxes (any score): larger windows come closer to that cap (see
 # `_detect_window`).
 DETECT_BLOCKS = (3, 3)
