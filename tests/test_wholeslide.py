@@ -269,3 +269,32 @@ def test_reading_window_by_window_keeps_memory_bounded(slide_file, tmp_path):
         tracemalloc.stop()
     assert seen == 640 * len(keep) and skip
     assert peak < 0.4 * width * height * 3, peak / 1e6  # ~37 MB: tile cache 24, thumbnail, a block
+
+
+def test_cells_are_classified_from_the_part_of_their_window_their_crops_take():
+    """Of a home window only the part the cells' crops take is read: every crop (at every
+    scale, near the window's edges too, where a crop is pushed inside) is the same square
+    of pixels as from the whole window."""
+    from leukodiff.data.crops import crop_cell
+    from leukodiff.data.records import Box
+    from leukodiff.pipeline.wholeslide import _crop_extent
+
+    rng = np.random.default_rng(3)
+    home = (1000, 2000, 2440, 2960)  # a 1440x960 window, level-0 pixels
+    whole = Image.fromarray(rng.integers(0, 255, (960, 1440, 3), dtype=np.uint8))
+    boxes = np.array([[1010, 2005, 1150, 2140], [1005, 2300, 1180, 2470],  # at its edge
+                      [1600, 2400, 1800, 2600], [1700, 2450, 1790, 2560],
+                      [2300, 2820, 2435, 2955]], dtype=np.float32)  # the last at its corner
+    scales = [1.5, 2.6]
+    for cells in (boxes[:4], boxes[1:2], boxes[4:]):  # alone, a cell at an edge: its crop
+        # is pushed inside the window, past where its own square would end
+        x0, y0, x1, y1 = _crop_extent(home, cells, scales)
+        assert (x1 - x0) * (y1 - y0) < 1440 * 960  # less than the window is read
+        part = whole.crop((x0 - home[0], y0 - home[1], x1 - home[0], y1 - home[1]))
+        for bx0, by0, bx1, by1 in cells.tolist():
+            for scale in scales:
+                from_whole = crop_cell(whole, Box(bx0 - home[0], by0 - home[1],
+                                                  bx1 - home[0], by1 - home[1]), scale)
+                from_part = crop_cell(part, Box(bx0 - x0, by0 - y0, bx1 - x0, by1 - y0), scale)
+                assert np.array_equal(np.asarray(from_whole), np.asarray(from_part))
+    assert _crop_extent(home, boxes[2:4], [1.0]) == (1598, 2398, 1801, 2601)
