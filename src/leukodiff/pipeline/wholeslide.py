@@ -421,8 +421,8 @@ def _classify(analyzer: Analyzer, slide: Slide, found: Detections,
     if analyzer.group_refiner is not None:
         scales.append(analyzer.group_refiner.crop_scale)
     cells: list[CellCall] = []
-    for home, members in batches.items():
-        local = found.take(members)
+    for home, members in sorted(batches.items(), key=lambda batch: (batch[0][1], batch[0][0])):
+        local = found.take(members)  # in reading order: neighbours share the cached tiles
         x0, y0, x1, y1 = _crop_extent(home, local.boxes, scales)
         image = Image.fromarray(slide.read(x0, y0, x1, y1))
         offset = np.array([x0, y0, x0, y0], dtype=np.float32)
