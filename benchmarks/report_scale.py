@@ -217,15 +217,16 @@ def wholeslide(rows: list[dict]) -> list[str]:
         ["found exactly once on the slide", str(m["found_once"])],
         ["missed / double-counted", f"{m['missed']} / {m['double_counted']}"],
         ["white cells on the slide (any)", str(m["cells_on_slide"])],
-        ["windows analysed / skipped as background", f"{m['windows_read']:,} / "
-                                                     f"{m['windows_skipped']:,}"],
+        ["detector windows read; field-size blocks read / skipped as background",
+         f"{m['windows_read']:,}; {m.get('blocks_read', m['windows_read']):,} / "
+         f"{m['windows_skipped']:,}"],
         ["microns per pixel", f"{m['mpp']} ({m['mpp_source']}); windows shrunk "
                               f"{m['shrink']:.2f}x"],
         ["analysis wall time", f"{m['slide_s']:.1f} s ({m['threads']} thread(s), onnxruntime)"],
         ["peak RSS of the analysing process", f"{m['slide_peak_rss_mb']:.0f} MiB (before the "
                                               f"slide: {m['rss_before_slide_mb']:.0f} MiB)"],
         ["s per MP of smear (the pasted fields)", _f(m["s_per_mp_tissue"], 3)],
-        ["s per MP read (windows x window size; they overlap)", _f(m["s_per_mp_read"], 3)],
+        ["s per MP read (the detector's windows; they overlap)", _f(m["s_per_mp_read"], 3)],
         ["s per MP of the whole slide (background included)", _f(m["s_per_mp_slide"], 4)],
         ["per-field analysis, same fields, same Analyzer", f"{m['field_ms']:.1f} ms per field "
                                                            f"= {m['s_per_mp_field']:.3f} s/MP"],

@@ -179,7 +179,7 @@ def analyze(spec: dict) -> dict:
     once = int(((hits == 1) & (second < 0.1)).sum())
     field_ms = statistics.fmean([per_field_ms[i] for i, _, _ in layout["placements"]])
     tissue_mp = len(layout["placements"]) * FIELD_MP
-    read_mp = result.windows * FIELD_MP * result.shrink ** 2
+    read_mp = result.read_px / 1e6  # level-0 pixels of the detector's windows
     return {
         "side": layout["side"], "megapixels": layout["side"] ** 2 / 1e6,
         "threads": spec["threads"], "backend": "onnx",
@@ -188,7 +188,8 @@ def analyze(spec: dict) -> dict:
         "found_once": once, "missed": int((hits == 0).sum()),
         "double_counted": int(((hits > 1) | ((hits == 1) & (second >= 0.1))).sum()),
         "cells_on_slide": len(boxes),
-        "windows_read": result.windows, "windows_skipped": result.skipped_windows,
+        "windows_read": result.windows, "blocks_read": result.blocks,
+        "windows_skipped": result.skipped_windows,
         "shrink": result.shrink, "mpp": result.mpp, "mpp_source": result.mpp_source,
         "slide_s": slide_s, "slide_peak_rss_mb": slide_rss, "rss_before_slide_mb": rss_before,
         "field_ms": field_ms,

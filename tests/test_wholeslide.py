@@ -19,8 +19,12 @@ from slide_helpers import CANVAS, FIELDS, MPP, build_slide  # noqa: E402
 from leukodiff.pipeline.boxes import Detections, box_iou  # noqa: E402
 from leukodiff.pipeline.tiling import merge_tiles, merge_tiles_local, tile_origins  # noqa: E402
 from leukodiff.pipeline.wholeslide import (  # noqa: E402
+    DETECT_BLOCKS,
+    STRUCTURE_MARGIN,
     SlideError,
     analyze_whole_slide,
+    crop_to_structure,
+    group_blocks,
     is_whole_slide,
     open_slide,
     plan_windows,
@@ -96,8 +100,56 @@ def test_every_known_cell_found_once(slide_file, analyzer):
         assert any(abs(box[0] - x) < 8 or abs(box[1] - y) < 8 or abs(box[2] - x - 640) < 8
                    or abs(box[3] - y - 480) < 8 for x, y in FIELDS.values()), box
     assert result.mpp == pytest.approx(MPP)
-    assert result.skipped_windows > 0 and result.windows > 0
-    assert result.shrink == 1.0
+    assert result.skipped_windows > 0 and 0 < result.windows < result.blocks
+    assert result.shrink == 1.0 and result.retiled == 0
+
+
+def test_detector_windows_are_groups_of_the_counting_blocks(slide_file):
+    """The counting area is decided on field-size blocks, the detector runs on larger
+    windows made of them: every block to read lies wholly inside one window, the windows
+    still overlap by the blocks' 240 px, and each known cell lies whole in some window,
+    clear of its edges (16 px: not a cut piece), after the windows are cut to the
+    smear's structure (the plain background right and below is not detected)."""
+    from leukodiff.pipeline.monolayer import glass_level
+    from leukodiff.pipeline.tiling import EDGE_MARGIN
+
+    path, known = slide_file
+    with open_slide(path) as slide:
+        thumbnail = slide.thumbnail()
+        blocks, skipped = plan_windows(slide, (640, 480), thumbnail=thumbnail)
+        grouped = group_blocks(blocks, skipped, DETECT_BLOCKS)
+        windows = crop_to_structure([w for w, _ in grouped], thumbnail,
+                                    glass_level(thumbnail), CANVAS, STRUCTURE_MARGIN)
+    assert sorted(b.box for _, members in grouped for b in members) == sorted(
+        b.box for b in blocks)  # each block in exactly one group
+    for window, members in grouped:
+        assert all(window.x0 <= b.x0 and window.y0 <= b.y0 and b.x1 <= window.x1
+                   and b.y1 <= window.y1 for b in members)
+        assert window.x1 - window.x0 <= 640 + (DETECT_BLOCKS[0] - 1) * 400  # blocks <= 400 apart
+        assert window.y1 - window.y0 <= 480 + (DETECT_BLOCKS[1] - 1) * 240
+    assert len(windows) < len(blocks) / 3  # larger windows: fewer runs, less overlap
+    area = lambda ws: sum((w.x1 - w.x0) * (w.y1 - w.y0) for w in ws)  # noqa: E731
+    assert area(windows) < area(w for w, _ in grouped) < area(blocks)
+    for x0, y0, x1, y1 in known:
+        assert any(w.x0 + EDGE_MARGIN < x0 and w.y0 + EDGE_MARGIN < y0
+                   and x1 < w.x1 - EDGE_MARGIN and y1 < w.y1 - EDGE_MARGIN for w in windows)
+
+
+def test_a_window_that_fills_the_detectors_cap_is_run_in_tiles(slide_file, analyzer):
+    """The network keeps at most `detections_per_image` boxes a run: a window that fills
+    it may hold more cells, so it is run again in field-size tiles. With the cap taken
+    as 2, most windows are; every known cell is still found once."""
+    path, known = slide_file
+    cap = analyzer.spec["detections_per_image"]
+    analyzer.spec["detections_per_image"] = 2  # what the slide path reads, not the network
+    try:
+        result = analyze_whole_slide(analyzer, path)
+    finally:
+        analyzer.spec["detections_per_image"] = cap
+    assert result.retiled > 0 and result.to_dict()["windows_retiled"] == result.retiled
+    boxes = np.array([c.box for c in result.field.cells], dtype=np.float32).reshape(-1, 4)
+    iou = box_iou(known, boxes)
+    assert ((iou >= 0.5).sum(1) == 1).all() and (np.sort(iou, axis=1)[:, -2] < 0.1).all()
 
 
 def test_cli_whole_slide_and_bad_files(slide_file, tmp_path):
@@ -217,3 +269,32 @@ def test_reading_window_by_window_keeps_memory_bounded(slide_file, tmp_path):
         tracemalloc.stop()
     assert seen == 640 * len(keep) and skip
     assert peak < 0.4 * width * height * 3, peak / 1e6  # ~37 MB: tile cache 24, thumbnail, a block
+
+
+def test_cells_are_classified_from_the_part_of_their_window_their_crops_take():
+    """Of a home window only the part the cells' crops take is read: every crop (at every
+    scale, near the window's edges too, where a crop is pushed inside) is the same square
+    of pixels as from the whole window."""
+    from leukodiff.data.crops import crop_cell
+    from leukodiff.data.records import Box
+    from leukodiff.pipeline.wholeslide import _crop_extent
+
+    rng = np.random.default_rng(3)
+    home = (1000, 2000, 2440, 2960)  # a 1440x960 window, level-0 pixels
+    whole = Image.fromarray(rng.integers(0, 255, (960, 1440, 3), dtype=np.uint8))
+    boxes = np.array([[1010, 2005, 1150, 2140], [1005, 2300, 1180, 2470],  # at its edge
+                      [1600, 2400, 1800, 2600], [1700, 2450, 1790, 2560],
+                      [2300, 2820, 2435, 2955]], dtype=np.float32)  # the last at its corner
+    scales = [1.5, 2.6]
+    for cells in (boxes[:4], boxes[1:2], boxes[4:]):  # alone, a cell at an edge: its crop
+        # is pushed inside the window, past where its own square would end
+        x0, y0, x1, y1 = _crop_extent(home, cells, scales)
+        assert (x1 - x0) * (y1 - y0) < 1440 * 960  # less than the window is read
+        part = whole.crop((x0 - home[0], y0 - home[1], x1 - home[0], y1 - home[1]))
+        for bx0, by0, bx1, by1 in cells.tolist():
+            for scale in scales:
+                from_whole = crop_cell(whole, Box(bx0 - home[0], by0 - home[1],
+                                                  bx1 - home[0], by1 - home[1]), scale)
+                from_part = crop_cell(part, Box(bx0 - x0, by0 - y0, bx1 - x0, by1 - y0), scale)
+                assert np.array_equal(np.asarray(from_whole), np.asarray(from_part))
+    assert _crop_extent(home, boxes[2:4], [1.0]) == (1598, 2398, 1801, 2601)

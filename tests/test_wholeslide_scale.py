@@ -97,6 +97,10 @@ def test_without_microns_per_pixel_the_ruler_measures_and_says_so(bccd, analyzer
         DETECTOR_MPP / result.ruler_ratio)
     assert any("no microns per pixel in the file" in note for note in result.notes)
     assert ((box_iou(known, boxes_of(result)) >= 0.5).sum(1) == 1).all()
+    given = analyze_whole_slide(analyzer, path, shrink=1.0)  # the caller's scale: no ruler
+    assert given.ruler_ratio is None and given.mpp is None and given.shrink == 1.0
+    assert "as asked" in " ".join(given.notes)
+    assert np.allclose(boxes_of(given), boxes_of(result))
     out = tmp_path / "out"
     done = CliRunner().invoke(app, ["analyze", str(path), "--out", str(out), "--threads", "1"])
     assert done.exit_code == 0, done.output

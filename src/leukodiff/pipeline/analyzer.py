@@ -377,10 +377,13 @@ class Analyzer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _detect_field(self, image: Image.Image) -> Detections:
+    def _detect_raw(self, image: Image.Image) -> Detections:
+        """The network's boxes, at most spec["detections_per_image"] (any score, any group)."""
         pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        found = Detections.of(*self.backend.detect(np.ascontiguousarray(pixels)))
-        return agnostic_nms(found, float(self.spec["agnostic_nms_iou"]))
+        return Detections.of(*self.backend.detect(np.ascontiguousarray(pixels)))
+
+    def _detect_field(self, image: Image.Image) -> Detections:
+        return agnostic_nms(self._detect_raw(image), float(self.spec["agnostic_nms_iou"]))
 
     def detect(self, image: Image.Image) -> Detections:
         """Level 1: white cells above the detection threshold, with their group. Frames

@@ -2,10 +2,11 @@
 
 A smear is thick at one end (red cells piled over one another; white cells shrunken and
 hard to tell apart) and thin at the other (few red cells, white cells flattened and
-broken); a differential is counted between, where red cells just touch. Each window is
-placed by its red-cell coverage: the share of its pixels darker in green than
-CELL_TRANSMITTANCE of the glass (one level for the whole slide, so a window packed with
-cells is not split into "cells" and "overlaps" as its own Otsu threshold would).
+broken); a differential is counted between, where red cells just touch. Each window (a
+field-size block of `pipeline.wholeslide`) is placed by its red-cell coverage: the share
+of its pixels darker in green than CELL_TRANSMITTANCE of the glass (one level for the
+whole slide, so a window packed with cells is not split into "cells" and "overlaps" as
+its own Otsu threshold would).
 
 The band is BCCD's: its fields were photographed where technologists count, and their
 coverage measured this way (each field against its own glass) is 0.30-0.50 (p5-p95,

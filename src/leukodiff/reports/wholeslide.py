@@ -1,7 +1,7 @@
 """A whole slide's outputs in an `analyze` run: instead of a full-size annotated image,
 fields/STEM.overview.png (the slide's lowest level, at most OVERVIEW_SIDE a side, with
 every cell boxed in its type's colour), STEM.json (cells in level-0 pixels, plus how the
-slide was read: levels, microns per pixel and their source, windows read and skipped, the
+slide was read: levels, microns per pixel and their source, windows and blocks read, the
 counting area, notes) and STEM.geojson."""
 
 from __future__ import annotations
