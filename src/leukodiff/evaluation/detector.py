@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from leukodiff.data.records import Field
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
 from leukodiff.data.sources.unboxed import unboxed_white_cells
-from leukodiff.imaging import load_image
+from leukodiff.imaging import Mark, annotate, load_image
 from leukodiff.metrics.detection import MONO, POLY, detection_metrics
 from leukodiff.models.detector import standardise_colour
 from leukodiff.models.files import Manifest
@@ -67,26 +67,17 @@ _COLOURS = {MONO: (30, 90, 255), POLY: (255, 140, 0)}
 _SHORT = {MONO: "mono", POLY: "poly"}
 
 
-def annotate(image: Image.Image, detections, record: Field | None = None,
-             score_threshold: float = 0.5) -> Image.Image:
-    """The image with truth boxes (thin green) and detections (thick; blue mononuclear,
-    orange polymorphonuclear, with score)."""
-    picture = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(picture)
-    if record is not None:
-        for box in record.wbc_boxes:
-            draw.rectangle(box.xyxy, outline=(0, 200, 0), width=1)
-            name = {Group.MONONUCLEAR: "mono", Group.POLYMORPHONUCLEAR: "poly"}.get(
-                box.group, "wbc")
-            draw.text((box.x0 + 3, box.y1 - 12), f"truth {name}", fill=(0, 160, 0))
+def _marks(detections, record: Field, score_threshold: float) -> list[Mark]:
+    """Truth boxes (thin green) and detections at the operating threshold (blue
+    mononuclear, orange polymorphonuclear, with score), for `imaging.annotate`."""
+    truth = {Group.MONONUCLEAR: "mono", Group.POLYMORPHONUCLEAR: "poly"}
+    marks = [Mark(box.xyxy, f"truth {truth.get(box.group, 'wbc')}", (0, 160, 0), line=1)
+             for box in record.wbc_boxes]
     boxes, labels, scores = detections
-    for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(), strict=True):
-        if score < score_threshold:
-            continue
-        draw.rectangle(box, outline=_COLOURS[label], width=3)
-        draw.text((box[0] + 4, box[1] + 3), f"{_SHORT[label]} {score:.2f}",
-                  fill=_COLOURS[label])
-    return picture
+    marks += [Mark(box, f"{_SHORT[label]} {score:.2f}", _COLOURS[label])
+              for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(),
+                                           strict=True) if score >= score_threshold]
+    return marks
 
 
 def _without_per_image(metrics: dict) -> dict:
@@ -205,7 +196,7 @@ def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, da
             not any(b.group == Group.MONONUCLEAR for b in test[i].wbc_boxes), i))
         for i in order[:examples]:
             path = out_dir / f"bccd_{test[i].image.stem}.png"
-            annotate(images[i], detections[i], test[i], threshold).save(path)
+            annotate(images[i], _marks(detections[i], test[i], threshold)).save(path)
             saved.append(path.name)
     if bcd:
         tiles = sorted(load_fields("bcd", data_root, track).records, key=lambda r: r.image.name)
@@ -244,7 +235,7 @@ def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, da
                 -(per_image[i]["truth"] - per_image[i]["matched"]
                   + per_image[i]["detected"] - per_image[i]["matched"]), i))
             for i in order[: max(1, examples // 2)]:
-                picture = annotate(tile_images[i], bcd_detections[i], tiles[i], threshold)
+                picture = annotate(tile_images[i], _marks(bcd_detections[i], tiles[i], threshold))
                 path = out_dir / f"bcd_{tiles[i].image.stem}.png"
                 picture.resize((picture.width * 2, picture.height * 2)).save(path)
                 saved.append(path.name)
