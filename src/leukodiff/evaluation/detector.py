@@ -37,6 +37,7 @@ from leukodiff.data.sources import load_fields
 from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.imaging import Mark, annotate, load_image
 from leukodiff.metrics.detection import MONO, POLY, detection_metrics
+from leukodiff.metrics.heldout import BcdDetection, DetectorEvaluation, FieldTiming, SweepRow
 from leukodiff.models.detector import standardise_colour
 from leukodiff.models.files import Manifest
 from leukodiff.pipeline.analyzer import Analyzer
@@ -141,7 +142,7 @@ def evaluate_detector(
     examples: int = 6,
     max_fields: int = 0,
     track: Track = no_progress,
-) -> dict:
+) -> DetectorEvaluation:
     """Metrics of a detector (a .pt with manifest, a shipped name, or a model in memory) on
     BCCD's VOC test list and on BCD, detected as `analyze` detects (`Analyzer.detect`, on
     `backend`: onnx, torch or auto; a model in memory runs on torch); with `out_dir`, also
@@ -159,7 +160,7 @@ def evaluate_detector(
 def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, data_root,
               out_dir, bcd: bool,
               bcd_scale: float, bcd_colour_standardise: bool, scale_sweep: Sequence[float],
-              examples: int, max_fields: int, track: Track) -> dict:
+              examples: int, max_fields: int, track: Track) -> DetectorEvaluation:
     threshold = float(analyzer.spec["score_threshold"])
     bccd = sorted(load_fields("bccd", data_root, track).records, key=lambda r: r.image.name)
     test = [r for r in bccd if r.subset == "test"]
@@ -168,28 +169,24 @@ def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, da
     images = [load_image(r.image) for r in test]
     detections, seconds = _timed_detect(analyzer, images, track=track,
                                         description="BCCD test fields")
-    results: dict = {
-        "model": model_name, "backend": analyzer.backend.name,
-        "model_sha256": manifest.sha256 if manifest else None,
-        "bccd_test": detection_metrics(detections, test, score_threshold=threshold),
-        # BCCD leaves some white cells unboxed (4 test fields have no WBC box although
-        # one is visible), so finding them counts as false. Reported beside the official
-        # figure: those cells as ignore regions (data.sources.unboxed).
-        "bccd_test_unboxed_ignored": _without_per_image(detection_metrics(
-            detections, test, score_threshold=threshold, ignore=unboxed_white_cells("bccd"))),
-        "bccd_test_fields_with_a_wbc_box": _without_per_image(detection_metrics(
-            [d for d, r in zip(detections, test, strict=True) if r.wbc_boxes],
-            [r for r in test if r.wbc_boxes], score_threshold=threshold)),
-        "ms_per_field": {"median": 1000 * statistics.median(seconds),
-                         "mean": 1000 * statistics.fmean(seconds), "n": len(seconds),
-                         "size": f"{test[0].width}x{test[0].height}" if test else ""},
-    }
+    bccd_test = detection_metrics(detections, test, score_threshold=threshold)
+    # BCCD leaves some white cells unboxed (4 test fields have no WBC box although one is
+    # visible), so finding them counts as false. Reported beside the official figure:
+    # those cells as ignore regions (data.sources.unboxed).
+    unboxed_ignored = _without_per_image(detection_metrics(
+        detections, test, score_threshold=threshold, ignore=unboxed_white_cells("bccd")))
+    boxed_fields = _without_per_image(detection_metrics(
+        [d for d, r in zip(detections, test, strict=True) if r.wbc_boxes],
+        [r for r in test if r.wbc_boxes], score_threshold=threshold))
+    timing = FieldTiming(median=1000 * statistics.median(seconds),
+                         mean=1000 * statistics.fmean(seconds), n=len(seconds),
+                         size=f"{test[0].width}x{test[0].height}" if test else "")
     saved = []
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # errors first, then mononuclear fields, then the rest
-        per_image = results["bccd_test"]["per_image"]
+        per_image = bccd_test["per_image"]
         order = sorted(range(len(test)), key=lambda i: (
             -(per_image[i]["wrong_group"] + per_image[i]["truth"] - per_image[i]["matched"]
               + per_image[i]["detected"] - per_image[i]["matched"]),
@@ -198,6 +195,7 @@ def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, da
             path = out_dir / f"bccd_{test[i].image.stem}.png"
             annotate(images[i], _marks(detections[i], test[i], threshold)).save(path)
             saved.append(path.name)
+    on_bcd = None
     if bcd:
         tiles = sorted(load_fields("bcd", data_root, track).records, key=lambda r: r.image.name)
         if max_fields:
@@ -225,10 +223,10 @@ def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, da
                 name = f"x{factor:g}" + (", colour standardised" if standardise else "")
                 if factor == from_rbc and factor not in scale_sweep:
                     name += " (red-cell sizes)"
-                sweep[name] = {k: metrics["wbc"][k] for k in keys}
-        results["bcd"] = {"scale": scale, "scale_from_rbc_sizes": estimated,
-                          "colour_standardised": colour, "wbc": main["wbc"],
-                          "per_image": main["per_image"], "sweep": sweep}
+                sweep[name] = SweepRow(**{k: metrics["wbc"][k] for k in keys})
+        on_bcd = BcdDetection(scale=scale, scale_from_rbc_sizes=estimated,
+                              colour_standardised=colour, wbc=main["wbc"],
+                              per_image=main["per_image"], sweep=sweep)
         if out_dir is not None:
             per_image = main["per_image"]
             order = sorted(range(len(tiles)), key=lambda i: (
@@ -239,7 +237,13 @@ def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, da
                 path = out_dir / f"bcd_{tiles[i].image.stem}.png"
                 picture.resize((picture.width * 2, picture.height * 2)).save(path)
                 saved.append(path.name)
-    results["pictures"] = saved
+    results = DetectorEvaluation(
+        model=model_name, backend=analyzer.backend.name,
+        model_sha256=manifest.sha256 if manifest else None, bccd_test=bccd_test,
+        bccd_test_unboxed_ignored=unboxed_ignored,
+        bccd_test_fields_with_a_wbc_box=boxed_fields, ms_per_field=timing, bcd=on_bcd,
+        pictures=saved)
     if out_dir is not None:
-        (Path(out_dir) / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        (Path(out_dir) / "metrics.json").write_text(
+            json.dumps(results.to_dict(), indent=2) + "\n")
     return results
