@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,16 @@ class SlideError(AnalysisError):
 def _missing(package: str, extra: str, path: Path) -> SlideError:
     return SlideError(f"{path}: reading this whole-slide format needs {package}: "
                       f"pip install {extra}")
+
+
+@contextmanager
+def _needs(package: str, extra: str, path: Path) -> Iterator[None]:
+    """Around a reader's import of its optional package: when it is missing, a SlideError
+    that says how to install it, not an ImportError."""
+    try:
+        yield
+    except ImportError:
+        raise _missing(package, extra, path) from None
 
 
 def _suffix(path: Path) -> str:
@@ -175,11 +187,8 @@ class TiffSlide(Slide):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
+        with _needs("tifffile", "'leukodiff[wsi]' (or: pip install tifffile)", self.path):
             import tifffile
-        except ImportError:
-            raise _missing("tifffile", "'leukodiff[wsi]' (or: pip install tifffile)",
-                           self.path) from None
         if not self.path.is_file():
             raise SlideError(f"{self.path}: no such file")
         try:
@@ -295,11 +304,9 @@ class OpenSlideSlide(Slide):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
+        with _needs("OpenSlide", "'leukodiff[wsi]' (or: pip install openslide-bin "
+                    "openslide-python)", self.path):
             import openslide
-        except ImportError:
-            raise _missing("OpenSlide", "'leukodiff[wsi]' (or: pip install openslide-bin "
-                           "openslide-python)", self.path) from None
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except Exception as error:  # OpenSlideError, OpenSlideUnsupportedFormatError, ...
@@ -337,11 +344,8 @@ class DicomSlide(Slide):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
+        with _needs("wsidicom", "'leukodiff[wsi]' (or: pip install wsidicom)", self.path):
             from wsidicom import WsiDicom
-        except ImportError:
-            raise _missing("wsidicom", "'leukodiff[wsi]' (or: pip install wsidicom)",
-                           self.path) from None
         folder = self.path if self.path.is_dir() else self.path.parent
         _check_dicom_headers(folder)
         from wsidicom.config import Settings

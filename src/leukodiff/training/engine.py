@@ -178,6 +178,20 @@ def classification_loss(model: torch.nn.Module, loss_fn: Callable, *,
     return loss_of
 
 
+def classifier_epochs(model: torch.nn.Module, batches: Iterable, loss_fn: Callable,
+                      optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
+                      description: Callable[[int], str], track: Track = no_progress,
+                      device: torch.device | None = None, channels_last: bool = True
+                      ) -> Callable[[int], dict]:
+    """The epoch of every crop-classifier loop (level 2, its adaptation, the detector's
+    group classifier): `train_epoch` over `batches` with `classification_loss` and the
+    optimiser `Step`; called with the epoch's number, it returns `train_epoch`'s record."""
+    step = Step(optimizer, scheduler)
+    loss_of = classification_loss(model, loss_fn, device=device, channels_last=channels_last)
+    return lambda number: train_epoch(model, batches, loss_of, step, track=track,
+                                      description=description(number))
+
+
 def train_epoch(module: torch.nn.Module, batches: Iterable, loss_of: Callable[[Any], BatchLoss],
                 step: Step, *, track: Track = no_progress, description: str = "") -> dict:
     """One epoch of optimiser steps over `batches` (with a progress bar): the mean of the
