@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -44,6 +44,23 @@ WeightsDir = typer.Option(
     None, "--weights-dir", help="ImageNet TFLite weights folder "
     "[default: $LEUKODIFF_WEIGHTS, else ../shared/weights]."
 )
+
+
+# Options that several commands take, with one meaning: written once (Annotated aliases;
+# each command gives its default).
+Resume = Annotated[bool, typer.Option(help="Continue the run interrupted in --out (a crash, "
+                                      "Ctrl-C, a time limit) from its last epoch.")]
+TimeLimit = Annotated[float, typer.Option(help="Stop cleanly after the epoch that passes this "
+                                          "many minutes (0: no limit); --resume goes on.")]
+Backend = Annotated[str, typer.Option(help="Where the networks run: onnx (onnxruntime), "
+                                      "torch, or auto (onnx when the exported ONNX files "
+                                      "are there).")]
+DetectorModel = Annotated[str, typer.Option("--detector",
+                                            help="Level-1 model file or shipped name.")]
+MononuclearModel = Annotated[str, typer.Option("--mononuclear",
+                                               help="Level-2 mononuclear model.")]
+PolymorphonuclearModel = Annotated[str, typer.Option("--polymorphonuclear",
+                                                     help="Level-2 polymorphonuclear model.")]
 
 
 def _track(items, description: str = ""):

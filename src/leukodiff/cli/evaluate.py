@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from leukodiff.cli.common import (
+    Backend,
     ConfigDefault,
     DataRoot,
     WeightsDir,
@@ -86,8 +87,7 @@ def evaluate_detector_command(
                                             help="BCD: standardise colours to BCCD's "
                                             "statistics before detection."),
     examples: int = typer.Option(6, help="Annotated BCCD fields to save (errors first)."),
-    backend: str = typer.Option("onnx", help="onnx | torch | auto: where the detector runs "
-                                "(the pipeline's own detection either way)."),
+    backend: Backend = "onnx",
     data_root: Path | None = DataRoot,
 ) -> None:
     """COCO AP, recall/precision and group accuracy on BCCD's VOC test list; recall and
@@ -164,7 +164,7 @@ def evaluate_groups_command(
 def evaluate_pipeline_command(
     data_root: Path | None = DataRoot,
     out: Path | None = typer.Option(None, help="Write metrics.json here."),
-    backend: str = typer.Option("onnx", help="onnx | torch | auto."),
+    backend: Backend = "onnx",
 ) -> None:
     """End to end on BCCD's VOC test fields: is each labelled cell found and rightly typed?"""
     import json
@@ -203,7 +203,7 @@ def evaluate_pipeline_command(
 @evaluate_app.command("robustness")
 def evaluate_robustness_command(
     out: Path | None = typer.Option(None, help="Write metrics.json and robustness.png here."),
-    backend: str = typer.Option("onnx", help="onnx | torch | auto."),
+    backend: Backend = "onnx",
     max_fields: int = typer.Option(0, help="First N BCCD test fields only (0: all 72)."),
     max_cells: int = typer.Option(0, help="First N PBC held-out cells per model (0: all)."),
     data_root: Path | None = DataRoot,

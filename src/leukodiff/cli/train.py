@@ -11,6 +11,8 @@ import typer
 from leukodiff.cli.common import (
     ConfigDefault,
     DataRoot,
+    Resume,
+    TimeLimit,
     WeightsDir,
     _command,
     _fail,
@@ -76,7 +78,7 @@ def train_classifier_command(
                                      "labs' look)."),
     stain: str = typer.Option(Classifier("stain"), help="Colour normalisation of each crop: "
                               "none | reinhard (every crop to one reference look)."),
-    resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
+    resume: Resume = False,
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
 ) -> None:
@@ -191,9 +193,8 @@ def train_detector_command(
                                 "comma-separated: bccd (VOC lists), bcd, chula (split by "
                                 "slide/field)."),
     device: str = typer.Option("", help="cpu | cuda [default: cuda when available]."),
-    time_limit: float = typer.Option(0.0, help="Stop cleanly after the epoch that passes this "
-                                     "many minutes (0: no limit); --resume goes on."),
-    resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
+    time_limit: TimeLimit = 0.0,
+    resume: Resume = False,
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
 ) -> None:

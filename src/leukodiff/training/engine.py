@@ -20,6 +20,9 @@ and what it logs:
         save_last=lambda state: folder.save_last(model, optimizer, scheduler, generator,
                                                  state),
         describe=lambda record, best: f"epoch {record['epoch']} ...", log=log)
+
+A crop classifier's loop (level 2, its adaptation, the group classifier) takes its
+`epoch` from `classifier_epochs`: the step and the classification loss, set up once.
 """
 
 from __future__ import annotations
