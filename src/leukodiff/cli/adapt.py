@@ -24,20 +24,8 @@ if TYPE_CHECKING:
     from leukodiff.training.adapt_detector import DetectorAdaptConfig
 
 
-def _adapt_config() -> type:
-    from leukodiff.training.adapt import AdaptConfig
-
-    return AdaptConfig
-
-
-def _detector_adapt_config() -> type:
-    from leukodiff.training.adapt_detector import DetectorAdaptConfig
-
-    return DetectorAdaptConfig
-
-
-Level2 = partial(ConfigDefault, _adapt_config)
-Detector = partial(ConfigDefault, _detector_adapt_config)
+Level2 = partial(ConfigDefault, "AdaptConfig")
+Detector = partial(ConfigDefault, "DetectorAdaptConfig")
 
 
 def adapt(

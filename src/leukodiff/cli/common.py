@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -85,20 +84,38 @@ def _command() -> str:
     return "leukodiff " + " ".join(sys.argv[1:])
 
 
+def config_class(name: str) -> type:
+    """A command's config dataclass by its name. The config modules import torch and the
+    `leukodiff` command starts without it, so they are imported here, when an option's
+    default is first needed (inside a function: tests/test_architecture.py sees them)."""
+    from leukodiff.evaluation.adaptation import AdaptationConfig
+    from leukodiff.evaluation.labs import LabsConfig
+    from leukodiff.evaluation.results import EvalConfig
+    from leukodiff.training.adapt import AdaptConfig
+    from leukodiff.training.adapt_detector import DetectorAdaptConfig
+    from leukodiff.training.classifier import ClassifierConfig
+    from leukodiff.training.detector import DetectorConfig
+
+    configs = (AdaptationConfig, LabsConfig, EvalConfig, AdaptConfig, DetectorAdaptConfig,
+               ClassifierConfig, DetectorConfig)
+    return {config.__name__: config for config in configs}[name]
+
+
 class ConfigDefault:
     """A command option's default, read from a config dataclass's field when it is needed:
-    the dataclass is the one place a default is written. The config modules import torch
-    and the `leukodiff` command starts without it, so the field is read only when the
-    command runs or its help is shown (without torch, the help names the field instead).
+    the dataclass is the one place a default is written (without torch, the help names
+    the field instead: `config_class`).
 
-    `config` returns the dataclass (a function, so the import stays lazy and visible to
-    tests/test_architecture.py); `name` is the field, dotted into nested configs
-    (`"spec.group_stain"`). Tuples are shown and given as comma-separated text, as the
-    options take them.
+    `config` is the dataclass's name (`config()` returns the class); `name` is the field,
+    dotted into nested configs (`"spec.group_stain"`). Tuples are shown and given as
+    comma-separated text, as the options take them.
     """
 
-    def __init__(self, config: Callable[[], type], name: str) -> None:
-        self.config, self.name = config, name
+    def __init__(self, config: str, name: str) -> None:
+        self.config_name, self.name = config, name
+
+    def config(self) -> type:
+        return config_class(self.config_name)
 
     def __call__(self) -> Any:
         try:

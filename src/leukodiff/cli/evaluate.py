@@ -20,28 +20,9 @@ from leukodiff.cli.common import (
     console,
 )
 
-
-def _labs_config() -> type:
-    from leukodiff.evaluation.labs import LabsConfig
-
-    return LabsConfig
-
-
-def _adaptation_config() -> type:
-    from leukodiff.evaluation.adaptation import AdaptationConfig
-
-    return AdaptationConfig
-
-
-def _eval_config() -> type:
-    from leukodiff.evaluation.results import EvalConfig
-
-    return EvalConfig
-
-
-Labs = partial(ConfigDefault, _labs_config)
-Adaptation = partial(ConfigDefault, _adaptation_config)
-Eval = partial(ConfigDefault, _eval_config)
+Labs = partial(ConfigDefault, "LabsConfig")
+Adaptation = partial(ConfigDefault, "AdaptationConfig")
+Eval = partial(ConfigDefault, "EvalConfig")
 
 evaluate_app = typer.Typer(help="Measure a trained model on held-out data.", no_args_is_help=True,
                            callback=_require_torch)
@@ -71,7 +52,6 @@ def evaluate_classifier_command(
         console.print(metrics_table(metrics, title=f"{model} on {name} ({part})"))
     if out:
         console.print(f"confusion matrices and metrics.json in {out}")
-
 
 
 @evaluate_app.command("detector")

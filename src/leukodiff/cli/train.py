@@ -22,21 +22,8 @@ from leukodiff.cli.common import (
     console,
 )
 
-
-def _classifier_config() -> type:
-    from leukodiff.training.classifier import ClassifierConfig
-
-    return ClassifierConfig
-
-
-def _detector_config() -> type:
-    from leukodiff.training.detector import DetectorConfig
-
-    return DetectorConfig
-
-
-Classifier = partial(ConfigDefault, _classifier_config)
-Detector = partial(ConfigDefault, _detector_config)
+Classifier = partial(ConfigDefault, "ClassifierConfig")
+Detector = partial(ConfigDefault, "DetectorConfig")
 
 train_app = typer.Typer(help="Train the level-1 detector or the level-2 classifiers.",
                         no_args_is_help=True, callback=_require_torch)
@@ -103,7 +90,6 @@ def train_classifier_command(
         console.print(f"test, {name}: accuracy {metrics['accuracy']:.4f}, "
                       f"macro-F1 {metrics['macro_f1']:.4f} (n={metrics['n']})")
     console.print(f"wrote {out / 'model.pt'} and {out / 'model.json'}")
-
 
 
 @train_app.command("detector")
@@ -294,7 +280,6 @@ def train_group_command(
     if reference.is_file():  # the same training labs: the same look reference
         shutil.copyfile(reference, familiarity_path(out / "detector.pt"))
     console.print(f"wrote {out / 'detector.pt'} and {out / 'detector.json'}")
-
 
 
 def _fires(report: dict) -> str:
