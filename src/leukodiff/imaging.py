@@ -197,12 +197,14 @@ _STD = STAIN_STD.astype(np.float32)[:, None]
 @dataclass(frozen=True)
 class Mark:
     """A box to draw: corners (x0, y0, x1, y1), its tag and colour; `line` 0 scales the
-    outline with the image (a thin `line=1` marks the truth beside the answers)."""
+    outline with the image. The truth beside the answers: a thin `line=1`, tagged `below`
+    the box so that the answer's tag above it stays readable."""
 
     box: Sequence[float]
     text: str
     colour: tuple[int, int, int]
     line: int = 0
+    below: bool = False
 
 
 def annotate(image: Image.Image, marks: Iterable[Mark]) -> Image.Image:
@@ -215,7 +217,9 @@ def annotate(image: Image.Image, marks: Iterable[Mark]) -> Image.Image:
     for mark in marks:
         box = [float(v) for v in mark.box]
         draw.rectangle(box, outline=mark.colour, width=mark.line or scaled)
-        x, y = box[0], max(0, box[1] - font.size - 4)
+        x = box[0]
+        y = (min(box[3] + 4, canvas.height - font.size - 4) if mark.below
+             else max(0, box[1] - font.size - 4))
         left, top, right, bottom = draw.textbbox((x, y), mark.text, font=font)
         draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=mark.colour)
         draw.text((x, y), mark.text, fill=(255, 255, 255), font=font)

@@ -72,7 +72,8 @@ def _marks(detections, record: Field, score_threshold: float) -> list[Mark]:
     """Truth boxes (thin green) and detections at the operating threshold (blue
     mononuclear, orange polymorphonuclear, with score), for `imaging.annotate`."""
     truth = {Group.MONONUCLEAR: "mono", Group.POLYMORPHONUCLEAR: "poly"}
-    marks = [Mark(box.xyxy, f"truth {truth.get(box.group, 'wbc')}", (0, 160, 0), line=1)
+    marks = [Mark(box.xyxy, f"truth {truth.get(box.group, 'wbc')}", (0, 160, 0), line=1,
+                  below=True)
              for box in record.wbc_boxes]
     boxes, labels, scores = detections
     marks += [Mark(box, f"{_SHORT[label]} {score:.2f}", _COLOURS[label])
