@@ -59,7 +59,8 @@ NARROW: dict[tuple[str, str], Narrow] = {
             "never the Analyzer"),
     ("reports", "metrics"): Narrow(
         anywhere=("leukodiff.metrics.records", "leukodiff.metrics.study",
-                  "leukodiff.metrics.labs", "leukodiff.metrics.adaptation"),
+                  "leukodiff.metrics.labs", "leukodiff.metrics.adaptation",
+                  "leukodiff.metrics.heldout"),
         why="reports render the typed records evaluations return and store (dataclasses "
             "and their JSON); they compute no metric"),
     ("pipeline", "models"): Narrow(

@@ -16,6 +16,8 @@ from leukodiff.cli.common import ConfigDefault
 from leukodiff.evaluation.adaptation import AdaptationConfig
 from leukodiff.evaluation.labs import LabsConfig
 from leukodiff.evaluation.results import EvalConfig
+from leukodiff.server.cli import MB, MEGAPIXEL
+from leukodiff.server.settings import Listening, Settings
 from leukodiff.training.adapt import AdaptConfig
 from leukodiff.training.adapt_detector import DetectorAdaptConfig
 from leukodiff.training.classifier import ClassifierConfig
@@ -95,6 +97,31 @@ def test_every_config_field_is_an_option_whose_default_is_the_field(settable):
         if isinstance(value, tuple):
             value = ",".join(str(v) for v in value)
         assert given == value, (name, given, value)
+
+
+#: `leukodiff serve`: the option of each field of the station's settings, with the unit the
+#: option counts in, or the reason a field has none.
+SERVE_OPTIONS = {"max_upload_bytes": ("max_upload_mb", MB),
+                 "max_image_pixels": ("max_image_mp", MEGAPIXEL),
+                 "max_files_per_request": ("max_files", 1)}
+SERVE_NOT_OPTIONS = {
+    "secret_key": "a secret on a command line is seen by every user of the machine (ps); "
+                  "it lives in DATA_DIR/secret_key",
+    "adapt_job": "the adapt job's nested recipe (`adapt_job.AdaptJobConfig`); its defaults "
+                 "are `leukodiff adapt`'s",
+}
+
+
+@pytest.mark.parametrize("config", [Settings, Listening])
+def test_every_serve_setting_is_an_option_whose_default_is_the_setting(config):
+    params = {p.name: p for p in _command(("serve",)).params}
+    for setting in dataclasses.fields(config):
+        if setting.name in SERVE_NOT_OPTIONS:
+            continue
+        name, unit = SERVE_OPTIONS.get(setting.name, (setting.name, 1))
+        assert name in params, f"`leukodiff serve` has no option for {setting.name}"
+        default = params[name].default
+        assert default == (setting.default // unit if unit > 1 else setting.default), name
 
 
 def test_the_help_shows_the_dataclass_defaults():

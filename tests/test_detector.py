@@ -3,6 +3,7 @@
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -439,8 +440,40 @@ def test_group_cross_validation_folds_partition_bccd_fields_by_field(shared_data
         assert not {r.image.name for r in train} & {r.image.name for r in test}
         assert any(has_mononuclear(r) for r in test)  # stratified: mononuclear cells in each
     figures = group_figures([0, 0, 1, 1, 1], [0, 1, 1, 1, 0])
-    assert figures["accuracy"] == 0.6 and figures["mononuclear_recall"] == 0.5
-    assert figures["polymorphonuclear_recall"] == 2 / 3 and figures["mononuclear"] == 2
+    assert figures.accuracy == 0.6 and figures.mononuclear_recall == 0.5
+    assert figures.polymorphonuclear_recall == 2 / 3 and figures.mononuclear == 2
+
+
+def test_docs_group_cv_json_reads_as_the_record_and_writes_back_the_same():
+    from leukodiff.metrics.heldout import GroupCrossValidation
+    from leukodiff.metrics.records import from_plain
+
+    stored = json.loads((Path(__file__).resolve().parents[1] / "docs" / "group_cv.json")
+                        .read_text())
+    record = from_plain(GroupCrossValidation, stored)
+    assert record.to_dict() == stored
+    assert record.pooled.cells == sum(fold.cells for fold in record.folds)
+
+
+def test_evaluate_detector_returns_its_record_and_writes_the_same_json(shared_data, tmp_path):
+    from leukodiff.evaluation.detector import evaluate_detector
+    from leukodiff.metrics.heldout import DetectorEvaluation
+
+    results = evaluate_detector("detector", data_root=shared_data, out_dir=tmp_path,
+                                max_fields=3, examples=2, scale_sweep=(1.0,))
+    assert isinstance(results, DetectorEvaluation) and results.backend == "onnx"
+    assert results.bccd_test["fields"] == 3 and results.ms_per_field.n == 3
+    assert results.bcd is not None and results.bcd.scale == 1.0
+    assert "x1" in results.bcd.sweep and len(results.bcd.per_image) == 3
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(written) == ["model", "backend", "model_sha256", "bccd_test",
+                             "bccd_test_unboxed_ignored", "bccd_test_fields_with_a_wbc_box",
+                             "ms_per_field", "bcd", "pictures"]
+    assert written == json.loads(json.dumps(results.to_dict()))
+    assert set(written["bcd"]["sweep"]["x1"]) == {"ap50", "recall", "precision", "found",
+                                                  "false", "truth"}
+    assert len(results.pictures) == 3  # 2 BCCD fields, 1 BCD tile (errors first)
+    assert all((tmp_path / name).is_file() for name in results.pictures)
 
 
 def test_shipped_detector_floor_on_the_whole_bccd_test_list(shared_data):

@@ -143,3 +143,16 @@ def test_fast_stain_normalisation_is_the_reinhard_formula_within_one_grey_level(
         lab = (lab - flat.mean(0)) / flat.std(0) * imaging.STAIN_STD + imaging.STAIN_MEAN
         formula = np.round(imaging.lab_to_srgb(lab) * 255)
         assert np.abs(imaging.normalise_stain(pixels) - formula).max() <= 1
+
+
+def test_annotate_outlines_each_mark_in_its_colour_and_leaves_the_image_alone():
+    image = Image.new("RGB", (200, 160), (230, 220, 230))
+    marks = [imaging.Mark((40, 60, 120, 140), "1 lymphocyte 0.93", (30, 90, 255)),
+             imaging.Mark((10, 100, 30, 130), "truth mono", (0, 160, 0), line=1, below=True)]
+    drawn = np.asarray(imaging.annotate(image, marks))
+    assert tuple(drawn[100, 40]) == (30, 90, 255)  # left side of the first box
+    assert tuple(drawn[100, 41]) == (30, 90, 255)  # scaled outline: 2 px on a small image
+    assert tuple(drawn[115, 10]) == (0, 160, 0) and tuple(drawn[115, 11]) != (0, 160, 0)
+    assert tuple(drawn[136, 9]) == (0, 160, 0)  # its tag below the box: the answer's above
+    assert tuple(drawn[100, 80]) == (230, 220, 230)  # inside a box: untouched
+    assert (np.asarray(image) == (230, 220, 230)).all()  # the caller's image is not drawn on

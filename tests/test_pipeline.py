@@ -204,8 +204,15 @@ def test_end_to_end_evaluation_on_a_few_test_fields(analyzer, test_fields):
 
     singles = [f for f in test_fields if len(f.wbc_boxes) == 1 and f.wbc_boxes[0].cell_type][:6]
     results = evaluate_end_to_end(analyzer, singles)
-    part = results["single_wbc_fields"]
-    assert part["cells"] == 6
-    assert sum(row["found"] for row in part["per_type"].values()) == 6
-    assert part["accuracy"] >= 4 / 6
-    assert results["count_error"]["exact_fields"] >= 5
+    part = results.single_wbc_fields
+    assert part.cells == 6
+    assert sum(row.found for row in part.per_type.values()) == 6
+    assert part.accuracy >= 4 / 6
+    assert results.count_error.exact_fields >= 5
+    # `evaluate pipeline --out`'s metrics.json: the keys it always had
+    written = results.to_dict()
+    assert list(written) == ["fields", "single_wbc_fields", "all_labelled_cells", "confusion",
+                             "count_error"]
+    row = next(iter(written["single_wbc_fields"]["per_type"].values()))
+    assert list(row) == ["cells", "found", "right", "accuracy"]
+    assert written["count_error"]["exact_fields"] == results.count_error.exact_fields

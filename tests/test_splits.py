@@ -7,7 +7,13 @@ import pytest
 
 from leukodiff.data.records import Cell
 from leukodiff.data.sources import load_cells, load_fields
-from leukodiff.data.splits import find_duplicates, holdout, leave_one_source_out, monte_carlo
+from leukodiff.data.splits import (
+    case_split,
+    find_duplicates,
+    holdout,
+    leave_one_source_out,
+    monte_carlo,
+)
 from leukodiff.taxonomy import CellType
 
 
@@ -130,3 +136,14 @@ def test_holdout_keeps_own_lists_and_splits_the_rest_by_group(shared_data, pbc, 
                   for name, p in parts.items()}
     assert not kbc_groups["train"] & kbc_groups["val"]
     assert holdout(records, seed=0) == parts
+
+
+def test_case_split_keeps_a_case_on_one_side_and_holds_nothing_from_one_case():
+    cases = [_cell(f"case{i // 4}", list(CellType)[i % 2], f"{i}") for i in range(40)]
+    rest, held = case_split(cases, 0.25, seed=0)
+    assert {c.group_key for c in rest}.isdisjoint({c.group_key for c in held})
+    assert len(rest) + len(held) == 40 and 4 <= len(held) <= 16  # whole cases of 4
+    assert case_split(cases, 0.25, seed=0) == (rest, held)  # seeded
+    assert case_split(cases, 0.0, seed=0) == (cases, [])  # nothing held out
+    one_case = [_cell("case0", CellType.LYMPHOCYTE, f"{i}") for i in range(5)]
+    assert case_split(one_case, 0.5, seed=0) == (one_case, [])  # nothing to hold out

@@ -8,27 +8,24 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from leukodiff.cli.common import ConfigDefault, DataRoot, _fail, _require_torch, _track, console
+from leukodiff.cli.common import (
+    ConfigDefault,
+    DataRoot,
+    Resume,
+    TimeLimit,
+    _fail,
+    _require_torch,
+    _track,
+    console,
+)
 
 if TYPE_CHECKING:
     from leukodiff.training.adapt import AdaptConfig
     from leukodiff.training.adapt_detector import DetectorAdaptConfig
 
 
-def _adapt_config() -> type:
-    from leukodiff.training.adapt import AdaptConfig
-
-    return AdaptConfig
-
-
-def _detector_adapt_config() -> type:
-    from leukodiff.training.adapt_detector import DetectorAdaptConfig
-
-    return DetectorAdaptConfig
-
-
-Level2 = partial(ConfigDefault, _adapt_config)
-Detector = partial(ConfigDefault, _detector_adapt_config)
+Level2 = partial(ConfigDefault, "AdaptConfig")
+Detector = partial(ConfigDefault, "DetectorAdaptConfig")
 
 
 def adapt(
@@ -95,10 +92,8 @@ def adapt(
                                  "up to the first '-') or 'file' (every image its own)."),
     force: bool = typer.Option(False, help="Write the adapted models even when they are "
                                "worse on the held-out cells."),
-    resume: bool = typer.Option(False, help="Continue the adaptation interrupted in --out "
-                                "(a crash, Ctrl-C or --time-limit), from its last epoch."),
-    time_limit: float = typer.Option(0.0, help="Stop cleanly after the epoch that passes this "
-                                     "many minutes (0: no limit); --resume goes on."),
+    resume: Resume = False,
+    time_limit: TimeLimit = 0.0,
     data_root: Path | None = DataRoot,
 ) -> None:
     """Teach the models your lab's look from its reviewed cells (level 2) and fields (the

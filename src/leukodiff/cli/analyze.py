@@ -8,7 +8,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from leukodiff.cli.common import SHORT_NAMES, _fail, _track, console
+from leukodiff.cli.common import (
+    SHORT_NAMES,
+    Backend,
+    DetectorModel,
+    MononuclearModel,
+    PolymorphonuclearModel,
+    _fail,
+    _track,
+    console,
+)
 
 
 def analyze(
@@ -35,16 +44,13 @@ def analyze(
                                        "join (HEAD:6379, or auto under `ray job "
                                        "submit`) "
                                        "[default: a local one for the run]."),
-    detector: str = typer.Option("detector", help="Level-1 model file or shipped name."),
-    mononuclear: str = typer.Option("mononuclear", help="Level-2 mononuclear model."),
-    polymorphonuclear: str = typer.Option("polymorphonuclear",
-                                          help="Level-2 polymorphonuclear model."),
+    detector: DetectorModel = "detector",
+    mononuclear: MononuclearModel = "mononuclear",
+    polymorphonuclear: PolymorphonuclearModel = "polymorphonuclear",
     min_confidence: float | None = typer.Option(
         None, help="Call cells below this type confidence 'unidentified' "
         "[default: each model's calibrated threshold]."),
-    backend: str = typer.Option(
-        "auto", help="Where the networks run: onnx (onnxruntime), torch, or auto "
-        "(onnx when the exported ONNX files are there)."),
+    backend: Backend = "auto",
     threads: int | None = typer.Option(None, help="CPU threads [default: all cores]."),
     monolayer_only: bool = typer.Option(False, help="Whole slides: count only the cells of "
                                         "the counting area (the monolayer, where red cells "

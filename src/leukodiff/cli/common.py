@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -46,6 +45,23 @@ WeightsDir = typer.Option(
 )
 
 
+# Options that several commands take, with one meaning: written once (Annotated aliases;
+# each command gives its default).
+Resume = Annotated[bool, typer.Option(help="Continue the run interrupted in --out (a crash, "
+                                      "Ctrl-C, a time limit) from its last epoch.")]
+TimeLimit = Annotated[float, typer.Option(help="Stop cleanly after the epoch that passes this "
+                                          "many minutes (0: no limit); --resume goes on.")]
+Backend = Annotated[str, typer.Option(help="Where the networks run: onnx (onnxruntime), "
+                                      "torch, or auto (onnx when the exported ONNX files "
+                                      "are there).")]
+DetectorModel = Annotated[str, typer.Option("--detector",
+                                            help="Level-1 model file or shipped name.")]
+MononuclearModel = Annotated[str, typer.Option("--mononuclear",
+                                               help="Level-2 mononuclear model.")]
+PolymorphonuclearModel = Annotated[str, typer.Option("--polymorphonuclear",
+                                                     help="Level-2 polymorphonuclear model.")]
+
+
 def _track(items, description: str = ""):
     """Progress bar for long library loops (library code itself never prints)."""
     from rich.progress import track
@@ -68,20 +84,38 @@ def _command() -> str:
     return "leukodiff " + " ".join(sys.argv[1:])
 
 
+def config_class(name: str) -> type:
+    """A command's config dataclass by its name. The config modules import torch and the
+    `leukodiff` command starts without it, so they are imported here, when an option's
+    default is first needed (inside a function: tests/test_architecture.py sees them)."""
+    from leukodiff.evaluation.adaptation import AdaptationConfig
+    from leukodiff.evaluation.labs import LabsConfig
+    from leukodiff.evaluation.results import EvalConfig
+    from leukodiff.training.adapt import AdaptConfig
+    from leukodiff.training.adapt_detector import DetectorAdaptConfig
+    from leukodiff.training.classifier import ClassifierConfig
+    from leukodiff.training.detector import DetectorConfig
+
+    configs = (AdaptationConfig, LabsConfig, EvalConfig, AdaptConfig, DetectorAdaptConfig,
+               ClassifierConfig, DetectorConfig)
+    return {config.__name__: config for config in configs}[name]
+
+
 class ConfigDefault:
     """A command option's default, read from a config dataclass's field when it is needed:
-    the dataclass is the one place a default is written. The config modules import torch
-    and the `leukodiff` command starts without it, so the field is read only when the
-    command runs or its help is shown (without torch, the help names the field instead).
+    the dataclass is the one place a default is written (without torch, the help names
+    the field instead: `config_class`).
 
-    `config` returns the dataclass (a function, so the import stays lazy and visible to
-    tests/test_architecture.py); `name` is the field, dotted into nested configs
-    (`"spec.group_stain"`). Tuples are shown and given as comma-separated text, as the
-    options take them.
+    `config` is the dataclass's name (`config()` returns the class); `name` is the field,
+    dotted into nested configs (`"spec.group_stain"`). Tuples are shown and given as
+    comma-separated text, as the options take them.
     """
 
-    def __init__(self, config: Callable[[], type], name: str) -> None:
-        self.config, self.name = config, name
+    def __init__(self, config: str, name: str) -> None:
+        self.config_name, self.name = config, name
+
+    def config(self) -> type:
+        return config_class(self.config_name)
 
     def __call__(self) -> Any:
         try:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from leukodiff.cli.common import (
+    Backend,
     ConfigDefault,
     DataRoot,
     WeightsDir,
@@ -19,28 +20,9 @@ from leukodiff.cli.common import (
     console,
 )
 
-
-def _labs_config() -> type:
-    from leukodiff.evaluation.labs import LabsConfig
-
-    return LabsConfig
-
-
-def _adaptation_config() -> type:
-    from leukodiff.evaluation.adaptation import AdaptationConfig
-
-    return AdaptationConfig
-
-
-def _eval_config() -> type:
-    from leukodiff.evaluation.results import EvalConfig
-
-    return EvalConfig
-
-
-Labs = partial(ConfigDefault, _labs_config)
-Adaptation = partial(ConfigDefault, _adaptation_config)
-Eval = partial(ConfigDefault, _eval_config)
+Labs = partial(ConfigDefault, "LabsConfig")
+Adaptation = partial(ConfigDefault, "AdaptationConfig")
+Eval = partial(ConfigDefault, "EvalConfig")
 
 evaluate_app = typer.Typer(help="Measure a trained model on held-out data.", no_args_is_help=True,
                            callback=_require_torch)
@@ -72,7 +54,6 @@ def evaluate_classifier_command(
         console.print(f"confusion matrices and metrics.json in {out}")
 
 
-
 @evaluate_app.command("detector")
 def evaluate_detector_command(
     model: Path = typer.Option(Path("detector"), help="A detector.pt with its manifest, or the "
@@ -86,8 +67,7 @@ def evaluate_detector_command(
                                             help="BCD: standardise colours to BCCD's "
                                             "statistics before detection."),
     examples: int = typer.Option(6, help="Annotated BCCD fields to save (errors first)."),
-    backend: str = typer.Option("onnx", help="onnx | torch | auto: where the detector runs "
-                                "(the pipeline's own detection either way)."),
+    backend: Backend = "onnx",
     data_root: Path | None = DataRoot,
 ) -> None:
     """COCO AP, recall/precision and group accuracy on BCCD's VOC test list; recall and
@@ -103,7 +83,7 @@ def evaluate_detector_command(
                                     examples=examples, track=_track)
     except (ModelFileError, BackendError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    test = results["bccd_test"]
+    test = results.bccd_test
     wbc, matched = test["wbc"], test["matched"]
     console.print(f"BCCD VOC test ({test['fields']} fields): WBC AP50 {wbc['ap50']:.3f}, "
                   f"AP50:95 {wbc['ap50_95']:.3f}, recall {wbc['recall']:.3f}, precision "
@@ -111,25 +91,23 @@ def evaluate_detector_command(
     console.print(f"  per-group AP50 {test['groups']['ap50']}; matched cells "
                   f"{matched['n']}: group accuracy {matched['group_accuracy']:.3f}, "
                   f"mononuclear recall {matched['mononuclear_recall']:.3f}")
-    fair = results["bccd_test_unboxed_ignored"]["wbc"]
+    fair = results.bccd_test_unboxed_ignored["wbc"]
     console.print(f"  BCCD's unboxed white cells as ignore regions: AP50 {fair['ap50']:.3f}, "
                   f"AP50:95 {fair['ap50_95']:.3f}, precision {fair['precision']:.3f} "
                   f"({fair['ignored']} detections on unboxed cells ignored)")
-    boxed = results["bccd_test_fields_with_a_wbc_box"]["wbc"]
+    boxed = results.bccd_test_fields_with_a_wbc_box["wbc"]
     console.print(f"  fields with a WBC box only: AP50 {boxed['ap50']:.3f}, precision "
                   f"{boxed['precision']:.3f}")
-    speed = results["ms_per_field"]
-    console.print(f"  {speed['median']:.1f} ms per {speed['size']} field (median, "
-                  f"{results['backend']})")
-    if "bcd" in results:
-        b = results["bcd"]
-        console.print(f"BCD x{b['scale']:.2f}"
-                      + (" colour-standardised" if b["colour_standardised"] else "")
-                      + f": recall {b['wbc']['recall']:.3f}, precision "
-                      f"{b['wbc']['precision']:.3f}, AP50 {b['wbc']['ap50']:.3f}")
-        for name, row in b["sweep"].items():
-            console.print(f"  {name}: recall {row['recall']:.3f}, precision "
-                          f"{row['precision']:.3f}, AP50 {row['ap50']:.3f}")
+    speed = results.ms_per_field
+    console.print(f"  {speed.median:.1f} ms per {speed.size} field (median, "
+                  f"{results.backend})")
+    if (b := results.bcd) is not None:
+        look = " colour-standardised" if b.colour_standardised else ""
+        console.print(f"BCD x{b.scale:.2f}{look}: recall {b.wbc['recall']:.3f}, precision "
+                      f"{b.wbc['precision']:.3f}, AP50 {b.wbc['ap50']:.3f}")
+        for name, row in b.sweep.items():
+            console.print(f"  {name}: recall {row.recall:.3f}, precision "
+                          f"{row.precision:.3f}, AP50 {row.ap50:.3f}")
     if out:
         console.print(f"metrics.json and annotated PNGs in {out}")
 
@@ -151,22 +129,22 @@ def evaluate_groups_command(
 
     results = group_cross_validation(folds, seed, data_root=data_root, weights_dir=weights_dir,
                                      device=device, track=_track, log=console.print)
-    pooled, spread = results["pooled"], results["mean_std"]
-    console.print(f"{folds}-fold CV over {results['fields']} BCCD fields, {pooled['cells']} "
-                  f"cells ({pooled['mononuclear']} mononuclear):")
-    for key in ("accuracy", "mononuclear_recall", "polymorphonuclear_recall"):
-        console.print(f"  {key}: pooled {pooled[key]:.3f}, per fold {spread[key]['mean']:.3f}"
-                      f" ± {spread[key]['std']:.3f}")
+    pooled = results.pooled
+    console.print(f"{folds}-fold CV over {results.fields} BCCD fields, {pooled.cells} "
+                  f"cells ({pooled.mononuclear} mononuclear):")
+    for key, spread in results.mean_std.items():
+        console.print(f"  {key}: pooled {getattr(pooled, key):.3f}, per fold "
+                      f"{spread.mean:.3f} ± {spread.std:.3f}")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        out.write_text(json.dumps(results.to_dict(), indent=2) + "\n")
 
 
 @evaluate_app.command("pipeline")
 def evaluate_pipeline_command(
     data_root: Path | None = DataRoot,
     out: Path | None = typer.Option(None, help="Write metrics.json here."),
-    backend: str = typer.Option("onnx", help="onnx | torch | auto."),
+    backend: Backend = "onnx",
 ) -> None:
     """End to end on BCCD's VOC test fields: is each labelled cell found and rightly typed?"""
     import json
@@ -181,31 +159,31 @@ def evaluate_pipeline_command(
             results = evaluate_bccd_test(analyzer, data_root, _track)
     except (ModelFileError, BackendError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    for name in ("single_wbc_fields", "all_labelled_cells"):
-        part = results[name]
-        table = Table(title=f"{name.replace('_', ' ')}: {part['right']} of {part['cells']} "
-                      f"right ({100 * part['accuracy']:.1f}%)")
+    for name, part in (("single WBC fields", results.single_wbc_fields),
+                       ("all labelled cells", results.all_labelled_cells)):
+        table = Table(title=f"{name}: {part.right} of {part.cells} right "
+                      f"({100 * part.accuracy:.1f}%)")
         for column in ("true type", "cells", "found", "right type", "accuracy"):
             table.add_column(column, justify="left" if column == "true type" else "right")
-        for cell_type, row in part["per_type"].items():
-            table.add_row(cell_type, str(row["cells"]), str(row["found"]), str(row["right"]),
-                          f"{100 * row['accuracy']:.1f}%")
+        for cell_type, row in part.per_type.items():
+            table.add_row(cell_type, str(row.cells), str(row.found), str(row.right),
+                          f"{100 * row.accuracy:.1f}%")
         console.print(table)
     console.print("truth -> call: " + ", ".join(f"{k} {v}" for k, v in
-                                                  results["confusion"].items()))
-    errors = results["count_error"]
+                                                  results.confusion.items()))
+    errors = results.count_error
     console.print(f"white cells per field: mean absolute count error "
-                  f"{errors['mean_absolute']:.2f}; exact in {errors['exact_fields']} of "
-                  f"{results['fields']} fields")
+                  f"{errors.mean_absolute:.2f}; exact in {errors.exact_fields} of "
+                  f"{results.fields} fields")
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "metrics.json").write_text(json.dumps(results.to_dict(), indent=2) + "\n")
 
 
 @evaluate_app.command("robustness")
 def evaluate_robustness_command(
     out: Path | None = typer.Option(None, help="Write metrics.json and robustness.png here."),
-    backend: str = typer.Option("onnx", help="onnx | torch | auto."),
+    backend: Backend = "onnx",
     max_fields: int = typer.Option(0, help="First N BCCD test fields only (0: all 72)."),
     max_cells: int = typer.Option(0, help="First N PBC held-out cells per model (0: all)."),
     data_root: Path | None = DataRoot,
@@ -225,23 +203,23 @@ def evaluate_robustness_command(
                                           max_cells=max_cells, track=_track)
     except (ModelFileError, BackendError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
-    table = Table(title=f"Robustness ({results['backend']}; BCCD test fields end to end, "
+    table = Table(title=f"Robustness ({results.backend}; BCCD test fields end to end, "
                   "PBC held-out cells)")
     for column in ("change", "BCCD found", "BCCD right type", "count MAE",
                    "PBC L/M macro-F1", "PBC N/E/B macro-F1"):
         table.add_column(column, justify="left" if column == "change" else "right")
-    for row in results["rows"]:
-        e2e, pbc = row["bccd_end_to_end"], row["pbc"]
-        cells = e2e["single_wbc_cells"]
-        table.add_row(row["perturbation"], f"{e2e['found']}/{cells}",
-                      f"{e2e['right_type']}/{cells} ({100 * e2e['accuracy']:.1f}%)",
-                      f"{e2e['count_mae']:.2f}",
-                      *(f"{pbc[g]['macro_f1']:.3f}" if g in pbc else "-"
+    for row in results.rows:
+        e2e, pbc = row.bccd_end_to_end, row.pbc
+        cells = e2e.single_wbc_cells
+        table.add_row(row.perturbation, f"{e2e.found}/{cells}",
+                      f"{e2e.right_type}/{cells} ({100 * e2e.accuracy:.1f}%)",
+                      f"{e2e.count_mae:.2f}",
+                      *(f"{pbc[g].macro_f1:.3f}" if g in pbc else "-"
                         for g in ("mononuclear", "polymorphonuclear")))
     console.print(table)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "metrics.json").write_text(json.dumps(results.to_dict(), indent=2) + "\n")
         console.print(f"wrote {out / 'metrics.json'}, "
                       f"{plot_robustness(results, out / 'robustness.png')}")
 

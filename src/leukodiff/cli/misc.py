@@ -7,7 +7,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from leukodiff.cli.common import SHORT_NAMES, DataRoot, _fail, _require_torch, _track, console
+from leukodiff.cli.common import (
+    SHORT_NAMES,
+    DataRoot,
+    DetectorModel,
+    MononuclearModel,
+    PolymorphonuclearModel,
+    _fail,
+    _require_torch,
+    _track,
+    console,
+)
 
 data_app = typer.Typer(help="Inspect the blood-smear data sets.", no_args_is_help=True)
 export_app = typer.Typer(help="Export trained models for other runtimes.", no_args_is_help=True,
@@ -80,10 +90,9 @@ def data_summary(
 
 @export_app.command("onnx")
 def export_onnx_command(
-    detector: str = typer.Option("detector", help="Level-1 model file or shipped name."),
-    mononuclear: str = typer.Option("mononuclear", help="Level-2 mononuclear model."),
-    polymorphonuclear: str = typer.Option("polymorphonuclear",
-                                          help="Level-2 polymorphonuclear model."),
+    detector: DetectorModel = "detector",
+    mononuclear: MononuclearModel = "mononuclear",
+    polymorphonuclear: PolymorphonuclearModel = "polymorphonuclear",
 ) -> None:
     """Write each model as ONNX beside its .pt file (what `analyze` runs on onnxruntime)."""
     from leukodiff.models.export import export_onnx

@@ -11,6 +11,8 @@ import typer
 from leukodiff.cli.common import (
     ConfigDefault,
     DataRoot,
+    Resume,
+    TimeLimit,
     WeightsDir,
     _command,
     _fail,
@@ -20,21 +22,8 @@ from leukodiff.cli.common import (
     console,
 )
 
-
-def _classifier_config() -> type:
-    from leukodiff.training.classifier import ClassifierConfig
-
-    return ClassifierConfig
-
-
-def _detector_config() -> type:
-    from leukodiff.training.detector import DetectorConfig
-
-    return DetectorConfig
-
-
-Classifier = partial(ConfigDefault, _classifier_config)
-Detector = partial(ConfigDefault, _detector_config)
+Classifier = partial(ConfigDefault, "ClassifierConfig")
+Detector = partial(ConfigDefault, "DetectorConfig")
 
 train_app = typer.Typer(help="Train the level-1 detector or the level-2 classifiers.",
                         no_args_is_help=True, callback=_require_torch)
@@ -76,7 +65,7 @@ def train_classifier_command(
                                      "labs' look)."),
     stain: str = typer.Option(Classifier("stain"), help="Colour normalisation of each crop: "
                               "none | reinhard (every crop to one reference look)."),
-    resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
+    resume: Resume = False,
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
 ) -> None:
@@ -101,7 +90,6 @@ def train_classifier_command(
         console.print(f"test, {name}: accuracy {metrics['accuracy']:.4f}, "
                       f"macro-F1 {metrics['macro_f1']:.4f} (n={metrics['n']})")
     console.print(f"wrote {out / 'model.pt'} and {out / 'model.json'}")
-
 
 
 @train_app.command("detector")
@@ -191,9 +179,8 @@ def train_detector_command(
                                 "comma-separated: bccd (VOC lists), bcd, chula (split by "
                                 "slide/field)."),
     device: str = typer.Option("", help="cpu | cuda [default: cuda when available]."),
-    time_limit: float = typer.Option(0.0, help="Stop cleanly after the epoch that passes this "
-                                     "many minutes (0: no limit); --resume goes on."),
-    resume: bool = typer.Option(False, help="Continue the interrupted run in --out."),
+    time_limit: TimeLimit = 0.0,
+    resume: Resume = False,
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
 ) -> None:
@@ -293,7 +280,6 @@ def train_group_command(
     if reference.is_file():  # the same training labs: the same look reference
         shutil.copyfile(reference, familiarity_path(out / "detector.pt"))
     console.print(f"wrote {out / 'detector.pt'} and {out / 'detector.json'}")
-
 
 
 def _fires(report: dict) -> str:

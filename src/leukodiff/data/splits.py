@@ -16,10 +16,13 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from leukodiff.data.records import Cell, Field
+
+Record = TypeVar("Record", Cell, Field)
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,18 @@ def monte_carlo(
         train, test = _stratified_unit_split(units, labels, train_fraction, rng)
         splits.append(Split(f"{kind}-{repeat}", tuple(train), tuple(test)))
     return splits
+
+
+def case_split(records: Sequence[Record], share: float, seed: int
+               ) -> tuple[list[Record], list[Record]]:
+    """(rest, about `share` of them) of a lab's reviewed cells or fields, grouped by case or
+    slide (`group_key`) and stratified: the part held out to measure on, or set aside to
+    choose the epoch. Everything is in the rest when `share` is 0 or there is one case."""
+    if share <= 0 or len({r.group_key for r in records}) < 2:
+        return list(records), []
+    split = monte_carlo(records, repeats=1, train_fraction=1 - share, seed=seed,
+                        grouped=True)[0]
+    return [records[i] for i in split.train], [records[i] for i in split.test]
 
 
 def leave_one_source_out(records: Sequence[Cell | Field]) -> list[Split]:

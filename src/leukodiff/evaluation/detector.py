@@ -29,14 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from leukodiff.data.records import Field
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
 from leukodiff.data.sources.unboxed import unboxed_white_cells
-from leukodiff.imaging import load_image
+from leukodiff.imaging import Mark, annotate, load_image
 from leukodiff.metrics.detection import MONO, POLY, detection_metrics
+from leukodiff.metrics.heldout import BcdDetection, DetectorEvaluation, FieldTiming, SweepRow
 from leukodiff.models.detector import standardise_colour
 from leukodiff.models.files import Manifest
 from leukodiff.pipeline.analyzer import Analyzer
@@ -67,26 +68,18 @@ _COLOURS = {MONO: (30, 90, 255), POLY: (255, 140, 0)}
 _SHORT = {MONO: "mono", POLY: "poly"}
 
 
-def annotate(image: Image.Image, detections, record: Field | None = None,
-             score_threshold: float = 0.5) -> Image.Image:
-    """The image with truth boxes (thin green) and detections (thick; blue mononuclear,
-    orange polymorphonuclear, with score)."""
-    picture = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(picture)
-    if record is not None:
-        for box in record.wbc_boxes:
-            draw.rectangle(box.xyxy, outline=(0, 200, 0), width=1)
-            name = {Group.MONONUCLEAR: "mono", Group.POLYMORPHONUCLEAR: "poly"}.get(
-                box.group, "wbc")
-            draw.text((box.x0 + 3, box.y1 - 12), f"truth {name}", fill=(0, 160, 0))
+def _marks(detections, record: Field, score_threshold: float) -> list[Mark]:
+    """Truth boxes (thin green) and detections at the operating threshold (blue
+    mononuclear, orange polymorphonuclear, with score), for `imaging.annotate`."""
+    truth = {Group.MONONUCLEAR: "mono", Group.POLYMORPHONUCLEAR: "poly"}
+    marks = [Mark(box.xyxy, f"truth {truth.get(box.group, 'wbc')}", (0, 160, 0), line=1,
+                  below=True)
+             for box in record.wbc_boxes]
     boxes, labels, scores = detections
-    for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(), strict=True):
-        if score < score_threshold:
-            continue
-        draw.rectangle(box, outline=_COLOURS[label], width=3)
-        draw.text((box[0] + 4, box[1] + 3), f"{_SHORT[label]} {score:.2f}",
-                  fill=_COLOURS[label])
-    return picture
+    marks += [Mark(box, f"{_SHORT[label]} {score:.2f}", _COLOURS[label])
+              for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(),
+                                           strict=True) if score >= score_threshold]
+    return marks
 
 
 def _without_per_image(metrics: dict) -> dict:
@@ -150,7 +143,7 @@ def evaluate_detector(
     examples: int = 6,
     max_fields: int = 0,
     track: Track = no_progress,
-) -> dict:
+) -> DetectorEvaluation:
     """Metrics of a detector (a .pt with manifest, a shipped name, or a model in memory) on
     BCCD's VOC test list and on BCD, detected as `analyze` detects (`Analyzer.detect`, on
     `backend`: onnx, torch or auto; a model in memory runs on torch); with `out_dir`, also
@@ -168,7 +161,7 @@ def evaluate_detector(
 def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, data_root,
               out_dir, bcd: bool,
               bcd_scale: float, bcd_colour_standardise: bool, scale_sweep: Sequence[float],
-              examples: int, max_fields: int, track: Track) -> dict:
+              examples: int, max_fields: int, track: Track) -> DetectorEvaluation:
     threshold = float(analyzer.spec["score_threshold"])
     bccd = sorted(load_fields("bccd", data_root, track).records, key=lambda r: r.image.name)
     test = [r for r in bccd if r.subset == "test"]
@@ -177,36 +170,33 @@ def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, da
     images = [load_image(r.image) for r in test]
     detections, seconds = _timed_detect(analyzer, images, track=track,
                                         description="BCCD test fields")
-    results: dict = {
-        "model": model_name, "backend": analyzer.backend.name,
-        "model_sha256": manifest.sha256 if manifest else None,
-        "bccd_test": detection_metrics(detections, test, score_threshold=threshold),
-        # BCCD leaves some white cells unboxed (4 test fields have no WBC box although
-        # one is visible), so finding them counts as false. Reported beside the official
-        # figure: those cells as ignore regions (data.sources.unboxed).
-        "bccd_test_unboxed_ignored": _without_per_image(detection_metrics(
-            detections, test, score_threshold=threshold, ignore=unboxed_white_cells("bccd"))),
-        "bccd_test_fields_with_a_wbc_box": _without_per_image(detection_metrics(
-            [d for d, r in zip(detections, test, strict=True) if r.wbc_boxes],
-            [r for r in test if r.wbc_boxes], score_threshold=threshold)),
-        "ms_per_field": {"median": 1000 * statistics.median(seconds),
-                         "mean": 1000 * statistics.fmean(seconds), "n": len(seconds),
-                         "size": f"{test[0].width}x{test[0].height}" if test else ""},
-    }
+    bccd_test = detection_metrics(detections, test, score_threshold=threshold)
+    # BCCD leaves some white cells unboxed (4 test fields have no WBC box although one is
+    # visible), so finding them counts as false. Reported beside the official figure:
+    # those cells as ignore regions (data.sources.unboxed).
+    unboxed_ignored = _without_per_image(detection_metrics(
+        detections, test, score_threshold=threshold, ignore=unboxed_white_cells("bccd")))
+    boxed_fields = _without_per_image(detection_metrics(
+        [d for d, r in zip(detections, test, strict=True) if r.wbc_boxes],
+        [r for r in test if r.wbc_boxes], score_threshold=threshold))
+    timing = FieldTiming(median=1000 * statistics.median(seconds),
+                         mean=1000 * statistics.fmean(seconds), n=len(seconds),
+                         size=f"{test[0].width}x{test[0].height}" if test else "")
     saved = []
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # errors first, then mononuclear fields, then the rest
-        per_image = results["bccd_test"]["per_image"]
+        per_image = bccd_test["per_image"]
         order = sorted(range(len(test)), key=lambda i: (
             -(per_image[i]["wrong_group"] + per_image[i]["truth"] - per_image[i]["matched"]
               + per_image[i]["detected"] - per_image[i]["matched"]),
             not any(b.group == Group.MONONUCLEAR for b in test[i].wbc_boxes), i))
         for i in order[:examples]:
             path = out_dir / f"bccd_{test[i].image.stem}.png"
-            annotate(images[i], detections[i], test[i], threshold).save(path)
+            annotate(images[i], _marks(detections[i], test[i], threshold)).save(path)
             saved.append(path.name)
+    on_bcd = None
     if bcd:
         tiles = sorted(load_fields("bcd", data_root, track).records, key=lambda r: r.image.name)
         if max_fields:
@@ -234,21 +224,27 @@ def _evaluate(analyzer: Analyzer, manifest: Manifest | None, model_name: str, da
                 name = f"x{factor:g}" + (", colour standardised" if standardise else "")
                 if factor == from_rbc and factor not in scale_sweep:
                     name += " (red-cell sizes)"
-                sweep[name] = {k: metrics["wbc"][k] for k in keys}
-        results["bcd"] = {"scale": scale, "scale_from_rbc_sizes": estimated,
-                          "colour_standardised": colour, "wbc": main["wbc"],
-                          "per_image": main["per_image"], "sweep": sweep}
+                sweep[name] = SweepRow(**{k: metrics["wbc"][k] for k in keys})
+        on_bcd = BcdDetection(scale=scale, scale_from_rbc_sizes=estimated,
+                              colour_standardised=colour, wbc=main["wbc"],
+                              per_image=main["per_image"], sweep=sweep)
         if out_dir is not None:
             per_image = main["per_image"]
             order = sorted(range(len(tiles)), key=lambda i: (
                 -(per_image[i]["truth"] - per_image[i]["matched"]
                   + per_image[i]["detected"] - per_image[i]["matched"]), i))
             for i in order[: max(1, examples // 2)]:
-                picture = annotate(tile_images[i], bcd_detections[i], tiles[i], threshold)
+                picture = annotate(tile_images[i], _marks(bcd_detections[i], tiles[i], threshold))
                 path = out_dir / f"bcd_{tiles[i].image.stem}.png"
                 picture.resize((picture.width * 2, picture.height * 2)).save(path)
                 saved.append(path.name)
-    results["pictures"] = saved
+    results = DetectorEvaluation(
+        model=model_name, backend=analyzer.backend.name,
+        model_sha256=manifest.sha256 if manifest else None, bccd_test=bccd_test,
+        bccd_test_unboxed_ignored=unboxed_ignored,
+        bccd_test_fields_with_a_wbc_box=boxed_fields, ms_per_field=timing, bcd=on_bcd,
+        pictures=saved)
     if out_dir is not None:
-        (Path(out_dir) / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        (Path(out_dir) / "metrics.json").write_text(
+            json.dumps(results.to_dict(), indent=2) + "\n")
     return results

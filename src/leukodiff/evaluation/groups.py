@@ -17,7 +17,9 @@ decision of matched detections, not detection itself.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,13 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
+from leukodiff.metrics.heldout import (
+    GroupCrossValidation,
+    GroupFigures,
+    GroupFold,
+    GroupRecipe,
+    Spread,
+)
 from leukodiff.models.detector import DetectorSpec, build_detector
 from leukodiff.training.cells import CropGeometry, load_cell_tensors
 from leukodiff.training.detector import (
@@ -51,9 +60,11 @@ def field_folds(records: list, folds: int, seed: int) -> list[tuple[list, list]]
 def group_cross_validation(folds: int = 5, seed: int = 0, *, data_root=None,
                            weights_dir: str | Path | None = None, device: str = "cpu",
                            track: Track = no_progress,
-                           log: Callable[[str], None] = lambda message: None) -> dict:
+                           log: Callable[[str], None] = lambda message: None
+                           ) -> GroupCrossValidation:
     """Per fold and pooled: accuracy, mononuclear and polymorphonuclear recall of the group
     classifier on held-out BCCD fields; mean and std over folds."""
+    started = time.perf_counter()
     records = sorted(load_fields("bccd", data_root, track).records, key=lambda r: r.image.name)
     records = [r for r in records if group_cells([r])[0]]  # fields with a cell of known group
     config = DetectorConfig(seed=seed)
@@ -75,23 +86,24 @@ def group_cross_validation(folds: int = 5, seed: int = 0, *, data_root=None,
             predicted = classifier(images).argmax(1).tolist()
         truth_all += truth
         predicted_all += predicted
-        result = group_figures(truth, predicted)
-        result.update({"fold": fold + 1, "fields": len(test), "best_epoch": info["best_epoch"]})
+        result = GroupFold(**asdict(group_figures(truth, predicted)), fold=fold + 1,
+                           fields=len(test), best_epoch=info["best_epoch"])
         per_fold.append(result)
-        log(f"fold {fold + 1}/{folds}: {result['cells']} cells, accuracy "
-            f"{result['accuracy']:.3f}, mononuclear recall {result['mononuclear_recall']:.3f} "
-            f"({result['mononuclear']} cells)")
-    summary = {key: {"mean": float(np.mean([f[key] for f in per_fold])),
-                     "std": float(np.std([f[key] for f in per_fold]))}
+        log(f"fold {fold + 1}/{folds}: {result.cells} cells, accuracy "
+            f"{result.accuracy:.3f}, mononuclear recall {result.mononuclear_recall:.3f} "
+            f"({result.mononuclear} cells)")
+    summary = {key: Spread(mean=float(np.mean([getattr(f, key) for f in per_fold])),
+                           std=float(np.std([getattr(f, key) for f in per_fold])))
                for key in ("accuracy", "mononuclear_recall", "polymorphonuclear_recall")}
-    return {"folds": per_fold, "pooled": group_figures(truth_all, predicted_all),
-            "mean_std": summary, "fields": len(records), "seed": seed,
-            "recipe": {"group_epochs": config.group_epochs, "group_lr": config.group_lr,
-                       "group_pbc_per_type": config.group_pbc_per_type,
-                       "group_bccd_repeat": config.group_bccd_repeat}}
+    recipe = GroupRecipe(group_epochs=config.group_epochs, group_lr=config.group_lr,
+                         group_pbc_per_type=config.group_pbc_per_type,
+                         group_bccd_repeat=config.group_bccd_repeat)
+    return GroupCrossValidation(folds=per_fold, pooled=group_figures(truth_all, predicted_all),
+                                mean_std=summary, fields=len(records), seed=seed,
+                                recipe=recipe, seconds=time.perf_counter() - started)
 
 
-def group_figures(truth: list[int], predicted: list[int]) -> dict:
+def group_figures(truth: list[int], predicted: list[int]) -> GroupFigures:
     """Accuracy and per-group recall of group calls (0 mononuclear, 1 polymorphonuclear)."""
     truth_array, predicted_array = np.asarray(truth), np.asarray(predicted)
 
@@ -99,6 +111,6 @@ def group_figures(truth: list[int], predicted: list[int]) -> dict:
         chosen = truth_array == group
         return float((predicted_array[chosen] == group).mean()) if chosen.any() else float("nan")
 
-    return {"cells": len(truth), "mononuclear": int((truth_array == 0).sum()),
-            "accuracy": float((truth_array == predicted_array).mean()),
-            "mononuclear_recall": recall(0), "polymorphonuclear_recall": recall(1)}
+    return GroupFigures(cells=len(truth), mononuclear=int((truth_array == 0).sum()),
+                        accuracy=float((truth_array == predicted_array).mean()),
+                        mononuclear_recall=recall(0), polymorphonuclear_recall=recall(1))

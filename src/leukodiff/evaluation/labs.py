@@ -156,30 +156,38 @@ def _needs_training(model: Path, recipe: ClassifierConfig | DetectorConfig) -> b
     return False
 
 
+def _train_once(model: Path, recipe: ClassifierConfig | DetectorConfig, train: Callable,
+                export: Callable[[Path], object], what: str, data_root, weights_dir,
+                track: Track, log: Callable[[str], None]) -> None:
+    """`model` trained by `recipe` in its folder unless that finished run is there
+    (`_needs_training`; an interrupted one is resumed), and exported to ONNX once."""
+    if _needs_training(model, recipe):
+        log(what)
+        train(recipe, model.parent, data_root=data_root, weights_dir=weights_dir,
+              resume=(model.parent / "last.pt").exists(), track=track, log=log)
+    if not model.with_suffix(".onnx").exists():
+        export(model)
+
+
 def train_level2(lab: str, task: str, sources: Sequence[str], config: LabsConfig,
                  fold_dir: Path, data_root, weights_dir, track: Track,
                  log: Callable[[str], None]) -> tuple[Path, float]:
-    out = fold_dir / task
-    model = out / "model.pt"
+    model = fold_dir / task / "model.pt"
     started = time.perf_counter()
     recipe = ClassifierConfig(task=task, sources=tuple(sources),
                               epochs=config.classifier_epochs,
                               max_per_class=config.max_per_class, seed=config.seed,
                               augmentation=config.augmentation, stain=config.stain)
-    if _needs_training(model, recipe):
-        log(f"without {lab}: level 2 {task} on {', '.join(sources)}")
-        train_classifier(recipe, out, data_root=data_root, weights_dir=weights_dir,
-                         resume=(out / "last.pt").exists(), track=track, log=log)
-    if not model.with_suffix(".onnx").exists():
-        export_classifier(model)
+    _train_once(model, recipe, train_classifier, export_classifier,
+                f"without {lab}: level 2 {task} on {', '.join(sources)}", data_root,
+                weights_dir, track, log)
     return model, (time.perf_counter() - started) / 60
 
 
 def _train_detector(lab: str, sources: Sequence[str], config: LabsConfig, fold_dir: Path,
                     data_root, weights_dir, track: Track, log: Callable[[str], None]
                     ) -> tuple[Path, float]:
-    out = fold_dir / "detector"
-    model = out / "detector.pt"
+    model = fold_dir / "detector" / "detector.pt"
     started = time.perf_counter()
     recipe = DetectorConfig(sources=tuple(sources), epochs=config.detector_epochs,
                             mono_oversample=config.mono_oversample,
@@ -190,12 +198,9 @@ def _train_detector(lab: str, sources: Sequence[str], config: LabsConfig, fold_d
                             group_augmentation=config.augmentation,
                             pbc_paste=config.pbc_paste,
                             spec=DetectorSpec(group_stain=config.stain))
-    if _needs_training(model, recipe):
-        log(f"without {lab}: detector on {', '.join(sources)}")
-        train_detector(recipe, out, data_root=data_root, weights_dir=weights_dir,
-                       resume=(out / "last.pt").exists(), track=track, log=log)
-    if not model.with_suffix(".onnx").exists():
-        export_detector(model)
+    _train_once(model, recipe, train_detector, export_detector,
+                f"without {lab}: detector on {', '.join(sources)}", data_root, weights_dir,
+                track, log)
     if not familiarity_path(model).exists():
         write_familiarity(model, sources, data_root, seed=config.seed, features=FEATURES,
                           track=track)

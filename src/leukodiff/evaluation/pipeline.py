@@ -18,6 +18,7 @@ from leukodiff.data.records import Field
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
 from leukodiff.imaging import load_image
+from leukodiff.metrics.heldout import CountError, EndToEnd, EndToEndPart, TypeRow
 from leukodiff.pipeline import Analyzer
 from leukodiff.pipeline.analyzer import CellCall
 from leukodiff.pipeline.boxes import box_iou
@@ -41,7 +42,7 @@ def match_truth(cells: Sequence[CellCall], field: Field, scale: float = 1.0
 
 def evaluate_end_to_end(analyzer: Analyzer, fields: list[Field], track: Track = no_progress,
                         perturb: Callable[[Image.Image], tuple[Image.Image, float]] | None
-                        = None) -> dict:
+                        = None) -> EndToEnd:
     """Per true cell type: cells, found, right type; and the field-level count errors.
 
     `perturb` changes each field before analysis (evaluation.robustness) and says by
@@ -63,25 +64,24 @@ def evaluate_end_to_end(analyzer: Analyzer, fields: list[Field], track: Track = 
             for table in (per_type, single) if len(field.wbc_boxes) == 1 else (per_type,):
                 table[name].update(cells=1, found=int(said != "missed"), right=int(said == name))
 
-    def summary(table: dict[str, Counter]) -> dict:
-        rows = {t: {**c, "accuracy": c["right"] / c["cells"]} for t, c in table.items()
+    def summary(table: dict[str, Counter]) -> EndToEndPart:
+        rows = {t: TypeRow(**c, accuracy=c["right"] / c["cells"]) for t, c in table.items()
                 if c["cells"]}
         cells = sum(c["cells"] for c in table.values())
         right = sum(c["right"] for c in table.values())
-        return {"per_type": rows, "cells": cells, "right": right,
-                "accuracy": right / cells if cells else 0.0}
+        return EndToEndPart(per_type=rows, cells=cells, right=right,
+                            accuracy=right / cells if cells else 0.0)
 
-    return {
-        "fields": len(fields),
-        "single_wbc_fields": summary(single),
-        "all_labelled_cells": summary(per_type),
-        "confusion": {f"{t} -> {p}": n for (t, p), n in sorted(confusion.items())},
-        "count_error": {"mean_absolute": sum(map(abs, count_errors)) / max(len(fields), 1),
-                        "exact_fields": sum(e == 0 for e in count_errors)},
-    }
+    return EndToEnd(
+        fields=len(fields), single_wbc_fields=summary(single),
+        all_labelled_cells=summary(per_type),
+        confusion={f"{t} -> {p}": n for (t, p), n in sorted(confusion.items())},
+        count_error=CountError(
+            mean_absolute=sum(map(abs, count_errors)) / max(len(fields), 1),
+            exact_fields=sum(e == 0 for e in count_errors)))
 
 
 def evaluate_bccd_test(analyzer: Analyzer, data_root: str | Path | None = None,
-                       track: Track = no_progress) -> dict:
+                       track: Track = no_progress) -> EndToEnd:
     fields = [f for f in load_fields("bccd", data_root, track).records if f.subset == "test"]
     return evaluate_end_to_end(analyzer, fields, track)

@@ -33,6 +33,7 @@ from leukodiff.evaluation.classifier import held_out_cells
 from leukodiff.evaluation.pipeline import evaluate_end_to_end
 from leukodiff.imaging import load_image
 from leukodiff.metrics.classification import classification_metrics
+from leukodiff.metrics.heldout import CellScores, PerturbedFields, Robustness, RobustnessRow
 from leukodiff.pipeline import Analyzer
 from leukodiff.taxonomy import Group
 
@@ -135,7 +136,7 @@ def _classify_cells(analyzer: Analyzer, group: Group, images: list[Image.Image],
 def evaluate_robustness(analyzer: Analyzer, data_root: str | Path | None = None, *,
                         perturbations: tuple[Perturbation, ...] = PERTURBATIONS,
                         max_fields: int = 0, max_cells: int = 0,
-                        track: Track = no_progress) -> dict:
+                        track: Track = no_progress) -> Robustness:
     """One row per perturbation: BCCD test fields end to end, PBC held-out cells per model.
 
     `max_fields` / `max_cells` (> 0) take the first fields and cells only (quick runs).
@@ -152,28 +153,24 @@ def evaluate_robustness(analyzer: Analyzer, data_root: str | Path | None = None,
     rows = []
     for perturbation in track(perturbations, "Perturbations"):
         end_to_end = evaluate_end_to_end(analyzer, fields, perturb=perturbation)
-        single = end_to_end["single_wbc_fields"]
-        cells_found = sum(r["found"] for r in single["per_type"].values())
-        row = {"perturbation": perturbation.name,
-               "bccd_end_to_end": {"single_wbc_cells": single["cells"],
-                                   "found": cells_found, "right_type": single["right"],
-                                   "accuracy": single["accuracy"],
-                                   "count_mae": end_to_end["count_error"]["mean_absolute"],
-                                   "confusion": end_to_end["confusion"]},
-               "pbc": {}}
+        single = end_to_end.single_wbc_fields
+        on_fields = PerturbedFields(
+            single_wbc_cells=single.cells, found=sum(r.found for r in single.per_type.values()),
+            right_type=single.right, accuracy=single.accuracy,
+            count_mae=end_to_end.count_error.mean_absolute, confusion=end_to_end.confusion)
+        pbc = {}
         for group, (images, truth) in cells.items():
             if perturbation.scale != 1.0:
                 continue  # a whole-cell image is resized to the input anyway: no change
             predicted = _classify_cells(analyzer, group, images, perturbation)
             metrics = classification_metrics(truth, predicted,
                                              analyzer.classifiers[group].classes)
-            row["pbc"][str(group)] = {k: metrics[k] for k in ("n", "accuracy", "macro_f1")}
-        rows.append(row)
-    return {"backend": analyzer.backend.name, "bccd_test_fields": len(fields),
-            "rows": rows}
+            pbc[str(group)] = CellScores(metrics["n"], metrics["accuracy"], metrics["macro_f1"])
+        rows.append(RobustnessRow(perturbation.name, on_fields, pbc))
+    return Robustness(backend=analyzer.backend.name, bccd_test_fields=len(fields), rows=rows)
 
 
-def plot_robustness(results: dict, path: Path) -> Path:
+def plot_robustness(results: Robustness, path: Path) -> Path:
     """One panel per measure, one bar per change: the loss (or gain) against no change, in
     percentage points, labelled with the value itself."""
     import matplotlib
@@ -181,13 +178,13 @@ def plot_robustness(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["rows"]
-    names = [r["perturbation"] for r in rows]
+    rows = results.rows
+    names = [r.perturbation for r in rows]
     panels = [("BCCD test fields: cell found and typed right",
-               [r["bccd_end_to_end"]["accuracy"] for r in rows])]
+               [r.bccd_end_to_end.accuracy for r in rows])]
     for group in ("mononuclear", "polymorphonuclear"):
         panels.append((f"PBC held-out cells: {group} macro-F1",
-                       [r["pbc"].get(group, {}).get("macro_f1", np.nan) for r in rows]))
+                       [r.pbc[group].macro_f1 if group in r.pbc else np.nan for r in rows]))
     deltas = [100 * (np.array(values) - values[0]) for _, values in panels]
     low = min(-5.0, float(np.nanmin(np.concatenate(deltas))) - 3)
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels),
@@ -205,7 +202,7 @@ def plot_robustness(results: dict, path: Path) -> Path:
                           fontsize=7)
     axes[0].set_yticks(range(len(rows)), names, fontsize=8)
     axes[0].invert_yaxis()
-    figure.suptitle(f"Shipped pipeline ({results['backend']}) under other cameras and stains "
+    figure.suptitle(f"Shipped pipeline ({results.backend}) under other cameras and stains "
                     "(red: more than 1 point lost)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

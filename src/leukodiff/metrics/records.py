@@ -10,6 +10,13 @@ import typing
 from typing import Any
 
 
+class Record:
+    """A typed result that writes itself as JSON-ready dicts and lists (`to_plain`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
 def to_plain(record: Any) -> Any:
     """Dicts, lists and numbers (`json.dumps` writes them; tuples become lists). A field
     that is None by default and None now is left out: a part the run did not measure is

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from leukodiff.metrics.heldout import EndToEnd
+
 #: mean and standard deviation over splits (in %; std is nan for a single number)
 MeanStd = tuple[float, float]
 
@@ -184,8 +186,9 @@ class Timing:
 @dataclass(frozen=True)
 class Study:
     """Everything `evaluate all` measured. `config` is the run's `EvalConfig` as written
-    (`dataclasses.asdict`); `provenance`, `end_to_end` and the detector's figures are the
-    reports of `evaluation.provenance`, `evaluation.pipeline` and `evaluation.detector`."""
+    (`dataclasses.asdict`); `provenance` and the detector's figures are the reports of
+    `evaluation.provenance` and `evaluation.detector`, `end_to_end` `evaluation.pipeline`'s
+    record."""
 
     config: dict[str, Any]
     command: str
@@ -196,7 +199,7 @@ class Study:
     finetuned_splits: dict[str, dict[str, list[FinetunedSplit]]]  # kind -> task -> splits
     flat_vs_two_level: dict[str, FlatVsTwoLevel]
     cross_source: CrossSource
-    end_to_end: dict[str, Any]
+    end_to_end: EndToEnd
     detector_test: dict[str, Any]
     detector_test_unboxed_ignored: dict[str, Any] | None
     figures: list[str]

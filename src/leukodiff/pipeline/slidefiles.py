@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,16 @@ class SlideError(AnalysisError):
 def _missing(package: str, extra: str, path: Path) -> SlideError:
     return SlideError(f"{path}: reading this whole-slide format needs {package}: "
                       f"pip install {extra}")
+
+
+@contextmanager
+def _needs(package: str, extra: str, path: Path) -> Iterator[None]:
+    """Around a reader's import of its optional package: when it is missing, a SlideError
+    that says how to install it, not an ImportError."""
+    try:
+        yield
+    except ImportError:
+        raise _missing(package, extra, path) from None
 
 
 def _suffix(path: Path) -> str:
@@ -90,8 +102,9 @@ def is_whole_slide(path: str | Path) -> bool:
 class Slide:
     """A whole-slide image: its level-0 size, levels, microns per pixel, regions.
 
-    A reader gives `_read_level`; reading level 0 and the block-by-block thumbnail are
-    shared."""
+    A reader gives `_read_region` (a region already cut to its level, never empty); cutting,
+    reading level 0, the block-by-block thumbnail and the check of a truncated file on
+    opening are shared."""
 
     path: Path
     width: int
@@ -100,9 +113,26 @@ class Slide:
     mpp: float | None
     mpp_source: str
 
+    def _read_region(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] of `level` (inside it, not empty) as (h, w, 3) uint8 RGB."""
+        raise NotImplementedError
+
     def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """Pixels [y0:y1, x0:x1] of `level` (cut to the level) as (h, w, 3) uint8 RGB."""
-        raise NotImplementedError
+        x0, y0, x1, y1 = self._clip(level, x0, y0, x1, y1)
+        if x1 == x0 or y1 == y0:
+            return np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        return self._read_region(level, x0, y0, x1, y1)
+
+    def _check_last(self, unit: str) -> None:
+        """Read the last `unit` (tile, frame) of the full level, so that a truncated file
+        says so when it is opened, not halfway through the slide (it is closed then)."""
+        try:
+            self._read_level(0, self.width - 1, self.height - 1, self.width, self.height)
+        except SlideError as error:
+            self.close()
+            raise SlideError(f"{self.path}: the file is corrupt or truncated: its last "
+                             f"{unit} cannot be read ({str(error).split(' (', 1)[-1]}") from None
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """Level-0 pixels [y0:y1, x0:x1] (cut to the slide) as (h, w, 3) uint8 RGB."""
@@ -157,11 +187,8 @@ class TiffSlide(Slide):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
+        with _needs("tifffile", "'leukodiff[wsi]' (or: pip install tifffile)", self.path):
             import tifffile
-        except ImportError:
-            raise _missing("tifffile", "'leukodiff[wsi]' (or: pip install tifffile)",
-                           self.path) from None
         if not self.path.is_file():
             raise SlideError(f"{self.path}: no such file")
         try:
@@ -241,10 +268,9 @@ class TiffSlide(Slide):
             self._cached -= self._cache.popitem(last=False)[1].nbytes
         return segment
 
-    def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    def _read_region(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         page = self._pages[level]
         width, height = self.levels[level]
-        x0, y0, x1, y1 = self._clip(level, x0, y0, x1, y1)
         samples = int(page.samplesperpixel)
         out = np.zeros((max(0, y1 - y0), max(0, x1 - x0), samples), dtype=np.uint8)
         if page.is_tiled:
@@ -278,11 +304,9 @@ class OpenSlideSlide(Slide):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
+        with _needs("OpenSlide", "'leukodiff[wsi]' (or: pip install openslide-bin "
+                    "openslide-python)", self.path):
             import openslide
-        except ImportError:
-            raise _missing("OpenSlide", "'leukodiff[wsi]' (or: pip install openslide-bin "
-                           "openslide-python)", self.path) from None
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except Exception as error:  # OpenSlideError, OpenSlideUnsupportedFormatError, ...
@@ -297,17 +321,9 @@ class OpenSlideSlide(Slide):
         except ValueError:
             self.mpp = None
         self.mpp_source = "openslide.mpp-x" if self.mpp else "none"
-        try:  # the last tile of the full level: a truncated file says so now
-            self._read_level(0, self.width - 1, self.height - 1, self.width, self.height)
-        except SlideError as error:
-            self.close()
-            raise SlideError(f"{self.path}: the file is corrupt or truncated: its last "
-                             f"tile cannot be read ({str(error).split(' (', 1)[-1]}") from None
+        self._check_last("tile")
 
-    def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        x0, y0, x1, y1 = self._clip(level, x0, y0, x1, y1)
-        if x1 == x0 or y1 == y0:
-            return np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    def _read_region(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         down = self._downsamples[level]  # read_region places a region in level-0 pixels
         try:
             region = self._slide.read_region((round(x0 * down), round(y0 * down)), level,
@@ -328,11 +344,8 @@ class DicomSlide(Slide):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
+        with _needs("wsidicom", "'leukodiff[wsi]' (or: pip install wsidicom)", self.path):
             from wsidicom import WsiDicom
-        except ImportError:
-            raise _missing("wsidicom", "'leukodiff[wsi]' (or: pip install wsidicom)",
-                           self.path) from None
         folder = self.path if self.path.is_dir() else self.path.parent
         _check_dicom_headers(folder)
         from wsidicom.config import Settings
@@ -356,17 +369,9 @@ class DicomSlide(Slide):
         self.width, self.height = self.levels[0]
         self.mpp = _plausible(float(self._wsi.mpp.width))  # um a pixel, from PixelSpacing
         self.mpp_source = "DICOM PixelSpacing" if self.mpp else "none"
-        try:  # the last frame of the full level: a truncated file says so now
-            self._read_level(0, self.width - 1, self.height - 1, self.width, self.height)
-        except SlideError as error:
-            self.close()
-            raise SlideError(f"{self.path}: the file is corrupt or truncated: its last "
-                             f"frame cannot be read ({str(error).split(' (', 1)[-1]}") from None
+        self._check_last("frame")
 
-    def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        x0, y0, x1, y1 = self._clip(level, x0, y0, x1, y1)
-        if x1 == x0 or y1 == y0:
-            return np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    def _read_region(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         try:
             region = self._wsi.read_region((x0, y0), self._numbers[level],
                                            (x1 - x0, y1 - y0), threads=1)

@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from leukodiff.imaging import Mark, annotate
 from leukodiff.pipeline.analyzer import (
     COLOURS,  # each label's colour; kept here under its old name
     UNIDENTIFIED,
@@ -34,23 +35,6 @@ CSV_COLUMNS = ["image", "cell", "x0", "y0", "x1", "y1", "group", "group_confiden
                "type_confidence"]
 
 
-def annotate(image: Image.Image, result: FieldResult) -> Image.Image:
-    """The field with each cell boxed in its type's colour and labelled with its confidence."""
-    canvas = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(canvas)
-    line = max(2, round(min(canvas.size) / 200))
-    font = ImageFont.load_default(size=max(12, round(min(canvas.size) / 30)))
-    for index, cell in enumerate(result.cells, start=1):
-        colour = COLOURS[cell.label]
-        draw.rectangle(cell.box, outline=colour, width=line)
-        text = f"{index} {cell.label} {cell.type_confidence:.2f}"
-        x, y = cell.box[0], max(0, cell.box[1] - font.size - 4)
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=colour)
-        draw.text((x, y), text, fill=(255, 255, 255), font=font)
-    return canvas
-
-
 def field_stem(result: FieldResult, index: int) -> str:
     """A unique, filesystem-safe name for a field's outputs (never the user's path)."""
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(result.image).stem)
@@ -60,7 +44,9 @@ def field_stem(result: FieldResult, index: int) -> str:
 def write_field(out_dir: Path, stem: str, image: Image.Image, result: FieldResult) -> None:
     """fields/STEM.png (annotated), STEM.json (every cell) and STEM.geojson (the cells as
     QuPath detections: `FieldResult.to_geojson`)."""
-    annotate(image, result).save(out_dir / "fields" / f"{stem}.png")
+    marks = (Mark(cell.box, f"{index} {cell.label} {cell.type_confidence:.2f}",
+                  COLOURS[cell.label]) for index, cell in enumerate(result.cells, start=1))
+    annotate(image, marks).save(out_dir / "fields" / f"{stem}.png")
     (out_dir / "fields" / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=2))
     (out_dir / "fields" / f"{stem}.geojson").write_text(json.dumps(result.to_geojson()) + "\n")
 

@@ -4,6 +4,7 @@ number formats every section shares (`reports.study` puts them together)."""
 
 from __future__ import annotations
 
+from leukodiff.metrics.heldout import EndToEnd
 from leukodiff.metrics.study import COMMAND, PAPER_CLASSES, CrossSource, FlatVsTwoLevel
 
 
@@ -181,19 +182,19 @@ def cross_section(cross: CrossSource) -> str:
     return "\n".join(out)
 
 
-def end_to_end_section(end_to_end: dict, detector: dict, fair: dict | None = None) -> str:
+def end_to_end_section(end_to_end: EndToEnd, detector: dict, fair: dict | None = None) -> str:
     """The shipped pipeline on BCCD's VOC test list: found, rightly typed, counted."""
     lines = ["The shipped models (`leukodiff/models/weights`), no oracle: level 1 finds each "
              "cell and its group, level 2 names it. A labelled cell counts as found when a "
              "detection overlaps it with IoU >= 0.5 (`leukodiff evaluate pipeline`).", "",
              "| true type | cells (single-WBC fields) | found | right type | accuracy |",
              "|---|---|---|---|---|"]
-    part = end_to_end["single_wbc_fields"]
-    for cell_type, row in part["per_type"].items():
-        lines.append(f"| {cell_type} | {row['cells']} | {row['found']} | {row['right']} | "
-                     f"{100 * row['accuracy']:.1f}% |")
-    lines.append(f"| **all** | **{part['cells']}** | | **{part['right']}** | "
-                 f"**{100 * part['accuracy']:.1f}%** |")
+    part = end_to_end.single_wbc_fields
+    for cell_type, row in part.per_type.items():
+        lines.append(f"| {cell_type} | {row.cells} | {row.found} | {row.right} | "
+                     f"{100 * row.accuracy:.1f}% |")
+    lines.append(f"| **all** | **{part.cells}** | | **{part.right}** | "
+                 f"**{100 * part.accuracy:.1f}%** |")
     lines += ["", "Most errors are BCCD eosinophils called neutrophils. The same happens "
               "in a 2-fold CV over BCCD's train+val fields (17 of 66), where the eosinophils "
               "called right show orange-red granules and most of those called wrong show a "
@@ -201,10 +202,10 @@ def end_to_end_section(end_to_end: dict, detector: dict, fair: dict | None = Non
               "types fields, not cells. Picture for a hematologist to judge: "
               "`docs/figures/bccd_eosinophil_review.jpg` "
               "(`experiments/bccd_eosinophil_review.py`)."]
-    errors = end_to_end["count_error"]
-    lines += ["", f"White cells counted per field: exact in {errors['exact_fields']} of "
-              f"{end_to_end['fields']} fields, mean absolute error "
-              f"{errors['mean_absolute']:.2f} cells (BCCD leaves some white cells unboxed)."]
+    errors = end_to_end.count_error
+    lines += ["", f"White cells counted per field: exact in {errors.exact_fields} of "
+              f"{end_to_end.fields} fields, mean absolute error "
+              f"{errors.mean_absolute:.2f} cells (BCCD leaves some white cells unboxed)."]
     if detector:
         wbc, matched = detector["wbc"], detector["matched"]
         lines += ["", f"Detector on the same fields (`leukodiff evaluate detector`): WBC AP50 "

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
+from leukodiff.server.settings import Listening, Settings  # the standard library only
+
 if TYPE_CHECKING:  # the server packages are imported only when a command runs
     from sqlalchemy.orm import Session
 
@@ -21,7 +23,9 @@ if TYPE_CHECKING:  # the server packages are imported only when a command runs
 
 console = Console()
 
-DataDir = typer.Option(Path("leukodiff-data"), "--data-dir",
+# Every default below is read from `Settings` (or `Listening`): written once, there.
+MB, MEGAPIXEL = 1024 * 1024, 1_000_000
+DataDir = typer.Option(Settings.data_dir, "--data-dir",
                        help="Folder for the SQLite database, stored images and the session key.")
 Username = typer.Argument(..., help="Login name.")
 PasswordStdin = typer.Option(False, "--password-stdin", help="Read the password from "
@@ -30,7 +34,8 @@ Temporary = typer.Option(True, "--temporary/--permanent", help="--temporary: the
                          "choose a new password at their next sign-in (nothing else opens "
                          "until they do); --permanent: the password stays theirs (e.g. your "
                          "own account, typed here by you).")
-DatabaseUrl = typer.Option(None, "--database-url", envvar="LEUKODIFF_DATABASE_URL",
+DatabaseUrl = typer.Option(Settings.database_url, "--database-url",
+                           envvar="LEUKODIFF_DATABASE_URL",
                            help="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db "
                            "[default: SQLite file in --data-dir].")
 
@@ -58,7 +63,7 @@ def _database(data_dir: Path, database_url: str | None):
     from sqlalchemy.exc import SQLAlchemyError
 
     from leukodiff.server.db import Database
-    from leukodiff.server.settings import Settings, SettingsError
+    from leukodiff.server.settings import SettingsError
 
     settings = Settings(data_dir=data_dir, database_url=database_url)
     try:
@@ -73,30 +78,48 @@ def _database(data_dir: Path, database_url: str | None):
 def serve(
     data_dir: Path = DataDir,
     database_url: str | None = DatabaseUrl,
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every network)."),
-    port: int = typer.Option(8000, help="TCP port."),
-    max_upload_mb: int = typer.Option(50, help="Largest field image accepted, in MB."),
-    max_image_mp: int = typer.Option(100, help="Largest field image accepted, in megapixels "
+    host: str = typer.Option(Listening.host, help="Address to listen on (0.0.0.0: every "
+                             "network)."),
+    port: int = typer.Option(Listening.port, help="TCP port."),
+    forwarded_allow_ips: str = typer.Option(
+        Listening.forwarded_allow_ips, help="Proxies whose X-Forwarded-For names the real "
+        "client (comma-separated addresses). Set it to your TLS proxy's address, or sign-in "
+        "throttling sees every user as the proxy."),
+    max_upload_mb: int = typer.Option(Settings.max_upload_bytes // MB,
+                                      help="Largest field image accepted, in MB."),
+    max_image_mp: int = typer.Option(Settings.max_image_pixels // MEGAPIXEL,
+                                     help="Largest field image accepted, in megapixels "
                                      "(judged from the header, before decoding)."),
-    secure_cookies: bool = typer.Option(False, "--secure-cookies/--no-secure-cookies",
+    max_files: int = typer.Option(Settings.max_files_per_request, help="Most field images "
+                                  "in one upload."),
+    secure_cookies: bool = typer.Option(Settings.secure_cookies,
+                                        "--secure-cookies/--no-secure-cookies",
                                         help="Send the session cookie over HTTPS only (set "
                                         "this behind a TLS proxy)."),
-    forwarded_allow_ips: str = typer.Option(
-        "127.0.0.1", help="Proxies whose X-Forwarded-For names the real client (comma-"
-        "separated addresses). Set it to your TLS proxy's address, or sign-in throttling "
-        "sees every user as the proxy."),
+    session_hours: float = typer.Option(Settings.session_hours, help="A sign-in lasts this "
+                                        "many hours."),
+    login_max_failures: int = typer.Option(Settings.login_max_failures, help="Failed "
+                                           "sign-ins allowed per account in the window "
+                                           "before tries are refused."),
+    login_window_minutes: float = typer.Option(Settings.login_window_minutes, help="The "
+                                               "window of --login-max-failures, in minutes."),
+    data_root: Path | None = typer.Option(Settings.data_root, help="Where the Models page's "
+                                          "adapt job finds the base models' training data "
+                                          "to replay [default: the usual data roots]."),
 ) -> None:
     """Start the review station (web UI + API); the schema is migrated on start."""
     _require_server_packages()
     import uvicorn
     from sqlalchemy.exc import SQLAlchemyError
 
-    from leukodiff.server import Settings, SettingsError, create_app
+    from leukodiff.server import SettingsError, create_app
 
     settings = Settings(data_dir=data_dir, database_url=database_url,
-                        max_upload_bytes=max_upload_mb * 1024 * 1024,
-                        max_image_pixels=max_image_mp * 1_000_000,
-                        secure_cookies=secure_cookies)
+                        max_upload_bytes=max_upload_mb * MB,
+                        max_image_pixels=max_image_mp * MEGAPIXEL,
+                        max_files_per_request=max_files, secure_cookies=secure_cookies,
+                        session_hours=session_hours, login_max_failures=login_max_failures,
+                        login_window_minutes=login_window_minutes, data_root=data_root)
     try:
         app = create_app(settings)
     except (SettingsError, SQLAlchemyError, ImportError) as error:

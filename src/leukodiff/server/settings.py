@@ -21,16 +21,29 @@ class SettingsError(ValueError):
     """A data directory or database setting that cannot be used."""
 
 
+DEFAULT_DATA_DIR = Path("leukodiff-data")  # beside where the station is started
 DATABASE_FILE = "leukodiff.sqlite3"  # in the data dir, unless a database URL is given
 # Everything the station makes in its data dir is its owner's alone (password hashes,
 # patient images), whatever the umask: set explicitly after creation.
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
+
+@dataclass(frozen=True)
+class Listening:
+    """Where `leukodiff serve` listens: uvicorn's address and the proxies it trusts (the
+    station itself does not need them)."""
+
+    host: str = "127.0.0.1"  # this machine only; 0.0.0.0: every network
+    port: int = 8000
+    # Proxies whose X-Forwarded-For names the real client (comma-separated addresses).
+    forwarded_allow_ips: str = "127.0.0.1"
+
+
 @dataclass
 class Settings:
     """Paths, database and limits of one server; `data_dir` holds the SQLite file and images."""
 
-    data_dir: Path
+    data_dir: Path = DEFAULT_DATA_DIR
     database_url: str | None = None  # None: SQLite file data_dir/DATABASE_FILE
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_files_per_request: int = DEFAULT_MAX_FILES_PER_REQUEST

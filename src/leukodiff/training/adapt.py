@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from leukodiff.data.records import Cell
 from leukodiff.data.root import DataNotFoundError
 from leukodiff.data.scan import Track, no_progress
-from leukodiff.data.splits import holdout, monte_carlo
+from leukodiff.data.splits import case_split, holdout
 from leukodiff.metrics.classification import calibrate_confidence, classification_metrics
 from leukodiff.models.export import export_classifier
 from leukodiff.models.files import Manifest, read_checked, resolve
@@ -58,12 +58,10 @@ from leukodiff.training.classifier import class_weights, predict_logits, select_
 from leukodiff.training.engine import (
     KeptBest,
     RunFolder,
-    Step,
-    classification_loss,
+    classifier_epochs,
     new_state,
     run_epochs,
     seed_everything,
-    train_epoch,
 )
 
 TASKS = ("mononuclear", "polymorphonuclear")
@@ -171,13 +169,6 @@ def lab_cells(sources: Sequence[str], group_by: str = "prefix", data_root=None,
     return cells
 
 
-def lab_split(cells: Sequence[Cell], held_out: float, seed: int) -> tuple[list[Cell], list[Cell]]:
-    """(learn, held out) parts of the lab's cells, grouped by case/slide (`group_key`)."""
-    split = monte_carlo(cells, repeats=1, train_fraction=1 - held_out, seed=seed,
-                        grouped=True)[0]
-    return [cells[i] for i in split.train], [cells[i] for i in split.test]
-
-
 def replay_cells(manifest: Manifest, per_class: int, seed: int, data_root=None,
                  track: Track = no_progress, log: Callable[[str], None] = lambda m: None
                  ) -> list[Cell]:
@@ -233,9 +224,7 @@ def validation_split(learn: Sequence[Cell], share: float, seed: int
     """(fit, validation) of the lab's learning cells, grouped by case/slide; no validation
     (everything fits, the last epoch is kept) when the validation part would hold fewer
     than MIN_VALIDATION_GROUPS cases or slides."""
-    if share <= 0 or len({c.group_key for c in learn}) < 2:
-        return list(learn), []
-    fit, val = lab_split(learn, share, seed + 1)
+    fit, val = case_split(learn, share, seed + 1)
     if len({c.group_key for c in val}) < MIN_VALIDATION_GROUPS:
         return list(learn), []
     return fit, val
@@ -251,7 +240,7 @@ def plan_task(task: str, classes: Sequence[str], lab_cells: Sequence[Cell],
     if len({c.group_key for c in mine}) < 2:
         raise AdaptError(f"{task}: no held-out cells to measure on; the cells must come "
                          "from at least two cases or slides")
-    learn, held = lab_split(mine, config.held_out, config.seed)
+    learn, held = case_split(mine, config.held_out, config.seed)
     counts = Counter(str(c.cell_type) for c in learn)
     few = {t: n for t, n in sorted(counts.items()) if n < config.min_per_type}
     if few:
@@ -346,8 +335,8 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-7)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_y, len(classes)))
-    step = Step(optimizer)
-    loss_of = classification_loss(model, loss_fn)
+    train = classifier_epochs(model, loader, loss_fn, optimizer, track=track,
+                              description=lambda n: f"adapting {task} {n}/{config.epochs}")
     # epoch 0 is the base model: adapting must beat it on the lab's own validation cases
     base_score = measure(model, val_x, val_y, classes)["macro_f1"] if val else -1.0
     state = new_state()
@@ -363,9 +352,7 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
         keep_best()  # epoch 0: the base model
 
     def one_epoch(epoch: int) -> dict:
-        done = train_epoch(model, loader, loss_of, step, track=track,
-                           description=f"adapting {task} {epoch}/{config.epochs}")
-        return {"loss": done["loss"]}
+        return {"loss": train(epoch)["loss"]}
 
     def validate(epoch: int, record: dict) -> tuple[float]:
         # without validation cases every epoch beats the one before: the last is kept

@@ -35,7 +35,7 @@ from pathlib import Path
 from leukodiff.data.records import Box, Field
 from leukodiff.data.root import DataNotFoundError, has_dataset
 from leukodiff.data.scan import Track, no_progress
-from leukodiff.data.splits import monte_carlo
+from leukodiff.data.splits import case_split
 from leukodiff.imaging import load_image
 from leukodiff.models.export import export_detector
 from leukodiff.models.files import read_checked, resolve
@@ -105,17 +105,6 @@ def lab_fields(sources: Sequence[str], group_by: str = "prefix", data_root=None,
     if not fields:
         raise DetectorAdaptError(f"no reviewed fields in {', '.join(sources)}")
     return fields
-
-
-def split_by_case(fields: Sequence[Field], share: float, seed: int
-                  ) -> tuple[list[Field], list[Field]]:
-    """(rest, share) of the fields, grouped by case or slide (`group_key`); everything in
-    the rest when there is a single case."""
-    if share <= 0 or len({f.group_key for f in fields}) < 2:
-        return list(fields), []
-    split = monte_carlo(fields, repeats=1, train_fraction=1 - share, seed=seed,
-                        grouped=True)[0]
-    return [fields[i] for i in split.train], [fields[i] for i in split.test]
 
 
 def replay_fields(base_config: DetectorConfig, count: int, seed: int, data_root=None,
@@ -229,7 +218,7 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
     base_path, manifest = read_checked(base)
     lab_fields = [f for f in lab_fields if f.wbc_boxes]
     if held is None:
-        learn, held = split_by_case(lab_fields, config.held_out, config.seed)
+        learn, held = case_split(lab_fields, config.held_out, config.seed)
     else:
         learn, held = list(lab_fields), list(held)
     if not held:
@@ -239,7 +228,7 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
         raise DetectorAdaptError(f"{len(learn)} reviewed field(s) with white cells to learn "
                                  f"from (outside those held out); at least "
                                  f"{config.min_fields} are needed")
-    fit, val = split_by_case(learn, config.validation, config.seed + 1)
+    fit, val = case_split(learn, config.validation, config.seed + 1)
     base_config = DetectorConfig.from_dict(manifest.training.settings)
     replay = replay_fields(base_config, max(config.min_replay,
                                             round(config.replay_per_field * len(fit))),

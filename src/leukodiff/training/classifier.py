@@ -45,12 +45,10 @@ from leukodiff.training.cells import (
 )
 from leukodiff.training.engine import (
     RunFolder,
-    Step,
-    classification_loss,
+    classifier_epochs,
     new_state,
     run_epochs,
     seed_everything,
-    train_epoch,
     warmup_cosine,
 )
 
@@ -250,11 +248,11 @@ def train_classifier(
     out_dir: Path,
     *,
     data_root: str | Path | None = None,
+    prepared: Prepared | None = None,  # the cells already read (`prepare`): no data_root
     weights_dir: str | Path | None = None,
     resume: bool = False,
     track: Track = no_progress,
     log: Callable[[str], None] = lambda message: None,
-    prepared: Prepared | None = None,
 ) -> dict:
     """Train, keep the best epoch on val, report test, write `model.pt` + manifest.
 
@@ -295,8 +293,8 @@ def train_classifier(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, warmup=len(loader),
                            total=max(1, config.epochs * len(loader))))
-    step = Step(optimizer, scheduler)
-    loss_of = classification_loss(trained, loss_fn)
+    train = classifier_epochs(trained, loader, loss_fn, optimizer, scheduler, track=track,
+                              description=lambda n: f"epoch {n}/{config.epochs}")
 
     state = new_state()
     if resume:
@@ -304,8 +302,7 @@ def train_classifier(
         log(f"resumed after epoch {state['epoch']}")
 
     def one_epoch(epoch: int) -> dict:
-        done = train_epoch(trained, loader, loss_of, step, track=track,
-                           description=f"epoch {epoch}/{config.epochs}")
+        done = train(epoch)
         return {"loss": done["loss"], "seconds": done["seconds"], "images": done["samples"]}
 
     def validate(epoch: int, record: dict) -> tuple[float, float]:

@@ -20,6 +20,9 @@ and what it logs:
         save_last=lambda state: folder.save_last(model, optimizer, scheduler, generator,
                                                  state),
         describe=lambda record, best: f"epoch {record['epoch']} ...", log=log)
+
+A crop classifier's loop (level 2, its adaptation, the group classifier) takes its
+`epoch` from `classifier_epochs`: the step and the classification loss, set up once.
 """
 
 from __future__ import annotations
@@ -179,6 +182,20 @@ def classification_loss(model: torch.nn.Module, loss_fn: Callable, *,
         return loss_fn(model(inputs), targets), len(targets)
 
     return loss_of
+
+
+def classifier_epochs(model: torch.nn.Module, batches: Iterable, loss_fn: Callable,
+                      optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
+                      description: Callable[[int], str], track: Track = no_progress,
+                      device: torch.device | None = None, channels_last: bool = True
+                      ) -> Callable[[int], dict]:
+    """The epoch of every crop-classifier loop (level 2, its adaptation, the detector's
+    group classifier): `train_epoch` over `batches` with `classification_loss` and the
+    optimiser `Step`; called with the epoch's number, it returns `train_epoch`'s record."""
+    step = Step(optimizer, scheduler)
+    loss_of = classification_loss(model, loss_fn, device=device, channels_last=channels_last)
+    return lambda number: train_epoch(model, batches, loss_of, step, track=track,
+                                      description=description(number))
 
 
 def train_epoch(module: torch.nn.Module, batches: Iterable, loss_of: Callable[[Any], BatchLoss],

@@ -28,12 +28,10 @@ from leukodiff.training.detector.config import DetectorConfig, DetectorTrainingE
 from leukodiff.training.detector.fields import DetectorData
 from leukodiff.training.engine import (
     KeptBest,
-    Step,
-    classification_loss,
+    classifier_epochs,
     new_state,
     run_epochs,
     seed_everything,
-    train_epoch,
 )
 
 
@@ -142,12 +140,13 @@ def train_group_classifier(model, config: DetectorConfig, data: DetectorData, ou
         keep_best()
         state["history"].append({"epoch": 0, "val": val})
         log(f"group classifier as it came: val accuracy {val['accuracy']:.3f}")
-    step = Step(optimizer, scheduler)
-    loss_of = classification_loss(classifier, loss_fn, device=device, channels_last=False)
+    train = classifier_epochs(
+        classifier, loader, loss_fn, optimizer, scheduler, track=track, device=device,
+        channels_last=False,
+        description=lambda n: f"group classifier {n}/{config.group_epochs}")
 
     def one_epoch(epoch: int) -> dict:
-        done = train_epoch(classifier, loader, loss_of, step, track=track,
-                           description=f"group classifier {epoch}/{config.group_epochs}")
+        done = train(epoch)
         return {"loss": done["loss"], "seconds": done["seconds"]}
 
     def validate(epoch: int, record: dict) -> tuple[float, float]:
