@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(BIN)/ruff check src tests benchmarks experiments
 
+# Two pytest-xdist workers (the CI machines have 2 cores): a test file stays on one worker,
+# the Ray files share one, PostgreSQL tests use a schema per worker (tests/conftest.py).
 test: setup lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 # The main job: analyse sample smear fields with the shipped models, write the report.
 demo: setup

@@ -1,8 +1,16 @@
-"""Shared fixtures: the real data root, and small synthetic images built in temp dirs."""
+"""Shared fixtures: the real data root, and small synthetic images built in temp dirs.
+
+Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) each test file runs whole on
+one worker (its module fixtures are built once), the files that start a local Ray
+cluster share one worker, and each worker computes on one thread."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # before numpy/torch read it
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import numpy as np
 import pytest
@@ -54,3 +62,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: Test files that start a local Ray cluster (directly or through `benchmarks.run`): never
+#: two at once on one machine.
+RAY_FILES = {"test_slides_ray.py", "test_benchmarks.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One xdist group per test file (`--dist loadgroup` keeps a file on one worker), and
+    one for the files that start Ray."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else
+                                                str(item.path.relative_to(item.config.rootpath))))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_xdist_worker():
+    """Two workers on two cores: a second torch thread in each would only wait."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+    yield

@@ -54,12 +54,24 @@ def one_validation_case(monkeypatch):
     monkeypatch.setattr(adapt_module, "MIN_VALIDATION_GROUPS", 1)
 
 
-@pytest.mark.usefixtures("one_validation_case")
-def test_adapt_writes_a_new_model_set_with_before_and_after(lab_folder, tmp_path,
+@pytest.fixture(scope="module")
+def quick_set(lab_folder, shared_data, tmp_path_factory):
+    """The lab's cells adapted with QUICK, the epoch chosen on one validation case: the
+    folder and the results, read (never written) by the tests that need this one run."""
+    import leukodiff.training.adapt as adapt_module
+
+    out = tmp_path_factory.mktemp("quick") / "set"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(adapt_module, "MIN_VALIDATION_GROUPS", 1)
+        results = adapt([str(lab_folder)], out, QUICK, cells=_lab_cells(lab_folder),
+                        data_root=shared_data)
+    return out, results
+
+
+def test_adapt_writes_a_new_model_set_with_before_and_after(quick_set, lab_folder,
                                                              shared_data):
     shipped_hash = sha256_of(shipped("mononuclear"))
-    results = adapt([str(lab_folder)], tmp_path / "set", QUICK, cells=_lab_cells(lab_folder),
-                    data_root=shared_data)
+    folder, results = quick_set
     assert results["polymorphonuclear"] == {"skipped": "no reviewed cells of this group"}
     mono = results["mononuclear"]
     held = mono["cells"]["held_out"]
@@ -68,17 +80,17 @@ def test_adapt_writes_a_new_model_set_with_before_and_after(lab_folder, tmp_path
     assert sum(sum(part.values()) for part in parts) == 28
     assert mono["cells"]["validation"] and 0 <= mono["cells"]["best_epoch"] <= QUICK.epochs
     assert mono["cells"]["held_out_groups"] >= 1 and sum(mono["cells"]["replay"].values()) > 0
-    _, manifest = load_classifier(tmp_path / "set" / "mononuclear.pt")
+    _, manifest = load_classifier(folder / "mononuclear.pt")
     assert manifest.provenance.adapted["base"]["sha256"] == shipped_hash
     assert manifest.provenance.adapted["after"] == json.loads(json.dumps(mono["after"]))
     assert manifest.input == read_checked("mononuclear")[1].input
-    assert (tmp_path / "set" / "mononuclear.onnx").exists()
+    assert (folder / "mononuclear.onnx").exists()
     assert sha256_of(shipped("mononuclear")) == shipped_hash  # the base is never touched
-    with Analyzer.load(mononuclear=tmp_path / "set" / "mononuclear.pt", backend="onnx",
+    with Analyzer.load(mononuclear=folder / "mononuclear.pt", backend="onnx",
                        threads=1) as analyzer:
         assert analyzer.classifiers  # the adapted set runs in the shipped pipeline
     with pytest.raises(AdaptError, match="already holds"):
-        adapt([str(lab_folder)], tmp_path / "set", QUICK, cells=_lab_cells(lab_folder),
+        adapt([str(lab_folder)], folder, QUICK, cells=_lab_cells(lab_folder),
               data_root=shared_data)
 
 
@@ -195,15 +207,13 @@ def test_adapt_command_prints_before_and_after_and_names_the_new_files(lab_folde
 
 @pytest.mark.usefixtures("one_validation_case")
 def test_unidentified_threshold_recalibrated_on_the_lab_only_with_enough_cells(
-        lab_folder, tmp_path, shared_data, monkeypatch):
+        quick_set, lab_folder, tmp_path, shared_data, monkeypatch):
     """28 reviewed cells leave a handful to validate on: the base model's threshold is
     kept. Allowed to recalibrate on them, the adapted manifest carries the lab's own, and
     the pipeline uses it."""
     import leukodiff.training.adapt as adapt_module
 
-    adapt([str(lab_folder)], tmp_path / "kept", QUICK, cells=_lab_cells(lab_folder),
-          data_root=shared_data)
-    _, kept = load_classifier(tmp_path / "kept" / "mononuclear.pt")
+    _, kept = load_classifier(quick_set[0] / "mononuclear.pt")  # the same run as "kept"
     _, base = load_classifier("mononuclear")
     assert kept.provenance.adapted["recalibrated"] is False
     assert kept.calibration == base.calibration

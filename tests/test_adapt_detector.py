@@ -126,12 +126,15 @@ def test_adapt_command_adapts_the_detector_from_a_voc_folder(lab_fields, tmp_pat
             xml.replace(record.image.name, f"{case}.jpg"))
         shutil.copy(record.image, voc / "JPEGImages" / f"{case}.jpg")
     out = tmp_path / "cli-set"
+    quick = ["--detector-epochs", "1", "--min-replay", "4", "--replay-per-field", "0.5",
+             "--group-epochs", "1", "--group-pbc-per-type", "4"]  # QUICK, as a lab types it
     result = CliRunner().invoke(app, ["adapt", "--fields", str(voc), "--out", str(out),
-                                      "--force"])
+                                      "--force", *quick])
     assert result.exit_code == 0, result.output
     assert "before -> after" in result.output and "detector.pt" in result.output
     manifest = json.loads((out / "detector.json").read_text())
     assert manifest["adapted"]["fields"]["held_out"] >= 1
+    assert [h["epoch"] for h in manifest["training"]["history"]] == [1]  # the options apply
     # the same folder again: refused, the earlier set kept
     again = CliRunner().invoke(app, ["adapt", "--fields", str(voc), "--out", str(out)])
     assert again.exit_code != 0 and "already holds" in again.output

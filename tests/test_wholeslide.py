@@ -173,9 +173,10 @@ def test_cli_whole_slide_and_bad_files(slide_file, tmp_path):
     assert (out / "report.html").is_file()
 
     data = path.read_bytes()
-    truncated = tmp_path / "truncated.ome.tif"
+    # names free of the reasons: the reason must come from the message, not the path
+    truncated = tmp_path / "cut.ome.tif"
     truncated.write_bytes(data[:len(data) // 2])
-    garbage = tmp_path / "garbage.ome.tif"
+    garbage = tmp_path / "junk.ome.tif"
     garbage.write_bytes(b"not a tiff at all" * 100)
     tiny = tmp_path / "tiny.tif"
     tifffile.imwrite(tiny, np.full((20, 20, 3), 200, dtype=np.uint8))

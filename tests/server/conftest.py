@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 from station_helpers import PASSWORD, login
 
 from leukodiff.pipeline import Analyzer
@@ -43,13 +43,20 @@ def bccd(shared_data: Path) -> Path:
     return folder
 
 
-def reset_postgres(url: str) -> None:
-    """An empty public schema, so each test migrates a fresh database."""
+def reset_postgres(url: str, schema: str = "public") -> None:
+    """An empty schema, so each test migrates a fresh database."""
     engine = create_engine(url)
     with engine.begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE"))
-        connection.execute(text("CREATE SCHEMA public"))
+        connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     engine.dispose()
+
+
+def worker_schema() -> str:
+    """public, or under pytest-xdist a schema of this worker's own (test_gw0, ...): two
+    workers never empty each other's tables."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return f"test_{worker}" if worker else "public"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -60,8 +67,12 @@ def database_url(request: pytest.FixtureRequest) -> str | None:
     url = os.environ.get(POSTGRES_ENV)
     if not url:
         pytest.skip(f"PostgreSQL tests need ${POSTGRES_ENV} (run `source .ci/services.sh`)")
-    reset_postgres(url)
-    return url
+    schema = worker_schema()
+    reset_postgres(url, schema)
+    if schema == "public":
+        return url
+    return make_url(url).update_query_dict({"options": f"-csearch_path={schema}"}
+                                           ).render_as_string(hide_password=False)
 
 
 @dataclass

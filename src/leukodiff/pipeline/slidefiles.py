@@ -92,6 +92,8 @@ def is_whole_slide(path: str | Path) -> bool:
         return False  # read as an ordinary image; a large one then says what to install
     try:
         with tifffile.TiffFile(path) as tif:
+            if suffix in (".ome.tif", ".ome.tiff") and not tif.is_ome:
+                return True  # its OME-XML lost (a truncated slide): open_slide says why
             series = tif.series[0]
             height, width = series.levels[0].shape[:2]
             return len(series.levels) > 1 or max(width, height) > WHOLE_SLIDE_SIDE
