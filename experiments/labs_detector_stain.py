@@ -14,9 +14,18 @@ every labelled field of the held-out lab through the shipped pipeline on onnxrun
 precision / recall at IoU 0.5 at the operating threshold, AP50, exact count (reviewed
 unboxed cells as ignore regions).
 
-Status (2026-12-06): not yet measured. Started for the Chula fold on the shared 2-core
-machine beside eight other jobs, its first epoch took 26 minutes (about 1.5 on an idle
-machine) and it was stopped; run it on an idle machine or the lent GPU.
+Result (2026-12-06, seed 0, one CPU thread; precision / recall / AP50 / exact count on the
+held-out lab; without jitter: docs/RESULTS.md section 0, measured before issue #18's
+one detection path, its folds not retrained):
+
+    held out    without jitter                   with stain + gamma jitter
+    Chula       0.454 / 0.878 / 0.646 / 73.5%    0.882 / 0.896 / 0.895 / 82.1%
+    BCD         0.960 / 0.932 / 0.956 / 94.0%    0.530 / 0.951 / 0.531 / 45.0%
+    BCCD        0.706 / 0.895 / 0.826 / 67.3%    0.263 / 0.954 / 0.698 / 11.8%
+
+Not kept: Chula's false cells (pale red cells) are gone, but trained without BCCD or BCD
+the detector calls their red cells and platelets white cells. No box scores much above
+0.6 with jitter (labs_detector_threshold.py): see docs/RESULTS.md on the group-split score.
 """
 
 from __future__ import annotations

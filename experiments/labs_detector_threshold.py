@@ -14,6 +14,12 @@ the held-out lab's fields, detected once, are measured at the spec threshold and
 chosen one: precision / recall at IoU 0.5 and the share of fields whose count is exact
 (reviewed unboxed cells ignored and counted as cells, as `evaluate labs` does).
 Nothing here looks at the held-out lab before the threshold is fixed.
+
+Result (2026-12-06, the stain-jitter folds of labs_detector_stain.py): chosen 0.45 for
+Chula (precision / recall 0.882 / 0.896 -> 0.701 / 0.931, exact count 82.1% -> 80.9%),
+0.50 for BCD (unchanged), 0.55 for BCCD (0.263 / 0.954 -> 0.303 / 0.933, exact 11.8% ->
+21.4%). Not kept. Validation F1 falls to 0 above 0.6 on every fold: no box scores higher,
+because the detector's score is its best group's share of a 3-way softmax.
 """
 
 from __future__ import annotations
