@@ -155,10 +155,12 @@ def detection_scores(detections: Sequence, fields: Sequence[Field], threshold: f
 
 
 def best_threshold(detections: Sequence, fields: Sequence[Field], default: float,
-                   ignore: dict[str, Sequence[Box]] | None = None) -> float:
-    """The F1-best operating threshold on `fields` (ties: the one nearest `default`)."""
+                   ignore: dict[str, Sequence[Box]] | None = None,
+                   grid: Sequence[float] = THRESHOLDS) -> float:
+    """The F1-best operating threshold on `fields` among `grid` (ties: the one nearest
+    `default`)."""
     ranked = [(round(detection_scores(detections, fields, t, ignore)["f1"], 4),
-               -abs(t - default), t) for t in THRESHOLDS]
+               -abs(t - default), t) for t in grid]
     return max(ranked)[2]
 
 
