@@ -34,8 +34,8 @@ the same fold detectors (no retraining) score each box by 1 - P(background), the
 being the likelier of the two (the group classifier relabels it in the shipped pipeline
 anyway), and are measured as `labs_detector_threshold.py` measures: held-out lab's fields
 at 0.5 and at the threshold with the best F1 on the training labs' validation fields.
-Torch backend (the ONNX export keeps torchvision's scoring; torch and onnx gave the same
-figures for the shipped detector).
+Torch backend, the detector's `roi_heads.cell_score` (the score of `DetectorSpec.score`
+"cell"; the figures below came from a copy of the same computation in this file).
 
 Result (2026-12-06, the stain-jitter folds; precision / recall / AP50 / exact count):
 
@@ -44,57 +44,30 @@ Result (2026-12-06, the stain-jitter folds; precision / recall / AP50 / exact co
     BCD         0.530 / 0.951 / 0.531 / 45.0%       0.95: 0.664 / 0.883 / 0.807 / 60.0%
     BCCD        0.263 / 0.954 / 0.698 / 11.8%       0.95: 0.385 / 0.895 / 0.803 / 31.9%
 
-AP50 (threshold-free) rises on every fold: the better ranking. Next: the unjittered folds
-retrained and scored this way, and the score in the ONNX export.
+AP50 (threshold-free) rises on every fold: the better ranking. The score is now
+`DetectorSpec.score = "cell"` (ONNX export included; `leukodiff train score`);
+labs_detector_cell_score.py measures it on the unjittered folds the shipped way.
 """
 
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from rich.console import Console
-from torchvision.ops import boxes as box_ops
 
 from leukodiff.data.sources import load_fields
 from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.evaluation.labs import DETECTION_LABS, FoldModels, available_labs
 from leukodiff.imaging import load_image
+from leukodiff.metrics.detection import best_threshold, detection_scores
 from leukodiff.models.io import load_detector
 from leukodiff.pipeline.analyzer import Analyzer
-from leukodiff.training.adapt_detector import best_threshold, detection_scores
 from leukodiff.training.detector import DetectorConfig
 from leukodiff.training.detector.fields import prepare_fields
 
 GRID = [round(0.30 + 0.05 * i, 2) for i in range(14)]
-
-
-def white_cell_scores(self, class_logits, box_regression, proposals, image_shapes):
-    """torchvision's postprocess_detections with one box per proposal scored
-    1 - P(background), labelled with the likelier group."""
-    boxes_per_image = [len(p) for p in proposals]
-    pred_boxes = self.box_coder.decode(box_regression, proposals)
-    probs = F.softmax(class_logits, -1)
-    out_boxes, out_scores, out_labels = [], [], []
-    for boxes, p, shape in zip(pred_boxes.split(boxes_per_image), probs.split(boxes_per_image),
-                               image_shapes, strict=True):
-        boxes = box_ops.clip_boxes_to_image(boxes, shape)
-        labels = p[:, 1:].argmax(1) + 1
-        boxes = boxes[torch.arange(len(boxes)), labels]
-        scores = 1 - p[:, 0]
-        keep = torch.where(scores > self.score_thresh)[0]
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = box_ops.nms(boxes, scores, self.nms_thresh)[: self.detections_per_img]
-        out_boxes.append(boxes[keep])
-        out_scores.append(scores[keep])
-        out_labels.append(labels[keep])
-    return out_boxes, out_scores, out_labels
 
 
 def analyzer_for(model_path: Path, score: str) -> Analyzer:
@@ -103,8 +76,7 @@ def analyzer_for(model_path: Path, score: str) -> Analyzer:
     if score == "group":
         return FoldModels(detector=model_path).analyzer(None, detection_threshold=0.05)
     model, _ = load_detector(model_path)
-    model.roi_heads.postprocess_detections = types.MethodType(white_cell_scores,
-                                                              model.roi_heads)
+    model.roi_heads.cell_score = True  # DetectorSpec.score "cell" (then a local copy here)
     return Analyzer.of_detector(model, group=False, detection_threshold=0.05)
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from leukodiff.data.sources import load_fields
+from leukodiff.metrics.detection import best_threshold, detection_scores
 from leukodiff.models.io import load_detector, sha256_of, shipped
 from leukodiff.pipeline.analyzer import Analyzer
 from leukodiff.pipeline.familiarity import Familiarity, familiarity_path
@@ -18,8 +19,6 @@ from leukodiff.training.adapt_detector import (
     DetectorAdaptConfig,
     DetectorAdaptError,
     adapt_detector,
-    best_threshold,
-    detection_scores,
 )
 from leukodiff.training.detector import DetectorTrainingError
 

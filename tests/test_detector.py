@@ -15,7 +15,7 @@ from leukodiff.data.records import Box
 from leukodiff.data.sources import load_fields
 from leukodiff.evaluation.detector import scale_between
 from leukodiff.imaging import load_image
-from leukodiff.metrics.detection import detection_metrics, match
+from leukodiff.metrics.detection import OPERATING_THRESHOLDS, detection_metrics, match
 from leukodiff.models.detector import (
     DetectorSpec,
     build_detector,
@@ -37,6 +37,7 @@ from leukodiff.training.detector import (
     lab_statistics,
     pbc_donors,
     prepare_fields,
+    rescore_detector,
     retrain_group_classifier,
     train_detector,
     unknown_group_boxes,
@@ -57,6 +58,59 @@ def bccd(shared_data):
 def untrained():
     torch.manual_seed(0)
     return build_detector(DetectorSpec(), pretrained=False).eval()
+
+
+def test_cell_score_is_one_minus_background_whatever_the_group():
+    """Three proposals, box regression zero: an uncertain-group cell (0.45 / 0.45 / bg 0.1)
+    scores 0.45 per group with torchvision's scoring and 0.9 as a white cell; a box mostly
+    background stays low either way; an overlapping twin is suppressed once, not per group."""
+    heads = build_detector(replace(LIGHT, score="cell"), pretrained=False).roi_heads
+    assert heads.cell_score
+    proposals = [torch.tensor([[0.0, 0.0, 100.0, 100.0], [300.0, 300.0, 400.0, 400.0],
+                               [2.0, 2.0, 100.0, 100.0]])]
+    probabilities = torch.tensor([[0.1, 0.45, 0.45], [0.8, 0.05, 0.15], [0.2, 0.5, 0.3]])
+    logits, regression = probabilities.log(), torch.zeros(3, 12)
+    boxes, scores, labels = heads.postprocess_detections(logits, regression, proposals,
+                                                         [(480, 640)])
+    assert scores[0].tolist() == pytest.approx([0.9, 0.2])
+    assert labels[0].tolist() == [1, 2]  # the likelier group (the first on a tie)
+    assert boxes[0].tolist() == [[0.0, 0.0, 100.0, 100.0], [300.0, 300.0, 400.0, 400.0]]
+    heads.cell_score = False  # torchvision's: one box per group and its probability
+    _, group_scores, _ = heads.postprocess_detections(logits, regression, proposals,
+                                                      [(480, 640)])
+    assert max(group_scores[0].tolist()) == pytest.approx(0.5)
+    assert DetectorSpec.from_dict({}).score == "group"  # manifests from before the choice
+    with pytest.raises(ValueError, match="score"):
+        build_detector(replace(LIGHT, score="background"), pretrained=False)
+
+
+def test_cell_scored_detector_exports_and_runs_any_field_on_onnxruntime(bccd, tmp_path):
+    """The shipped detector scored as a white cell: the ONNX trace keeps the number of
+    proposals and boxes dynamic (a field of another size, another count), and onnxruntime
+    finds what torch finds."""
+    import onnxruntime
+
+    from leukodiff.models.export import _export
+
+    if not shipped("detector").exists():
+        pytest.skip("no shipped detector")
+    model, _ = load_detector("detector")
+    model.roi_heads.cell_score = True
+    path = tmp_path / "cell.onnx"
+    _export(model, ([torch.rand(3, 480, 640)],), path, ["image"], ["boxes", "labels", "scores"],
+            {"image": {1: "height", 2: "width"}, "boxes": {0: "cells"},
+             "labels": {0: "cells"}, "scores": {0: "cells"}})
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pixels = [np.asarray(load_image(r.image), dtype=np.float32).transpose(2, 0, 1) / 255
+              for r in bccd[:3]]
+    for image in [*pixels, pixels[0][:, 64:416, 96:512]]:
+        with torch.no_grad():
+            expected = model([torch.from_numpy(np.ascontiguousarray(image))])[0]
+        boxes, labels, scores = session.run(None, {"image": np.ascontiguousarray(image)})
+        assert len(scores) == len(expected["scores"]) >= 1
+        assert np.allclose(scores, expected["scores"].numpy(), atol=1e-3)
+        assert (labels == expected["labels"].numpy()).all()
+        assert np.allclose(boxes, expected["boxes"].numpy(), atol=0.5)
 
 
 def test_light_configuration(untrained):
@@ -375,6 +429,21 @@ def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_
         retrain_group_classifier(tmp_path / "detector.pt", tmp_path / "other",
                                  augmentation="lab", stain="macenko", data_root=shared_data)
 
+    # scored 1 - P(background): same weights, threshold the validation F1's best
+    cell = rescore_detector(tmp_path / "detector.pt", tmp_path / "cell", data_root=shared_data)
+    point = cell["training"]["operating_point"]
+    assert cell["architecture"]["score"] == "cell" and point["score"] == "cell"
+    assert cell["architecture"]["score_threshold"] == point["threshold"]
+    assert point["threshold"] in OPERATING_THRESHOLDS
+    assert point["val_f1"][str(point["threshold"])] == max(point["val_f1"].values())
+    assert cell["training"]["rescored_from"]["sha256"] == manifest["sha256"]
+    rescored, _ = load_detector(tmp_path / "cell" / "detector.pt")
+    assert rescored.roi_heads.cell_score and rescored.spec.score_threshold == point["threshold"]
+    assert all(torch.equal(v, rescored.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(DetectorTrainingError, match="already scored"):
+        rescore_detector(tmp_path / "cell" / "detector.pt", tmp_path / "again",
+                         data_root=shared_data)
+
 
 def test_altered_detector_file_is_refused(tmp_path):
     source = shipped("detector")
@@ -481,7 +550,8 @@ def test_shipped_detector_floor_on_the_whole_bccd_test_list(shared_data):
     as the leave-one-lab-out table counts (BCCD's reviewed unboxed white cells ignored):
     AP50 0.987, recall 1.000, precision 0.947 when shipped (as annotated: AP50 0.958)."""
     from leukodiff.data.sources.unboxed import unboxed_white_cells
-    from leukodiff.training.adapt_detector import detect_fields, detection_scores
+    from leukodiff.metrics.detection import detection_scores
+    from leukodiff.training.adapt_detector import detect_fields
 
     test = [f for f in load_fields("bccd", shared_data).records if f.subset == "test"]
     found = detect_fields("detector", test)

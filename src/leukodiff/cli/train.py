@@ -161,6 +161,9 @@ def train_detector_command(
                                            "and camera)."),
     group_stain: str = typer.Option(Detector("spec.group_stain"), help="Group classifier "
                                     "crop colour normalisation: none | reinhard."),
+    score: str = typer.Option(Detector("spec.score"), help="A box's white-cell score: group "
+                              "(its best group's probability) | cell (1 - P(background); "
+                              "operating threshold then chosen on validation F1)."),
     colour_standardise: bool = typer.Option(Detector("spec.colour_standardise"),
                                             "--colour-standardise/--raw-colours",
                                             help="Standardise each field's colours to BCCD's "
@@ -195,7 +198,7 @@ def train_detector_command(
     from leukodiff.training.familiarity import write_familiarity
 
     spec = DetectorSpec(group_classifier=group_classifier, colour_standardise=colour_standardise,
-                        group_stain=group_stain)
+                        group_stain=group_stain, score=score)
     try:
         scales = tuple(float(v) for v in _split_list(scale_range))
         jitter = tuple(float(v) for v in _split_list(colour_jitter))
@@ -276,6 +279,36 @@ def train_group_command(
     best = group["history"][group["best_epoch"] - 1]["val"]
     console.print(f"group classifier: val balanced accuracy {best['balanced_accuracy']:.3f} "
                   f"(epoch {group['best_epoch']})")
+    reference = familiarity_path(resolve(detector))
+    if reference.is_file():  # the same training labs: the same look reference
+        shutil.copyfile(reference, familiarity_path(out / "detector.pt"))
+    console.print(f"wrote {out / 'detector.pt'} and {out / 'detector.json'}")
+
+
+@train_app.command("score")
+def train_score_command(
+    detector: str = typer.Option("detector", help="Trained detector.pt (or the shipped "
+                                 "'detector') scored by its best group's probability."),
+    out: Path = typer.Option(..., help="Folder for the new detector.pt and its manifest."),
+    data_root: Path | None = DataRoot,
+) -> None:
+    """Score a trained detector's boxes 1 - P(background) instead of by their best group,
+    its operating threshold chosen on its training run's validation fields (same weights)."""
+    import shutil
+
+    from leukodiff.models.files import resolve
+    from leukodiff.pipeline.familiarity import familiarity_path
+    from leukodiff.training.detector import DetectorTrainingError, rescore_detector
+
+    try:
+        manifest = rescore_detector(detector, out, data_root=data_root, track=_track,
+                                    log=console.print)
+    except (DetectorTrainingError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    val = manifest["metrics"]["val"]["wbc"]
+    console.print(f"operating threshold {manifest['architecture']['score_threshold']}: val "
+                  f"precision {val['precision']:.3f} recall {val['recall']:.3f} AP50 "
+                  f"{val['ap50']:.3f}")
     reference = familiarity_path(resolve(detector))
     if reference.is_file():  # the same training labs: the same look reference
         shutil.copyfile(reference, familiarity_path(out / "detector.pt"))

@@ -41,6 +41,7 @@ from leukodiff.metrics.adaptation import (
     TypingPoint,
     TypingRun,
 )
+from leukodiff.metrics.detection import detection_scores
 from leukodiff.metrics.records import from_plain, to_plain
 from leukodiff.models.files import read_checked
 from leukodiff.models.io import load_classifier
@@ -57,7 +58,6 @@ from leukodiff.training.adapt_detector import (
     DetectorAdaptConfig,
     adapt_detector,
     detect_fields,
-    detection_scores,
 )
 from leukodiff.training.cells import CellImages
 from leukodiff.training.classifier import predict_logits

@@ -188,3 +188,34 @@ def detection_metrics(detections: Sequence, records: Sequence[Field], *,
         "iou": iou,
         "per_image": per_image,
     }
+
+
+#: Operating thresholds a detector's is chosen among (training's validation fields, a
+#: lab's own reviewed fields). Up to 0.99: scored 1 - P(background) (`DetectorSpec.score`
+#: "cell"), a white cell's score is ~0.99 and false cells' spread up to it.
+OPERATING_THRESHOLDS = (*(round(0.30 + 0.05 * i, 2) for i in range(14)), 0.97, 0.99)
+
+
+def detection_scores(detections: Sequence, fields: Sequence[Field], threshold: float,
+                     ignore: Mapping[str, Sequence[Box]] | None = None) -> dict:
+    """Precision, recall, F1 (IoU 0.5), AP50 and the counts behind them at `threshold`."""
+    metrics = detection_metrics(detections, fields, score_threshold=threshold, ignore=ignore)
+    wbc = metrics["wbc"]
+    precision, recall = wbc["precision"] or 0.0, wbc["recall"] or 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    matched = metrics["matched"]
+    return {"threshold": threshold, "precision": precision, "recall": recall, "f1": f1,
+            "ap50": wbc["ap50"], "truth": wbc["truth"], "found": wbc["found"],
+            "false": wbc["false"], "fields": len(fields),
+            # of the found cells whose group the truth names, the share grouped right
+            "group_accuracy": matched["group_accuracy"]}
+
+
+def best_threshold(detections: Sequence, fields: Sequence[Field], default: float,
+                   ignore: Mapping[str, Sequence[Box]] | None = None,
+                   grid: Sequence[float] = OPERATING_THRESHOLDS) -> float:
+    """The F1-best operating threshold on `fields` among `grid` (ties: the one nearest
+    `default`)."""
+    ranked = [(round(detection_scores(detections, fields, t, ignore)["f1"], 4),
+               -abs(t - default), t) for t in grid]
+    return max(ranked)[2]

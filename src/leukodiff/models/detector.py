@@ -45,6 +45,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, box_iou
+from torchvision.ops import boxes as box_ops
 
 from leukodiff.models.mobilenet import MobileNetClassifier, MobileNetV1
 from leukodiff.models.tflite import load_imagenet_backbone
@@ -54,6 +55,8 @@ from leukodiff.taxonomy import DETECTOR_LABEL_OF, GROUP_OF_DETECTOR_LABEL, Group
 CLASSES: tuple[str, ...] = ("background", str(Group.MONONUCLEAR), str(Group.POLYMORPHONUCLEAR))
 LABEL_OF: dict[Group, int] = DETECTOR_LABEL_OF
 GROUP_OF_LABEL: dict[int, Group] = GROUP_OF_DETECTOR_LABEL
+#: How a box is scored (`DetectorSpec.score`)
+SCORES = ("group", "cell")
 
 # MobileNetV1 conv blocks (stem + 13 depthwise/pointwise pairs) that end at each stride.
 _BLOCKS_TO_STRIDE = {8: 1 + 2 * 5, 16: 1 + 2 * 11, 32: 1 + 2 * 13}
@@ -81,6 +84,12 @@ class DetectorSpec:
     detections_per_image: int = 20
     agnostic_nms_iou: float = 0.5  # a cell is reported once, whatever its group scores
     score_threshold: float = 0.5  # what counts as a found cell (recall/precision, counts)
+    # How a box's white-cell score is read off the box head's 3-way softmax (background,
+    # mononuclear, polymorphonuclear): "group", torchvision's, one box per group scored by
+    # that group's probability, so a cell whose group is uncertain (a lab it never saw)
+    # scores ~0.5 at most; "cell", one box per proposal scored 1 - P(background), labelled
+    # with the likelier group (issue #14, experiments/labs_detector_threshold.py).
+    score: str = "group"
     min_size: int = 480  # torchvision's nominal sizes; the transform below never resizes
     max_size: int = 640
     # Group refiner: a MobileNetV1 crop classifier (mononuclear / polymorphonuclear) that
@@ -105,6 +114,7 @@ class DetectorSpec:
     @classmethod
     def from_dict(cls, data: dict) -> DetectorSpec:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("score", "group")  # manifests written before the choice existed
         for key in ("anchor_sizes", "aspect_ratios", "colour_mean", "colour_std"):
             if key in known:
                 known[key] = tuple(known[key])
@@ -174,9 +184,38 @@ class IgnoringRPN(RegionProposalNetwork):
 
 class IgnoringRoIHeads(RoIHeads):
     """torchvision's RoI heads, except that proposals on a target's "ignore" boxes are
-    taught neither as a group nor as background."""
+    taught neither as a group nor as background, and that with `cell_score` (`DetectorSpec.
+    score == "cell"`) a box is scored as a white cell, whatever its group."""
 
     _ignore: list | tuple = ()  # per image, set only inside select_training_samples
+    cell_score: bool = False
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        """torchvision's, or with `cell_score` one box per proposal: scored 1 - P(background),
+        the box and label of the likelier group, one class-agnostic NMS."""
+        if not self.cell_score:
+            return super().postprocess_detections(class_logits, box_regression, proposals,
+                                                  image_shapes)
+        counts = [p.shape[0] for p in proposals]  # shape, not len: dynamic in the ONNX trace
+        decoded = self.box_coder.decode(box_regression, proposals)
+        probabilities = torch.softmax(class_logits, -1)
+        out_boxes, out_scores, out_labels = [], [], []
+        for boxes, p, shape in zip(decoded.split(counts), probabilities.split(counts),
+                                   image_shapes, strict=True):
+            labels = p[:, 1:].argmax(1) + 1
+            # gather, not arange indexing: the ONNX trace keeps the number of boxes dynamic
+            boxes = boxes.gather(1, labels[:, None, None].expand(-1, 1, 4)).squeeze(1)
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            scores = 1 - p[:, 0]
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.nms(boxes, scores, self.nms_thresh)[: self.detections_per_img]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+            out_labels.append(labels[keep])
+        return out_boxes, out_scores, out_labels
 
     def select_training_samples(self, proposals, targets):
         self._ignore = [t.get("ignore") for t in targets] if targets else []
@@ -278,6 +317,9 @@ def build_detector(
     # Same modules and settings, with "ignore" boxes honoured in training (no new weights).
     model.rpn.__class__ = IgnoringRPN
     model.roi_heads.__class__ = IgnoringRoIHeads
+    if spec.score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {spec.score!r}")
+    model.roi_heads.cell_score = spec.score == "cell"
     if spec.group_classifier:
         classifier = MobileNetClassifier(2, width=spec.width, hidden=spec.group_hidden)
         if pretrained:
@@ -300,6 +342,7 @@ __all__ = [
     "CLASSES",
     "GROUP_OF_LABEL",
     "LABEL_OF",
+    "SCORES",
     "DetectorSpec",
     "MobileNetFeatures",
     "NativeResolutionTransform",

@@ -37,6 +37,7 @@ from leukodiff.data.root import DataNotFoundError, has_dataset
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import case_split
 from leukodiff.imaging import load_image
+from leukodiff.metrics.detection import best_threshold, detection_scores
 from leukodiff.models.export import export_detector
 from leukodiff.models.files import read_checked, resolve
 from leukodiff.models.io import load_detector, save_model
@@ -48,8 +49,6 @@ from leukodiff.training.detector import (
     prepare_fields,
     train_detector,
 )
-
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 class DetectorAdaptError(ValueError):
@@ -135,33 +134,6 @@ def detect_fields(detector: str | Path, fields: Sequence[Field], threads: int | 
                        detection_threshold=0.0) as analyzer:
         return [analyzer.detect(analyzer.check(load_image(record.image)))
                 for record in track(list(fields), description)]
-
-
-def detection_scores(detections: Sequence, fields: Sequence[Field], threshold: float,
-                     ignore: dict[str, Sequence[Box]] | None = None) -> dict:
-    """Precision, recall, F1 (IoU 0.5), AP50 and the counts behind them at `threshold`."""
-    from leukodiff.metrics.detection import detection_metrics
-
-    metrics = detection_metrics(detections, fields, score_threshold=threshold, ignore=ignore)
-    wbc = metrics["wbc"]
-    precision, recall = wbc["precision"] or 0.0, wbc["recall"] or 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    matched = metrics["matched"]
-    return {"threshold": threshold, "precision": precision, "recall": recall, "f1": f1,
-            "ap50": wbc["ap50"], "truth": wbc["truth"], "found": wbc["found"],
-            "false": wbc["false"], "fields": len(fields),
-            # of the found cells whose group the truth names, the share grouped right
-            "group_accuracy": matched["group_accuracy"]}
-
-
-def best_threshold(detections: Sequence, fields: Sequence[Field], default: float,
-                   ignore: dict[str, Sequence[Box]] | None = None,
-                   grid: Sequence[float] = THRESHOLDS) -> float:
-    """The F1-best operating threshold on `fields` among `grid` (ties: the one nearest
-    `default`)."""
-    ranked = [(round(detection_scores(detections, fields, t, ignore)["f1"], 4),
-               -abs(t - default), t) for t in grid]
-    return max(ranked)[2]
 
 
 def add_lab_look(reference: Path, fields: Sequence[Field], out: Path,

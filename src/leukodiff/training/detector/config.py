@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from leukodiff.imaging import STAIN_NORMALISATIONS
-from leukodiff.models.detector import DetectorSpec
+from leukodiff.models.detector import SCORES, DetectorSpec
 from leukodiff.training.cells import AUGMENTATIONS
 
 VALIDATIONS = ("voc", "grouped")
@@ -79,6 +79,8 @@ class DetectorConfig:
             raise DetectorTrainingError(f"group_augmentation must be one of {AUGMENTATIONS}")
         if not 0.0 <= self.pbc_paste <= 1.0:
             raise DetectorTrainingError("pbc_paste is a probability: 0 to 1")
+        if self.spec.score not in SCORES:
+            raise DetectorTrainingError(f"score must be one of {', '.join(SCORES)}")
         if self.spec.group_stain not in STAIN_NORMALISATIONS:
             raise DetectorTrainingError(f"unknown stain normalisation {self.spec.group_stain!r}"
                                         f"; choose one of {', '.join(STAIN_NORMALISATIONS)}")

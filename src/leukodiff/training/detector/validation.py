@@ -9,7 +9,12 @@ from PIL import Image
 
 from leukodiff.data.records import Field
 from leukodiff.imaging import load_image
-from leukodiff.metrics.detection import detection_metrics
+from leukodiff.metrics.detection import (
+    OPERATING_THRESHOLDS,
+    best_threshold,
+    detection_metrics,
+    detection_scores,
+)
 from leukodiff.models.detector import DetectorSpec
 from leukodiff.pipeline.analyzer import Analyzer
 from leukodiff.training.detector.config import DetectorConfig
@@ -26,20 +31,39 @@ def selection_score(metrics: dict, with_groups: bool = True) -> tuple[float, flo
     return first, metrics["wbc"]["ap50_95"] or 0.0
 
 
-def validate(model, records: Sequence[Field], images: FieldImages | None = None,
-             refine: bool = True) -> dict:
-    """Detection metrics on `records` (decoded from disk unless `images` holds them), found
-    by the pipeline's own detection on the model in memory (`Analyzer.of_detector`: what
-    ships, down to score 0 for AP). `refine=False`: Faster R-CNN's own group labels (the
-    group classifier is trained after the detector's epochs)."""
+def detect_all(model, records: Sequence[Field], images: FieldImages | None = None,
+               refine: bool = True) -> list:
+    """The detections of `records` (decoded from disk unless `images` holds them) by the
+    pipeline's own detection on the model in memory (`Analyzer.of_detector`: what ships,
+    down to the box head's floor for AP). `refine=False`: Faster R-CNN's own group labels
+    (the group classifier is trained after the detector's epochs)."""
     detections = []
     with Analyzer.of_detector(model, group=refine) as analyzer:
         for index, record in enumerate(records):
             image = (Image.fromarray(images.image(index).permute(1, 2, 0).numpy())
                      if images is not None else load_image(record.image))
             detections.append(analyzer.detect(image))
+    return detections
+
+
+def validate(model, records: Sequence[Field], images: FieldImages | None = None,
+             refine: bool = True) -> dict:
+    """Detection metrics on `records` at the model's operating threshold (`detect_all`)."""
     spec: DetectorSpec = model.spec
-    return detection_metrics(detections, records, score_threshold=spec.score_threshold)
+    return detection_metrics(detect_all(model, records, images, refine), records,
+                             score_threshold=spec.score_threshold)
+
+
+def operating_threshold(model, records: Sequence[Field], images: FieldImages | None = None
+                        ) -> tuple[float, dict[float, float]]:
+    """The operating threshold with the best F1 on `records` (the run's validation fields,
+    as shipped: group classifier included) among `OPERATING_THRESHOLDS` (ties: nearest the
+    spec's), and the F1 at each. For a detector scored 1 - P(background), whose white
+    cells score ~0.99 and a new lab's debris anything up to it, 0.5 means little."""
+    detections = detect_all(model, records, images)
+    chosen = best_threshold(detections, records, model.spec.score_threshold)
+    return chosen, {t: round(detection_scores(detections, records, t)["f1"], 4)
+                    for t in OPERATING_THRESHOLDS}
 
 
 def final_metrics(model, config: DetectorConfig, data: DetectorData,

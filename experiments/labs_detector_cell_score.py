@@ -1,0 +1,60 @@
+"""Is a detector that scores a box as a white cell, 1 - P(background), with its operating
+threshold chosen on the training labs' validation F1, better on a lab it never saw?
+
+    python experiments/labs_detector_cell_score.py runs/labs-det-base    # ~10 min per fold
+    python experiments/labs_detector_cell_score.py runs/labs-det-stain
+
+For each fold detector RUNS/without-LAB/detector/detector.pt (trained by
+labs_detector_stain.py on the other detection labs, scored by its best group), the
+shipped code path: `rescore_detector` (`leukodiff train score`: same weights, scored
+1 - P(background), operating threshold the F1-best among
+`metrics.detection.OPERATING_THRESHOLDS` on the validation parts of the labs it trained
+on), ONNX export, then every labelled field of the held-out lab measured as `evaluate
+labs` measures detection (`measure_fields`, onnxruntime): precision / recall at IoU 0.5
+at the operating threshold, AP50, exact count. The group-scored figures of the same
+detectors are the last line of each fold in labs_detector_stain.py's log. Rule (score,
+grid, F1 on the training labs' validation parts) fixed before the unjittered folds were
+measured; nothing here reads the held-out lab before the threshold is set.
+
+Result (2026-12-06, seed 0; precision / recall / AP50 / exact count on the held-out lab):
+see docs/RESULTS.md, "Tried on 2026-12-06".
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from leukodiff.data.sources import load_fields
+from leukodiff.evaluation.labs import (
+    DETECTION_LABS,
+    FoldModels,
+    available_labs,
+    measure_fields,
+)
+from leukodiff.models.export import export_detector
+from leukodiff.training.detector import rescore_detector
+
+runs = Path(sys.argv[1])
+console = Console()
+present = available_labs(None)
+for lab in (x for x in DETECTION_LABS if present[x]):
+    source = runs / f"without-{lab}" / "detector" / "detector.pt"
+    if not source.exists():
+        continue
+    folder = runs / f"without-{lab}" / "detector-cell"
+    if not (folder / "detector.pt").exists():
+        rescore_detector(source, folder, log=console.print)
+    if not (folder / "detector.onnx").exists():
+        export_detector(folder / "detector.pt")
+    fields = sorted(load_fields(lab).records, key=lambda r: r.image.name)
+    with FoldModels(detector=folder / "detector.pt").analyzer(
+            None, detection_threshold=0.05) as analyzer:
+        threshold = analyzer.spec["score_threshold"]
+        result = measure_fields(analyzer, fields, lab)
+    d = result.detector
+    console.print(f"held out {lab}, cell score at {threshold}: precision {d.precision:.3f} "
+                  f"recall {d.recall:.3f} AP50 {d.ap50:.3f} exact count {d.exact_count:.1%} "
+                  f"({d.false} false cells, {d.truth} true)")
