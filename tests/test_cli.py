@@ -46,3 +46,16 @@ def test_analyzer_is_importable_from_the_package():
     from leukodiff.pipeline.analyzer import Analyzer as Direct
 
     assert Analyzer is Direct and "Analyzer" in leukodiff.__all__
+
+
+def test_train_score_refuses_what_it_cannot_rescore(tmp_path):
+    """`train score` never overwrites a detector, and names a missing one."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "detector.pt").write_bytes(b"someone's detector")
+    result = runner.invoke(app, ["train", "score", "--out", str(tmp_path / "taken")])
+    assert result.exit_code == 1 and "already holds a detector" in result.output
+    assert (tmp_path / "taken" / "detector.pt").read_bytes() == b"someone's detector"
+    result = runner.invoke(app, ["train", "score", "--detector", str(tmp_path / "none.pt"),
+                                 "--out", str(tmp_path / "new")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "none.pt" in result.output and not (tmp_path / "new").exists()
