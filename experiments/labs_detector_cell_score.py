@@ -2,7 +2,7 @@
 threshold chosen on the training labs' validation F1, better on a lab it never saw?
 
     python experiments/labs_detector_cell_score.py runs/labs-det-base    # ~10 min per fold
-    python experiments/labs_detector_cell_score.py runs/labs-det-stain
+    python experiments/labs_detector_cell_score.py runs/labs-det-stain chula,bcd   # some folds
 
 For each fold detector RUNS/without-LAB/detector/detector.pt (trained by
 labs_detector_stain.py on the other detection labs, scored by its best group), the
@@ -41,9 +41,10 @@ from leukodiff.models.export import export_detector
 from leukodiff.training.detector import rescore_detector
 
 runs = Path(sys.argv[1])
+labs = sys.argv[2].split(",") if len(sys.argv) > 2 else list(DETECTION_LABS)
 console = Console()
 present = available_labs(None)
-for lab in (x for x in DETECTION_LABS if present[x]):
+for lab in (x for x in labs if present[x]):
     source = runs / f"without-{lab}" / "detector" / "detector.pt"
     if not source.exists():
         continue

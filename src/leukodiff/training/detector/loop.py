@@ -318,7 +318,7 @@ def rescore_detector(
         "training": {**manifest.training.settings, **json.loads(json.dumps(asdict(config))),
                      "operating_point": operating,
                      "rescored_from": {"model": _shown(source), "sha256": manifest.sha256,
-                                       "command": manifest.command}},
+                                       "command": manifest.provenance.command}},
         "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
         else "",
         "metrics": final_metrics(model, config, data, val_images),
