@@ -385,7 +385,9 @@ def test_bcd_scale_from_red_cell_sizes(bccd, shared_data):
 
 
 def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_data):
-    config = DetectorConfig(spec=DetectorSpec(rpn_post_nms_test=50), epochs=2, batch_size=2,
+    # scored by group (the shipped detector's first scoring): rescored at the end
+    config = DetectorConfig(spec=DetectorSpec(rpn_post_nms_test=50, score="group"), epochs=2,
+                            batch_size=2,
                             max_train_fields=2, max_val_fields=2, val_every=1, warmup_steps=1,
                             group_epochs=1, group_pbc_per_type=0, group_bccd_repeat=1,
                             mono_oversample=1)
@@ -401,6 +403,7 @@ def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_
                        resume=True)
     manifest = train_detector(config, tmp_path, data_root=shared_data, data=data, resume=True)
     assert [h["epoch"] for h in manifest["training"]["history"]] == [1, 2]
+    assert manifest["training"]["operating_point"] is None  # group score: the spec's 0.5
     assert manifest["training"]["group_classifier"]["cells"]["pbc"] == 0
     assert (tmp_path / "detector.pt").stat().st_size < 15e6
     model, loaded = load_detector(tmp_path / "detector.pt")

@@ -47,6 +47,11 @@ def test_quick_folds_train_without_the_held_out_lab_and_resume(tmp_path, shared_
     for model in ("mononuclear/model.onnx", "polymorphonuclear/model.onnx"):
         assert (tmp_path / "without-pbc" / model).is_file()
     assert (tmp_path / "without-bcd" / "detector" / "detector.familiarity.json").is_file()
+    # scored as a white cell, its operating threshold the training lab's validation F1's best
+    detector = json.loads((tmp_path / "without-bcd" / "detector" / "detector.json").read_text())
+    point = detector["training"]["operating_point"]
+    assert detector["architecture"]["score"] == point["score"] == "cell"
+    assert detector["architecture"]["score_threshold"] == point["threshold"]
     trained = json.loads((tmp_path / "without-pbc" / "mononuclear" / "model.json").read_text())
     assert trained["training"]["sources"] == ["bccd"]
     # the shipped models learnt BCCD, PBC, BCD and Chula: no lab here is new to them

@@ -85,11 +85,13 @@ class DetectorSpec:
     agnostic_nms_iou: float = 0.5  # a cell is reported once, whatever its group scores
     score_threshold: float = 0.5  # what counts as a found cell (recall/precision, counts)
     # How a box's white-cell score is read off the box head's 3-way softmax (background,
-    # mononuclear, polymorphonuclear): "group", torchvision's, one box per group scored by
-    # that group's probability, so a cell whose group is uncertain (a lab it never saw)
-    # scores ~0.5 at most; "cell", one box per proposal scored 1 - P(background), labelled
-    # with the likelier group (issue #14, experiments/labs_detector_threshold.py).
-    score: str = "group"
+    # mononuclear, polymorphonuclear): "cell", one box per proposal scored 1 - P(background),
+    # labelled with the likelier group, its operating threshold chosen on validation F1;
+    # "group", torchvision's, one box per group scored by that group's probability, so a
+    # cell whose group is uncertain (a lab it never saw) scores ~0.5 at most. "cell" won
+    # leaving one lab out (issue #14, experiments/labs_detector_cell_score.py); manifests
+    # written before the choice existed read as "group".
+    score: str = "cell"
     min_size: int = 480  # torchvision's nominal sizes; the transform below never resizes
     max_size: int = 640
     # Group refiner: a MobileNetV1 crop classifier (mononuclear / polymorphonuclear) that
