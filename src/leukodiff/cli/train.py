@@ -134,9 +134,10 @@ def train_detector_command(
                                "(focus, optics)."),
     stain_jitter: float = typer.Option(Detector("stain_jitter"), help="Each stain's amount "
                                        "(HED space) times 1 +- this: another lab's stain "
-                                       "(0: off; not yet measured)."),
+                                       "(0: off; left one lab out, not kept: "
+                                       "experiments/labs_detector_stain.py)."),
     gamma: float = typer.Option(Detector("gamma"), help="Gamma of exp(+- this): another "
-                                "camera (0: off; not yet measured)."),
+                                "camera (0: off; not kept, as --stain-jitter)."),
     window_on_cell: float = typer.Option(Detector("window_on_cell"), help="Probability that "
                                          "a window cut from a large field holds a white "
                                          "cell."),

@@ -26,8 +26,11 @@ Design (see `DetectorSpec`):
 * Anchors 64-256 px (three aspect ratios) on the single stride-16 map cover
   BCCD's white cells, 120-260 px for 90% of them and ~30 px for slivers cut by
   the image border.
-* The pipeline adds a class-agnostic NMS after torchvision's per-class NMS, so a
-  cell is reported once, with the group of its best-scoring box.
+* Score (`DetectorSpec.score`): a box is scored as a white cell, 1 - P(background),
+  one box per proposal and one NMS (`IgnoringRoIHeads.postprocess_detections`), its
+  operating threshold chosen on validation F1; detectors trained before 2026-12-06 keep
+  torchvision's per-group scores and per-class NMS, after which the pipeline's
+  class-agnostic NMS reports a cell once, with the group of its best-scoring box.
 """
 
 from __future__ import annotations

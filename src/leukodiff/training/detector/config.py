@@ -38,9 +38,10 @@ class DetectorConfig:
     color_jitter: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.04)
     channel_gain: float = 0.15  # each RGB channel times 1 +- this: stain and lamp balance
     blur: float = 0.3  # probability of a Gaussian blur (sigma 0.3-1.5): focus and optics
-    # Another lab's stain and camera (issue #14; experiments/labs_detector_stain.py, not yet
-    # measured: off): each stain's amount in HED space times 1 +- `stain_jitter`
-    # (training.cells.StainJitter) and a gamma of exp(+- `gamma`)
+    # Another lab's stain and camera: each stain's amount in HED space times 1 +-
+    # `stain_jitter` (training.cells.StainJitter) and a gamma of exp(+- `gamma`). Off: left
+    # one lab out it won Chula and lost BCCD and BCD (issue #14,
+    # experiments/labs_detector_stain.py)
     stain_jitter: float = 0.0
     gamma: float = 0.0
     # probability that a window cut from a field larger than the detector's native one
