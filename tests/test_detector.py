@@ -113,6 +113,26 @@ def test_cell_scored_detector_exports_and_runs_any_field_on_onnxruntime(bccd, tm
         assert np.allclose(boxes, expected["boxes"].numpy(), atol=0.5)
 
 
+def test_a_ruined_detector_still_exports_and_finds_nothing(tmp_path):
+    """No proposal survives a ruined RPN (NaN weights, as a ruinous fine-tuning leaves):
+    traced so, the cell score's graph still runs on onnxruntime, finding nothing."""
+    import onnxruntime
+
+    from leukodiff.models.export import _export
+
+    model = build_detector(LIGHT, pretrained=False).eval()
+    with torch.no_grad():
+        for parameter in model.rpn.parameters():
+            parameter.fill_(float("nan"))
+    path = tmp_path / "ruined.onnx"
+    _export(model, ([torch.rand(3, 480, 640)],), path, ["image"], ["boxes", "labels", "scores"],
+            {"image": {1: "height", 2: "width"}, "boxes": {0: "cells"},
+             "labels": {0: "cells"}, "scores": {0: "cells"}})
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    boxes, _, _ = session.run(None, {"image": np.random.rand(3, 480, 640).astype(np.float32)})
+    assert boxes.shape == (0, 4)
+
+
 def test_light_configuration(untrained):
     # the class measured in the issue: ~2.3M parameters for Faster R-CNN itself
     assert 2.0e6 < parameter_count(build_detector(LIGHT, pretrained=False)) < 2.6e6

@@ -60,11 +60,16 @@ def test_a_mosaic_counts_the_sum_of_its_fields(analyzer, test_fields):
                                   "BloodImage_00227.jpg"])
 def test_enlarged_fields_are_tiled_without_doubles(analyzer, shared_data, name):
     """A field enlarged 1.4x (896x672: over the detector's size, so tiled) whose cell came
-    out twice before (a piece of it inside the whole): one cell, as without tiling."""
+    out twice before (a piece of it inside the whole): one cell, the one the whole field
+    given at once finds best (its score there can fall below the operating threshold:
+    00227's is 0.74 whole and 0.999 tiled)."""
     field = load_image(shared_data / "bccd" / "BCCD" / "JPEGImages" / name)
     enlarged = field.resize((896, 672), Image.Resampling.BILINEAR)
-    untiled = analyzer._detect_field(enlarged).above(analyzer.detection_threshold)
-    assert len(analyzer.detect(enlarged).boxes) == len(untiled.boxes) == 1
+    tiled = analyzer.detect(enlarged)
+    untiled = analyzer._detect_field(enlarged)  # the whole field at once, every score
+    assert len(tiled.boxes) == 1
+    best = untiled.boxes[[int(untiled.scores.argmax())]]
+    assert box_iou(tiled.boxes, best)[0, 0] >= 0.7
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])

@@ -7,6 +7,7 @@ from PIL import Image
 from leukodiff.data.sources import load_fields
 from leukodiff.imaging import load_image
 from leukodiff.pipeline import Analyzer
+from leukodiff.pipeline.boxes import box_iou
 from leukodiff.pipeline.scale import (
     REFERENCE_LENGTH,
     SHRINK_ABOVE,
@@ -54,6 +55,7 @@ def test_a_field_at_twice_the_magnification_gives_the_same_cells(shared_data):
             assert cell_size_ratio(enlarged) > SHRINK_ABOVE
             found = analyzer.detect(enlarged)
             assert len(found.boxes) == len(native.boxes) >= 1, name
-            for box, reference in zip(sorted(found.boxes.tolist()),
-                                      sorted(native.boxes.tolist()), strict=True):
-                assert np.allclose(np.array(box) / 2, reference, atol=12), name
+            # each native box has its twin (the same cell, the box regressed from another
+            # proposal: 00010's shrunk-back box is nearer the truth, IoU 0.87 vs 0.74)
+            overlap = box_iou(found.boxes / 2, native.boxes)
+            assert (overlap.max(0) >= 0.7).all() and (overlap.max(1) >= 0.7).all(), name

@@ -202,7 +202,10 @@ class IgnoringRoIHeads(RoIHeads):
             return super().postprocess_detections(class_logits, box_regression, proposals,
                                                   image_shapes)
         counts = [p.shape[0] for p in proposals]  # shape, not len: dynamic in the ONNX trace
-        decoded = self.box_coder.decode(box_regression, proposals)
+        # (boxes, groups + 1, 4) even when no proposal is left (then torchvision's decode
+        # keeps rank 2, and a trace of it would not gather)
+        decoded = self.box_coder.decode(box_regression, proposals).reshape(
+            -1, class_logits.shape[-1], 4)
         probabilities = torch.softmax(class_logits, -1)
         out_boxes, out_scores, out_labels = [], [], []
         for boxes, p, shape in zip(decoded.split(counts), probabilities.split(counts),
