@@ -9,12 +9,12 @@ the training labs' validation parts), with the MobileNetV1 width as the only cha
 (0.5 is the paper's and the shipped one; ../shared/weights also has 0.25 and 0.75).
 Measured on every typed cell of the held-out lab (true boxes, true group).
 
-Status (2026-12-06): width 0.75 not yet measured (stopped at the first fold's 7th epoch
-on a machine shared with eight other jobs; runs/labs-l2-w075 resumes it). Width 0.5 (the
-shipped recipe, today's code, one CPU thread) was run as the baseline of
-labs_level2_lab_norm.py: macro-F1 BCCD 0.757, PBC 0.408, Chula 0.782 (mean 0.649; the
-2026-11-29 run of the same recipe gave 0.809 / 0.395 / 0.708, mean 0.637: one seed
-moves a held-out lab by up to 0.07).
+Status (2026-12-06): width 0.75, two of three folds: macro-F1 BCCD 0.715, PBC 0.376 (the
+Chula fold stopped at its polymorphonuclear model's first epoch to free the CPU;
+runs/labs-l2-w075 resumes it). Width 0.5 (the shipped recipe, today's code, one CPU
+thread) was run as the baseline of labs_level2_lab_norm.py: macro-F1 BCCD 0.757, PBC
+0.408, Chula 0.782 (mean 0.649; the 2026-11-29 run of the same recipe gave 0.809 / 0.395
+/ 0.708, mean 0.637: one seed moves a held-out lab by up to 0.07).
 """
 
 from __future__ import annotations
