@@ -46,7 +46,9 @@ def write_field(out_dir: Path, stem: str, image: Image.Image, result: FieldResul
     QuPath detections: `FieldResult.to_geojson`)."""
     marks = (Mark(cell.box, f"{index} {cell.label} {cell.type_confidence:.2f}",
                   COLOURS[cell.label]) for index, cell in enumerate(result.cells, start=1))
-    annotate(image, marks).save(out_dir / "fields" / f"{stem}.png")
+    # zlib level 1: 19 ms instead of 89 for a 640x480 field, 20% larger; at the default
+    # level the picture cost more than the field's whole analysis (`analyze --slides`)
+    annotate(image, marks).save(out_dir / "fields" / f"{stem}.png", compress_level=1)
     (out_dir / "fields" / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=2))
     (out_dir / "fields" / f"{stem}.geojson").write_text(json.dumps(result.to_geojson()) + "\n")
 
