@@ -211,11 +211,21 @@ def detection_scores(detections: Sequence, fields: Sequence[Field], threshold: f
             "group_accuracy": matched["group_accuracy"]}
 
 
+def f1_by_threshold(detections: Sequence, fields: Sequence[Field],
+                    ignore: Mapping[str, Sequence[Box]] | None = None,
+                    grid: Sequence[float] = OPERATING_THRESHOLDS) -> dict[float, float]:
+    """F1 (IoU 0.5, rounded to 4 places) at each threshold of `grid`."""
+    return {t: round(detection_scores(detections, fields, t, ignore)["f1"], 4) for t in grid}
+
+
+def f1_best(f1: Mapping[float, float], default: float) -> float:
+    """The threshold with the best F1 (ties: the one nearest `default`)."""
+    return max(f1, key=lambda t: (f1[t], -abs(t - default), t))
+
+
 def best_threshold(detections: Sequence, fields: Sequence[Field], default: float,
                    ignore: Mapping[str, Sequence[Box]] | None = None,
                    grid: Sequence[float] = OPERATING_THRESHOLDS) -> float:
     """The F1-best operating threshold on `fields` among `grid` (ties: the one nearest
     `default`)."""
-    ranked = [(round(detection_scores(detections, fields, t, ignore)["f1"], 4),
-               -abs(t - default), t) for t in grid]
-    return max(ranked)[2]
+    return f1_best(f1_by_threshold(detections, fields, ignore, grid), default)

@@ -9,12 +9,7 @@ from PIL import Image
 
 from leukodiff.data.records import Field
 from leukodiff.imaging import load_image
-from leukodiff.metrics.detection import (
-    OPERATING_THRESHOLDS,
-    best_threshold,
-    detection_metrics,
-    detection_scores,
-)
+from leukodiff.metrics.detection import detection_metrics, f1_best, f1_by_threshold
 from leukodiff.models.detector import DetectorSpec
 from leukodiff.pipeline.analyzer import Analyzer
 from leukodiff.training.detector.config import DetectorConfig
@@ -57,13 +52,12 @@ def validate(model, records: Sequence[Field], images: FieldImages | None = None,
 def operating_threshold(model, records: Sequence[Field], images: FieldImages | None = None
                         ) -> tuple[float, dict[float, float]]:
     """The operating threshold with the best F1 on `records` (the run's validation fields,
-    as shipped: group classifier included) among `OPERATING_THRESHOLDS` (ties: nearest the
-    spec's), and the F1 at each. For a detector scored 1 - P(background), whose white
-    cells score ~0.99 and a new lab's debris anything up to it, 0.5 means little."""
-    detections = detect_all(model, records, images)
-    chosen = best_threshold(detections, records, model.spec.score_threshold)
-    return chosen, {t: round(detection_scores(detections, records, t)["f1"], 4)
-                    for t in OPERATING_THRESHOLDS}
+    as shipped: group classifier included) among `metrics.detection.OPERATING_THRESHOLDS`
+    (ties: nearest the spec's), and the F1 at each. For a detector scored 1 -
+    P(background), whose white cells score ~0.99 and a new lab's debris anything up to it,
+    0.5 means little."""
+    f1 = f1_by_threshold(detect_all(model, records, images), records)
+    return f1_best(f1, model.spec.score_threshold), f1
 
 
 def final_metrics(model, config: DetectorConfig, data: DetectorData,
