@@ -107,6 +107,33 @@ def test_threshold_is_the_f1_best_on_the_fields_given(lab_fields):
     assert low["false"] == len(lab_fields) and low["recall"] == 1.0 and low["precision"] < 1
 
 
+
+def test_f1_grid_is_detection_scores_f1_at_each_threshold(lab_fields):
+    """The threshold search's matching-only F1 equals the full metrics' F1 at every
+    threshold: truth cells at scores spread over the grid, shifted boxes that miss
+    (IoU < 0.5), false cells, one of them inside an ignore region."""
+    import numpy as np
+
+    from leukodiff.data.records import Box
+    from leukodiff.metrics.detection import OPERATING_THRESHOLDS, f1_by_threshold
+
+    rng = np.random.default_rng(0)
+    detections, ignore = [], {}
+    for i, record in enumerate(lab_fields):
+        truth = np.array([b.xyxy for b in record.wbc_boxes], dtype=np.float32)
+        shifted = truth + np.array([60, 0, 60, 0], dtype=np.float32)  # misses its cell
+        false = np.array([[0, 0, 30, 30], [300, 300, 340, 340]], dtype=np.float32)
+        boxes = np.concatenate([truth, shifted, false])
+        scores = rng.uniform(0.3, 1.0, len(boxes)).astype(np.float32)
+        detections.append((boxes, np.ones(len(boxes), dtype=np.int64), scores))
+        if i % 2:
+            ignore[record.image.stem] = [Box(295, 295, 345, 345)]
+    grid = f1_by_threshold(detections, lab_fields, ignore)
+    assert list(grid) == list(OPERATING_THRESHOLDS)
+    for t, f1 in grid.items():
+        assert f1 == round(detection_scores(detections, lab_fields, t, ignore)["f1"], 4)
+    assert len(set(grid.values())) > 5  # the scores spread: F1 moves with the threshold
+
 def test_adapt_command_adapts_the_detector_from_a_voc_folder(lab_fields, tmp_path):
     """The CLI path a lab takes: reviewed fields as `export-training` writes them
     (fields/Annotations + fields/JPEGImages), base detector shipped."""

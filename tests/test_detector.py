@@ -26,6 +26,7 @@ from leukodiff.models.files import Manifest
 from leukodiff.models.io import ModelFileError, load_detector, shipped
 from leukodiff.pipeline.analyzer import Analyzer, as_image
 from leukodiff.pipeline.boxes import Detections
+from leukodiff.pipeline.familiarity import familiarity_path
 from leukodiff.taxonomy import Group
 from leukodiff.training.detector import (
     Augmenter,
@@ -426,6 +427,8 @@ def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_
     assert manifest["training"]["operating_point"] is None  # group score: the spec's 0.5
     assert manifest["training"]["group_classifier"]["cells"]["pbc"] == 0
     assert (tmp_path / "detector.pt").stat().st_size < 15e6
+    reference = familiarity_path(tmp_path / "detector.pt")  # the look reference, as
+    reference.write_text('{"stand-in": true}')  # `train familiarity` writes it
     model, loaded = load_detector(tmp_path / "detector.pt")
     assert loaded.sha256 == manifest["sha256"] and model.spec.rpn_post_nms_test == 50
     with pytest.raises(DetectorTrainingError, match="finished"):
@@ -439,6 +442,8 @@ def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_
     assert again["training"]["group_augmentation"] == "lab"
     assert again["training"]["group_retrained_from"]["sha256"] == manifest["sha256"]
     assert Manifest.from_dict(again).group().input.stain == "reinhard"
+    assert familiarity_path(tmp_path / "group" / "detector.pt").read_text() == \
+        reference.read_text()  # same training labs: same reference
     retrained, _ = load_detector(tmp_path / "group" / "detector.pt")
     assert retrained.spec.group_stain == "reinhard"
     before, after = model.state_dict(), retrained.state_dict()
@@ -460,6 +465,8 @@ def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_
     assert point["threshold"] in OPERATING_THRESHOLDS
     assert point["val_f1"][str(point["threshold"])] == max(point["val_f1"].values())
     assert cell["training"]["rescored_from"]["sha256"] == manifest["sha256"]
+    assert familiarity_path(tmp_path / "cell" / "detector.pt").read_text() == \
+        reference.read_text()
     rescored, _ = load_detector(tmp_path / "cell" / "detector.pt")
     assert rescored.roi_heads.cell_score and rescored.spec.score_threshold == point["threshold"]
     assert all(torch.equal(v, rescored.state_dict()[k]) for k, v in model.state_dict().items())

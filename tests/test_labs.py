@@ -63,10 +63,23 @@ def test_quick_folds_train_without_the_held_out_lab_and_resume(tmp_path, shared_
     with pytest.raises(FoldMismatchError, match="other settings \\(epochs\\)"):
         evaluate_labs(tmp_path, replace(LabsConfig.quick(("pbc",)), classifier_epochs=2),
                       data_root=shared_data)
-    written = write_labs_report(again, tmp_path, tmp_path / "docs")
+    # the same fold again with another seed: trained in seed-1/, the first kept as it was
+    repeated = evaluate_labs(tmp_path, replace(LabsConfig.quick(("pbc",)), repeat_seeds=(1,)),
+                             data_root=shared_data)
+    assert (tmp_path / "without-pbc" / "mononuclear" / "model.pt").stat().st_mtime_ns == stamp
+    assert repeated.folds["pbc"].level2 == pbc.level2 and "bcd" in repeated.folds
+    assert set(repeated.repeats) == {"1"} and set(repeated.repeats["1"]) == {"pbc"}
+    assert repeated.repeats["1"]["pbc"].level2.n == 12
+    seed1 = json.loads((tmp_path / "seed-1" / "without-pbc" / "mononuclear" / "model.json")
+                       .read_text())
+    assert seed1["training"]["seed"] == 1
+    with pytest.raises(ValueError, match="must differ"):
+        replace(LabsConfig.quick(("pbc",)), repeat_seeds=(0,))
+    written = write_labs_report(repeated, tmp_path, tmp_path / "docs")
     assert (tmp_path / "docs" / "figures" / "labs.png") in written
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "| PBC | left out of training |" in text and "| BCD | shipped models" not in text
+    assert "From one seed to the next" in text and "| PBC | 0, 1 | - |" in text
 
 
 def test_section_goes_first_and_survives_a_rewrite(tmp_path):
@@ -95,6 +108,28 @@ def test_section_goes_first_and_survives_a_rewrite(tmp_path):
     rewritten = keep_marked_sections(text, "# results\n\n## 1. Table 3\n\nnew text\n")
     assert rewritten.count(START) == 1 and rewritten.index(END) < rewritten.index("new text")
     assert keep_marked_sections("# old\n", "# new\n\nbody\n") == "# new\n\nbody\n"
+
+
+def test_spread_over_seeds_shows_each_seed_and_the_mean():
+    def run(precision: float, macro_f1: float) -> LabRun:
+        return LabRun(
+            detector=LabDetection(precision=precision, recall=0.9, ap50=0.8, truth=10,
+                                  found=9, false=9, group_accuracy=None, exact_count=0.5,
+                                  count_mae=1.0, extra_cells_per_field=1.0),
+            level2=LabTyping(n=10, accuracy=0.6, macro_f1=macro_f1, min_recall=0.1,
+                             recall={"monocyte": 0.1}, confusion=[], classes=[],
+                             unidentified_share=0.0))
+
+    config = LabsConfig().__dict__ | {"labs": ["chula", "bcd"], "seed": 0}
+    results = LabsResults(config=config, labs_present={"chula": True, "bcd": True},
+                          shipped={}, folds={"chula": run(0.2, 0.7), "bcd": run(0.9, 0.5)},
+                          repeats={"2": {"chula": run(0.6, 0.8)}, "1": {"chula": run(0.4, 0.9)}})
+    section = render_section(results)
+    assert "| Chula | 0, 1, 2 | 0.200 / 0.400 / 0.600 (mean 0.400) | 0.900 / 0.900 / 0.900 " \
+           "(mean 0.900) |" in section
+    assert "0.700 / 0.900 / 0.800 (mean 0.800)" in section
+    assert "| BCD | 0" not in section  # one seed: no spread row
+    assert render_section(replace(results, repeats={})).count("From one seed") == 0
 
 
 def test_the_shipped_models_labs_come_from_their_manifests():

@@ -80,10 +80,6 @@ def _split_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _command() -> str:
-    return "leukodiff " + " ".join(sys.argv[1:])
-
-
 def config_class(name: str) -> type:
     """A command's config dataclass by its name. The config modules import torch and the
     `leukodiff` command starts without it, so they are imported here, when an option's

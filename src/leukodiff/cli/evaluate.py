@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -231,6 +232,9 @@ def evaluate_labs_command(
     labs: str = typer.Option(Labs("labs"), help="Held-out labs to run, in this order."),
     seed: int = typer.Option(Labs("seed"), help="Seed of every split, initialisation and "
                              "augmentation."),
+    repeat_seeds: str = typer.Option(Labs("repeat_seeds"),
+                                     help="Further seeds: each fold trained and measured "
+                                     "again with each (OUT/seed-N/), for the spread."),
     classifier_epochs: int = typer.Option(Labs("classifier_epochs"), help="Level-2 epochs "
                                           "per fold (as shipped)."),
     detector_epochs: int = typer.Option(Labs("detector_epochs"), help="Detector epochs per "
@@ -274,8 +278,12 @@ def evaluate_labs_command(
     chosen = _split_list(labs)
     if unknown := [lab for lab in chosen if lab not in LABS]:
         raise _fail(f"unknown lab(s) {', '.join(unknown)}; labs: {', '.join(LABS)}")
-    config = LabsConfig.quick(chosen) if quick else LabsConfig(
-        labs=chosen, seed=seed, classifier_epochs=classifier_epochs,
+    try:
+        repeats = tuple(int(x) for x in _split_list(repeat_seeds))
+    except ValueError:
+        raise _fail(f"--repeat-seeds takes whole numbers, not {repeat_seeds!r}") from None
+    config = replace(LabsConfig.quick(chosen), repeat_seeds=repeats) if quick else LabsConfig(
+        labs=chosen, seed=seed, repeat_seeds=repeats, classifier_epochs=classifier_epochs,
         detector_epochs=detector_epochs, mono_oversample=mono_oversample,
         group_epochs=group_epochs, group_pbc_per_type=group_pbc_per_type,
         max_per_class=max_per_class, augmentation=augmentation, stain=stain,

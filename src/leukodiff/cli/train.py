@@ -14,13 +14,13 @@ from leukodiff.cli.common import (
     Resume,
     TimeLimit,
     WeightsDir,
-    _command,
     _fail,
     _require_torch,
     _split_list,
     _track,
     console,
 )
+from leukodiff.models.files import invoked_command
 
 Classifier = partial(ConfigDefault, "ClassifierConfig")
 Detector = partial(ConfigDefault, "DetectorConfig")
@@ -246,7 +246,7 @@ def train_detector_command(
                           f"{test['matched']['mononuclear_recall']:.3f}")
     console.print(f"wrote {out / 'detector.pt'} and {out / 'detector.json'}")
     path, report = write_familiarity(out / "detector.pt", config.sources, data_root,
-                                     seed=seed, track=_track, command=_command())
+                                     seed=seed, track=_track, command=invoked_command())
     console.print(f"wrote {path}: {_fires(report)}")
 
 
@@ -263,10 +263,6 @@ def train_group_command(
 ) -> None:
     """Train only the detector's group classifier (mononuclear / polymorphonuclear) again,
     on the detector's own training labs; the detector's boxes stay as they are."""
-    import shutil
-
-    from leukodiff.models.files import resolve
-    from leukodiff.pipeline.familiarity import familiarity_path
     from leukodiff.training.detector import DetectorTrainingError, retrain_group_classifier
 
     try:
@@ -280,9 +276,6 @@ def train_group_command(
     best = group["history"][group["best_epoch"] - 1]["val"]
     console.print(f"group classifier: val balanced accuracy {best['balanced_accuracy']:.3f} "
                   f"(epoch {group['best_epoch']})")
-    reference = familiarity_path(resolve(detector))
-    if reference.is_file():  # the same training labs: the same look reference
-        shutil.copyfile(reference, familiarity_path(out / "detector.pt"))
     console.print(f"wrote {out / 'detector.pt'} and {out / 'detector.json'}")
 
 
@@ -295,10 +288,6 @@ def train_score_command(
 ) -> None:
     """Score a trained detector's boxes 1 - P(background) instead of by their best group,
     its operating threshold chosen on its training run's validation fields (same weights)."""
-    import shutil
-
-    from leukodiff.models.files import resolve
-    from leukodiff.pipeline.familiarity import familiarity_path
     from leukodiff.training.detector import DetectorTrainingError, rescore_detector
 
     try:
@@ -310,9 +299,6 @@ def train_score_command(
     console.print(f"operating threshold {manifest['architecture']['score_threshold']}: val "
                   f"precision {val['precision']:.3f} recall {val['recall']:.3f} AP50 "
                   f"{val['ap50']:.3f}")
-    reference = familiarity_path(resolve(detector))
-    if reference.is_file():  # the same training labs: the same look reference
-        shutil.copyfile(reference, familiarity_path(out / "detector.pt"))
     console.print(f"wrote {out / 'detector.pt'} and {out / 'detector.json'}")
 
 
@@ -337,7 +323,7 @@ def train_familiarity_command(
 
     try:
         path, report = write_familiarity(resolve(detector), _split_list(sources), data_root,
-                                         seed=seed, track=_track, command=_command())
+                                         seed=seed, track=_track, command=invoked_command())
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     console.print(f"wrote {path}: {_fires(report)}")

@@ -84,6 +84,9 @@ class LabsConfig:
 
     labs: tuple[str, ...] = ("chula", "pbc", "bccd", "bcd")  # held-out labs, run in this order
     seed: int = 0
+    # each fold trained and measured again with these seeds (OUT/seed-N/): the spread of
+    # one recipe from run to run, which decides whether two recipes differ at all
+    repeat_seeds: tuple[int, ...] = ()
     classifier_epochs: int = 20  # as shipped
     max_per_class: int = 400  # cells per class, source and part (shipped: all)
     # every crop classifier's (level 2 and the detector's group classifier)
@@ -98,6 +101,11 @@ class LabsConfig:
     # quick runs and tests only: training fields per detector, measured images per lab
     max_train_fields: int = 0
     max_measured: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seed in self.repeat_seeds or len(set(self.repeat_seeds)) < len(self.repeat_seeds):
+            raise ValueError(f"repeat seeds {list(self.repeat_seeds)} must differ from each "
+                             f"other and from the seed ({self.seed})")
 
     @classmethod
     def quick(cls, labs: tuple[str, ...] = LABS) -> LabsConfig:
@@ -340,6 +348,12 @@ def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root
     if earlier is not None:  # folds run before with the same schedule are kept
         for mine, theirs in ((results.folds, earlier.folds), (results.shipped, earlier.shipped)):
             mine.update({lab: run for lab, run in theirs.items() if lab not in config.labs})
+    if earlier is not None:  # repeats of labs not run now are kept too
+        for seed, runs in earlier.repeats.items():
+            kept = {lab: run for lab, run in runs.items()
+                    if lab not in config.labs or int(seed) not in config.repeat_seeds}
+            if kept:
+                results.repeats[seed] = kept
     shipped_sources = _shipped_sources()
     for lab in config.labs:
         if not present.get(lab):
@@ -360,6 +374,19 @@ def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root
                                                data_root=data_root, track=track)
             log(f"shipped models on {lab}: {summary_line(results.shipped[lab])}")
         _write(results, out_dir / "labs.json")
+    for seed in config.repeat_seeds:
+        again = replace(config, seed=seed, repeat_seeds=())
+        for lab in config.labs:
+            if not present.get(lab):
+                continue
+            log(f"seed {seed}:")
+            models = train_fold(lab, present, again, repeat_dir(out_dir, seed),
+                                data_root=data_root, weights_dir=weights_dir, track=track,
+                                log=log)
+            fold = measure_lab(models, lab, again, data_root=data_root, track=track)
+            results.repeats.setdefault(str(seed), {})[lab] = fold
+            log(f"without {lab}, seed {seed}: {summary_line(fold)}")
+            _write(results, out_dir / "labs.json")
     for lab, fold in results.folds.items():
         reference = familiarity_path(out_dir / f"without-{lab}" / "detector" / "detector.pt")
         if reference.is_file():  # how often the warning fires on the labs it was fitted on
@@ -369,6 +396,11 @@ def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root
     results = replace(results, minutes=(time.perf_counter() - started) / 60)
     _write(results, out_dir / "labs.json")
     return results
+
+
+def repeat_dir(out_dir: Path, seed: int) -> Path:
+    """Where the folds trained again with `seed` live (`LabsConfig.repeat_seeds`)."""
+    return Path(out_dir) / f"seed-{seed}"
 
 
 def _write(results: LabsResults, path: Path) -> None:
@@ -381,7 +413,7 @@ def _earlier_results(path: Path, config: LabsConfig) -> LabsResults | None:
     if not path.exists():
         return None
     earlier = json.loads(path.read_text())
-    loose = ("labs", "threads")  # neither changes a figure
+    loose = ("labs", "threads", "repeat_seeds")  # none changes a figure
     mine = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in loose}
     theirs = {k: v for k, v in earlier.get("config", {}).items() if k not in loose}
     return from_plain(LabsResults, earlier) if mine == theirs else None

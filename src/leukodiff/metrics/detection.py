@@ -47,6 +47,24 @@ def _inside(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
     return (intersection(boxes, regions) / np.maximum(box_area(boxes), 1e-6)[:, None]).max(1)
 
 
+def _at_threshold(field: Detections, truth: np.ndarray, regions: np.ndarray,
+                  threshold: float, iou: float
+                  ) -> tuple[Detections, list[tuple[int, int]], int, int]:
+    """One field's detections at or above `threshold` matched to its truth: the kept
+    detections, the (detection, truth) pairs, the false ones, and those lying in an
+    ignore region (neither a hit nor a false positive)."""
+    kept = field.above(threshold)
+    pairs = match(kept.boxes, kept.scores, truth, iou)
+    unmatched = sorted(set(range(len(kept.boxes))) - {d for d, _ in pairs})
+    ignored = int((_inside(kept.boxes[unmatched], regions) >= iou).sum())
+    return kept, pairs, len(unmatched) - ignored, ignored
+
+
+def _regions(record: Field, ignore: Mapping[str, Sequence[Box]]) -> np.ndarray:
+    unboxed = ignore.get(record.image.stem, ())
+    return np.array([b.xyxy for b in unboxed], dtype=np.float32).reshape(-1, 4)
+
+
 def _truth(record: Field) -> tuple[torch.Tensor, list[Group | None]]:
     boxes = [b.xyxy for b in record.wbc_boxes]
     return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
@@ -97,7 +115,7 @@ def detection_metrics(detections: Sequence, records: Sequence[Field], *,
         boxes, labels, scores = (torch.from_numpy(part) for part in field)
         truth, groups = _truth(record)
         unboxed = ignore.get(record.image.stem, ())
-        regions = torch.tensor([b.xyxy for b in unboxed], dtype=torch.float32).reshape(-1, 4)
+        regions = torch.from_numpy(_regions(record, ignore))
         agnostic_preds.append({"boxes": boxes, "scores": scores,
                                "labels": torch.ones_like(labels)})
         agnostic_targets.append({
@@ -117,14 +135,12 @@ def detection_metrics(detections: Sequence, records: Sequence[Field], *,
         group_targets.append({
             "boxes": group_boxes, "labels": torch.tensor(group_labels, dtype=torch.int64),
             "iscrowd": torch.tensor([0] * len(known) + [1] * len(crowd), dtype=torch.int64)})
-        kept = field.above(score_threshold)
+        kept, pairs, false_here, ignored = _at_threshold(
+            field, truth.numpy(), regions.numpy(), score_threshold, iou)
         kept_boxes, kept_labels = kept.boxes, kept.labels
-        pairs = match(kept_boxes, kept.scores, truth.numpy(), iou)
-        unmatched = sorted(set(range(len(kept_boxes))) - {d for d, _ in pairs})
-        ignored = int((_inside(kept_boxes[unmatched], regions.numpy()) >= iou).sum())
         found += len(pairs)
         missed += len(truth) - len(pairs)
-        false += len(unmatched) - ignored
+        false += false_here
         ignored_total += ignored
         wrong = 0
         for d, t in pairs:
@@ -214,8 +230,23 @@ def detection_scores(detections: Sequence, fields: Sequence[Field], threshold: f
 def f1_by_threshold(detections: Sequence, fields: Sequence[Field],
                     ignore: Mapping[str, Sequence[Box]] | None = None,
                     grid: Sequence[float] = OPERATING_THRESHOLDS) -> dict[float, float]:
-    """F1 (IoU 0.5, rounded to 4 places) at each threshold of `grid`."""
-    return {t: round(detection_scores(detections, fields, t, ignore)["f1"], 4) for t in grid}
+    """F1 (IoU 0.5, rounded to 4 places) at each threshold of `grid`: the matching of
+    `detection_scores` alone (no AP, which does not depend on the threshold)."""
+    if len(detections) != len(fields):
+        raise ValueError(f"{len(detections)} detection sets for {len(fields)} fields")
+    ignore = ignore or {}
+    prepared = [(Detections.of(*(np.asarray(part) for part in given)),
+                 _truth(record)[0].numpy(), _regions(record, ignore))
+                for given, record in zip(detections, fields, strict=True)]
+    f1 = {}
+    for t in grid:
+        found = truth = false = 0
+        for field, boxes, regions in prepared:
+            _, pairs, false_here, _ = _at_threshold(field, boxes, regions, t, 0.5)
+            found, truth, false = found + len(pairs), truth + len(boxes), false + false_here
+        precision, recall = found / max(1, found + false), found / max(1, truth)
+        f1[t] = round(2 * precision * recall / (precision + recall), 4) if found else 0.0
+    return f1
 
 
 def f1_best(f1: Mapping[float, float], default: float) -> float:

@@ -4,7 +4,7 @@ docs/labs.json holds (field names are its keys; `metrics.records`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -91,10 +91,13 @@ class LabRun:
 
 @dataclass(frozen=True, kw_only=True)
 class LabsResults:
-    """`config` is the run's `LabsConfig` as written (`dataclasses.asdict`)."""
+    """`config` is the run's `LabsConfig` as written (`dataclasses.asdict`). `folds`: each
+    held-out lab with the config's seed; `repeats`: seed -> lab -> the same fold trained
+    and measured again with another seed (`LabsConfig.repeat_seeds`), for the spread."""
 
     config: dict[str, Any]
     labs_present: dict[str, bool]
     folds: dict[str, LabRun]
     shipped: dict[str, LabRun]
     minutes: float | None = None  # the whole run (absent while it runs)
+    repeats: dict[str, dict[str, LabRun]] = field(default_factory=dict)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,12 @@ SHIPPED_DIR = Path(__file__).parent / "weights"
 
 class ModelFileError(ValueError):
     """A model file that is missing, altered or not one of ours."""
+
+
+def invoked_command() -> str:
+    """This process's `leukodiff ...` command line, as a manifest records it ("" when the
+    model was made from Python, not the command)."""
+    return shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0] else ""
 
 
 def sha256_of(path: Path) -> str:

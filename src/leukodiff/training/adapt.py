@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-import shlex
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -45,7 +43,7 @@ from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import case_split, holdout
 from leukodiff.metrics.classification import calibrate_confidence, classification_metrics
 from leukodiff.models.export import export_classifier
-from leukodiff.models.files import Manifest, read_checked, resolve
+from leukodiff.models.files import Manifest, invoked_command, read_checked, resolve
 from leukodiff.models.io import load_classifier, save_model
 from leukodiff.taxonomy import MIN_REVIEWED_PER_TYPE
 from leukodiff.training.cells import (
@@ -466,8 +464,7 @@ def adapt(lab_sources: Sequence[str], out_dir: Path, config: AdaptConfig = Adapt
                            "held-out cells than the one it started from; nothing written "
                            "(--force writes it anyway)", results)
     if command is None:
-        command = shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0] \
-            else ""
+        command = invoked_command()
     for done in adapted:
         source = resolve(bases[done.task])
         manifest = {**done.manifest.to_dict(),

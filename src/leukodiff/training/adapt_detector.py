@@ -24,9 +24,7 @@ last epoch with `resume=True`, and the folder is removed once the detector is wr
 from __future__ import annotations
 
 import random
-import shlex
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -39,7 +37,7 @@ from leukodiff.data.splits import case_split
 from leukodiff.imaging import load_image
 from leukodiff.metrics.detection import best_threshold, detection_scores
 from leukodiff.models.export import export_detector
-from leukodiff.models.files import read_checked, resolve
+from leukodiff.models.files import invoked_command, read_checked, resolve
 from leukodiff.models.io import load_detector, save_model
 from leukodiff.pipeline.familiarity import Familiarity, familiarity_path
 from leukodiff.training.detector import (
@@ -262,8 +260,7 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
                                "written (--force writes it anyway)", {"detector": result})
         model, trained_manifest = load_detector(trained)
         if command is None:  # this process's `leukodiff ...` command line
-            command = shlex.join(["leukodiff", *sys.argv[1:]]) \
-                if "leukodiff" in sys.argv[0] else ""
+            command = invoked_command()
         final = {**trained_manifest.to_dict(),
                  "architecture": {**trained_manifest.architecture,
                                   "score_threshold": threshold},

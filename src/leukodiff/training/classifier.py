@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import shlex
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -32,6 +30,7 @@ from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, load_cells, read
 from leukodiff.data.splits import holdout
 from leukodiff.imaging import STAIN_NORMALISATIONS
 from leukodiff.metrics.classification import calibrate_confidence, classification_metrics
+from leukodiff.models.files import invoked_command
 from leukodiff.models.io import save_model
 from leukodiff.models.mobilenet import MobileNetClassifier
 from leukodiff.models.tflite import load_imagenet_backbone
@@ -360,8 +359,7 @@ def train_classifier(
                      "minutes": (time.perf_counter() - started) / 60},
         "split": "leukodiff.data.splits.holdout(seed, val_fraction, test_fraction); BCCD VOC "
                  "lists and KBC TEST_SIMPLE kept as their own parts",
-        "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
-        else "",
+        "command": invoked_command(),
         "metrics": metrics,
         "calibration": calibration,
         "torch": torch.__version__,

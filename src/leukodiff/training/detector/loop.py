@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
-import sys
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -17,8 +16,9 @@ import torch
 
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.models.detector import CLASSES, build_detector, parameter_count
-from leukodiff.models.files import read_checked, resolve
+from leukodiff.models.files import invoked_command, read_checked, resolve
 from leukodiff.models.io import load_detector, save_model
+from leukodiff.pipeline.familiarity import familiarity_path
 from leukodiff.training.detector.augmentation import Augmenter, pbc_donors, uniform
 from leukodiff.training.detector.config import DetectorConfig, DetectorTrainingError
 from leukodiff.training.detector.fields import (
@@ -32,6 +32,7 @@ from leukodiff.training.detector.groups import (
     train_group_classifier,
 )
 from leukodiff.training.detector.validation import (
+    detect_all,
     final_metrics,
     operating_threshold,
     selection_score,
@@ -192,10 +193,11 @@ def train_detector(
         group_info = train_group_classifier(model, config, data, out_dir, device=run_device,
                                             data_root=data_root, track=track, log=log)
     model = model.cpu()
+    val_found = detect_all(model, data.val, val_images)  # threshold-free: one pass
     operating = None
     if config.spec.score == "cell":
-        operating = _choose_operating_threshold(model, data, val_images, log)
-    metrics = final_metrics(model, config, data, val_images)
+        operating = _choose_operating_threshold(model, data, val_found, log)
+    metrics = final_metrics(model, config, data, val_found)
     manifest = {
         "architecture": {"name": "fasterrcnn_mobilenet_v1", **model.spec.to_dict(),
                          "parameters": parameter_count(model)},
@@ -226,8 +228,7 @@ def train_detector(
                   f"BCCD: grouped split of VOC train+val (val_fraction {config.val_fraction}, "
                   f"seed {config.seed}); VOC test only reported")
         + "; other sources: data.splits.holdout(seed) by slide or field",
-        "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
-        else "",
+        "command": invoked_command(),
         "metrics": metrics,
         "torch": torch.__version__,
     }
@@ -274,11 +275,11 @@ def retrain_group_classifier(
                      "group_classifier": info,
                      "group_retrained_from": {"model": _shown(source),
                                               "sha256": manifest.sha256}},
-        "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
-        else "",
-        "metrics": final_metrics(model, config, data),
+        "command": invoked_command(),
+        "metrics": final_metrics(model, config, data, detect_all(model, data.val)),
         "torch": torch.__version__,
     }
+    _carry_familiarity(source, out_dir)
     return save_model(model, written, out_dir / "detector.pt")
 
 
@@ -310,8 +311,8 @@ def rescore_detector(
     model.roi_heads.cell_score = True
     out_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_fields(config, data_root, track)
-    val_images = FieldImages(data.val)
-    operating = _choose_operating_threshold(model, data, val_images, log)
+    val_found = detect_all(model, data.val)
+    operating = _choose_operating_threshold(model, data, val_found, log)
     written = {
         **manifest.to_dict(),
         "architecture": {**manifest.architecture, **model.spec.to_dict()},
@@ -319,23 +320,32 @@ def rescore_detector(
                      "operating_point": operating,
                      "rescored_from": {"model": _shown(source), "sha256": manifest.sha256,
                                        "command": manifest.provenance.command}},
-        "command": shlex.join(["leukodiff", *sys.argv[1:]]) if "leukodiff" in sys.argv[0]
-        else "",
-        "metrics": final_metrics(model, config, data, val_images),
+        "command": invoked_command(),
+        "metrics": final_metrics(model, config, data, val_found),
         "torch": torch.__version__,
     }
+    _carry_familiarity(source, out_dir)
     return save_model(model, written, out_dir / "detector.pt")
 
 
-def _choose_operating_threshold(model, data: DetectorData, val_images: FieldImages,
+def _choose_operating_threshold(model, data: DetectorData, val_found: list,
                                 log: Callable[[str], None]) -> dict:
-    """Set the model's operating threshold to the F1-best on the validation fields."""
-    threshold, f1 = operating_threshold(model, data.val, val_images)
+    """Set the model's operating threshold to the F1-best on the validation fields
+    (`val_found`: their `detect_all` detections)."""
+    threshold, f1 = operating_threshold(model, data.val, val_found)
     model.spec = replace(model.spec, score_threshold=threshold)
     log(f"operating threshold {threshold} (validation F1 {f1[threshold]:.3f})")
     return {"score": model.spec.score, "threshold": threshold,
             "chosen_on": f"validation fields ({len(data.val)}): best F1",
             "val_f1": {str(t): v for t, v in f1.items()}}
+
+
+def _carry_familiarity(source: Path, out_dir: Path) -> None:
+    """A detector made from another on the same training labs keeps its look reference
+    (the "images unlike the training labs" warning), when it has one."""
+    reference = familiarity_path(source)
+    if reference.is_file():
+        shutil.copyfile(reference, familiarity_path(out_dir / "detector.pt"))
 
 
 def _fresh_folder(detector: str | Path, out_dir: Path) -> Path:

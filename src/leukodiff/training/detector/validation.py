@@ -42,29 +42,32 @@ def detect_all(model, records: Sequence[Field], images: FieldImages | None = Non
 
 
 def validate(model, records: Sequence[Field], images: FieldImages | None = None,
-             refine: bool = True) -> dict:
-    """Detection metrics on `records` at the model's operating threshold (`detect_all`)."""
+             refine: bool = True, detections: list | None = None) -> dict:
+    """Detection metrics on `records` at the model's operating threshold (`detect_all`,
+    unless `detections` already holds its boxes: they do not depend on the threshold)."""
     spec: DetectorSpec = model.spec
-    return detection_metrics(detect_all(model, records, images, refine), records,
-                             score_threshold=spec.score_threshold)
+    if detections is None:
+        detections = detect_all(model, records, images, refine)
+    return detection_metrics(detections, records, score_threshold=spec.score_threshold)
 
 
-def operating_threshold(model, records: Sequence[Field], images: FieldImages | None = None
+def operating_threshold(model, records: Sequence[Field], detections: list
                         ) -> tuple[float, dict[float, float]]:
     """The operating threshold with the best F1 on `records` (the run's validation fields,
-    as shipped: group classifier included) among `metrics.detection.OPERATING_THRESHOLDS`
-    (ties: nearest the spec's), and the F1 at each. For a detector scored 1 -
-    P(background), whose white cells score ~0.99 and a new lab's debris anything up to it,
-    0.5 means little."""
-    f1 = f1_by_threshold(detect_all(model, records, images), records)
+    as shipped: group classifier included; `detections` are `detect_all`'s) among
+    `metrics.detection.OPERATING_THRESHOLDS` (ties: nearest the spec's), and the F1 at
+    each. For a detector scored 1 - P(background), whose white cells score ~0.99 and a new
+    lab's debris anything up to it, 0.5 means little."""
+    f1 = f1_by_threshold(detections, records)
     return f1_best(f1, model.spec.score_threshold), f1
 
 
 def final_metrics(model, config: DetectorConfig, data: DetectorData,
-                  val_images: FieldImages | None = None) -> dict:
-    """What a finished detector's manifest reports: val, each source's test part, and the
-    test part with Faster R-CNN's own group labels (when a group classifier relabels)."""
-    metrics = {"val": validate(model, data.val, val_images)}
+                  val_detections: list) -> dict:
+    """What a finished detector's manifest reports: val (`detect_all`'s detections of
+    `data.val`), each source's test part, and the test part with Faster R-CNN's own group
+    labels (when a group classifier relabels)."""
+    metrics = {"val": validate(model, data.val, detections=val_detections)}
     for source in config.sources:
         tested = [r for r in data.test if r.source == source]
         if tested:
