@@ -15,7 +15,8 @@ DEMO_FIELDS := $(addprefix $(DATA)/bccd/BCCD/JPEGImages/BloodImage_,$(addsuffix 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# a new venv needs ~12 GB free (torch's CUDA build): say so before pip fails half-way
+	test -x $(BIN)/python || { $(PYTHON) .ci/disk_check.py && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The one torch/torchvision pair that installs from local files on our machines.
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1

@@ -393,7 +393,10 @@ def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root
             fires = json.loads(reference.read_text())["fitted"]["fires_on_test_parts"]
             results.folds[lab] = replace(fold, warning_on_training_labs=from_plain(
                 dict[str, Fires], fires))
-    results = replace(results, minutes=(time.perf_counter() - started) / 60)
+    order = [*LabsConfig().labs, *results.folds]  # the table's rows in one order, however run
+    results = replace(results, minutes=(time.perf_counter() - started) / 60,
+                      folds={lab: results.folds[lab] for lab in dict.fromkeys(order)
+                             if lab in results.folds})
     _write(results, out_dir / "labs.json")
     return results
 
