@@ -17,6 +17,8 @@ frame into pieces smaller than its cells, at sizes the detector never saw.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from PIL import Image
 
@@ -63,15 +65,26 @@ def _half_width(image: Image.Image) -> float | None:
     centred = mask - mask.mean()
     height, width = centred.shape
     power = np.abs(np.fft.rfft2(centred, s=(2 * height, 2 * width))) ** 2
-    auto = np.fft.fftshift(np.fft.irfft2(power, s=(2 * height, 2 * width)))
+    auto = np.fft.irfft2(power, s=(2 * height, 2 * width))  # lag (0, 0) at index (0, 0)
     auto /= auto.max()
-    rows, columns = np.indices(auto.shape)
-    radius = np.hypot(rows - height, columns - width).astype(np.int64).ravel()
-    profile = np.bincount(radius, auto.ravel()) / np.maximum(np.bincount(radius), 1)
+    radius, counts = _lag_radii(2 * height, 2 * width)
+    profile = np.bincount(radius, auto.ravel()) / counts
     after = int(np.argmax(profile < 0.5))  # first radius below half; profile[0] is 1
     if after == 0:  # never below half (cannot happen for a centred mask; kept safe)
         return None
     return float(after - 1 + (profile[after - 1] - 0.5) / (profile[after - 1] - profile[after]))
+
+
+@lru_cache(maxsize=8)
+def _lag_radii(rows: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """For an FFT autocorrelation of this shape (unshifted: lag 0 at index 0, negative lags
+    wrapped to the end), each element's lag length in whole pixels, and how many elements
+    each length has (at least 1). The same for every window of a size: computed once
+    (half the cost of a window otherwise)."""
+    lag_rows = np.fft.ifftshift(np.arange(rows) - rows // 2)
+    lag_columns = np.fft.ifftshift(np.arange(columns) - columns // 2)
+    radius = np.hypot(lag_rows[:, None], lag_columns[None, :]).astype(np.int64).ravel()
+    return radius, np.maximum(np.bincount(radius), 1)
 
 
 def correlation_length(image: Image.Image) -> float | None:
