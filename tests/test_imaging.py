@@ -156,3 +156,12 @@ def test_annotate_outlines_each_mark_in_its_colour_and_leaves_the_image_alone():
     assert tuple(drawn[136, 9]) == (0, 160, 0)  # its tag below the box: the answer's above
     assert tuple(drawn[100, 80]) == (230, 220, 230)  # inside a box: untouched
     assert (np.asarray(image) == (230, 220, 230)).all()  # the caller's image is not drawn on
+
+
+def test_lab_of_8_bit_pixels_is_the_formula_to_the_last_bit():
+    """The familiarity features read CIELAB through the 256-value table: every grey level
+    and random colours give exactly what the per-pixel formula gives."""
+    grey = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    colours = np.random.default_rng(0).integers(0, 256, (5000, 3), dtype=np.uint8)
+    for pixels in (grey, colours, colours.reshape(50, 100, 3)):
+        assert np.array_equal(imaging.srgb8_to_lab(pixels), imaging.srgb_to_lab(pixels / 255))

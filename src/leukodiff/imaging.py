@@ -126,7 +126,16 @@ _WHITE = np.array([0.95047, 1.0, 1.08883])  # D65
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """CIELAB (D65) of sRGB values in [0, 1], shape (..., 3)."""
-    linear = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    return _lab_of_linear(np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92))
+
+
+def srgb8_to_lab(pixels: np.ndarray) -> np.ndarray:
+    """`srgb_to_lab` of 8-bit pixels (..., 3), to the last bit, with the sRGB curve read from
+    a table of its 256 values instead of a power per pixel (half the time of a field)."""
+    return _lab_of_linear(_LINEAR64[np.asarray(pixels, dtype=np.uint8)])
+
+
+def _lab_of_linear(linear: np.ndarray) -> np.ndarray:
     xyz = linear @ _XYZ_FROM_RGB.T / _WHITE
     f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
@@ -182,8 +191,8 @@ def normalise_stain(pixels: np.ndarray, method: str = "reinhard") -> np.ndarray:
 
 
 _GREY = np.arange(256) / 255
-_LINEAR = np.where(_GREY > 0.04045, ((_GREY + 0.055) / 1.055) ** 2.4,
-                   _GREY / 12.92).astype(np.float32)
+_LINEAR64 = np.where(_GREY > 0.04045, ((_GREY + 0.055) / 1.055) ** 2.4, _GREY / 12.92)
+_LINEAR = _LINEAR64.astype(np.float32)
 _TO_XYZ = (_XYZ_FROM_RGB / _WHITE[:, None]).astype(np.float32)
 _FROM_XYZ = (np.linalg.inv(_XYZ_FROM_RGB) * _WHITE[None, :]).astype(np.float32)
 _LEVELS = 1 << 14  # linear light -> 8-bit sRGB by a table of this many steps
