@@ -200,7 +200,8 @@ def insert_section(path: Path, section: str, name: str = SECTION, after: str | N
 
 def plot_labs(results: LabsResults, path: Path) -> Path:
     """Grouped bars per held-out lab: detector precision/recall, exact count, level-2
-    macro-F1 and lowest recall, end to end; target lines."""
+    macro-F1 and lowest recall, end to end; each further seed's figure a black mark on its
+    bar (`repeats`); target lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,14 +215,24 @@ def plot_labs(results: LabsResults, path: Path) -> Path:
                ("found + typed right", lambda f: f.end_to_end and f.end_to_end.share)]
     runs = [(f"{NAMES.get(lab, lab)}\nleft out", fold) for lab, fold in results.folds.items()
             if fold.skipped is None]
+    repeats = [[by_lab[lab] for by_lab in results.repeats.values() if lab in by_lab]
+               for lab, fold in results.folds.items() if fold.skipped is None]
     runs += [(f"{NAMES.get(lab, lab)}\nshipped", fold) for lab, fold in results.shipped.items()]
+    repeats += [[] for _ in results.shipped]
     figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(runs) + 2), 4))
     width = 0.8 / len(metrics)
+    marked = False
     for i, (name, get) in enumerate(metrics):
         values = [get(fold) for _, fold in runs]
         xs = [j + (i - len(metrics) / 2 + 0.5) * width for j in range(len(runs))]
         axis.bar([x for x, v in zip(xs, values, strict=True) if v is not None],
                  [v for v in values if v is not None], width, label=name)
+        seeds = [(x, get(other)) for x, others in zip(xs, repeats, strict=True)
+                 for other in others if get(other) is not None]
+        if seeds:
+            axis.scatter(*zip(*seeds, strict=True), marker="_", s=60, color="black",
+                         zorder=3, label=None if marked else "another seed")
+            marked = True
     axis.axhline(0.85, color="gray", linestyle="--", linewidth=0.8)
     axis.axhline(0.95, color="gray", linestyle=":", linewidth=0.8)
     axis.set_xticks(range(len(runs)), [label for label, _ in runs])
