@@ -348,8 +348,7 @@ def evaluate_labs(out_dir: Path, config: LabsConfig = LabsConfig(), *, data_root
     if earlier is not None:  # folds run before with the same schedule are kept
         for mine, theirs in ((results.folds, earlier.folds), (results.shipped, earlier.shipped)):
             mine.update({lab: run for lab, run in theirs.items() if lab not in config.labs})
-    if earlier is not None:  # repeats of labs not run now are kept too
-        for seed, runs in earlier.repeats.items():
+        for seed, runs in earlier.repeats.items():  # and repeats not run now
             kept = {lab: run for lab, run in runs.items()
                     if lab not in config.labs or int(seed) not in config.repeat_seeds}
             if kept:

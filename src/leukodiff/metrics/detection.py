@@ -218,7 +218,7 @@ def detection_scores(detections: Sequence, fields: Sequence[Field], threshold: f
     metrics = detection_metrics(detections, fields, score_threshold=threshold, ignore=ignore)
     wbc = metrics["wbc"]
     precision, recall = wbc["precision"] or 0.0, wbc["recall"] or 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    f1 = _f1(precision, recall)
     matched = metrics["matched"]
     return {"threshold": threshold, "precision": precision, "recall": recall, "f1": f1,
             "ap50": wbc["ap50"], "truth": wbc["truth"], "found": wbc["found"],
@@ -244,9 +244,12 @@ def f1_by_threshold(detections: Sequence, fields: Sequence[Field],
         for field, boxes, regions in prepared:
             _, pairs, false_here, _ = _at_threshold(field, boxes, regions, t, 0.5)
             found, truth, false = found + len(pairs), truth + len(boxes), false + false_here
-        precision, recall = found / max(1, found + false), found / max(1, truth)
-        f1[t] = round(2 * precision * recall / (precision + recall), 4) if found else 0.0
+        f1[t] = round(_f1(found / max(1, found + false), found / max(1, truth)), 4)
     return f1
+
+
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 def f1_best(f1: Mapping[float, float], default: float) -> float:

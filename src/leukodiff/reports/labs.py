@@ -76,14 +76,18 @@ SPREAD: tuple[tuple[str, str, Callable[[LabRun], float | None]], ...] = (
 )
 
 
+def _further_seeds(results: LabsResults, lab: str) -> list[tuple[int, LabRun]]:
+    """The lab's fold trained again with other seeds (`repeats`), by seed."""
+    return sorted(((int(seed), by_lab[lab]) for seed, by_lab in results.repeats.items()
+                   if lab in by_lab), key=lambda pair: pair[0])
+
+
 def spread_rows(results: LabsResults) -> list[dict[str, str]]:
     """Per held-out lab run with more than one seed: each figure seed by seed (the table's
     seed first) and their mean."""
     out = []
     for lab, fold in results.folds.items():
-        repeats = [(int(seed), by_lab[lab]) for seed, by_lab in results.repeats.items()
-                   if lab in by_lab]
-        seeded = [(results.config["seed"], fold), *sorted(repeats, key=lambda p: p[0])]
+        seeded = [(results.config["seed"], fold), *_further_seeds(results, lab)]
         if fold.skipped is not None or len(seeded) < 2:
             continue
         runs = [run for _, run in seeded]
@@ -215,7 +219,7 @@ def plot_labs(results: LabsResults, path: Path) -> Path:
                ("found + typed right", lambda f: f.end_to_end and f.end_to_end.share)]
     runs = [(f"{NAMES.get(lab, lab)}\nleft out", fold) for lab, fold in results.folds.items()
             if fold.skipped is None]
-    repeats = [[by_lab[lab] for by_lab in results.repeats.values() if lab in by_lab]
+    repeats = [[run for _, run in _further_seeds(results, lab)]
                for lab, fold in results.folds.items() if fold.skipped is None]
     runs += [(f"{NAMES.get(lab, lab)}\nshipped", fold) for lab, fold in results.shipped.items()]
     repeats += [[] for _ in results.shipped]
