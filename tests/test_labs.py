@@ -108,6 +108,18 @@ def test_section_goes_first_and_survives_a_rewrite(tmp_path):
     rewritten = keep_marked_sections(text, "# results\n\n## 1. Table 3\n\nnew text\n")
     assert rewritten.count(START) == 1 and rewritten.index(END) < rewritten.index("new text")
     assert keep_marked_sections("# old\n", "# new\n\nbody\n") == "# new\n\nbody\n"
+    # a later section goes after the first of its anchors the file has
+    later = "<!-- later:start -->\nlater\n<!-- later:end -->\n"
+    insert_section(path, later, "later", after=("notes", "labs"))
+    text = path.read_text()
+    assert text.index(END) < text.index("later:start") < text.index("## 1. Table 3")
+    notes = path.read_text().replace("## 1. Table 3", "<!-- notes:start -->\nnotes\n"
+                                     "<!-- notes:end -->\n\n## 1. Table 3")
+    path.write_text(notes)
+    insert_section(path, later, "later", after=("notes", "labs"))
+    text = path.read_text()
+    assert text.count("later:start") == 1
+    assert text.index("notes:end") < text.index("later:start") < text.index("## 1. Table 3")
 
 
 def test_spread_over_seeds_shows_each_seed_and_the_mean():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,19 +185,19 @@ def render_section(results: LabsResults, figure: str = "figures/labs.png") -> st
     return "\n".join(lines) + "\n"
 
 
-def insert_section(path: Path, section: str, name: str = SECTION, after: str | None = None
-                   ) -> None:
+def insert_section(path: Path, section: str, name: str = SECTION,
+                   after: Sequence[str] = ()) -> None:
     """Put `section` (marked `<!-- NAME:start/end -->`) first in the Markdown file, after
-    its title (or right after the section named `after`, when the file has it), replacing
-    an earlier copy; create the file when absent."""
+    its title (or right after the first section named in `after` that the file has),
+    replacing an earlier copy; create the file when absent."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# leukodiff: evaluation results\n"
     text = re.sub(re.escape(start) + r".*?" + re.escape(end) + r"\n*", "", text, flags=re.S)
-    anchor = f"<!-- {after}:end -->" if after else None
-    if anchor and anchor in text:
-        head, _, rest = text.partition(anchor)
-        path.write_text(f"{head}{anchor}\n\n{section}\n{rest.lstrip()}")
-        return
+    for anchor in (f"<!-- {other}:end -->" for other in after):
+        if anchor in text:
+            head, _, rest = text.partition(anchor)
+            path.write_text(f"{head}{anchor}\n\n{section}\n{rest.lstrip()}")
+            return
     title, _, rest = text.partition("\n")
     path.write_text(f"{title}\n\n{section}\n{rest.lstrip()}")
 
@@ -260,11 +260,11 @@ def write_labs_report(results: LabsResults, out: Path, docs: Path | None = None
 
 def write_section_files(results: Any, out: Path, docs: Path | None, name: str,
                         render: Callable[[Any, str], str],
-                        plot: Callable[[Any, Path], Path], after: str | None = None
+                        plot: Callable[[Any, Path], Path], after: Sequence[str] = ()
                         ) -> list[Path]:
     """An evaluation's own section: `OUT/NAME.md`, `OUT/NAME.png`, `OUT/NAME.json`; with
     `docs`, also docs/NAME.json, docs/figures/NAME.png and the section in docs/RESULTS.md
-    (first, or after the section named `after`)."""
+    (first, or after the first section named in `after` that it has)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record = json.dumps(to_plain(results), indent=1) + "\n"
