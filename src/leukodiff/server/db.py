@@ -329,7 +329,13 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        # PostgreSQL reads at REPEATABLE READ: the several SELECTs of one request see one
+        # snapshot (a case's revision and its fields' progress from the same moment). A
+        # read-only transaction never fails to serialise. SQLite's WAL transaction is
+        # already one snapshot.
+        reader = (self.engine if url.startswith("sqlite")
+                  else self.engine.execution_options(isolation_level="REPEATABLE READ"))
+        self._read = sessionmaker(reader, expire_on_commit=False)
         writer = self.engine.execution_options(sqlite_write=True)
         self._write = sessionmaker(writer, expire_on_commit=False)
 
