@@ -72,7 +72,7 @@ from leukodiff.pipeline.boxes import Detections, box_iou
 from leukodiff.taxonomy import ObjectKind
 from leukodiff.training.cells import CellTensorDataset, augmentation
 from leukodiff.training.detector import DetectorConfig
-from leukodiff.training.detector.fields import prepare_fields
+from leukodiff.training.detector.fields import DetectorData, prepare_fields
 from leukodiff.training.engine import KeptBest, classifier_epochs, seed_everything
 
 MINE_SCORE = 0.05
@@ -168,7 +168,8 @@ def balanced_accuracy(verifier, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(np.mean([np.mean(said[y.numpy() == 1]), np.mean(~said[y.numpy() == 0])]))
 
 
-def train_verifier(analyzer, config: DetectorConfig, fold_dir: Path) -> MobileNetClassifier:
+def train_verifier(analyzer, config: DetectorConfig, data: DetectorData, fold_dir: Path
+                   ) -> MobileNetClassifier:
     spec = config.spec
     verifier = MobileNetClassifier(2, width=spec.width, hidden=spec.group_hidden)
     saved = fold_dir / "verifier.pt"
@@ -178,7 +179,6 @@ def train_verifier(analyzer, config: DetectorConfig, fold_dir: Path) -> MobileNe
     seed_everything(SEED)
     load_imagenet_backbone(verifier.backbone)
     verifier.unfreeze_backbone(train_batchnorm=False)
-    data = prepare_fields(config)
     train_x, train_y, _ = crops_of(analyzer, per_lab(data.train, TRAIN_FIELDS), spec,
                                    "training fields")
     val_x, val_y, _ = crops_of(analyzer, per_lab(data.val, VAL_FIELDS), spec,
@@ -248,8 +248,9 @@ def fold(runs: Path, lab: str) -> dict:
     console.print(f"[bold]without {lab}[/]: detector on {', '.join(config.sources)}, "
                   f"own threshold {own}")
     with FoldModels(detector=model).analyzer(1, detection_threshold=0.0) as analyzer:
-        verifier = train_verifier(analyzer, config, model.parent.parent)
-        val = per_lab(prepare_fields(config).val, VAL_FIELDS)
+        data = prepare_fields(config)  # the fold detector's own parts, read once
+        verifier = train_verifier(analyzer, config, data, model.parent.parent)
+        val = per_lab(data.val, VAL_FIELDS)
         val_found, val_probs = detect_and_verify(analyzer, verifier, val, config.spec)
         grid = {(t, v): detection_scores(verified(val_found, val_probs, v), val, t)["f1"]
                 for t in OPERATING_THRESHOLDS for v in VERIFIER_GRID}
