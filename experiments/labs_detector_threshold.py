@@ -54,7 +54,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
+from common import exact_share
 from rich.console import Console
 
 from leukodiff.data.sources import load_fields
@@ -78,13 +78,6 @@ def analyzer_for(model_path: Path, score: str) -> Analyzer:
     model, _ = load_detector(model_path)
     model.roi_heads.cell_score = True  # DetectorSpec.score "cell" (then a local copy here)
     return Analyzer.of_detector(model, group=False, detection_threshold=0.05)
-
-
-def exact_share(detections, fields, threshold: float, ignore) -> float:
-    exact = [len(found.above(threshold).boxes)
-             == len(f.wbc_boxes) + len(ignore.get(f.image.stem, ()))
-             for found, f in zip(detections, fields, strict=True)]
-    return float(np.mean(exact))
 
 
 runs = Path(sys.argv[1])

@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from common import exact_share
 from rich.console import Console
 
 from leukodiff.data.sources import load_fields
@@ -53,12 +54,6 @@ MARGIN = 0.005
 def margin_threshold(val_f1: dict[str, float]) -> float:
     best = max(val_f1.values())
     return max(float(t) for t, f1 in val_f1.items() if f1 >= best - MARGIN)
-
-
-def exact_share(detections, fields, threshold: float, ignore) -> float:
-    return float(np.mean([len(found.above(threshold).boxes)
-                          == len(f.wbc_boxes) + len(ignore.get(f.image.stem, ()))
-                          for found, f in zip(detections, fields, strict=True)]))
 
 
 console = Console()

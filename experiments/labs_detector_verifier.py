@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import exact_share
 from rich.console import Console
 from torch.utils.data import DataLoader
 
@@ -231,12 +232,6 @@ def verified(found, probs, v: float, rescore: bool = False) -> list[Detections]:
             kept = Detections(kept.boxes, kept.labels, kept.scores * p[p >= v])
         out.append(kept)
     return out
-
-
-def exact_share(detections, fields, threshold: float, ignore) -> float:
-    return float(np.mean([len(found.above(threshold).boxes)
-                          == len(f.wbc_boxes) + len(ignore.get(f.image.stem, ()))
-                          for found, f in zip(detections, fields, strict=True)]))
 
 
 def fold(runs: Path, lab: str) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from leukodiff.data.sources import load_fields
 from leukodiff.models.files import SHIPPED_DIR, sha256_of
@@ -52,6 +53,16 @@ def test_auto_takes_onnxruntime_when_the_exported_files_are_current():
     assert open_backend("auto").name == "onnx"
     with pytest.raises(BackendError, match="unknown backend"):
         open_backend("tensorrt")
+
+
+def test_threads_hold_numpy_too():
+    """A worker of one thread must not have numpy's BLAS spread the colour conversions over
+    every core (2 workers ran 1.2x one worker so; 2.1x held to one thread each)."""
+    with threadpool_limits(limits=None):  # restores this process's pools afterwards
+        threadpool_limits(limits=2)
+        assert {pool["num_threads"] for pool in threadpool_info()} == {2}
+        open_backend("onnx", threads=1)
+        assert {pool["num_threads"] for pool in threadpool_info()} == {1}
 
 
 @pytest.fixture
