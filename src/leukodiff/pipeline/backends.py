@@ -199,13 +199,14 @@ def _refuse_stale(onnx_path: Path, manifest: Manifest, torch_path: Path,
 
 
 def limit_numpy_threads(threads: int) -> None:
-    """numpy's BLAS and any OpenMP pool of this process held to `threads` (threadpoolctl).
-    The pipeline's colour conversions are large matrix products; left alone, OpenBLAS
-    spreads each over every core, so worker processes of one thread each fight for the
-    cores (measured, 200 fields: 2 workers 1.2x one worker; limited, 2.1x)."""
+    """numpy's BLAS in this process held to `threads` (threadpoolctl). The pipeline's
+    colour conversions are large matrix products; left alone, OpenBLAS spreads each over
+    every core, so worker processes of one thread each fight for the cores (measured, 200
+    fields: 2 workers 1.2x one worker; limited, 2.1x). OpenMP pools (torch's) are left
+    alone: a process that measures on one thread may train on all of them next."""
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(limits=threads)
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 def open_backend(kind: str = "auto", models: dict[str, str | Path] | None = None,
