@@ -47,6 +47,7 @@ from leukodiff.reports.slides import (
     write_summary,
 )
 
+FIELDS_PER_BLOCK = 16  # Ray Data's unit of scheduling (`_stream`)
 CONNECT_TIMEOUT_S = 10.0  # reaching a cluster's head: Ray itself waits on, unbounded
 HEAD_CHECK_EVERY_S = 2.0
 
@@ -259,7 +260,9 @@ def analyze_on_ray(slides: Sequence[Slide], out_dir: Path, spec: AnalyzerSpec,
 def _stream(ray: Any, spec: AnalyzerSpec, stops: Any,
             tasks: list[tuple[int, int, _FieldTask]], size: int):
     """(task number, outcome) for every task, in task order, as the actors finish them.
-    Each field is its own block, so the pool shares fields one by one."""
+    Blocks of FIELDS_PER_BLOCK fields (at least 4 blocks an actor, so a short run still
+    spreads over the pool): a block per field cost Ray Data a task each (400 fields, 2
+    actors: 46 s; 8 a block 39 s, 32 a block 37 s; the process pool 27 s)."""
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # no INFO lines per dataset
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
@@ -267,7 +270,8 @@ def _stream(ray: Any, spec: AnalyzerSpec, stops: Any,
     items = [{"seq": seq, "folder": str(Path(task.folder).absolute()), "stem": task.stem,
               "path": str(Path(task.path).absolute()), "name": task.path}
              for seq, (_, _, task) in enumerate(tasks)]
-    fields = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    blocks = max(min(len(items), 4 * size), len(items) // FIELDS_PER_BLOCK)
+    fields = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         _field_actor(spec, stops), batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=size), num_cpus=1)
     for row in fields.iter_rows():
