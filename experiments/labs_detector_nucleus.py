@@ -48,12 +48,11 @@ lab's false cells because they have almost none. Not kept; nothing to adopt.
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
 import numpy as np
-from common import exact_share
+from common import fold_detector, held_out_row, per_lab
 from rich.console import Console
 
 from leukodiff.data.sources import load_fields
@@ -61,9 +60,7 @@ from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.evaluation.labs import FoldModels
 from leukodiff.imaging import load_image
 from leukodiff.metrics.detection import detection_scores, match
-from leukodiff.models.files import read_checked
 from leukodiff.pipeline.boxes import Detections
-from leukodiff.training.detector import DetectorConfig
 from leukodiff.training.detector.fields import prepare_fields
 
 TAU_GRID = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
@@ -108,14 +105,6 @@ def filtered(found, shares, tau_index: int | None, least: float) -> list[Detecti
             for d, s in zip(found, shares, strict=True)]
 
 
-def per_lab(records, most: int):
-    rng = random.Random(SEED)
-    out = []
-    for source in sorted({r.source for r in records}):
-        mine = [r for r in records if r.source == source]
-        out += rng.sample(mine, most) if len(mine) > most else mine
-    return out
-
 
 def matched_shares(found, shares, records, threshold: float) -> np.ndarray:
     rows = []
@@ -127,13 +116,7 @@ def matched_shares(found, shares, records, threshold: float) -> np.ndarray:
 
 
 def fold(runs: Path, lab: str) -> dict:
-    model = runs / f"without-{lab}" / "detector" / "detector.pt"
-    manifest = read_checked(model)[1]
-    config = DetectorConfig.from_dict(manifest.training.settings)
-    own = json.loads(model.with_suffix(".json").read_text())["training"]["operating_point"][
-        "threshold"]
-    console.print(f"[bold]without {lab}[/]: detector on {', '.join(config.sources)}, "
-                  f"own threshold {own}")
+    model, config, own = fold_detector(runs, lab)
     with FoldModels(detector=model).analyzer(1, detection_threshold=0.0) as analyzer:
         val = per_lab(prepare_fields(config).val, VAL_FIELDS)
         val_found, val_shares = detect(analyzer, val)
@@ -157,13 +140,7 @@ def fold(runs: Path, lab: str) -> dict:
                              for t, v in rules.items()}}
     for name, tau_index in (("own", None), ("nucleus", best)):
         detections = filtered(found, shares, tau_index, least)
-        m = detection_scores(detections, fields, own, ignore)
-        result[name] = {"precision": m["precision"], "recall": m["recall"],
-                        "ap50": detection_scores(detections, fields, LOW, ignore)["ap50"],
-                        "exact": exact_share(detections, fields, own, ignore)}
-        r = result[name]
-        console.print(f"  held out {lab}, {name}: precision {r['precision']:.3f} recall "
-                      f"{r['recall']:.3f} AP50 {r['ap50']:.3f} exact count {r['exact']:.1%}")
+        result[name] = held_out_row(lab, name, detections, fields, own, ignore)
     return result
 
 

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import exact_share
+from common import fold_detector, held_out_row, per_lab
 from rich.console import Console
 from torch.utils.data import DataLoader
 
@@ -66,7 +66,6 @@ from leukodiff.evaluation.labs import FoldModels
 from leukodiff.imaging import load_image
 from leukodiff.metrics.detection import OPERATING_THRESHOLDS, detection_scores
 from leukodiff.models.detector import DetectorSpec
-from leukodiff.models.files import read_checked
 from leukodiff.models.mobilenet import MobileNetClassifier
 from leukodiff.models.tflite import load_imagenet_backbone
 from leukodiff.pipeline.boxes import Detections, box_iou
@@ -130,14 +129,6 @@ def field_crops(analyzer, record: Field, spec: DetectorSpec, rng: random.Random
     return ((crops * 255).round().astype(np.uint8), [1] * len(positives) + [0] * len(negatives),
             counts)
 
-
-def per_lab(records: list[Field], most: int) -> list[Field]:
-    rng = random.Random(SEED)
-    out = []
-    for source in sorted({r.source for r in records}):
-        mine = [r for r in records if r.source == source]
-        out += rng.sample(mine, most) if len(mine) > most else mine
-    return out
 
 
 def crops_of(analyzer, records, spec, what: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -235,13 +226,7 @@ def verified(found, probs, v: float, rescore: bool = False) -> list[Detections]:
 
 
 def fold(runs: Path, lab: str) -> dict:
-    model = runs / f"without-{lab}" / "detector" / "detector.pt"
-    manifest = read_checked(model)[1]
-    config = DetectorConfig.from_dict(manifest.training.settings)
-    own = json.loads(model.with_suffix(".json").read_text())["training"]["operating_point"][
-        "threshold"]
-    console.print(f"[bold]without {lab}[/]: detector on {', '.join(config.sources)}, "
-                  f"own threshold {own}")
+    model, config, own = fold_detector(runs, lab)
     with FoldModels(detector=model).analyzer(1, detection_threshold=0.0) as analyzer:
         data = prepare_fields(config)  # the fold detector's own parts, read once
         verifier = train_verifier(analyzer, config, data, model.parent.parent)
@@ -259,14 +244,9 @@ def fold(runs: Path, lab: str) -> dict:
     result = {"lab": lab, "own_threshold": own, "t": t, "v": v}
     for name, detections, threshold in (("own", found, own), ("t alone", found, t),
                                         ("verified", verified(found, probs, v), t)):
-        m = detection_scores(detections, fields, threshold, ignore)
         ap = detection_scores(verified(found, probs, 0.0, rescore=True), fields, 0.0,
-                              ignore)["ap50"] if name == "verified" else m["ap50"]
-        result[name] = {"precision": m["precision"], "recall": m["recall"], "ap50": ap,
-                        "exact": exact_share(detections, fields, threshold, ignore)}
-        r = result[name]
-        console.print(f"  held out {lab}, {name}: precision {r['precision']:.3f} recall "
-                      f"{r['recall']:.3f} AP50 {r['ap50']:.3f} exact count {r['exact']:.1%}")
+                              ignore)["ap50"] if name == "verified" else None
+        result[name] = held_out_row(lab, name, detections, fields, threshold, ignore, ap)
     return result
 
 
