@@ -12,6 +12,7 @@ import numpy as np
 from rich.console import Console
 
 from leukodiff.data.records import Field
+from leukodiff.metrics.detection import detection_scores
 from leukodiff.models.files import read_checked
 from leukodiff.pipeline.boxes import Detections
 from leukodiff.training.detector import DetectorConfig
@@ -53,8 +54,6 @@ def held_out_row(lab: str, name: str, detections: Sequence[Detections], fields: 
                  ) -> dict:
     """Precision / recall at `threshold`, AP50 (`ap50` when the ranking differs from the
     detections' own scores) and exact-count share on the held-out lab, printed."""
-    from leukodiff.metrics.detection import detection_scores  # needs torch
-
     m = detection_scores(detections, fields, threshold, ignore)
     row = {"precision": m["precision"], "recall": m["recall"],
            "ap50": m["ap50"] if ap50 is None else ap50,

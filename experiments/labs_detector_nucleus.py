@@ -101,7 +101,7 @@ def detect(analyzer, records) -> tuple[list[Detections], list[np.ndarray]]:
 def filtered(found, shares, tau_index: int | None, least: float) -> list[Detections]:
     if tau_index is None:
         return list(found)
-    return [d.take(np.flatnonzero(s[:, tau_index] >= least)) if len(d) else d
+    return [d.take(np.flatnonzero(s[:, tau_index] >= least))
             for d, s in zip(found, shares, strict=True)]
 
 

@@ -333,7 +333,7 @@ class Database:
         # snapshot (a case's revision and its fields' progress from the same moment). A
         # read-only transaction never fails to serialise. SQLite's WAL transaction is
         # already one snapshot.
-        reader = (self.engine if url.startswith("sqlite")
+        reader = (self.engine if self.engine.dialect.name == "sqlite"
                   else self.engine.execution_options(isolation_level="REPEATABLE READ"))
         self._read = sessionmaker(reader, expire_on_commit=False)
         writer = self.engine.execution_options(sqlite_write=True)
