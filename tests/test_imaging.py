@@ -165,3 +165,21 @@ def test_lab_of_8_bit_pixels_is_the_formula_to_the_last_bit():
     colours = np.random.default_rng(0).integers(0, 256, (5000, 3), dtype=np.uint8)
     for pixels in (grey, colours, colours.reshape(50, 100, 3)):
         assert np.array_equal(imaging.srgb8_to_lab(pixels), imaging.srgb_to_lab(pixels / 255))
+
+
+def test_orientations_are_the_eight_turns_and_mirrors_of_a_crop():
+    """Level 2's views (`data.crops.orientations`): 8 distinct copies of an asymmetric
+    crop, the same set whichever of them one starts from (so the averaged answer is the
+    same for a turned or mirrored cell); 4 views: the turns alone."""
+    from leukodiff.data.crops import orientation, orientations
+
+    crops = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    views = orientations(crops, 8)
+    assert views.shape == (16, 3, 4, 4)
+    assert np.array_equal(views[:2], crops)
+    as_set = {views[i * 2:i * 2 + 2].tobytes() for i in range(8)}
+    assert len(as_set) == 8
+    for start in range(8):
+        again = orientations(orientation(crops, start), 8)
+        assert {again[i * 2:i * 2 + 2].tobytes() for i in range(8)} == as_set
+    assert np.array_equal(orientations(crops, 4)[2:4], np.rot90(crops, 1, axes=(2, 3)))

@@ -90,6 +90,38 @@ def test_other_image_modes_give_the_same_cells(analyzer, test_fields, tmp_path, 
         assert abs(len(result.cells) - len(reference.cells)) <= 1
 
 
+def test_level_2_gives_a_cell_one_answer_however_the_camera_was_turned(analyzer,
+                                                                      test_fields):
+    """Level 2 averages over a cell's eight orientations (`data.crops.LEVEL2_VIEWS`): the
+    same field turned by 90 degrees or mirrored gives each cell nearly the same
+    probabilities (the crop's pixel grid shifts by a rounding); one view does not."""
+    from leukodiff.data.records import Box
+
+    def differences(views: int) -> list[float]:
+        out = []
+        for field in [f for f in test_fields if len(f.wbc_boxes) == 1][:5]:
+            image, box = load_image(field.image), field.wbc_boxes[0]
+            width = image.width
+            turned = image.transpose(Image.Transpose.ROTATE_90)  # (x, y) -> (y, W - x)
+            mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            for classifier in analyzer.classifiers.values():
+                classifier.views = views
+                try:
+                    shot = classifier(image, [box])[0]
+                    out += [np.abs(classifier(turned, [Box(box.y0, width - box.x1, box.y1,
+                                                           width - box.x0)])[0] - shot).max(),
+                            np.abs(classifier(mirrored, [Box(width - box.x1, box.y0,
+                                                             width - box.x0, box.y1)])[0]
+                                   - shot).max()]
+                finally:
+                    classifier.views = 8
+        return out
+
+    assert all(c.views == 8 for c in analyzer.classifiers.values())
+    assert max(differences(8)) < 0.03
+    assert max(differences(1)) > 0.1
+
+
 def test_exif_rotated_field_is_analysed_upright(analyzer, test_fields, tmp_path):
     field = test_fields[0]
     upright = load_image(field.image)

@@ -152,6 +152,39 @@ def test_cli_trains_then_evaluates_with_a_confusion_matrix_png(tmp_path, shared_
     assert "Traceback" not in result.output
 
 
+def test_calibrate_measures_a_trained_model_again_as_the_pipeline_types_cells(tmp_path,
+                                                                             shared_data):
+    """`train calibrate`: the threshold calibrated on the run's own val part with every
+    orientation of each crop (`data.crops.LEVEL2_VIEWS`), same weights (sha256 kept),
+    written beside an ONNX export; the source and its manifest untouched."""
+    import json
+
+    from leukodiff.data.crops import LEVEL2_VIEWS
+
+    run = tmp_path / "run"
+    trained = train_classifier(ClassifierConfig(**{**QUICK, "epochs": 1}), run,
+                               data_root=shared_data)
+    assert trained["calibration"]["views"] == LEVEL2_VIEWS
+    before = (run / "model.json").read_text()
+    out = tmp_path / "calibrated"
+    result = CliRunner().invoke(app, ["train", "calibrate", "--model", str(run / "model.pt"),
+                                      "--out", str(out), "--data-root", str(shared_data)])
+    assert result.exit_code == 0, result.output
+    written = json.loads((out / "model.json").read_text())
+    assert written["sha256"] == trained["sha256"] == written["recalibrated_from"]["sha256"]
+    assert written["calibration"]["views"] == LEVEL2_VIEWS
+    assert written["calibration"]["validation_cells"] == trained["calibration"][
+        "validation_cells"]
+    assert written["metrics"]["test"]["all"]["n"] == trained["metrics"]["test"]["all"]["n"]
+    assert (out / "model.onnx").stat().st_size > 100_000
+    load_classifier(out / "model.pt")
+    assert (run / "model.json").read_text() == before
+    again = CliRunner().invoke(app, ["train", "calibrate", "--model", str(run / "model.pt"),
+                                     "--out", str(run), "--data-root", str(shared_data)])
+    assert again.exit_code == 1 and "another --out" in again.output
+    assert "Traceback" not in again.output
+
+
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match="neither a data set"):
         train_classifier(ClassifierConfig(sources=("nowhere",)), tmp_path / "x")

@@ -302,6 +302,30 @@ def train_score_command(
     console.print(f"wrote {out / 'detector.pt'} and {out / 'detector.json'}")
 
 
+@train_app.command("calibrate")
+def train_calibrate_command(
+    model: str = typer.Option(..., help="Trained level-2 model.pt (or the shipped "
+                              "'mononuclear' / 'polymorphonuclear')."),
+    out: Path = typer.Option(..., help="Folder for the new model.pt, its manifest and ONNX."),
+    data_root: Path | None = DataRoot,
+) -> None:
+    """Calibrate a level-2 model's "unidentified" threshold, and measure its val and test
+    parts, again as the pipeline now types cells (every orientation of a crop averaged);
+    same weights, written to --out."""
+    from leukodiff.models.export import export_classifier
+    from leukodiff.training.classifier import TrainingError, recalibrate_classifier
+
+    try:
+        manifest = recalibrate_classifier(model, out, data_root=data_root, track=_track,
+                                          log=console.print)
+    except (TrainingError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    was = manifest["recalibrated_from"]["threshold"]
+    console.print(f"unidentified below {manifest['calibration']['threshold']:.3f} (was "
+                  f"{was:.3f}); wrote {out / 'model.pt'}, its manifest and "
+                  f"{export_classifier(out / 'model.pt').name}")
+
+
 def _fires(report: dict) -> str:
     parts = [f"{s} {v['unfamiliar']}/{v['fields']}"
              for s, v in report["fires_on_test_parts"].items()]

@@ -85,3 +85,22 @@ def cell_batch(image: Image.Image, boxes: Iterable[Box], crop_scale: float,
     if not crops:
         return np.zeros((0, 3, size, size), dtype=np.float32)
     return np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
+# Level 2 types a cell by its softmax averaged over the cell's orientations: a cell on a
+# slide has no up or right, and the answer should not depend on how the camera was turned
+# (experiments/labs_level2_tta.py, leave one lab out).
+LEVEL2_VIEWS = 8
+
+
+def orientation(crops: np.ndarray, view: int) -> np.ndarray:
+    """View `view` (0-7) of a batch of crops (..., H, W): turned by 0, 90, 180 or 270
+    degrees (view % 4), mirrored left to right from view 4 on."""
+    turned = np.rot90(crops, view % 4, axes=(-2, -1))
+    return np.ascontiguousarray(turned[..., ::-1] if view >= 4 else turned)
+
+
+def orientations(crops: np.ndarray, views: int) -> np.ndarray:
+    """The first `views` orientations of a batch (N, C, H, W), one after the other:
+    (views * N, C, H, W)."""
+    return np.concatenate([orientation(crops, view) for view in range(views)])

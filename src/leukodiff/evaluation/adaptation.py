@@ -60,7 +60,7 @@ from leukodiff.training.adapt_detector import (
     detect_fields,
 )
 from leukodiff.training.cells import CellImages
-from leukodiff.training.classifier import predict_logits
+from leukodiff.training.classifier import predict_probabilities
 
 
 @dataclass(frozen=True)
@@ -126,9 +126,9 @@ def adaptation_curve(lab: str, bases: dict[str, Path], config: AdaptationConfig,
                                        replay=replay[task], track=track).model
                 else:
                     model = load_classifier(bases[task])[0]
-                logits = predict_logits(model, images[task](held[task], track))
+                probabilities = predict_probabilities(model, images[task](held[task], track))
                 truth += [str(c.cell_type) for c in held[task]]
-                said += [classes[task][i] for i in logits.argmax(1).tolist()]
+                said += [classes[task][i] for i in probabilities.argmax(1).tolist()]
             names = [str(t) for t in CellType]
             result = scores([names.index(t) for t in truth], [names.index(t) for t in said],
                             names)

@@ -62,7 +62,7 @@ from leukodiff.metrics.records import from_plain, to_plain
 from leukodiff.models.detector import DetectorSpec
 from leukodiff.models.export import export_classifier, export_detector
 from leukodiff.models.files import read_checked
-from leukodiff.pipeline.analyzer import Analyzer, softmax
+from leukodiff.pipeline.analyzer import Analyzer
 from leukodiff.pipeline.familiarity import familiarity_path
 from leukodiff.taxonomy import GROUP_OF, CellType, Group
 from leukodiff.training.classifier import ClassifierConfig, train_classifier
@@ -286,7 +286,8 @@ def measure_fields(analyzer: Analyzer, fields: Sequence[Field], lab: str,
 def measure_types(analyzer: Analyzer, cells: Sequence[Cell], lab: str,
                   track: Track = no_progress, batch: int = 64) -> LabTyping:
     """Level 2 on true boxes: each cell cropped as the pipeline crops it, given to its true
-    group's model (argmax: the model's best type, confident or not)."""
+    group's model as the pipeline gives it (every orientation), argmax: the model's best
+    type, confident or not."""
     truth, predicted, unsure = [], [], 0
     for group in Group:
         clf = analyzer.classifiers[group]
@@ -295,7 +296,7 @@ def measure_types(analyzer: Analyzer, cells: Sequence[Cell], lab: str,
             chunk = mine[start:start + batch]
             crops = np.stack([np.asarray(cell_input(c, clf.crop_scale, clf.input_size, clf.stain))
                               for c in chunk]).transpose(0, 3, 1, 2).astype(np.float32) / 255
-            probs = softmax(clf.backend.classify(clf.role, crops))
+            probs = clf.probabilities(crops)
             truth += [TYPES.index(str(c.cell_type)) for c in chunk]
             predicted += [TYPES.index(clf.classes[i]) for i in probs.argmax(1)]
             unsure += int((probs.max(1) < clf.threshold).sum())

@@ -126,10 +126,10 @@ def _classify_cells(analyzer: Analyzer, group: Group, images: list[Image.Image],
     calls = []
     for start in range(0, len(images), batch):
         crops = np.stack([np.asarray(square_input(perturbation(image)[0],
-                                                  classifier.input_size))
+                                                  classifier.input_size, classifier.stain))
                           for image in images[start:start + batch]])
         crops = crops.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        calls.append(classifier.backend.classify(classifier.role, crops).argmax(1))
+        calls.append(classifier.probabilities(crops).argmax(1))
     return np.concatenate(calls) if calls else np.zeros(0, dtype=np.int64)
 
 

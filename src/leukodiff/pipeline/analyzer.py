@@ -6,7 +6,8 @@
     field.to_geojson(); field.to_coco(); field.to_pandas()   # for QuPath, COCO tools, pandas
 
 Each box goes to the level-2 model of its group; all crops of one group go in
-one batch, and the two group models run concurrently (paper, section 4).
+one batch, and the two group models run concurrently (paper, section 4). Level 2
+averages its softmax over each crop's eight orientations (`pipeline.classify`).
 Crop geometry and the "unidentified" threshold come from each model's manifest.
 The networks run on onnxruntime or torch (`pipeline.backends`); everything
 around them is numpy, shared by both, so no torch is needed for inference.
@@ -15,7 +16,7 @@ around them is numpy, shared by both, so no torch is needed for inference.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,12 +25,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from leukodiff.data.crops import cell_batch
+from leukodiff.data.crops import LEVEL2_VIEWS
 from leukodiff.data.records import Box
 from leukodiff.imaging import load_image, to_rgb
 from leukodiff.models.files import ModelFileError, resolve
 from leukodiff.pipeline.backends import Backend, open_backend
 from leukodiff.pipeline.boxes import Detections, agnostic_nms
+from leukodiff.pipeline.classify import GroupClassifier
 from leukodiff.pipeline.familiarity import Familiarity, familiarity_path
 from leukodiff.pipeline.scale import SHRINK_ABOVE, cell_size_ratio
 from leukodiff.pipeline.tiling import detect_tiled
@@ -247,28 +249,6 @@ def unlike_training_warning(unlike: int, fields: int) -> str | None:
             "without the models knowing it; review every cell")
 
 
-class GroupClassifier:
-    """A crop classifier with the crop geometry and threshold its manifest records."""
-
-    def __init__(self, backend: Backend, role: str, threshold: float | None = None):
-        manifest = backend.manifests[role]
-        self.backend, self.role, self.manifest = backend, role, manifest
-        if manifest.input is None:
-            raise ModelFileError(f"the {role} model's manifest gives no crop geometry")
-        self.classes = list(manifest.classes)
-        self.crop_scale = manifest.input.crop_scale
-        self.input_size = manifest.input.size
-        self.stain = manifest.input.stain
-        self.threshold = manifest.threshold if threshold is None else threshold
-
-    def __call__(self, image: Image.Image, boxes: Sequence[Box]) -> np.ndarray:
-        """Class probabilities (N, classes) of the cells in `boxes`."""
-        if not boxes:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        crops = cell_batch(image, boxes, self.crop_scale, self.input_size, self.stain)
-        return softmax(self.backend.classify(self.role, crops))
-
-
 def _familiarity_of(detector: str | Path) -> Familiarity | None:
     """The detector's familiarity reference (None: it has none, so no look check)."""
     reference = familiarity_path(resolve(detector))
@@ -309,11 +289,6 @@ def pixel_roughness(image: Image.Image, window: int = 1024) -> float:
     return float(np.median(np.abs(np.diff(np.asarray(gray, dtype=np.int16), axis=1))))
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 class Analyzer:
     """Level 1 (detector) + level 2 (one classifier per group), called on an image.
 
@@ -333,7 +308,8 @@ class Analyzer:
         self.group_refiner = (GroupClassifier(backend, "group", 0.0)
                               if "group" in backend.manifests else None)
         # level 2, one model per group (none on a level-1-only backend: `of_detector`)
-        self.classifiers = {Group(role): GroupClassifier(backend, role, min_confidence)
+        self.classifiers = {Group(role): GroupClassifier(backend, role, min_confidence,
+                                                         LEVEL2_VIEWS)
                             for role in ("mononuclear", "polymorphonuclear")
                             if role in backend.manifests}
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.classifiers)))

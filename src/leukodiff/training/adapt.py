@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from leukodiff.data.crops import LEVEL2_VIEWS
 from leukodiff.data.records import Cell
 from leukodiff.data.root import DataNotFoundError
 from leukodiff.data.scan import Track, no_progress
@@ -52,7 +53,7 @@ from leukodiff.training.cells import (
     CropGeometry,
     augmentation,
 )
-from leukodiff.training.classifier import class_weights, predict_logits, select_cells
+from leukodiff.training.classifier import class_weights, predict_probabilities, select_cells
 from leukodiff.training.engine import (
     KeptBest,
     RunFolder,
@@ -201,7 +202,7 @@ def replay_cells(manifest: Manifest, per_class: int, seed: int, data_root=None,
 def measure(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
             classes: Sequence[str]) -> dict:
     """`scores` of the model's calls on `images`."""
-    predicted = predict_logits(model, images).argmax(1).tolist() if len(targets) else []
+    predicted = predict_probabilities(model, images).argmax(1).tolist() if len(targets) else []
     return scores(targets.tolist(), predicted, classes)
 
 
@@ -382,8 +383,9 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
     after = measure(model, test_x, test_y, classes)
     calibration = None
     if len(val) >= MIN_CALIBRATION_CELLS:
-        calibration = {**calibrate_confidence(predict_logits(model, val_x).softmax(1).numpy(),
+        calibration = {**calibrate_confidence(predict_probabilities(model, val_x).numpy(),
                                               val_y.tolist()),
+                       "views": LEVEL2_VIEWS,
                        "on": "the lab's validation cases (leukodiff adapt)"}
         log(f"{task}: unidentified below confidence {calibration['threshold']:.3f} on the "
             f"lab's {len(val)} validation cells (was "

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -24,14 +25,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from leukodiff.data.crops import LEVEL2_VIEWS, orientation
 from leukodiff.data.records import Cell
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, load_cells, read_class_folders
 from leukodiff.data.splits import holdout
 from leukodiff.imaging import STAIN_NORMALISATIONS
 from leukodiff.metrics.classification import calibrate_confidence, classification_metrics
-from leukodiff.models.files import invoked_command
-from leukodiff.models.io import save_model
+from leukodiff.models.files import invoked_command, manifest_path, resolve, sha256_of
+from leukodiff.models.io import load_classifier, save_model
 from leukodiff.models.mobilenet import MobileNetClassifier
 from leukodiff.models.tflite import load_imagenet_backbone
 from leukodiff.taxonomy import CELL_TYPES_OF, CellType, Group, parse_cell_type
@@ -212,6 +214,19 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
 
 
 @torch.inference_mode()
+def predict_probabilities(model: nn.Module, images: torch.Tensor, views: int = LEVEL2_VIEWS
+                          ) -> torch.Tensor:
+    """Class probabilities for uint8 images (N, 3, S, S) as the pipeline gives them: the
+    softmax averaged over `views` orientations (`data.crops.orientation`). Calibration and
+    evaluation use it; the per-epoch validation, a choice among epochs, one view."""
+    if not len(images):
+        return torch.empty((0, 0))
+    pixels = images.numpy()
+    return torch.stack([predict_logits(model, torch.from_numpy(orientation(pixels, view)))
+                        .softmax(1) for view in range(views)]).mean(0)
+
+
+@torch.inference_mode()
 def pooled_features(model: MobileNetClassifier, images: torch.Tensor, batch_size: int = 256
               ) -> torch.Tensor:
     model.eval()
@@ -335,16 +350,7 @@ def train_classifier(
                                                         generator, state), log=log)
 
     folder.load_best(model)
-    calibration = calibrate_confidence(
-        predict_logits(model, val_x).softmax(1).numpy(), val_y.tolist())
-    log(f"unidentified below confidence {calibration['threshold']:.3f} "
-        f"({100 * calibration['validation_coverage']:.1f}% of val cells kept)")
-    metrics = {}
-    for part in ("val", "test"):
-        x, y = data.part(part)
-        if len(y):
-            metrics[part] = evaluate_by_source(model, x, y, [data.cells[i] for i in
-                                                             data.parts[part]], data.classes)
+    calibration, metrics = calibrate_and_measure(model, data, log)
     manifest = {
         "architecture": {"name": "mobilenet_v1", "width": config.width, "hidden": 512,
                          "activation": "relu6"},
@@ -367,10 +373,60 @@ def train_classifier(
     return save_model(model, manifest, out_dir / "model.pt")
 
 
+def calibrate_and_measure(model: nn.Module, data: Prepared, log: Callable[[str], None]
+                          ) -> tuple[dict, dict]:
+    """The "unidentified" threshold calibrated on the val part, and the metrics of the val
+    and test parts per source, both as the pipeline types cells (`predict_probabilities`)."""
+    val_x, val_y = data.part("val")
+    calibration = {**calibrate_confidence(predict_probabilities(model, val_x).numpy(),
+                                          val_y.tolist()), "views": LEVEL2_VIEWS}
+    log(f"unidentified below confidence {calibration['threshold']:.3f} "
+        f"({100 * calibration['validation_coverage']:.1f}% of val cells kept)")
+    metrics = {}
+    for part in ("val", "test"):
+        x, y = data.part(part)
+        if len(y):
+            metrics[part] = evaluate_by_source(model, x, y, [data.cells[i] for i in
+                                                             data.parts[part]], data.classes)
+    return calibration, metrics
+
+
+def recalibrate_classifier(model: str | Path, out_dir: Path, *,
+                           data_root: str | Path | None = None, track: Track = no_progress,
+                           log: Callable[[str], None] = lambda message: None) -> dict:
+    """A trained level-2 model's threshold and metrics measured again as the pipeline now
+    types cells (`data.crops.LEVEL2_VIEWS` orientations), on its own run's split (same
+    seed, sources and caps): `train calibrate`. Same weights (the file is copied, its
+    sha256 kept), written to `out_dir/model.pt` with a manifest naming where it came from;
+    the source is never changed."""
+    source = resolve(model)
+    out_dir = Path(out_dir)
+    if (out_dir / "model.pt").resolve() == source.resolve():
+        raise TrainingError(f"{out_dir} holds the model itself: give another --out")
+    network, manifest = load_classifier(source)
+    known = {f.name for f in fields(ClassifierConfig)}
+    config = ClassifierConfig(**{k: v for k, v in manifest.training.settings.items()
+                                 if k in known})
+    data = prepare(config, data_root, track)
+    if not len(data.parts.get("val", ())):
+        raise TrainingError(f"{source}: its run's val part is empty; nothing to calibrate on")
+    calibration, metrics = calibrate_and_measure(network, data, log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, out_dir / "model.pt")
+    written = {**manifest.to_dict(), "calibration": calibration, "metrics": metrics,
+               "command": invoked_command(),
+               "recalibrated_from": {"model": str(model), "sha256": manifest.sha256,
+                                     "threshold": manifest.threshold,
+                                     "command": manifest.provenance.command}}
+    written.update(weights="model.pt", sha256=sha256_of(out_dir / "model.pt"))
+    manifest_path(out_dir / "model.pt").write_text(json.dumps(written, indent=2) + "\n")
+    return written
+
+
 def evaluate_by_source(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                        cells: Sequence[Cell], classes: Sequence[str]) -> dict:
     """Metrics over all cells, and per source (held-out sources differ a lot)."""
-    predicted = predict_logits(model, images).argmax(1)
+    predicted = predict_probabilities(model, images).argmax(1)
     result = {"all": classification_metrics(targets.tolist(), predicted.tolist(), classes)}
     sources = Counter(c.source for c in cells)
     if len(sources) > 1:
