@@ -135,6 +135,14 @@ def srgb8_to_lab(pixels: np.ndarray) -> np.ndarray:
     return _lab_of_linear(_LINEAR64[np.asarray(pixels, dtype=np.uint8)])
 
 
+def srgb8_lightness(pixels: np.ndarray) -> np.ndarray:
+    """CIELAB L* of 8-bit pixels (..., 3) alone: `srgb8_to_lab`'s first channel at a third
+    of its cost (L* depends on luminance only)."""
+    luminance = _LINEAR64[np.asarray(pixels, dtype=np.uint8)] @ _XYZ_FROM_RGB[1]
+    return 116 * np.where(luminance > 216 / 24389, np.cbrt(luminance),
+                          (24389 / 27 * luminance + 16) / 116) - 16
+
+
 def _lab_of_linear(linear: np.ndarray) -> np.ndarray:
     xyz = linear @ _XYZ_FROM_RGB.T / _WHITE
     f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)

@@ -23,6 +23,10 @@ import numpy as np
 from PIL import Image
 
 WINDOW = 512
+# Lags the autocorrelation is computed exactly to before falling back to all of them
+# (`_half_width`): BCCD's red cells cross half at ~18 px, a field at 4x BCCD's
+# magnification at ~75.
+LAG_PAD = 128
 # `correlation_length` of BCCD's VOC training fields at native size: the median over all
 # 205 (tests/test_scale.py recomputes it).
 REFERENCE_LENGTH = 18.2
@@ -64,15 +68,21 @@ def _half_width(image: Image.Image) -> float | None:
         return None
     centred = mask - mask.mean()
     height, width = centred.shape
-    power = np.abs(np.fft.rfft2(centred, s=(2 * height, 2 * width))) ** 2
-    auto = np.fft.irfft2(power, s=(2 * height, 2 * width))  # lag (0, 0) at index (0, 0)
-    auto /= auto.max()
-    radius, counts = _lag_radii(2 * height, 2 * width)
-    profile = np.bincount(radius, auto.ravel()) / counts
-    after = int(np.argmax(profile < 0.5))  # first radius below half; profile[0] is 1
-    if after == 0:  # never below half (cannot happen for a centred mask; kept safe)
-        return None
-    return float(after - 1 + (profile[after - 1] - 0.5) / (profile[after - 1] - profile[after]))
+    # Zero-padding by `pad` makes the FFT's circular correlation the linear one at every
+    # lag up to `pad`, all the half-width reads when it falls below it (red cells of any
+    # field-sized view cross half well inside LAG_PAD); otherwise padded by the full size.
+    for pad in (min(LAG_PAD, height, width), max(height, width)):
+        rows, columns = height + pad, width + pad
+        power = np.abs(np.fft.rfft2(centred, s=(rows, columns))) ** 2
+        auto = np.fft.irfft2(power, s=(rows, columns))  # lag (0, 0) at index (0, 0)
+        auto /= auto.max()
+        radius, counts = _lag_radii(rows, columns)
+        profile = np.bincount(radius, auto.ravel()) / counts
+        after = int(np.argmax(profile < 0.5))  # first radius below half; profile[0] is 1
+        if 0 < after < pad:
+            return float(after - 1 + (profile[after - 1] - 0.5)
+                         / (profile[after - 1] - profile[after]))
+    return None  # never below half (cannot happen for a centred mask; kept safe)
 
 
 @lru_cache(maxsize=8)

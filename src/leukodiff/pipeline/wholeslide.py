@@ -41,8 +41,10 @@ is then not run through the detector).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -296,16 +298,30 @@ def _scale(slide: Slide, size: tuple[int, int], thumbnail: np.ndarray,
                   f"um a pixel (cells {ratio:.2f} times the detector's size)")
 
 
+def _read_window(slide: Slide, window: Window, shrink: float) -> Image.Image:
+    image = Image.fromarray(slide.read(*window.box))
+    if shrink != 1.0:
+        image = image.resize((max(1, round(image.width / shrink)),
+                              max(1, round(image.height / shrink))),
+                             Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return image
+
+
 def iter_windows(slide: Slide, windows: list[Window], shrink: float = 1.0
                  ) -> Iterator[tuple[Window, Image.Image]]:
-    """Each window's pixels, resized `shrink` times smaller (for the detector)."""
-    for window in windows:
-        image = Image.fromarray(slide.read(*window.box))
-        if shrink != 1.0:
-            image = image.resize((max(1, round(image.width / shrink)),
-                                  max(1, round(image.height / shrink))),
-                                 Image.Resampling.BILINEAR, reducing_gap=2.0)
-        yield window, image
+    """Each window's pixels, resized `shrink` times smaller (for the detector). The next
+    window is read and decoded in a reader thread while the caller works on this one
+    (tile decoding, resizing and onnxruntime all release the GIL); only that thread reads
+    the slide until the last window is handed over."""
+    if not windows:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-reader") as reader:
+        ahead = reader.submit(_read_window, slide, windows[0], shrink)
+        for index, window in enumerate(windows):
+            image = ahead.result()
+            if index + 1 < len(windows):
+                ahead = reader.submit(_read_window, slide, windows[index + 1], shrink)
+            yield window, image
 
 
 def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
@@ -319,7 +335,7 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
     monolayer); the other zones are still reported. `track`: an optional progress
     wrapper, `track(iterable, description)`."""
     track = track or (lambda items, _description: items)
-    with open_slide(path) as slide:
+    with open_slide(path) as slide, contextlib.ExitStack() as stack:
         size = analyzer.tile
         thumbnail = slide.thumbnail()
         glass = glass_level(thumbnail)
@@ -334,9 +350,11 @@ def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
                                     (slide.width, slide.height), STRUCTURE_MARGIN * scale.shrink)
         zones: dict[tuple[int, int], str] = {}
         found, origins, retiled = [], [], 0
-        for (window, image), (_, members) in zip(
-                track(iter_windows(slide, windows, scale.shrink), "Reading windows"), grouped,
-                strict=True):
+        # closed before the slide is, even on an error: its reader thread reads no more
+        reading = stack.enter_context(contextlib.closing(iter_windows(slide, windows,
+                                                                      scale.shrink)))
+        for (window, image), (_, members) in zip(track(reading, "Reading windows"), grouped,
+                                                 strict=True):
             pixels = np.asarray(image)
             for block in members:  # each block's zone, on its core's pixels
                 core = cores.core(block.x0, block.y0)
