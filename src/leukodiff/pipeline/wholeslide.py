@@ -43,10 +43,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -75,6 +76,7 @@ from leukodiff.pipeline.tiling import detect_tiled, merge_tiles_local, tile_orig
 __all__ = ["Slide", "SlideError", "SlideResult", "analyze_whole_slide", "crop_to_structure",
            "group_blocks", "is_whole_slide", "open_slide", "plan_windows"]
 
+T, R = TypeVar("T"), TypeVar("R")
 # A window is background when, on the lowest level, fewer than this share of its pixels
 # differ from their window's median gray by more than STRUCTURE_GRAY: no cell, red or white.
 STRUCTURE_GRAY = 20
@@ -307,21 +309,27 @@ def _read_window(slide: Slide, window: Window, shrink: float) -> Image.Image:
     return image
 
 
-def iter_windows(slide: Slide, windows: list[Window], shrink: float = 1.0
-                 ) -> Iterator[tuple[Window, Image.Image]]:
-    """Each window's pixels, resized `shrink` times smaller (for the detector). The next
-    window is read and decoded in a reader thread while the caller works on this one
-    (tile decoding, resizing and onnxruntime all release the GIL); only that thread reads
-    the slide until the last window is handed over."""
-    if not windows:
+def read_ahead(items: list[T], read: Callable[[T], R]) -> Iterator[tuple[T, R]]:
+    """(item, read(item)) for each item, the next one read in a reader thread while the
+    caller works on this one (tile decoding, resizing and onnxruntime all release the GIL).
+    Only that thread reads until the last item is handed over: close the generator (or
+    exhaust it) before reading the slide elsewhere."""
+    if not items:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-reader") as reader:
-        ahead = reader.submit(_read_window, slide, windows[0], shrink)
-        for index, window in enumerate(windows):
-            image = ahead.result()
-            if index + 1 < len(windows):
-                ahead = reader.submit(_read_window, slide, windows[index + 1], shrink)
-            yield window, image
+        ahead = reader.submit(read, items[0])
+        for index, item in enumerate(items):
+            value = ahead.result()
+            if index + 1 < len(items):
+                ahead = reader.submit(read, items[index + 1])
+            yield item, value
+
+
+def iter_windows(slide: Slide, windows: list[Window], shrink: float = 1.0
+                 ) -> Iterator[tuple[Window, Image.Image]]:
+    """Each window's pixels, resized `shrink` times smaller (for the detector), the next
+    one read ahead (`read_ahead`)."""
+    return read_ahead(windows, lambda window: _read_window(slide, window, shrink))
 
 
 def analyze_whole_slide(analyzer: Analyzer, path: str | Path, *,
@@ -439,20 +447,24 @@ def _classify(analyzer: Analyzer, slide: Slide, found: Detections,
     if analyzer.group_refiner is not None:
         scales.append(analyzer.group_refiner.crop_scale)
     cells: list[CellCall] = []
+    # in reading order: neighbours share the cached tiles; each part read ahead
+    parts = []
     for home, members in sorted(batches.items(), key=lambda batch: (batch[0][1], batch[0][0])):
-        local = found.take(members)  # in reading order: neighbours share the cached tiles
-        x0, y0, x1, y1 = _crop_extent(home, local.boxes, scales)
-        image = Image.fromarray(slide.read(x0, y0, x1, y1))
-        offset = np.array([x0, y0, x0, y0], dtype=np.float32)
-        local = Detections(local.boxes - offset, local.labels, local.scores)
-        if analyzer.group_refiner is not None:
-            boxes = [Box(*box) for box in local.boxes.tolist()]
-            groups = analyzer.group_refiner(image, boxes).argmax(1) + 1
-            local = Detections(local.boxes, groups.astype(np.int64), local.scores)
-        for cell in analyzer.classify(image, local):
-            box = tuple(float(v) for v in np.asarray(cell.box) + offset)
-            cells.append(CellCall(box, cell.group, cell.group_confidence, cell.cell_type,
-                                  cell.type_confidence, cell.probabilities))
+        local = found.take(members)
+        parts.append((local, _crop_extent(home, local.boxes, scales)))
+    with contextlib.closing(read_ahead(parts, lambda part: Image.fromarray(
+            slide.read(*part[1])))) as reading:
+        for (local, (x0, y0, _, _)), image in reading:
+            offset = np.array([x0, y0, x0, y0], dtype=np.float32)
+            local = Detections(local.boxes - offset, local.labels, local.scores)
+            if analyzer.group_refiner is not None:
+                boxes = [Box(*box) for box in local.boxes.tolist()]
+                groups = analyzer.group_refiner(image, boxes).argmax(1) + 1
+                local = Detections(local.boxes, groups.astype(np.int64), local.scores)
+            for cell in analyzer.classify(image, local):
+                box = tuple(float(v) for v in np.asarray(cell.box) + offset)
+                cells.append(CellCall(box, cell.group, cell.group_confidence, cell.cell_type,
+                                      cell.type_confidence, cell.probabilities))
     cells.sort(key=lambda c: (c.box[1], c.box[0]))
     return cells
 
