@@ -398,8 +398,9 @@ class Analyzer:
         """Every white cell in one image; raises AnalysisError for images it cannot use.
         `image`: a file path, a PIL image (any mode) or a uint8 numpy array, (H, W, 3) RGB
         (not OpenCV's BGR), (H, W) gray or (H, W, 4) RGBA (`as_image`).
-        With `look`, also how far the image looks from the training labs (15-100 ms more
-        a field: `analyze` and the station do it, per-field benchmarks do not)."""
+        With `look`, also how far the image looks from the training labs (~20 ms more
+        a 640x480 field, ~30 a 1440x900 one, at one thread: `analyze` and the station do
+        it, per-field benchmarks do not)."""
         if isinstance(image, str | Path):
             name = name or str(image)
             image = load_image(image)

@@ -9,8 +9,9 @@ shrunk copy, a larger frame would look coarser and give a longer length.
 
 On BCCD's 205 training fields it is 18.2 px at the median, and from field to field
 0.80-1.39 times that (p10-p90; p5-p95 0.78-1.48); see also
-experiments/magnification_estimate.py. About 30 ms a field, 110 ms for a 4000x3000
-frame. The Analyzer uses it only on frames larger than a field, and only to shrink
+experiments/magnification_estimate.py. About 7 ms a field, 25 ms for a 4000x3000
+frame (one thread; 15 and 110 before the FFT was padded only as far as it reads).
+The Analyzer uses it only on frames larger than a field, and only to shrink
 frames whose cells look much larger than BCCD's: it would otherwise have to tile a
 frame into pieces smaller than its cells, at sizes the detector never saw.
 """
