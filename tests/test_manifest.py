@@ -44,7 +44,11 @@ def test_the_fields_are_typed():
     assert "pbc" in mono.training.sources and mono.training.best_epoch >= 1
     assert mono.training.settings["epochs"] >= mono.training.best_epoch
     assert mono.metrics["test"]["all"]["n"] > 0
-    assert mono.provenance.command.startswith("leukodiff train classifier")
+    # trained, then its threshold calibrated again on eight views of each crop (same weights)
+    assert mono.provenance.command.startswith("leukodiff train calibrate")
+    assert mono.raw["recalibrated_from"]["command"].startswith("leukodiff train classifier")
+    assert mono.raw["recalibrated_from"]["sha256"] == mono.sha256
+    assert mono.calibration["views"] == 8
 
     _, detector = read_checked("detector")
     assert detector.is_detector and detector.input is None

@@ -299,3 +299,27 @@ def test_cells_are_classified_from_the_part_of_their_window_their_crops_take():
                 from_part = crop_cell(part, Box(bx0 - x0, by0 - y0, bx1 - x0, by1 - y0), scale)
                 assert np.array_equal(np.asarray(from_whole), np.asarray(from_part))
     assert _crop_extent(home, boxes[2:4], [1.0]) == (1598, 2398, 1801, 2601)
+
+
+def test_read_ahead_reads_one_ahead_in_its_thread_and_stops_when_closed():
+    """Whole slides read the next window (and cell region) in a reader thread while the
+    detector runs (`read_ahead`): in order, one ahead, nothing more once closed, so the
+    slide can be read elsewhere (or closed) right after."""
+    import threading
+
+    from leukodiff.pipeline.wholeslide import read_ahead
+
+    reads = []
+
+    def read(item: int) -> int:
+        reads.append((item, threading.current_thread().name))
+        return item * item
+
+    assert list(read_ahead([1, 2, 3], read)) == [(1, 1), (2, 4), (3, 9)]
+    assert all(name.startswith("slide-reader") for _, name in reads)
+    reads.clear()
+    reading = read_ahead([1, 2, 3, 4], read)
+    assert next(reading) == (1, 1)
+    reading.close()  # waits for the read ahead (2); 3 and 4 are never read
+    assert [item for item, _ in reads] == [1, 2]
+    assert list(read_ahead([], read)) == []
