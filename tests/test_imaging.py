@@ -183,3 +183,7 @@ def test_orientations_are_the_eight_turns_and_mirrors_of_a_crop():
         again = orientations(orientation(crops, start), 8)
         assert {again[i * 2:i * 2 + 2].tobytes() for i in range(8)} == as_set
     assert np.array_equal(orientations(crops, 4)[2:4], np.rot90(crops, 1, axes=(2, 3)))
+    assert orientations(crops, 1) is crops
+    for wrong in (0, 9):
+        with pytest.raises(ValueError, match="1 to 8"):
+            orientations(crops, wrong)

@@ -65,6 +65,7 @@ def test_a_manifest_written_before_stain_normalisation_reads_as_none():
     old = Manifest.from_dict({"classes": ["lymphocyte", "monocyte"],
                               "input": {"size": 128, "crop_scale": 2.6}})
     assert old.input.stain == "none" and old.threshold == 0.0 and old.sha256 == ""
+    assert old.views == 1  # calibrated before level 2 ran on eight orientations: runs on one
 
 
 def test_altered_or_unreadable_files_are_refused(tmp_path):

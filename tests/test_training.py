@@ -183,6 +183,25 @@ def test_calibrate_measures_a_trained_model_again_as_the_pipeline_types_cells(tm
                                      "--out", str(run), "--data-root", str(shared_data)])
     assert again.exit_code == 1 and "another --out" in again.output
     assert "Traceback" not in again.output
+    # a run whose data changed since (its split cannot be rebuilt), and an adapted model
+    # (calibrated on a lab's own cells), are refused
+    for name, change in (("changed", lambda m: m["training"]["cells"]["val"].update(
+            lymphocyte=m["training"]["cells"]["val"]["lymphocyte"] + 1)),
+                         ("adapted", lambda m: m.update(adapted={"base": {}}))):
+        copy = tmp_path / name
+        copy.mkdir()
+        (copy / "model.pt").write_bytes((run / "model.pt").read_bytes())
+        altered = json.loads((run / "model.json").read_text())
+        change(altered)
+        (copy / "model.json").write_text(json.dumps(altered))
+        refused = CliRunner().invoke(app, ["train", "calibrate", "--model",
+                                           str(copy / "model.pt"), "--out",
+                                           str(tmp_path / f"{name}-out"),
+                                           "--data-root", str(shared_data)])
+        assert refused.exit_code == 1, refused.output
+        assert ("could not be rebuilt" if name == "changed" else "leukodiff adapt") in \
+            " ".join(refused.output.split())
+        assert not (tmp_path / f"{name}-out" / "model.pt").exists()
 
 
 def test_unknown_source_is_a_clear_error(tmp_path):

@@ -318,12 +318,14 @@ def train_calibrate_command(
     try:
         manifest = recalibrate_classifier(model, out, data_root=data_root, track=_track,
                                           log=console.print)
+        for stale in (out / "model.onnx", out / "model.onnx.json"):  # an earlier run's
+            stale.unlink(missing_ok=True)
+        onnx = export_classifier(out / "model.pt")
     except (TrainingError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     was = manifest["recalibrated_from"]["threshold"]
     console.print(f"unidentified below {manifest['calibration']['threshold']:.3f} (was "
-                  f"{was:.3f}); wrote {out / 'model.pt'}, its manifest and "
-                  f"{export_classifier(out / 'model.pt').name}")
+                  f"{was:.3f}); wrote {out / 'model.pt'}, its manifest and {onnx.name}")
 
 
 def _fires(report: dict) -> str:

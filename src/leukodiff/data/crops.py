@@ -93,6 +93,12 @@ def cell_batch(image: Image.Image, boxes: Iterable[Box], crop_scale: float,
 LEVEL2_VIEWS = 8
 
 
+def check_views(views: int) -> None:
+    """A crop has 8 distinct orientations (4 turns, each mirrored or not): 1 to 8 views."""
+    if not 1 <= views <= 8:
+        raise ValueError(f"views must be 1 to 8 (the turns and mirrors of a crop), got {views}")
+
+
 def orientation(crops: np.ndarray, view: int) -> np.ndarray:
     """View `view` (0-7) of a batch of crops (..., H, W): turned by 0, 90, 180 or 270
     degrees (view % 4), mirrored left to right from view 4 on."""
@@ -101,6 +107,9 @@ def orientation(crops: np.ndarray, view: int) -> np.ndarray:
 
 
 def orientations(crops: np.ndarray, views: int) -> np.ndarray:
-    """The first `views` orientations of a batch (N, C, H, W), one after the other:
-    (views * N, C, H, W)."""
+    """The first `views` (1-8) orientations of a batch (N, C, H, W), one after the other:
+    (views * N, C, H, W); 1: the batch itself."""
+    check_views(views)
+    if views == 1:
+        return crops
     return np.concatenate([orientation(crops, view) for view in range(views)])

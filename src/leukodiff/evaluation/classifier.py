@@ -72,7 +72,7 @@ def evaluate_classifier(
     classes = manifest.classes
     images = load_cell_tensors(cells, config.geometry, track)
     targets = torch.tensor([classes.index(str(c.cell_type)) for c in cells])
-    results = evaluate_by_source(network, images, targets, cells, classes)
+    results = evaluate_by_source(network, images, targets, cells, classes, manifest.views)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, metrics in results.items():

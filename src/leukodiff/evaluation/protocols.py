@@ -433,6 +433,7 @@ def finetune_split(images: torch.Tensor, cells: Sequence[Cell], split: Split,
         model = build_model(config, weights_dir)
         model.load_state_dict(torch.load(Path(folder) / "model.pt", map_location="cpu",
                                          weights_only=True))
+    # one view of each crop, as the paper classifies (the pipeline averages eight)
     predicted = predict_logits(model, prepared.images[n_train:]).argmax(1).numpy()
     return Run(split.name, classes, test, prepared.targets[n_train:].numpy(), predicted,
                extra={"best_epoch": manifest["training"]["best_epoch"],

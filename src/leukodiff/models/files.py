@@ -157,6 +157,13 @@ class Manifest:
         return float(self.calibration.get("threshold", 0.0))
 
     @property
+    def views(self) -> int:
+        """How many orientations of each crop a classifier's threshold was calibrated on,
+        hence the number it runs on (`data.crops.orientations`; 1: calibrated before
+        2026-12-07, on the crop as cut)."""
+        return int(self.calibration.get("views", 1))
+
+    @property
     def score_threshold(self) -> float:
         """The detector's operating point: what counts as a found cell."""
         return float(self.architecture["score_threshold"])

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from leukodiff.data.crops import LEVEL2_VIEWS
 from leukodiff.data.records import Box
 from leukodiff.imaging import load_image, to_rgb
 from leukodiff.models.files import ModelFileError, resolve
@@ -305,11 +304,11 @@ class Analyzer:
         self.detection_threshold = (float(spec["score_threshold"]) if detection_threshold
                                     is None else detection_threshold)
         self.tile = (int(spec["max_size"]), int(spec["min_size"]))  # its native field size
-        self.group_refiner = (GroupClassifier(backend, "group", 0.0)
+        self.group_refiner = (GroupClassifier(backend, "group", 0.0, views=1)
                               if "group" in backend.manifests else None)
-        # level 2, one model per group (none on a level-1-only backend: `of_detector`)
-        self.classifiers = {Group(role): GroupClassifier(backend, role, min_confidence,
-                                                         LEVEL2_VIEWS)
+        # level 2, one model per group (none on a level-1-only backend: `of_detector`), on
+        # as many orientations of each crop as its threshold was calibrated on
+        self.classifiers = {Group(role): GroupClassifier(backend, role, min_confidence)
                             for role in ("mononuclear", "polymorphonuclear")
                             if role in backend.manifests}
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.classifiers)))

@@ -1,8 +1,9 @@
 """Crop classifiers as the pipeline runs them: level 2's two models and the detector's
 group classifier, each with the crop geometry and threshold its manifest records.
 
-Level 2 averages its softmax over a cell's orientations (`data.crops.LEVEL2_VIEWS`): the
-same cell turned or mirrored gets one answer, whatever way the camera faced.
+Level 2 averages its softmax over a cell's orientations (`data.crops.LEVEL2_VIEWS`, as
+many as the model's threshold was calibrated on): the same cell turned or mirrored gets
+one answer, whatever way the camera faced.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from leukodiff.pipeline.backends import Backend
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, classes) logits, shifted by each row's maximum."""
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 class GroupClassifier:
     """A crop classifier with the crop geometry and threshold its manifest records, its
-    softmax averaged over `views` orientations of each crop (1: the crop as cut)."""
+    softmax averaged over `views` orientations of each crop (default: as many as its
+    threshold was calibrated on, `Manifest.views`; 1: the crop as cut)."""
 
     def __init__(self, backend: Backend, role: str, threshold: float | None = None,
-                 views: int = 1):
+                 views: int | None = None) -> None:
         manifest = backend.manifests[role]
         self.backend, self.role, self.manifest = backend, role, manifest
         if manifest.input is None:
@@ -38,7 +41,7 @@ class GroupClassifier:
         self.input_size = manifest.input.size
         self.stain = manifest.input.stain
         self.threshold = manifest.threshold if threshold is None else threshold
-        self.views = views
+        self.views = manifest.views if views is None else views
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) of a batch of inputs (N, 3, size, size) in

@@ -71,16 +71,18 @@ def _half_width(image: Image.Image) -> float | None:
     height, width = centred.shape
     # Zero-padding by `pad` makes the FFT's circular correlation the linear one at every
     # lag up to `pad`, all the half-width reads when it falls below it (red cells of any
-    # field-sized view cross half well inside LAG_PAD); otherwise padded by the full size.
-    for pad in (min(LAG_PAD, height, width), max(height, width)):
-        rows, columns = height + pad, width + pad
+    # field-sized view cross half well inside LAG_PAD); otherwise the window is padded to
+    # twice its size, every lag exact.
+    pad = min(LAG_PAD, height, width)
+    for rows, columns, exact_below in ((height + pad, width + pad, pad),
+                                       (2 * height, 2 * width, None)):
         power = np.abs(np.fft.rfft2(centred, s=(rows, columns))) ** 2
         auto = np.fft.irfft2(power, s=(rows, columns))  # lag (0, 0) at index (0, 0)
         auto /= auto.max()
         radius, counts = _lag_radii(rows, columns)
         profile = np.bincount(radius, auto.ravel()) / counts
         after = int(np.argmax(profile < 0.5))  # first radius below half; profile[0] is 1
-        if 0 < after < pad:
+        if after > 0 and (exact_below is None or after < exact_below):
             return float(after - 1 + (profile[after - 1] - 0.5)
                          / (profile[after - 1] - profile[after]))
     return None  # never below half (cannot happen for a centred mask; kept safe)

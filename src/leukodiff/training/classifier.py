@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from leukodiff.data.crops import LEVEL2_VIEWS, orientation
+from leukodiff.data.crops import LEVEL2_VIEWS, check_views, orientation
 from leukodiff.data.records import Cell
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, load_cells, read_class_folders
@@ -219,6 +219,7 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, views: int = L
     """Class probabilities for uint8 images (N, 3, S, S) as the pipeline gives them: the
     softmax averaged over `views` orientations (`data.crops.orientation`). Calibration and
     evaluation use it; the per-epoch validation, a choice among epochs, one view."""
+    check_views(views)
     if not len(images):
         return torch.empty((0, 0))
     pixels = images.numpy()
@@ -404,29 +405,44 @@ def recalibrate_classifier(model: str | Path, out_dir: Path, *,
     if (out_dir / "model.pt").resolve() == source.resolve():
         raise TrainingError(f"{out_dir} holds the model itself: give another --out")
     network, manifest = load_classifier(source)
+    if manifest.provenance.adapted:
+        raise TrainingError(f"{source} was adapted to a lab, its threshold calibrated on the "
+                            "lab's own cells: `leukodiff adapt` recalibrates it, not this")
     known = {f.name for f in fields(ClassifierConfig)}
     config = ClassifierConfig(**{k: v for k, v in manifest.training.settings.items()
                                  if k in known})
     data = prepare(config, data_root, track)
+    recorded = manifest.training.settings.get("cells")
+    if list(data.classes) != list(manifest.classes) or (recorded and data.counts() != recorded):
+        raise TrainingError(f"{source}: its run's split could not be rebuilt as it was "
+                            f"trained (cells per part now {data.counts()}, at training "
+                            f"{recorded}): the data changed; calibrating on it could use "
+                            "training cells")
     if not len(data.parts.get("val", ())):
         raise TrainingError(f"{source}: its run's val part is empty; nothing to calibrate on")
     calibration, metrics = calibrate_and_measure(network, data, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, out_dir / "model.pt")
+    earlier = manifest.raw.get("recalibrated_from", {})
     written = {**manifest.to_dict(), "calibration": calibration, "metrics": metrics,
                "command": invoked_command(),
                "recalibrated_from": {"model": str(model), "sha256": manifest.sha256,
                                      "threshold": manifest.threshold,
-                                     "command": manifest.provenance.command}}
+                                     # the command that trained it, through any earlier
+                                     # recalibration
+                                     "command": earlier.get("command",
+                                                            manifest.provenance.command)}}
     written.update(weights="model.pt", sha256=sha256_of(out_dir / "model.pt"))
     manifest_path(out_dir / "model.pt").write_text(json.dumps(written, indent=2) + "\n")
     return written
 
 
 def evaluate_by_source(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                       cells: Sequence[Cell], classes: Sequence[str]) -> dict:
-    """Metrics over all cells, and per source (held-out sources differ a lot)."""
-    predicted = predict_probabilities(model, images).argmax(1)
+                       cells: Sequence[Cell], classes: Sequence[str],
+                       views: int = LEVEL2_VIEWS) -> dict:
+    """Metrics over all cells, and per source (held-out sources differ a lot), on `views`
+    orientations of each crop (a trained model: the number its manifest was calibrated on)."""
+    predicted = predict_probabilities(model, images, views).argmax(1)
     result = {"all": classification_metrics(targets.tolist(), predicted.tolist(), classes)}
     sources = Counter(c.source for c in cells)
     if len(sources) > 1:
