@@ -138,14 +138,16 @@ def srgb8_to_lab(pixels: np.ndarray) -> np.ndarray:
 def srgb8_lightness(pixels: np.ndarray) -> np.ndarray:
     """CIELAB L* of 8-bit pixels (..., 3) alone: `srgb8_to_lab`'s first channel at a third
     of its cost (L* depends on luminance only)."""
-    luminance = _LINEAR64[np.asarray(pixels, dtype=np.uint8)] @ _XYZ_FROM_RGB[1]
-    return 116 * np.where(luminance > 216 / 24389, np.cbrt(luminance),
-                          (24389 / 27 * luminance + 16) / 116) - 16
+    return 116 * _lab_f(_LINEAR64[np.asarray(pixels, dtype=np.uint8)] @ _XYZ_FROM_RGB[1]) - 16
+
+
+def _lab_f(t: np.ndarray) -> np.ndarray:
+    """CIELAB's companding of X/Xn, Y/Yn, Z/Zn: a cube root, linear near black."""
+    return np.where(t > 216 / 24389, np.cbrt(t), (24389 / 27 * t + 16) / 116)
 
 
 def _lab_of_linear(linear: np.ndarray) -> np.ndarray:
-    xyz = linear @ _XYZ_FROM_RGB.T / _WHITE
-    f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
+    f = _lab_f(linear @ _XYZ_FROM_RGB.T / _WHITE)
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
                      200 * (f[..., 1] - f[..., 2])], axis=-1)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -27,13 +26,6 @@ from leukodiff.training.classifier import (
 PARTS = ("train", "val", "test", "all")
 
 
-def training_config(manifest: Manifest) -> ClassifierConfig:
-    """The configuration a model was trained with, from its manifest."""
-    known = {f.name for f in fields(ClassifierConfig)}
-    return ClassifierConfig(**{k: v for k, v in manifest.training.settings.items()
-                               if k in known})
-
-
 def held_out_cells(manifest: Manifest, sources: tuple[str, ...] | None = None,
                    part: str = "test", data_root: str | Path | None = None,
                    track: Track = no_progress) -> list[Cell]:
@@ -41,7 +33,7 @@ def held_out_cells(manifest: Manifest, sources: tuple[str, ...] | None = None,
     over `sources` (default: its own); 'all': every cell of the sources."""
     if part not in PARTS:
         raise TrainingError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
-    config = training_config(manifest)
+    config = ClassifierConfig.of_manifest(manifest)
     config_sources = tuple(sources or config.sources)
     cells, _ = select_cells(config_sources, manifest.classes, data_root, track)
     if part == "all":
@@ -67,7 +59,7 @@ def evaluate_classifier(
     fractions), over `sources` (default: the ones it was trained on); 'all' takes every
     cell of the sources (for sources the model never saw)."""
     network, manifest = load_classifier(model)
-    config = training_config(manifest)
+    config = ClassifierConfig.of_manifest(manifest)
     cells = held_out_cells(manifest, sources, part, data_root, track)
     classes = manifest.classes
     images = load_cell_tensors(cells, config.geometry, track)

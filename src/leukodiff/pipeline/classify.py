@@ -53,7 +53,5 @@ class GroupClassifier:
 
     def __call__(self, image: Image.Image, boxes: Sequence[Box]) -> np.ndarray:
         """Class probabilities (N, classes) of the cells in `boxes`."""
-        if not boxes:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
         return self.probabilities(cell_batch(image, boxes, self.crop_scale, self.input_size,
                                              self.stain))

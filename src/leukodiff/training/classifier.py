@@ -32,7 +32,13 @@ from leukodiff.data.sources import CELL_SOURCES, FIELD_SOURCES, load_cells, read
 from leukodiff.data.splits import holdout
 from leukodiff.imaging import STAIN_NORMALISATIONS
 from leukodiff.metrics.classification import calibrate_confidence, classification_metrics
-from leukodiff.models.files import invoked_command, manifest_path, resolve, sha256_of
+from leukodiff.models.files import (
+    Manifest,
+    invoked_command,
+    manifest_path,
+    resolve,
+    sha256_of,
+)
 from leukodiff.models.io import load_classifier, save_model
 from leukodiff.models.mobilenet import MobileNetClassifier
 from leukodiff.models.tflite import load_imagenet_backbone
@@ -111,6 +117,12 @@ class ClassifierConfig:
     @property
     def geometry(self) -> CropGeometry:
         return CropGeometry(self.input_size, self.crop_scale, self.stain)
+
+    @classmethod
+    def of_manifest(cls, manifest: Manifest) -> ClassifierConfig:
+        """The configuration a model was trained with, from its manifest."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in manifest.training.settings.items() if k in known})
 
 
 @dataclass
@@ -408,10 +420,7 @@ def recalibrate_classifier(model: str | Path, out_dir: Path, *,
     if manifest.provenance.adapted:
         raise TrainingError(f"{source} was adapted to a lab, its threshold calibrated on the "
                             "lab's own cells: `leukodiff adapt` recalibrates it, not this")
-    known = {f.name for f in fields(ClassifierConfig)}
-    config = ClassifierConfig(**{k: v for k, v in manifest.training.settings.items()
-                                 if k in known})
-    data = prepare(config, data_root, track)
+    data = prepare(ClassifierConfig.of_manifest(manifest), data_root, track)
     recorded = manifest.training.settings.get("cells")
     if list(data.classes) != list(manifest.classes) or (recorded and data.counts() != recorded):
         raise TrainingError(f"{source}: its run's split could not be rebuilt as it was "
