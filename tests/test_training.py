@@ -6,6 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from leukodiff.cli import app
+from leukodiff.data.records import Cell
 from leukodiff.data.sources import load_cells
 from leukodiff.models.io import ModelFileError, load_classifier
 from leukodiff.taxonomy import CellType
@@ -20,8 +21,11 @@ from leukodiff.training.classifier import (
     ClassifierConfig,
     TrainingError,
     build_model,
+    class_weights,
+    draw_weights,
     train_classifier,
 )
+from leukodiff.training.mixstyle import MixStyle, add_mixstyle
 
 QUICK = dict(task="mononuclear", sources=("pbc",), mode="frozen", epochs=2, max_per_class=24,
              batch_size=16)
@@ -96,6 +100,8 @@ def test_runs_are_never_overwritten_and_bad_configs_are_refused(tmp_path, shared
         "neutrophil", "eosinophil")
     with pytest.raises(TrainingError, match="unknown augmentation"):
         ClassifierConfig(augmentation="strong").class_names()
+    with pytest.raises(TrainingError, match=r"mixstyle .* mode 'finetune'"):
+        ClassifierConfig(mode="frozen", mixstyle=0.5).class_names()
 
 
 def test_lab_augmentation_changes_stain_and_camera_but_not_the_cell(shared_data):
@@ -221,3 +227,67 @@ def test_confidence_calibration_keeps_the_target_accuracy():
     assert result["threshold"] == 0.99 and result["validation_coverage"] == 0.8
     all_right = calibrate_confidence(probs, [0] * 10)
     assert all_right["threshold"] == 0.55 and all_right["validation_coverage"] == 1.0
+
+
+def test_mixstyle_swaps_style_not_content_and_only_while_training():
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(3, 4, 3)
+    layer.register_forward_hook(MixStyle(p=1.0))
+    x = torch.rand(2, 3, 20, 20)
+    x[1] = 0.7 + 0.2 * x[1]  # another "lab": brighter, flatter
+    with torch.no_grad():
+        plain = torch.nn.functional.conv2d(x, layer.weight, layer.bias)
+        layer.eval()
+        assert torch.equal(layer(x), plain)
+        layer.train()
+        mixed = [layer(x) for _ in range(8)]
+    means, stds = plain.mean((2, 3)), plain.std((2, 3))
+    low, high = means.min(0).values - 1e-4, means.max(0).values + 1e-4
+    swapped = 0
+    for out in mixed:
+        # each image keeps its content (the same map up to a per-channel scale and shift) ...
+        content = (out - out.mean((2, 3), keepdim=True)) / out.std((2, 3), keepdim=True)
+        own = (plain - means[..., None, None]) / stds[..., None, None]
+        assert torch.allclose(content, own, atol=1e-3)
+        # ... and takes a style between the two images' own
+        assert ((out.mean((2, 3)) >= low) & (out.mean((2, 3)) <= high)).all()
+        swapped += not torch.allclose(out, plain, atol=1e-4)
+    assert swapped  # a batch of two is mixed whenever the draw pairs the two images
+
+
+def test_mixstyle_leaves_the_network_and_its_inference_unchanged():
+    model = build_model(ClassifierConfig(task="mononuclear", mixstyle=0.5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(3, 3, 128, 128)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        handles = add_mixstyle(model, 1.0)
+        assert len(handles) == 3
+        assert torch.equal(model(x), expected)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_balance_by_source_makes_a_sources_look_say_nothing_of_the_type(tmp_path):
+    made = {"bccd": {"neutrophil": 6, "eosinophil": 2},
+            "chula": {"neutrophil": 2, "eosinophil": 2, "basophil": 2}}
+    cells = [Cell(tmp_path / f"{source}-{kind}-{i}.jpg", source, CellType(kind), f"{source}{i}",
+                  f"{source}{kind}{i}")
+             for source, kinds in made.items() for kind, n in kinds.items() for i in range(n)]
+    targets = torch.tensor([("neutrophil", "eosinophil", "basophil").index(str(c.cell_type))
+                            for c in cells])
+    assert draw_weights(cells, 0.0, by_source=False) is None  # every cell alike
+    for exponent in (0.0, 0.5):
+        draws = draw_weights(cells, exponent, by_source=True)
+        mass = {}
+        for cell, weight in zip(cells, draws.tolist(), strict=True):
+            key = cell.source, str(cell.cell_type)
+            mass[key] = mass.get(key, 0.0) + weight
+        for source, kinds in made.items():
+            shares = [mass[source, kind] for kind in kinds]
+            # each source keeps its share of the draws, spread evenly over its types
+            assert sum(shares) == pytest.approx(sum(kinds.values()) ** (1 - exponent))
+            assert shares == pytest.approx([shares[0]] * len(shares))
+    draws = draw_weights(cells, 0.0, by_source=True)  # drawn: N 4 + 2, E 4 + 2, B 2
+    assert class_weights(targets, 3, draws).tolist() == pytest.approx([14 / 18, 14 / 18, 14 / 6])
+    assert class_weights(targets, 3).tolist() == pytest.approx([14 / 24, 14 / 12, 14 / 6])

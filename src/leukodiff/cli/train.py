@@ -60,11 +60,19 @@ def train_classifier_command(
     source_balance: float = typer.Option(Classifier("source_balance"), help="Draw cells "
                                          "with weight 1 / (cells of their source) ** this "
                                          "(0: every cell alike)."),
+    balance_by_source: bool = typer.Option(Classifier("balance_by_source"),
+                                           "--balance-by-source/--no-balance-by-source",
+                                           help="Spread each source's draws evenly over its "
+                                           "types, so a source's look says nothing of the "
+                                           "type."),
     augmentation: str = typer.Option(Classifier("augmentation"), help="basic (flips, turns, "
                                      "zoom, colour jitter) | lab (+ stain and camera: other "
                                      "labs' look)."),
     stain: str = typer.Option(Classifier("stain"), help="Colour normalisation of each crop: "
                               "none | reinhard (every crop to one reference look)."),
+    mixstyle: float = typer.Option(Classifier("mixstyle"), help="Probability of mixing "
+                                   "feature statistics between training images (MixStyle; "
+                                   "0: off; finetune only)."),
     resume: Resume = False,
     data_root: Path | None = DataRoot,
     weights_dir: Path | None = WeightsDir,
@@ -78,8 +86,9 @@ def train_classifier_command(
                               input_size=input_size, crop_scale=crop_scale,
                               val_fraction=val_fraction, test_fraction=test_fraction,
                               max_per_class=max_per_class, balance=balance,
-                              source_balance=source_balance, augmentation=augmentation,
-                              stain=stain)
+                              source_balance=source_balance,
+                              balance_by_source=balance_by_source, augmentation=augmentation,
+                              stain=stain, mixstyle=mixstyle)
     try:
         manifest = train_classifier(config, out, data_root=data_root, weights_dir=weights_dir,
                                     resume=resume, track=_track, log=console.print)

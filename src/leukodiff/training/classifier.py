@@ -58,6 +58,7 @@ from leukodiff.training.engine import (
     seed_everything,
     warmup_cosine,
 )
+from leukodiff.training.mixstyle import add_mixstyle
 
 TASKS: dict[str, tuple[CellType, ...]] = {
     "mononuclear": CELL_TYPES_OF[Group.MONONUCLEAR],
@@ -91,8 +92,13 @@ class ClassifierConfig:
     # Draw training cells with weight 1 / (cells of their source) ** source_balance, so a
     # small source (BCCD's ~200 field crops beside PBC's thousands) is not drowned out.
     source_balance: float = 0.5
+    # Each source's draws spread evenly over its types (the class-weighted loss then weighs
+    # the classes as drawn): BCCD's cells are mostly neutrophils, and a model that learns
+    # "BCCD's look means neutrophil" calls another sharp lab's granulocytes neutrophils.
+    balance_by_source: bool = False
     augmentation: str = "basic"  # training.cells.AUGMENTATIONS: "lab" adds stain and camera
     stain: str = "none"  # imaging.STAIN_NORMALISATIONS: "reinhard" normalises each crop
+    mixstyle: float = 0.0  # > 0: training.mixstyle with this probability (fine-tuning only)
 
     def class_names(self) -> tuple[str, ...]:
         if self.task not in TASKS:
@@ -105,6 +111,9 @@ class ClassifierConfig:
         if self.stain not in STAIN_NORMALISATIONS:
             raise TrainingError(f"unknown stain normalisation {self.stain!r}; choose one of "
                                 f"{', '.join(STAIN_NORMALISATIONS)}")
+        if self.mixstyle and self.mode != "finetune":
+            raise TrainingError("mixstyle mixes the backbone's features: it needs mode "
+                                "'finetune'")
         allowed = TASKS[self.task]
         if not self.classes:
             return tuple(str(t) for t in allowed)
@@ -250,20 +259,41 @@ def pooled_features(model: MobileNetClassifier, images: torch.Tensor, batch_size
     ])
 
 
-def class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
-    counts = torch.bincount(targets, minlength=n_classes).clamp(min=1).float()
-    return counts.sum() / (n_classes * counts)
+def class_weights(targets: torch.Tensor, n_classes: int,
+                  draws: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss weights that make every class weigh alike: by the cells of each class, or by
+    the chance the sampler gives them (`draws`, one weight per cell) when it is not even."""
+    if draws is None:
+        mass = torch.bincount(targets, minlength=n_classes).clamp(min=1).float()
+    else:
+        mass = torch.bincount(targets, weights=draws, minlength=n_classes).float().clamp(min=1e-12)
+    return mass.sum() / (n_classes * mass)
 
 
-def _sampler(cells: Sequence[Cell], exponent: float, generator: torch.Generator
-             ) -> torch.utils.data.Sampler:
-    """Shuffle every cell once per epoch, or draw sources towards balance (exponent > 0)."""
-    if exponent == 0 or len({c.source for c in cells}) < 2:
-        return torch.utils.data.RandomSampler(cells, generator=generator)
+def draw_weights(cells: Sequence[Cell], exponent: float, by_source: bool) -> torch.Tensor | None:
+    """Each training cell's chance to be drawn (None: every cell alike): 1 / (cells of its
+    source) ** `exponent`, so a small source is not drowned out; `by_source`: each source's
+    share spread evenly over its types, so a source's look says nothing of the type."""
     per_source = Counter(c.source for c in cells)
+    if not by_source and (exponent == 0 or len(per_source) < 2):
+        return None
     weights = torch.tensor([per_source[c.source] ** -exponent for c in cells],
                            dtype=torch.double)
-    return torch.utils.data.WeightedRandomSampler(weights, len(cells), generator=generator)
+    if by_source:
+        pairs = Counter((c.source, c.cell_type) for c in cells)
+        types = Counter(source for source, _ in pairs)
+        weights *= torch.tensor([per_source[c.source] / (types[c.source]
+                                                         * pairs[c.source, c.cell_type])
+                                 for c in cells], dtype=torch.double)
+    return weights
+
+
+def _sampler(weights: torch.Tensor | None, count: int, generator: torch.Generator
+             ) -> torch.utils.data.Sampler:
+    """Shuffle every cell once per epoch, or draw `count` cells by `weights`."""
+    if weights is None:
+        return torch.utils.data.RandomSampler(range(count), generator=generator)
+    return torch.utils.data.WeightedRandomSampler(weights, count, generator=generator)
 
 
 def paper_adam(params, config: ClassifierConfig) -> torch.optim.Optimizer:
@@ -293,11 +323,16 @@ def train_classifier(
     data = prepared or prepare(config, data_root, track)
     log(f"cells per part: {json.dumps(data.counts())}")
     model = build_model(config, weights_dir)
+    if config.mixstyle:
+        add_mixstyle(model, config.mixstyle)
     train_x, train_y = data.part("train")
     val_x, val_y = data.part("val")
     if not len(train_y) or not len(val_y):
         raise TrainingError(f"empty train or val part: {data.counts()}")
-    weights = class_weights(train_y, len(data.classes)) if config.balance else None
+    train_cells = [data.cells[i] for i in data.parts["train"]]
+    draws = draw_weights(train_cells, config.source_balance, config.balance_by_source)
+    weights = (class_weights(train_y, len(data.classes), draws if config.balance_by_source
+                             else None) if config.balance else None)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
 
     if config.mode == "frozen":
@@ -312,9 +347,8 @@ def train_classifier(
         trained = model
         params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(config.seed)
-    train_cells = [data.cells[i] for i in data.parts["train"]]
     loader = DataLoader(train_source, batch_size=config.batch_size,
-                        sampler=_sampler(train_cells, config.source_balance, generator),
+                        sampler=_sampler(draws, len(train_cells), generator),
                         drop_last=len(train_y) > config.batch_size)
     optimizer = paper_adam(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
