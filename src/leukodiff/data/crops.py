@@ -8,7 +8,7 @@ always an explicit argument, recorded with each model that uses it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -75,16 +75,21 @@ def cell_input(cell: Cell, crop_scale: float, size: int, stain: str = "none") ->
     return square_input(load_cell_image(cell, crop_scale), size, stain)
 
 
-def cell_batch(image: Image.Image, boxes: Iterable[Box], crop_scale: float,
-               size: int, stain: str = "none") -> np.ndarray:
-    """A network's input for the cells in `boxes`: (N, 3, size, size) float32 in [0, 1],
-    each cut, resized and normalised exactly as the training crops were (`crop_cell`,
-    `square_input`)."""
-    crops = [np.asarray(square_input(crop_cell(image, box, crop_scale), size, stain))
-             for box in boxes]
+def network_input(crops: Sequence[Image.Image], size: int) -> np.ndarray:
+    """Square RGB crops of `size` a side as a network takes them: (N, 3, size, size)
+    float32 in [0, 1] (the models normalise further themselves)."""
     if not crops:
         return np.zeros((0, 3, size, size), dtype=np.float32)
-    return np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    return np.stack([np.asarray(c) for c in crops]).transpose(0, 3, 1, 2).astype(
+        np.float32) / 255.0
+
+
+def cell_batch(image: Image.Image, boxes: Iterable[Box], crop_scale: float,
+               size: int, stain: str = "none") -> np.ndarray:
+    """A network's input for the cells in `boxes`, each cut, resized and normalised exactly
+    as the training crops were (`crop_cell`, `square_input`)."""
+    return network_input([square_input(crop_cell(image, box, crop_scale), size, stain)
+                          for box in boxes], size)
 
 
 # Level 2 types a cell by its softmax averaged over the cell's orientations: a cell on a

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leukodiff.data.crops import cell_input
+from leukodiff.data.crops import cell_input, network_input
 from leukodiff.data.records import Cell, Field
 from leukodiff.data.root import has_dataset
 from leukodiff.data.scan import Track, no_progress
@@ -294,8 +294,8 @@ def measure_types(analyzer: Analyzer, cells: Sequence[Cell], lab: str,
         mine = [c for c in cells if GROUP_OF[c.cell_type] is group]
         for start in track(range(0, len(mine), batch), f"Typing {lab} {group} cells"):
             chunk = mine[start:start + batch]
-            crops = np.stack([np.asarray(cell_input(c, clf.crop_scale, clf.input_size, clf.stain))
-                              for c in chunk]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+            crops = network_input([cell_input(c, clf.crop_scale, clf.input_size, clf.stain)
+                                   for c in chunk], clf.input_size)
             probs = clf.probabilities(crops)
             truth += [TYPES.index(str(c.cell_type)) for c in chunk]
             predicted += [TYPES.index(clf.classes[i]) for i in probs.argmax(1)]

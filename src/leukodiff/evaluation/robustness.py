@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from leukodiff.data.crops import square_input
+from leukodiff.data.crops import network_input, square_input
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
 from leukodiff.evaluation.classifier import held_out_cells
@@ -125,10 +125,9 @@ def _classify_cells(analyzer: Analyzer, group: Group, images: list[Image.Image],
     classifier = analyzer.classifiers[group]
     calls = []
     for start in range(0, len(images), batch):
-        crops = np.stack([np.asarray(square_input(perturbation(image)[0],
-                                                  classifier.input_size, classifier.stain))
-                          for image in images[start:start + batch]])
-        crops = crops.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        crops = network_input([square_input(perturbation(image)[0], classifier.input_size,
+                                            classifier.stain)
+                               for image in images[start:start + batch]], classifier.input_size)
         calls.append(classifier.probabilities(crops).argmax(1))
     return np.concatenate(calls) if calls else np.zeros(0, dtype=np.int64)
 
