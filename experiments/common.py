@@ -13,8 +13,10 @@ from rich.console import Console
 
 from leukodiff.data.records import Field
 from leukodiff.metrics.detection import detection_scores
+from leukodiff.models.export import export_classifier
 from leukodiff.models.files import read_checked
 from leukodiff.pipeline.boxes import Detections
+from leukodiff.training.classifier import ClassifierConfig, train_classifier
 from leukodiff.training.detector import DetectorConfig
 
 
@@ -62,3 +64,14 @@ def held_out_row(lab: str, name: str, detections: Sequence[Detections], fields: 
                     f"{row['recall']:.3f} AP50 {row['ap50']:.3f} exact count "
                     f"{row['exact']:.1%}")
     return row
+
+
+def level2_fold(recipe: ClassifierConfig, folder: Path) -> Path:
+    """A fold's level-2 model trained with `recipe` in `folder` (resumed when interrupted,
+    reused when done) and exported to ONNX: its model.pt."""
+    if not (folder / "model.pt").exists():
+        train_classifier(recipe, folder, resume=(folder / "last.pt").exists(),
+                         log=Console().print)
+    if not (folder / "model.onnx").exists():
+        export_classifier(folder / "model.pt")
+    return folder / "model.pt"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from common import level2_fold
 from rich.console import Console
 
 from leukodiff.data.sources import load_cells
@@ -32,8 +33,7 @@ from leukodiff.evaluation.labs import (
     available_labs,
     measure_types,
 )
-from leukodiff.models.export import export_classifier
-from leukodiff.training.classifier import ClassifierConfig, train_classifier
+from leukodiff.training.classifier import ClassifierConfig
 
 width, out = float(sys.argv[1]), Path(sys.argv[2])
 config = LabsConfig(augmentation="lab", stain="reinhard")
@@ -49,12 +49,7 @@ for lab in (x for x in TYPED_LABS if present[x]):
                                   max_per_class=config.max_per_class, seed=config.seed,
                                   augmentation=config.augmentation, stain=config.stain,
                                   width=width)
-        if not (folder / "model.pt").exists():
-            train_classifier(recipe, folder, resume=(folder / "last.pt").exists(),
-                             log=console.print)
-        if not (folder / "model.onnx").exists():
-            export_classifier(folder / "model.pt")
-        setattr(models, task, folder / "model.pt")
+        setattr(models, task, level2_fold(recipe, folder))
     with models.analyzer(threads=None) as analyzer:
         result = measure_types(analyzer, load_cells(lab).records, lab)
     recall = ", ".join(f"{t} {r:.2f}" for t, r in result.recall.items())

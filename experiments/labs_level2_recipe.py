@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from common import level2_fold
 from rich.console import Console
 
 from leukodiff.data.sources import load_cells
@@ -48,8 +49,7 @@ from leukodiff.evaluation.labs import (
     available_labs,
     measure_types,
 )
-from leukodiff.models.export import export_classifier
-from leukodiff.training.classifier import ClassifierConfig, train_classifier
+from leukodiff.training.classifier import ClassifierConfig
 
 BASELINE = Path("runs/labs-v5/labs.json")
 CHANGES = {"mixstyle": {"mixstyle": 0.5}, "balance_by_source": {"balance_by_source": True}}
@@ -86,12 +86,7 @@ for seed in seeds:
                                       max_per_class=config.max_per_class, seed=seed,
                                       augmentation=config.augmentation, stain=config.stain,
                                       **CHANGES[change_name])
-            if not (folder / "model.pt").exists():
-                train_classifier(recipe, folder, resume=(folder / "last.pt").exists(),
-                                 log=console.print)
-            if not (folder / "model.onnx").exists():
-                export_classifier(folder / "model.pt")
-            setattr(models, task, folder / "model.pt")
+            setattr(models, task, level2_fold(recipe, folder))
         with models.analyzer(threads=None) as analyzer:
             result = measure_types(analyzer, load_cells(lab).records, lab)
         results[key] = {"macro_f1": result.macro_f1, "accuracy": result.accuracy,
