@@ -72,6 +72,6 @@ def level2_fold(recipe: ClassifierConfig, folder: Path) -> Path:
     if not (folder / "model.pt").exists():
         train_classifier(recipe, folder, resume=(folder / "last.pt").exists(),
                          log=Console().print)
-    if not (folder / "model.onnx").exists():
+    if not (folder / "model.onnx.json").exists():  # written last: an export cut short redoes
         export_classifier(folder / "model.pt")
     return folder / "model.pt"
