@@ -29,6 +29,21 @@ and 3 basophils, Chula's basophils all soft and colour-cast.
 Rule, fixed before any fold was measured (the one labs_level2_tta.py used), for each
 change alone: kept if the mean macro-F1 over every (lab, seed) measured rises by at least
 0.01 and no lab's mean over its seeds falls by more than 0.01.
+
+Result, `balance_by_source` (2026-12-07, seeds 0 and 1, one CPU thread beside the MixStyle
+run; held-out macro-F1, runs/labs-v5's recipe -> balanced within each source):
+
+    held out   seed 0           seed 1
+    BCCD       0.827 -> 0.810   0.769 -> 0.786
+    PBC        0.408 -> 0.467   0.377 -> 0.512
+    Chula      0.768 -> 0.787   0.757 -> 0.738
+    mean of 6  0.651 -> 0.683 (+0.032); per lab BCCD -0.000, Chula -0.000, PBC +0.097
+
+Kept. PBC's eosinophils, 4% and 33% right before, 96% and 67%; its basophils 0% and 0%,
+9% and 21%; its monocytes swing (50% -> 4% at seed 0, 36% -> 28% at seed 1): the PBC
+fold's mononuclear model learnt from BCCD's 33 lymphocytes and 21 monocytes and Chula's
+~90 of each. Shipped: both level-2 models retrained so (`train classifier ...
+--balance-by-source`, README), and `evaluate labs --balance-by-source`.
 """
 
 from __future__ import annotations

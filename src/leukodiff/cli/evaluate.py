@@ -253,6 +253,10 @@ def evaluate_labs_command(
                                      "basic | lab."),
     stain: str = typer.Option(Labs("stain"), help="Crop classifiers' colour normalisation: "
                               "none | reinhard."),
+    balance_by_source: bool = typer.Option(Labs("balance_by_source"),
+                                           "--balance-by-source/--no-balance-by-source",
+                                           help="Level 2: spread each training lab's draws "
+                                           "evenly over its types."),
     pbc_paste: float = typer.Option(Labs("pbc_paste"), help="Detectors: probability of "
                                     "pasting a PBC cell (any type) into a training field."),
     max_train_fields: int = typer.Option(Labs("max_train_fields"), help="Training fields "
@@ -287,8 +291,8 @@ def evaluate_labs_command(
         detector_epochs=detector_epochs, mono_oversample=mono_oversample,
         group_epochs=group_epochs, group_pbc_per_type=group_pbc_per_type,
         max_per_class=max_per_class, augmentation=augmentation, stain=stain,
-        pbc_paste=pbc_paste, threads=threads or None, max_train_fields=max_train_fields,
-        max_measured=max_measured)
+        balance_by_source=balance_by_source, pbc_paste=pbc_paste, threads=threads or None,
+        max_train_fields=max_train_fields, max_measured=max_measured)
     try:
         results = evaluate_labs(out, config, data_root=data_root, weights_dir=weights_dir,
                                 track=_track, log=console.print)

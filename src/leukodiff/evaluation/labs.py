@@ -92,6 +92,7 @@ class LabsConfig:
     # every crop classifier's (level 2 and the detector's group classifier)
     augmentation: str = "basic"  # training.cells.AUGMENTATIONS
     stain: str = "none"  # imaging.STAIN_NORMALISATIONS
+    balance_by_source: bool = False  # level 2: ClassifierConfig.balance_by_source
     detector_epochs: int = 10  # shipped: 40
     mono_oversample: int = 2  # shipped: 5 (BCCD alone is 1 mononuclear in 6; Chula 2 in 5)
     group_epochs: int = 6  # shipped: 8
@@ -185,7 +186,8 @@ def train_level2(lab: str, task: str, sources: Sequence[str], config: LabsConfig
     recipe = ClassifierConfig(task=task, sources=tuple(sources),
                               epochs=config.classifier_epochs,
                               max_per_class=config.max_per_class, seed=config.seed,
-                              augmentation=config.augmentation, stain=config.stain)
+                              augmentation=config.augmentation, stain=config.stain,
+                              balance_by_source=config.balance_by_source)
     _train_once(model, recipe, train_classifier, export_classifier,
                 f"without {lab}: level 2 {task} on {', '.join(sources)}", data_root,
                 weights_dir, track, log)
@@ -418,7 +420,8 @@ def _earlier_results(path: Path, config: LabsConfig) -> LabsResults | None:
     earlier = json.loads(path.read_text())
     loose = ("labs", "threads", "repeat_seeds")  # none changes a figure
     mine = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in loose}
-    theirs = {k: v for k, v in earlier.get("config", {}).items() if k not in loose}
+    default = json.loads(json.dumps(asdict(LabsConfig())))  # a setting added since: its default
+    theirs = {k: earlier.get("config", {}).get(k, default[k]) for k in mine}
     return from_plain(LabsResults, earlier) if mine == theirs else None
 
 
