@@ -108,8 +108,10 @@ for seed in seeds:
                         "recall": result.recall, "baseline": baseline(lab, seed)}
         results_path.write_text(json.dumps(results, indent=1))
         recall = ", ".join(f"{t} {r:.2f}" for t, r in result.recall.items())
-        console.print(f"held out {lab}, seed {seed}: macro-F1 {results[key]['baseline']:.3f} "
-                      f"-> {result.macro_f1:.3f} ({recall})")
+        before = results[key]["baseline"]
+        console.print(f"held out {lab}, seed {seed}: macro-F1 "
+                      f"{'(no baseline)' if before is None else f'{before:.3f}'} -> "
+                      f"{result.macro_f1:.3f} ({recall})")
 
 paired = {k: v for k, v in results.items() if v["baseline"] is not None}
 change = float(np.mean([v["macro_f1"] - v["baseline"] for v in paired.values()]))
