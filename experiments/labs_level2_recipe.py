@@ -42,8 +42,12 @@ run; held-out macro-F1, runs/labs-v5's recipe -> balanced within each source):
 Kept. PBC's eosinophils, 4% and 33% right before, 96% and 67%; its basophils 0% and 0%,
 9% and 21%; its monocytes swing (50% -> 4% at seed 0, 36% -> 28% at seed 1): the PBC
 fold's mononuclear model learnt from BCCD's 33 lymphocytes and 21 monocytes and Chula's
-~90 of each. Shipped: both level-2 models retrained so (`train classifier ...
---balance-by-source`, README), and `evaluate labs --balance-by-source`.
+~90 of each. A third seed, run after the decision: BCCD 0.735 -> 0.703, PBC 0.394 (no
+baseline seed 2; eosinophils 11% right), Chula 0.786 -> SEED2CHULA: BCCD's mean change over
+three seeds -0.011, and PBC's eosinophil gain did not repeat. Not shipped yet (docs/
+RESULTS.md section 0: the review station's adaptation test lost its premise with the
+retrained models); `train classifier --balance-by-source` and `evaluate labs
+--balance-by-source` make it.
 """
 
 from __future__ import annotations
