@@ -143,8 +143,8 @@ class FoldMismatchError(ValueError):
     """A fold folder holding models trained with another recipe than the one asked for."""
 
 
-def _settings(config: ClassifierConfig | DetectorConfig) -> dict:
-    """A training config as its manifest stores it (tuples as lists)."""
+def _settings(config: ClassifierConfig | DetectorConfig | LabsConfig) -> dict:
+    """A config as its manifest or labs.json stores it (tuples as lists)."""
     return json.loads(json.dumps(asdict(config)))
 
 
@@ -419,8 +419,8 @@ def _earlier_results(path: Path, config: LabsConfig) -> LabsResults | None:
         return None
     earlier = json.loads(path.read_text())
     loose = ("labs", "threads", "repeat_seeds")  # none changes a figure
-    mine = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in loose}
-    default = json.loads(json.dumps(asdict(LabsConfig())))  # a setting added since: its default
+    mine = {k: v for k, v in _settings(config).items() if k not in loose}
+    default = _settings(LabsConfig())  # a setting added since: its default
     theirs = {k: earlier.get("config", {}).get(k, default[k]) for k in mine}
     return from_plain(LabsResults, earlier) if mine == theirs else None
 

@@ -331,8 +331,9 @@ def train_classifier(
         raise TrainingError(f"empty train or val part: {data.counts()}")
     train_cells = [data.cells[i] for i in data.parts["train"]]
     draws = draw_weights(train_cells, config.source_balance, config.balance_by_source)
-    weights = (class_weights(train_y, len(data.classes), draws if config.balance_by_source
-                             else None) if config.balance else None)
+    # classes weighed as drawn when each source's types are evened out, else by cell counts
+    drawn = draws if config.balance_by_source else None
+    weights = class_weights(train_y, len(data.classes), drawn) if config.balance else None
     loss_fn = nn.CrossEntropyLoss(weight=weights)
 
     if config.mode == "frozen":
