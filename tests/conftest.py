@@ -86,3 +86,22 @@ def one_thread_per_xdist_worker():
 
         torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def pig_like_root(tmp_path, shared_data) -> Path:
+    """A data root holding a pig-shaped YOLO set (`data.sources.pig`): two 416x416 photos
+    of one white cell each (made from a BCD tile), Roboflow's names, a train and a test
+    folder, no valid folder."""
+    from leukodiff.data.sources import load_fields
+    from leukodiff.imaging import load_image
+
+    tile = load_image(load_fields("bcd", shared_data).records[0].image)
+    for folder, number in (("train", "100"), ("test", "7")):
+        (tmp_path / "pig" / folder / "images").mkdir(parents=True)
+        (tmp_path / "pig" / folder / "labels").mkdir()
+        tile.resize((416, 416)).save(tmp_path / "pig" / folder / "images" /
+                                     f"{number}_JPG.rf.0a1b2c.jpg")
+        (tmp_path / "pig" / folder / "labels" / f"{number}_JPG.rf.0a1b2c.txt").write_text(
+            "0 0.5 0.5 0.05 0.0625\n")
+    return tmp_path

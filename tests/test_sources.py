@@ -128,6 +128,37 @@ def test_chula_fields_by_slide_with_its_quirks_reported():
         "chula:M-8"}
 
 
+def test_pig_fields_are_read_enlarged_with_their_boxes(pig_like_root, shared_data):
+    from leukodiff.data.crops import field_image
+    from leukodiff.data.sources.pig import ZOOM, read_pig
+
+    pig = read_pig(pig_like_root / "pig")
+    assert [f.subset for f in pig.records] == ["train", "test"]
+    assert [(s.path.name, s.reason) for s in pig.skipped] == [
+        ("valid", "folder absent: the set is not wholly extracted")]
+    field = pig.records[0]
+    assert field.zoom == ZOOM == 5 and (field.width, field.height) == (2080, 2080)
+    (box,) = field.wbc_boxes
+    assert box.group is None and box.cell_type is None  # a white cell, no type
+    # centre 208, 20.8 x 26 px, all times 5
+    assert (box.x0, box.y0, box.x1, box.y1) == pytest.approx((988, 975, 1092, 1105))
+    assert field.group_key == "pig:100"
+    assert field_image(field).size == (2080, 2080)  # read at the size its boxes are in
+    plain = load_fields("bcd", shared_data).records[0]
+    assert field_image(plain).size == (plain.width, plain.height)
+
+
+def test_pig_fields_when_fetched():
+    if not has_dataset("pig", None, "train/labels"):
+        pytest.skip("the pig fields are not in any data root (fetched data; see "
+                    "data.root.FETCHED_SETS)")
+    pig = load_fields("pig")
+    assert Counter(f.subset for f in pig.records) == {"train": 459, "valid": 98, "test": 98}
+    assert not pig.skipped
+    sizes = sorted(max(b.width, b.height) for f in pig.records for b in f.wbc_boxes)
+    assert 100 < sizes[len(sizes) // 2] < 125  # ~22 px enlarged 5x: BCD's ~100 px
+
+
 def test_reviewed_unboxed_white_cells_of_chula_lie_off_its_boxes():
     from leukodiff.data.sources.unboxed import unboxed_white_cells
 

@@ -179,8 +179,9 @@ def train_detector_command(
                                             help="Standardise each field's colours to BCCD's "
                                             "statistics inside the model."),
     unknown_group: str = typer.Option(Detector("unknown_group"), help="Cells whose group is "
-                                      "unknown: 'ignore' (neither cell nor background) or "
-                                      "'drop' their fields."),
+                                      "unknown: 'ignore' (neither cell nor background to "
+                                      "the box head), 'cell' (a white cell of either group) "
+                                      "or 'drop' their fields."),
     init_weights: str = typer.Option(Detector("init_weights"), help="Start from this "
                                      "detector.pt (fine-tuning) [default: ImageNet "
                                      "backbone only]."),
@@ -190,7 +191,7 @@ def train_detector_command(
                                        "validation fields (quick runs)."),
     sources: str = typer.Option(Detector("sources"), help="Field sets to learn from, "
                                 "comma-separated: bccd (VOC lists), bcd, chula (split by "
-                                "slide/field)."),
+                                "slide/field), pig (training photos only, enlarged 5x)."),
     device: str = typer.Option("", help="cpu | cuda [default: cuda when available]."),
     time_limit: TimeLimit = 0.0,
     resume: Resume = False,

@@ -51,6 +51,14 @@ def cells_from_fields(fields: Iterable[Field]) -> list[Cell]:
     ]
 
 
+def field_image(field: Field) -> Image.Image:
+    """A field's RGB image at the size its boxes are given in (enlarged by `field.zoom`)."""
+    image = load_image(field.image)
+    if field.zoom == 1.0:
+        return image
+    return image.resize((field.width, field.height), Image.Resampling.BICUBIC)
+
+
 def load_cell_image(cell: Cell, crop_scale: float) -> Image.Image:
     """The cell's RGB image: the whole file, or its box cropped at `crop_scale`."""
     image = load_image(cell.image)

@@ -72,6 +72,10 @@ class Field:
     group_key: str
     sha256: str
     subset: str | None = None  # the source's own split, e.g. BCCD's VOC "train"/"val"/"test"
+    # > 1: the image is read enlarged by this factor (`data.crops.field_image`); width,
+    # height and boxes are given at that size. For a set photographed at a fifth of the
+    # other labs' scale (the pig fields), so its cells meet the detector at their size.
+    zoom: float = 1.0
 
     @property
     def wbc_boxes(self) -> tuple[Box, ...]:

@@ -24,6 +24,11 @@ FETCHED_SETS: dict[str, str] = {
               "at commit 45759ab1e6258b9746377a0935077e2eef0da41b; extract its WBC_Samples/ "
               "folder into DATA_ROOT/chula/ (git archive <commit> WBC_Samples | tar -x -C "
               "DATA_ROOT/chula), e.g. ../data/chula beside the checkout"),
+    "pig": ("Visayan warty pig smear photos (CC0, white-cell boxes only): repository "
+            "FrancescaIE/WBC-detection-dataset at commit "
+            "b4dc56f30ee262fc051be7da9489045e55a5c59b; extract its train/ valid/ test/ "
+            "folders into DATA_ROOT/pig/ (git archive <commit> train valid test | tar -x -C "
+            "DATA_ROOT/pig), e.g. ../data/pig beside the checkout"),
 }
 
 

@@ -38,14 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from leukodiff.data.crops import cell_input, network_input
+from leukodiff.data.crops import cell_input, field_image, network_input
 from leukodiff.data.records import Cell, Field
 from leukodiff.data.root import has_dataset
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_cells, load_fields
 from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.evaluation.pipeline import match_truth
-from leukodiff.imaging import load_image
 from leukodiff.metrics.classification import classification_metrics
 from leukodiff.metrics.detection import detection_metrics
 from leukodiff.metrics.labs import (
@@ -251,7 +250,7 @@ def measure_fields(analyzer: Analyzer, fields: Sequence[Field], lab: str,
     detections, counts, said, unlike = [], [], Counter(), []
     per_type: dict[str, Counter] = {t: Counter() for t in TYPES}
     for record in track(fields, f"Analysing {lab} fields"):
-        image = analyzer.check(load_image(record.image))
+        image = analyzer.check(field_image(record))
         found = analyzer.detect(image)
         detections.append(found)
         if analyzer.familiarity is not None:

@@ -60,6 +60,8 @@ LABEL_OF: dict[Group, int] = DETECTOR_LABEL_OF
 GROUP_OF_LABEL: dict[int, Group] = GROUP_OF_DETECTOR_LABEL
 #: How a box is scored (`DetectorSpec.score`)
 SCORES = ("group", "cell")
+# a training label past the groups: a white cell whose group is unknown (`cell_aware_loss`)
+CELL_OF_NO_GROUP = len(LABEL_OF) + 1
 
 # MobileNetV1 conv blocks (stem + 13 depthwise/pointwise pairs) that end at each stride.
 _BLOCKS_TO_STRIDE = {8: 1 + 2 * 5, 16: 1 + 2 * 11, 32: 1 + 2 * 13}
@@ -176,21 +178,50 @@ def _discard_near(labels: torch.Tensor, boxes: torch.Tensor, ignore: torch.Tenso
     labels[near & (labels == 0)] = -1
 
 
+def _with_boxes(target: dict, *keys: str) -> dict:
+    """`target` with its optional boxes under `keys` appended to its "boxes"."""
+    extra = [target[k].to(target["boxes"].dtype) for k in keys
+             if target.get(k) is not None and len(target[k])]
+    return {**target, "boxes": torch.cat([target["boxes"], *extra])} if extra else target
+
+
 class IgnoringRPN(RegionProposalNetwork):
     """torchvision's RPN, except that a target's optional "ignore" boxes (white cells whose
-    group nobody knows, cells mostly cut off by a training window) are learnt as cells:
-    the RPN has no groups, and a white cell is never background."""
+    group nobody knows, cells mostly cut off by a training window) and "cells" boxes are
+    learnt as cells: the RPN has no groups, and a white cell is never background."""
 
     def assign_targets_to_anchors(self, anchors, targets):
-        cells = [{**t, "boxes": torch.cat([t["boxes"], t["ignore"].to(t["boxes"].dtype)])}
-                 if t.get("ignore") is not None and len(t["ignore"]) else t for t in targets]
-        return super().assign_targets_to_anchors(anchors, cells)
+        return super().assign_targets_to_anchors(
+            anchors, [_with_boxes(t, "ignore", "cells") for t in targets])
+
+
+def cell_aware_loss(class_logits: torch.Tensor, box_regression: torch.Tensor,
+                    labels: list[torch.Tensor], regression_targets: list[torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    """torchvision's `fastrcnn_loss`, except that a sample of label `CELL_OF_NO_GROUP` (a
+    white cell whose group is unknown) is taught as a cell of either group: its loss is
+    -log(1 - P(background)), and its box is regressed by the likelier group's head (the
+    box the cell score keeps). With no such sample it is torchvision's loss."""
+    labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+    cell = labels == CELL_OF_NO_GROUP
+    log_p = torch.log_softmax(class_logits, -1)
+    grouped = -log_p[~cell].gather(1, labels[~cell, None]).sum()
+    ungrouped = -torch.logsumexp(log_p[cell, 1:], 1).sum()
+    classifier = (grouped + ungrouped) / max(1, labels.numel())
+    head = torch.where(cell, class_logits[:, 1:].argmax(1) + 1, labels)
+    positive = torch.where(labels > 0)[0]
+    box_regression = box_regression.reshape(class_logits.shape[0], -1, 4)
+    box = nn.functional.smooth_l1_loss(box_regression[positive, head[positive]],
+                                       regression_targets[positive], beta=1 / 9,
+                                       reduction="sum") / max(1, labels.numel())
+    return {"loss_classifier": classifier, "loss_box_reg": box}
 
 
 class IgnoringRoIHeads(RoIHeads):
     """torchvision's RoI heads, except that proposals on a target's "ignore" boxes are
-    taught neither as a group nor as background, and that with `cell_score` (`DetectorSpec.
-    score == "cell"`) a box is scored as a white cell, whatever its group."""
+    taught neither as a group nor as background, proposals on its "cells" boxes as a
+    white cell of either group (`cell_aware_loss`), and that with `cell_score`
+    (`DetectorSpec.score == "cell"`) a box is scored as a white cell, whatever its group."""
 
     _ignore: list | tuple = ()  # per image, set only inside select_training_samples
     cell_score: bool = False
@@ -224,6 +255,18 @@ class IgnoringRoIHeads(RoIHeads):
             out_scores.append(scores[keep])
             out_labels.append(labels[keep])
         return out_boxes, out_scores, out_labels
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not (self.training and targets and any(len(t.get("cells", ())) for t in targets)):
+            return super().forward(features, proposals, image_shapes, targets)
+        targets = [{**_with_boxes(t, "cells"), "labels": torch.cat([
+            t["labels"], t["labels"].new_full((len(t.get("cells", ())),), CELL_OF_NO_GROUP)])}
+            for t in targets]
+        proposals, _, labels, regression_targets = self.select_training_samples(proposals,
+                                                                                targets)
+        features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(features)
+        return [], cell_aware_loss(class_logits, box_regression, labels, regression_targets)
 
     def select_training_samples(self, proposals, targets):
         self._ignore = [t.get("ignore") for t in targets] if targets else []

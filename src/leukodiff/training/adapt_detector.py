@@ -30,11 +30,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from leukodiff.data.crops import field_image
 from leukodiff.data.records import Box, Field
 from leukodiff.data.root import DataNotFoundError, has_dataset
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.splits import case_split
-from leukodiff.imaging import load_image
 from leukodiff.metrics.detection import best_threshold, detection_scores
 from leukodiff.models.export import export_detector
 from leukodiff.models.files import invoked_command, read_checked, resolve
@@ -130,7 +130,7 @@ def detect_fields(detector: str | Path, fields: Sequence[Field], threads: int | 
 
     with Analyzer.load(detector, backend="onnx", threads=threads,
                        detection_threshold=0.0) as analyzer:
-        return [analyzer.detect(analyzer.check(load_image(record.image)))
+        return [analyzer.detect(analyzer.check(field_image(record)))
                 for record in track(list(fields), description)]
 
 

@@ -15,12 +15,14 @@ from leukodiff.data.sources.chula import read_chula
 from leukodiff.data.sources.generic import read_class_folders, read_coco, read_voc, read_yolo
 from leukodiff.data.sources.kbc import read_kbc
 from leukodiff.data.sources.pbc import read_pbc
+from leukodiff.data.sources.pig import read_pig
 
 # name -> (reader, a path inside the data set that proves it is there)
 FIELD_SOURCES: dict[str, tuple[Callable[..., Loaded[Field]], str]] = {
     "bccd": (read_bccd, "BCCD/Annotations"),
     "bcd": (read_bcd, "annotations.csv"),
     "chula": (read_chula, "WBC_Samples"),  # fetched, not in ../shared (data.root.FETCHED_SETS)
+    "pig": (read_pig, "train/labels"),  # fetched; boxes only, read enlarged (Field.zoom)
 }
 CELL_SOURCES: dict[str, tuple[Callable[..., Loaded[Cell]], str]] = {
     "kbc": (read_kbc, "images"),
@@ -31,7 +33,7 @@ SOURCES = ("bccd", "kbc", "pbc", "bcd", "chula")
 
 def load_fields(name: str, root: str | Path | None = None, track: Track = no_progress
                 ) -> Loaded[Field]:
-    """The fields of a field data set ("bccd", "bcd" or "chula")."""
+    """The fields of a field data set ("bccd", "bcd", "chula" or "pig")."""
     if name not in FIELD_SOURCES:
         raise ValueError(f"{name!r} has no smear fields; field sets: {', '.join(FIELD_SOURCES)}")
     reader, marker = FIELD_SOURCES[name]
@@ -61,6 +63,7 @@ __all__ = [
     "read_coco",
     "read_kbc",
     "read_pbc",
+    "read_pig",
     "read_voc",
     "read_yolo",
 ]

@@ -107,6 +107,7 @@ def _ellipse_mask(height: int, width: int, feather: float = 0.12) -> torch.Tenso
 # of it is inside; less, and it becomes an ignore box (a cell to the RPN, nothing to the
 # RoI heads); under WINDOW_DROPPED, its sliver is left as background.
 WINDOW_VISIBLE, WINDOW_DROPPED = 0.6, 0.25
+UNKNOWN_GROUP = 99  # label of a whole white cell of unknown group, until the target is made
 
 
 class Augmenter:
@@ -230,9 +231,10 @@ class Augmenter:
         """Augmented field `index`: float image in [0, 1] and its target."""
         image = self.images.image(index)
         boxes, labels = field_target(self.images.records[index])
-        unknown = unknown_group_boxes(self.images.records[index])  # label -1 until the end
+        unknown = unknown_group_boxes(self.images.records[index])
         boxes = torch.cat([boxes, unknown])
-        labels = torch.cat([labels, torch.full((len(unknown),), -1, dtype=torch.int64)])
+        labels = torch.cat([labels, torch.full((len(unknown),), UNKNOWN_GROUP,
+                                               dtype=torch.int64)])
         image, boxes, labels = self.cut_window(image, boxes, labels)
         if self.config.copy_paste and torch.rand(()) < self.config.copy_paste:
             image, boxes, labels = self.paste(index, image, boxes, labels)
@@ -276,9 +278,13 @@ class Augmenter:
         if torch.rand(()) < self.config.blur:
             image = TF.gaussian_blur(image, [7, 7], [uniform(0.3, 1.5)])
         image, target = v2.SanitizeBoundingBoxes(min_size=8)(image, target)
-        boxes = target["boxes"].as_subclass(torch.Tensor).float()
-        known = target["labels"] > 0
+        boxes, labels = target["boxes"].as_subclass(torch.Tensor).float(), target["labels"]
+        known = (labels > 0) & (labels != UNKNOWN_GROUP)
+        cells = labels == UNKNOWN_GROUP
+        if self.config.unknown_group == "cell":  # taught as white cells of no group
+            return (image.as_subclass(torch.Tensor).float().div_(255),
+                    {"boxes": boxes[known], "labels": labels[known], "cells": boxes[cells],
+                     "ignore": boxes[labels < 0]})
         return (image.as_subclass(torch.Tensor).float().div_(255),
-                {"boxes": boxes[known], "labels": target["labels"][known],
-                 "ignore": boxes[~known]})
+                {"boxes": boxes[known], "labels": labels[known], "ignore": boxes[~known]})
 

@@ -9,6 +9,7 @@ from leukodiff.models.detector import SCORES, DetectorSpec
 from leukodiff.training.cells import AUGMENTATIONS
 
 VALIDATIONS = ("voc", "grouped")
+UNKNOWN_GROUP_CHOICES = ("ignore", "drop", "cell")
 
 
 class DetectorTrainingError(RuntimeError):
@@ -30,7 +31,11 @@ class DetectorConfig:
     validation: str = "voc"  # "voc": BCCD's VOC val list; "grouped": split of train+val
     val_fraction: float = 0.2  # only for validation="grouped"
     val_every: int = 2  # epochs between validations (the last epoch is always validated)
-    unknown_group: str = "ignore"  # WBC boxes of unknown group: "ignore" them, or "drop" fields
+    # WBC boxes of unknown group (BCD, the pig fields, cells a lab left unboxed): "ignore"
+    # them (cells to the RPN, neither cell nor background to the box head), "drop" their
+    # fields, or teach them to the box head as white cells of no group ("cell": the loss
+    # is -log(1 - P(background)), the score `DetectorSpec.score="cell"` ranks boxes by)
+    unknown_group: str = "ignore"
     mono_oversample: int = 5  # times a field with a mononuclear cell is drawn per epoch
     copy_paste: float = 0.5  # probability of pasting one mononuclear cell into a field
     # Down to 0.5: other labs' cameras show white cells at half BCCD's ~200 px (BCD: ~100)
@@ -70,8 +75,8 @@ class DetectorConfig:
     def check(self) -> None:
         if self.validation not in VALIDATIONS:
             raise DetectorTrainingError(f"validation must be one of {VALIDATIONS}")
-        if self.unknown_group not in ("ignore", "drop"):
-            raise DetectorTrainingError("unknown_group must be 'ignore' or 'drop'")
+        if self.unknown_group not in UNKNOWN_GROUP_CHOICES:
+            raise DetectorTrainingError(f"unknown_group must be one of {UNKNOWN_GROUP_CHOICES}")
         if self.epochs < 1 or self.batch_size < 1:
             raise DetectorTrainingError("epochs and batch_size must be at least 1")
         if not self.sources:

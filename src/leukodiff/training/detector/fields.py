@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leukodiff.data.crops import field_image
 from leukodiff.data.records import Field
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
+from leukodiff.data.sources.pig import SOURCE as PIG
+from leukodiff.data.sources.pig import TRAINING_FIELDS
 from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.data.splits import holdout, monte_carlo
-from leukodiff.imaging import load_image
 from leukodiff.models.detector import LABEL_OF
 from leukodiff.taxonomy import Group
 from leukodiff.training.detector.config import DetectorConfig, DetectorTrainingError
@@ -75,7 +77,7 @@ class DetectorData:
                 "dropped (unknown group)": count(self.dropped)}
 
 
-def _bccd_parts(config: DetectorConfig, data_root, track: Track
+def _bccd_parts(source: str, config: DetectorConfig, data_root, track: Track
                 ) -> dict[str, list[Field]]:
     """BCCD by its VOC lists (or a grouped split of train+val). White cells that BCCD
     leaves unboxed in train and val fields are added as boxes (`unboxed_white_cells`):
@@ -113,12 +115,27 @@ def _holdout_parts(source: str, config: DetectorConfig, data_root, track: Track
     return by_part
 
 
+def _boxes_only_parts(source: str, config: DetectorConfig, data_root, track: Track
+                      ) -> dict[str, list[Field]]:
+    """A set of white-cell boxes from another species and camera (the pig fields): a
+    seeded draw of at most `data.sources.pig.TRAINING_FIELDS` of its own training photos,
+    so it does not outweigh the human labs, for training only. Its cells have no group and
+    its look is no lab a user has, so it neither selects the model nor chooses its
+    threshold: validation stays on the human labs."""
+    records = [r for r in load_fields(source, data_root, track).records if r.subset == "train"]
+    records.sort(key=lambda r: r.image.name)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed))
+    return {"train": [records[i] for i in order[:TRAINING_FIELDS].tolist()], "val": [],
+            "test": []}
+
+
 def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
                    track: Track = no_progress) -> DetectorData:
     """The training, selection and test fields of every source in `config.sources`."""
     by_part: dict[str, list[Field]] = {"train": [], "val": [], "test": []}
     for source in config.sources:
-        parts = (_bccd_parts(config, data_root, track) if source == "bccd"
+        reader = {"bccd": _bccd_parts, PIG: _boxes_only_parts}.get(source)
+        parts = (reader(source, config, data_root, track) if reader is not None
                  else _holdout_parts(source, config, data_root, track))
         for name, records in parts.items():
             by_part[name].extend(records)
@@ -153,7 +170,7 @@ class FieldImages:
 
     def image(self, index: int) -> torch.Tensor:
         if index not in self._cache:
-            array = np.asarray(load_image(self.records[index].image), dtype=np.uint8)
+            array = np.asarray(field_image(self.records[index]), dtype=np.uint8)
             self._cache[index] = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
         return self._cache[index]
 

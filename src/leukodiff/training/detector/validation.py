@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from leukodiff.data.crops import field_image
 from leukodiff.data.records import Field
-from leukodiff.imaging import load_image
 from leukodiff.metrics.detection import detection_metrics, f1_best, f1_by_threshold
 from leukodiff.models.detector import DetectorSpec
 from leukodiff.pipeline.analyzer import Analyzer
@@ -36,7 +36,7 @@ def detect_all(model, records: Sequence[Field], images: FieldImages | None = Non
     with Analyzer.of_detector(model, group=refine) as analyzer:
         for index, record in enumerate(records):
             image = (Image.fromarray(images.image(index).permute(1, 2, 0).numpy())
-                     if images is not None else load_image(record.image))
+                     if images is not None else field_image(record))
             detections.append(analyzer.detect(image))
     return detections
 
