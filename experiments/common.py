@@ -75,3 +75,75 @@ def level2_fold(recipe: ClassifierConfig, folder: Path) -> Path:
     if not (folder / "model.onnx.json").exists():  # written last: an export cut short redoes
         export_classifier(folder / "model.pt")
     return folder / "model.pt"
+
+
+# --- a detector recipe change, fold by fold, against runs/labs-v5 seed for seed -----------
+
+BASELINE = Path("runs/labs-v5/labs.json")
+FIGURES = ("precision", "recall", "ap50", "exact_count")
+
+
+def labs_v5_detector(lab: str, seed: int) -> dict | None:
+    """runs/labs-v5's held-out detector figures for `lab` at `seed` (None: not run)."""
+    runs = json.loads(BASELINE.read_text())
+    fold = runs["folds"] if seed == 0 else runs.get("repeats", {}).get(str(seed), {})
+    return (fold.get(lab) or {}).get("detector")
+
+
+def detector_fold(recipe: DetectorConfig, folder: Path, lab: str) -> dict:
+    """The detector of one fold trained with `recipe` in `folder` (resumed, reused), exported,
+    and measured on every labelled field of `lab` as `evaluate labs` measures it; its
+    figures are written beside it (`result.json`) and returned."""
+    from leukodiff.data.sources import load_fields
+    from leukodiff.evaluation.labs import FoldModels, measure_fields
+    from leukodiff.models.export import export_detector
+    from leukodiff.training.detector import train_detector
+
+    if not (folder / "detector.pt").exists():
+        train_detector(recipe, folder, resume=(folder / "last.pt").exists(),
+                       log=Console().print)
+    if not (folder / "detector.onnx.json").exists():
+        export_detector(folder / "detector.pt")
+    fields = sorted(load_fields(lab).records, key=lambda r: r.image.name)
+    with FoldModels(detector=folder / "detector.pt").analyzer(
+            1, detection_threshold=0.05) as analyzer:
+        result = measure_fields(analyzer, fields, lab).detector
+    measured = {k: getattr(result, k) for k in FIGURES}
+    (folder.parent / "result.json").write_text(json.dumps(measured, indent=1))
+    Console().print(f"seed {recipe.seed}, held out {lab}: {measured}; runs/labs-v5: "
+                    f"{ {k: (labs_v5_detector(lab, recipe.seed) or {}).get(k) for k in FIGURES} }")
+    return measured
+
+
+def detector_rule(out: Path) -> bool:
+    """Every OUT/seed-S/without-LAB/result.json against runs/labs-v5's fold of the same lab
+    and seed, as a table, and the detector keep rule: over every (lab, seed), mean AP50
+    +0.03, mean exact count +3 points, mean recall no worse than -0.02, no lab's mean exact
+    count down by more than 5 points."""
+    rows = []
+    for path in sorted(out.glob("seed-*/without-*/result.json")):
+        seed = int(path.parts[-3].removeprefix("seed-"))
+        lab = path.parts[-2].removeprefix("without-")
+        if (before := labs_v5_detector(lab, seed)) is not None:
+            rows.append((lab, seed, before, json.loads(path.read_text())))
+    print("| held-out lab | seed | runs/labs-v5 P / R / AP50 / exact | changed |")
+    print("|---|---|---|---|")
+    for lab, seed, before, after in rows:
+        cells = [" / ".join(f"{d[k]:.3f}" if k != "exact_count" else f"{100 * d[k]:.1f}%"
+                            for k in FIGURES) for d in (before, after)]
+        print(f"| {lab} | {seed} | {cells[0]} | {cells[1]} |")
+    if not rows:
+        return False
+
+    def mean(key: str, which: int, lab: str | None = None) -> float:
+        values = [r[2 + which][key] for r in rows if lab is None or r[0] == lab]
+        return sum(values) / len(values)
+
+    gains = {k: round(mean(k, 1) - mean(k, 0), 4) for k in FIGURES}
+    by_lab = {lab: round(mean("exact_count", 1, lab) - mean("exact_count", 0, lab), 4)
+              for lab in sorted({r[0] for r in rows})}
+    kept = (gains["ap50"] >= 0.03 and gains["exact_count"] >= 0.03
+            and gains["recall"] >= -0.02 and min(by_lab.values()) >= -0.05)
+    print(f"{len(rows)} folds; mean change {gains}; exact count by lab {by_lab}; "
+          f"{'KEPT' if kept else 'not kept'}")
+    return kept

@@ -56,34 +56,15 @@ runs/labs-v5's recipe: precision 0.338-0.456, AP50 0.579-0.743). Both stay as op
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-from rich.console import Console
+from common import detector_fold, detector_rule
 
-from leukodiff.data.sources import load_fields
-from leukodiff.evaluation.labs import (
-    DETECTION_LABS,
-    FoldModels,
-    LabsConfig,
-    available_labs,
-    measure_fields,
-)
+from leukodiff.evaluation.labs import DETECTION_LABS, LabsConfig, available_labs
 from leukodiff.models.detector import DetectorSpec
-from leukodiff.models.export import export_detector
-from leukodiff.training.detector import DetectorConfig, train_detector
-
-BASELINE = Path("runs/labs-v5/labs.json")
-FIGURES = ("precision", "recall", "ap50", "exact_count")
-
-
-def baseline(lab: str, seed: int) -> dict | None:
-    runs = json.loads(BASELINE.read_text())
-    fold = runs["folds"] if seed == 0 else runs.get("repeats", {}).get(str(seed), {})
-    return (fold.get(lab) or {}).get("detector")
-
+from leukodiff.training.detector import DetectorConfig
 
 VARIANTS = {"pig+cell": (True, "cell"), "pig": (True, "ignore"), "cell": (False, "cell")}
 
@@ -92,63 +73,21 @@ def run(out: Path, seed: int, labs: list[str], variant: str = "pig+cell") -> Non
     pig, unknown_group = VARIANTS[variant]
     torch.set_num_threads(1)
     config = LabsConfig(augmentation="lab", stain="reinhard", pbc_paste=0.5, seed=seed)
-    console = Console()
     present = available_labs(None)
     for lab in (x for x in labs if present[x]):
         sources = [x for x in DETECTION_LABS if x != lab and present[x]] + ["pig"] * pig
-        folder = out / f"seed-{seed}" / f"without-{lab}" / "detector"
         recipe = DetectorConfig(sources=tuple(sources), epochs=config.detector_epochs,
                                 mono_oversample=config.mono_oversample, group_epochs=0,
                                 seed=seed, pbc_paste=config.pbc_paste,
                                 unknown_group=unknown_group,
                                 spec=DetectorSpec(group_stain=config.stain))
-        if not (folder / "detector.pt").exists():
-            train_detector(recipe, folder, resume=(folder / "last.pt").exists(),
-                           log=console.print)
-        if not (folder / "detector.onnx.json").exists():
-            export_detector(folder / "detector.pt")
-        fields = sorted(load_fields(lab).records, key=lambda r: r.image.name)
-        with FoldModels(detector=folder / "detector.pt").analyzer(
-                1, detection_threshold=0.05) as analyzer:
-            result = measure_fields(analyzer, fields, lab).detector
-        measured = {k: getattr(result, k) for k in FIGURES}
-        (folder.parent / "result.json").write_text(json.dumps(measured, indent=1))
-        console.print(f"seed {seed}, held out {lab}: {measured}; runs/labs-v5: "
-                      f"{ {k: (baseline(lab, seed) or {}).get(k) for k in FIGURES} }")
-
-
-def summary(out: Path) -> None:
-    rows = []
-    for path in sorted(out.glob("seed-*/without-*/result.json")):
-        seed, lab = int(path.parts[-3].removeprefix("seed-")), path.parts[-2].removeprefix(
-            "without-")
-        before = baseline(lab, seed)
-        if before is not None:
-            rows.append((lab, seed, before, json.loads(path.read_text())))
-    print("| held-out lab | seed | runs/labs-v5 P / R / AP50 / exact | + pig, cells |")
-    print("|---|---|---|---|")
-    for lab, seed, before, after in rows:
-        cells = [" / ".join(f"{d[k]:.3f}" if k != "exact_count" else f"{100 * d[k]:.1f}%"
-                            for k in FIGURES) for d in (before, after)]
-        print(f"| {lab} | {seed} | {cells[0]} | {cells[1]} |")
-
-    def mean(key: str, which: int, lab: str | None = None) -> float:
-        values = [r[2 + which][key] for r in rows if lab is None or r[0] == lab]
-        return sum(values) / len(values)
-
-    gains = {k: mean(k, 1) - mean(k, 0) for k in FIGURES}
-    by_lab = {lab: mean("exact_count", 1, lab) - mean("exact_count", 0, lab)
-              for lab in {r[0] for r in rows}}
-    kept = (gains["ap50"] >= 0.03 and gains["exact_count"] >= 0.03
-            and gains["recall"] >= -0.02 and min(by_lab.values()) >= -0.05)
-    print(f"{len(rows)} folds; mean change {gains}; exact count by lab {by_lab}; "
-          f"{'KEPT' if kept else 'not kept'}")
+        detector_fold(recipe, out / f"seed-{seed}" / f"without-{lab}" / "detector", lab)
 
 
 if __name__ == "__main__":
     target = Path(sys.argv[1])
     if sys.argv[2] == "summary":
-        summary(target)
+        detector_rule(target)
     else:
         run(target, int(sys.argv[2]), sys.argv[3].split(",") if len(sys.argv) > 3
             else list(DETECTION_LABS), *sys.argv[4:5])

@@ -1,0 +1,82 @@
+"""Does standardising each field's colours before the detector make it work on a lab it
+never saw?
+
+    python experiments/labs_detector_colour.py runs/labs-det-colour 0 chula,bccd   # ~15 min a fold
+    python experiments/labs_detector_colour.py runs/labs-det-colour 0 bcd          # (another shell)
+    python experiments/labs_detector_colour.py runs/labs-det-colour summary
+
+Leave one lab out, detector alone, against runs/labs-v5 (`evaluate labs`' folds) seed for
+seed (`common.detector_fold`, `common.detector_rule`). Each fold's detector learns from
+the other detection labs with the schedule of `leukodiff evaluate labs --pbc-paste 0.5`
+(10 epochs, mononuclear fields drawn 2x, a PBC cell pasted into half the training fields,
+selected and thresholded on the training labs' validation parts, scored 1 - P(background))
+and one change, set before any fold was measured: **the model standardises each field's
+colours** (`DetectorSpec.colour_standardise`, inside the network, so training, ONNX and
+the pipeline alike): every RGB channel shifted to a target mean and its spread scaled
+down (never up: `colour_max_gain` 1.0) to a target spread. The targets are the fold's own
+training labs' (each lab's mean over its training fields of the per-field channel mean
+and spread, the labs weighted equally), never the held-out lab's. A new lab's colour cast
+(Chula's fields run from pink to blue) then reaches the detector as the training labs'
+colours; stain jitter, which widens the training colours instead, won Chula and lost BCCD
+and BCD (experiments/labs_detector_stain.py).
+
+Keep rule (written before any fold was measured; `common.detector_rule`): over every
+(held-out lab, seed) measured, against runs/labs-v5's fold of the same lab and seed, kept
+if mean AP50 rises by >= 0.03, mean exact count by >= 3 points, mean recall falls by no
+more than 0.02, and no lab's mean exact count falls by more than 5 points. Seeds 0 and 1,
+all three labs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import detector_fold, detector_rule
+
+from leukodiff.data.crops import field_image
+from leukodiff.evaluation.labs import DETECTION_LABS, LabsConfig, available_labs
+from leukodiff.models.detector import DetectorSpec
+from leukodiff.training.detector import DetectorConfig, prepare_fields
+
+
+def training_colours(recipe: DetectorConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and spread of the recipe's training fields in [0, 1], each lab's
+    mean over its fields, the labs weighted equally."""
+    by_lab = defaultdict(list)
+    for record in prepare_fields(recipe).train:
+        pixels = np.asarray(field_image(record), dtype=np.float32)[::4, ::4].reshape(-1, 3) / 255
+        by_lab[record.source].append((pixels.mean(0), pixels.std(0)))
+    means = np.mean([np.mean([m for m, _ in v], 0) for v in by_lab.values()], 0)
+    spreads = np.mean([np.mean([s for _, s in v], 0) for v in by_lab.values()], 0)
+    return tuple(round(float(x), 4) for x in means), tuple(round(float(x), 4) for x in spreads)
+
+
+def run(out: Path, seed: int, labs: list[str]) -> None:
+    torch.set_num_threads(1)
+    config = LabsConfig(augmentation="lab", stain="reinhard", pbc_paste=0.5, seed=seed)
+    present = available_labs(None)
+    for lab in (x for x in labs if present[x]):
+        sources = [x for x in DETECTION_LABS if x != lab and present[x]]
+        recipe = DetectorConfig(sources=tuple(sources), epochs=config.detector_epochs,
+                                mono_oversample=config.mono_oversample, group_epochs=0,
+                                seed=seed, pbc_paste=config.pbc_paste,
+                                spec=DetectorSpec(group_stain=config.stain))
+        mean, spread = training_colours(recipe)
+        print(f"without {lab}: colour target mean {mean} spread {spread}")
+        recipe = replace(recipe, spec=replace(recipe.spec, colour_standardise=True,
+                                              colour_mean=mean, colour_std=spread))
+        detector_fold(recipe, out / f"seed-{seed}" / f"without-{lab}" / "detector", lab)
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1])
+    if sys.argv[2] == "summary":
+        detector_rule(target)
+    else:
+        run(target, int(sys.argv[2]), sys.argv[3].split(",") if len(sys.argv) > 3
+            else list(DETECTION_LABS))
