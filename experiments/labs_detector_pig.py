@@ -4,6 +4,8 @@ on a lab it never saw?
     python experiments/labs_detector_pig.py runs/labs-det-pig 0 chula,bccd,bcd   # ~20 min a fold
     python experiments/labs_detector_pig.py runs/labs-det-pig 1 chula,bccd,bcd   # (another shell)
     python experiments/labs_detector_pig.py runs/labs-det-pig summary
+    python experiments/labs_detector_pig.py runs/labs-det-pigonly 0 chula pig    # one change alone
+    python experiments/labs_detector_pig.py runs/labs-det-cell 0 chula cell
 
 Leave one lab out, detector alone, against runs/labs-v5 (`evaluate labs`' folds) seed for
 seed. Each fold's detector learns from the other human detection labs with the schedule

@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,10 @@ def test_pig_fields_are_read_enlarged_with_their_boxes(pig_like_root, shared_dat
     assert field_image(field).size == (2080, 2080)  # read at the size its boxes are in
     plain = load_fields("bcd", shared_data).records[0]
     assert field_image(plain).size == (plain.width, plain.height)
+    typed = replace(field, boxes=(replace(box, cell_type=CellType.LYMPHOCYTE),))
+    (cell,) = cells_from_fields([typed])  # a cell is cut from the file as it is
+    assert cell.box.xyxy == pytest.approx(tuple(v / 5 for v in box.xyxy))
+    assert load_cell_image(cell, 1.0).size == (26, 26)  # a square of its longer side
 
 
 def test_pig_fields_when_fetched():

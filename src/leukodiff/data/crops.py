@@ -41,10 +41,12 @@ def crop_cell(image: Image.Image, box: Box, scale: float) -> Image.Image:
 
 
 def cells_from_fields(fields: Iterable[Field]) -> list[Cell]:
-    """One Cell per white-cell box whose type is known, keyed to its field."""
+    """One Cell per white-cell box whose type is known, keyed to its field (its box in the
+    file's own pixels: a Cell is cut from the file as it is)."""
     return [
         Cell(field.image, field.source, box.cell_type, field.group_key, field.sha256,
-             box=box, subset=field.subset)
+             box=box.scaled(1 / field.zoom) if field.zoom != 1.0 else box,
+             subset=field.subset)
         for field in fields
         for box in field.wbc_boxes
         if box.cell_type is not None
@@ -53,7 +55,11 @@ def cells_from_fields(fields: Iterable[Field]) -> list[Cell]:
 
 def field_image(field: Field) -> Image.Image:
     """A field's RGB image at the size its boxes are given in (enlarged by `field.zoom`)."""
-    image = load_image(field.image)
+    return enlarge(load_image(field.image), field)
+
+
+def enlarge(image: Image.Image, field: Field) -> Image.Image:
+    """`field`'s image as read from its file, brought to the size its boxes are given in."""
     if field.zoom == 1.0:
         return image
     return image.resize((field.width, field.height), Image.Resampling.BICUBIC)

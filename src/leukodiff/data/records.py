@@ -7,7 +7,7 @@ field it came from: copies that share a key must stay on one side of a split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -53,6 +53,11 @@ class Box:
     @property
     def xyxy(self) -> tuple[float, float, float, float]:
         return (self.x0, self.y0, self.x1, self.y1)
+
+    def scaled(self, factor: float) -> Box:
+        """The same box in an image `factor` times the size."""
+        return replace(self, x0=self.x0 * factor, y0=self.y0 * factor, x1=self.x1 * factor,
+                       y1=self.y1 * factor)
 
     @property
     def label(self) -> str:

@@ -40,15 +40,20 @@ def fit_familiarity(sources: Sequence[str], data_root: str | Path | None = None,
                     seed: int = 0, features: FeatureCache | None = None,
                     track: Track = no_progress) -> tuple[Familiarity, dict]:
     """The reference of `sources`' train parts, thresholded on their val parts; the
-    report gives how often it fires on each lab's test part."""
+    report gives how often it fires on each lab's test part. A source with no validation
+    part (the pig fields: training only, a look no user's lab has) is left out of the
+    reference, and the report says so: fields like it should be warned about."""
     features = features or FeatureCache()
     data = prepare_fields(DetectorConfig(sources=tuple(sources), seed=seed), data_root, track)
+    left_out = [s for s in sources if not any(f.source == s for f in data.val)]
+    sources = [s for s in sources if s not in left_out]
     train = {source: features([f for f in data.train if f.source == source], track)
              for source in sources}
     held_out = [features([f for f in data.val if f.source == source], track)
                 for source in sources]
     familiarity = Familiarity.fit(train, held_out)
-    report = {"sources": list(sources), "seed": seed, "split": "training.detector."
+    report = {"sources": list(sources), "left_out": left_out, "seed": seed,
+              "split": "training.detector."
               "prepare_fields: train parts fit, val parts set the threshold, test parts "
               "reported", "fires_on_test_parts": {}}
     for source in sources:

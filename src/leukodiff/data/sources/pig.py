@@ -43,10 +43,8 @@ def photo_of(path: Path) -> str:
 
 def enlarged(record: Field, zoom: float) -> Field:
     """`record` as read enlarged `zoom` times: its size and boxes scaled to match."""
-    boxes = tuple(replace(b, x0=b.x0 * zoom, y0=b.y0 * zoom, x1=b.x1 * zoom, y1=b.y1 * zoom)
-                  for b in record.boxes)
     return replace(record, width=round(record.width * zoom), height=round(record.height * zoom),
-                   boxes=boxes, zoom=zoom)
+                   boxes=tuple(b.scaled(zoom) for b in record.boxes), zoom=zoom)
 
 
 def read_pig(root: Path, *, track: Track = no_progress) -> Loaded[Field]:

@@ -19,9 +19,13 @@ labels than boxes: 9 boxes in 5 of 205 VOC train fields; every BCD box) are not
 guessed: they are "ignore" boxes (`DetectorConfig.unknown_group="ignore"`): the
 class-agnostic RPN learns them as cells, the RoI heads neither as a group nor as
 background (`models.detector.IgnoringRPN`, `IgnoringRoIHeads`), while the field's
-other cells train as usual. `unknown_group="drop"` leaves such fields out instead. The
+other cells train as usual. `unknown_group="drop"` leaves such fields out instead;
+`unknown_group="cell"` teaches them to the RoI heads as a white cell of either group
+(`models.detector.cell_aware_loss`; measured leave one lab out and not kept). The
 white cells a source leaves unboxed altogether (reviewed lists of BCCD and Chula,
 `data.sources.unboxed`) join the training and validation fields as such boxes.
+The pig fields (`sources` "pig", `data.sources.pig`: read enlarged 5x, white-cell boxes
+of no group) train only: a seeded draw of 200 photos, no validation or test part.
 
 Balance (BCCD's train list has ~36 mononuclear vs ~170 polymorphonuclear
 boxes): fields holding a mononuclear cell are drawn `mono_oversample` times

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from leukodiff.data.crops import field_image
+from leukodiff.data.crops import enlarge
 from leukodiff.data.records import Field
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.data.sources import load_fields
@@ -18,6 +19,7 @@ from leukodiff.data.sources.pig import SOURCE as PIG
 from leukodiff.data.sources.pig import TRAINING_FIELDS
 from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.data.splits import holdout, monte_carlo
+from leukodiff.imaging import load_image
 from leukodiff.models.detector import LABEL_OF
 from leukodiff.taxonomy import Group
 from leukodiff.training.detector.config import DetectorConfig, DetectorTrainingError
@@ -159,7 +161,9 @@ def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
 
 
 class FieldImages:
-    """Decoded fields as uint8 (3, H, W) tensors, decoded once and kept in memory."""
+    """Decoded fields as uint8 (3, H, W) tensors, decoded once and kept in memory; a field
+    read enlarged (`Field.zoom`) is kept at its own size and enlarged when asked for
+    (200 pig photos: 0.1 GB kept, rather than 2.6 GB)."""
 
     def __init__(self, records: Sequence[Field]) -> None:
         self.records = list(records)
@@ -169,10 +173,17 @@ class FieldImages:
         return len(self.records)
 
     def image(self, index: int) -> torch.Tensor:
+        record = self.records[index]
         if index not in self._cache:
-            array = np.asarray(field_image(self.records[index]), dtype=np.uint8)
-            self._cache[index] = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-        return self._cache[index]
+            self._cache[index] = _chw(np.asarray(load_image(record.image), dtype=np.uint8))
+        if record.zoom == 1.0:
+            return self._cache[index]
+        native = Image.fromarray(self._cache[index].permute(1, 2, 0).numpy())
+        return _chw(np.asarray(enlarge(native, record), dtype=np.uint8))
+
+
+def _chw(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def epoch_order(records: Sequence[Field], oversample: int, generator: torch.Generator

@@ -51,7 +51,8 @@ def group_cells(records: Sequence[Field]) -> tuple[list[Cell], list[int]]:
             if cell_type is None:
                 continue
             cells.append(Cell(record.image, record.source, cell_type, record.group_key,
-                              record.sha256, box=box, subset=record.subset))
+                              record.sha256, box=box.scaled(1 / record.zoom),
+                              subset=record.subset))  # cut from the file as it is
             targets.append(0 if box.group == Group.MONONUCLEAR else 1)
     return cells, targets
 
