@@ -25,6 +25,25 @@ Keep rule (written before any fold was measured; `common.detector_rule`): over e
 if mean AP50 rises by >= 0.03, mean exact count by >= 3 points, mean recall falls by no
 more than 0.02, and no lab's mean exact count falls by more than 5 points. Seeds 0 and 1,
 all three labs.
+
+Result (2026-12-07, one CPU thread each, runs/labs-det-colour; precision / recall / AP50 /
+exact count on the held-out lab):
+
+    held out  seed  runs/labs-v5                       colours standardised
+    Chula     0     0.456 / 0.798 / 0.741 / 60.7%      0.687 / 0.923 / 0.912 / 70.0%
+    Chula     1     0.418 / 0.625 / 0.579 / 58.6%      0.381 / 0.733 / 0.639 / 41.6%
+    BCCD      0     0.723 / 0.914 / 0.909 / 75.8%      0.225 / 0.957 / 0.634 / 7.1%
+    BCCD      1     0.674 / 0.973 / 0.946 / 67.0%      0.226 / 0.997 / 0.797 / 3.6%
+
+**Not kept** (mean AP50 -0.048, exact count -35 points; BCCD's -66 points), stopped before
+the BCD folds: no BCD figure could bring BCCD's exact count back. Like stain jitter, it
+wins Chula (recall up on both seeds, AP50 +0.17 and +0.06) and loses the lab whose
+fields are dense with red cells: BCCD's fields, moved to BCD's and Chula's paler colours
+(targets: mean 0.61 / 0.52 / 0.57 against the other folds' ~0.64-0.71), show their red
+cells as the detector learnt white cells (2.6-2.9 false cells a field). A field's mean
+colour is mostly its red cells and glass, so standardising it moves a crowded field and
+a sparse one differently: it normalises how many red cells there are as much as the
+stain.
 """
 
 from __future__ import annotations
