@@ -40,7 +40,7 @@ the BCD folds: no BCD figure could bring BCCD's exact count back. Like stain jit
 wins Chula (recall up on both seeds, AP50 +0.17 and +0.06) and loses the lab whose
 fields are dense with red cells: BCCD's fields, moved to BCD's and Chula's paler colours
 (targets: mean 0.61 / 0.52 / 0.57 against the other folds' ~0.64-0.71), show their red
-cells as the detector learnt white cells (2.6-2.9 false cells a field). A field's mean
+cells as the detector learnt white cells (3.4-3.5 false cells a field). A field's mean
 colour is mostly its red cells and glass, so standardising it moves a crowded field and
 a sparse one differently: it normalises how many red cells there are as much as the
 stain.
