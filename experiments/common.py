@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +147,37 @@ def detector_rule(out: Path) -> bool:
     print(f"{len(rows)} folds; mean change {gains}; exact count by lab {by_lab}; "
           f"{'KEPT' if kept else 'not kept'}")
     return kept
+
+
+def detector_experiment(change: Callable[..., DetectorConfig]) -> None:
+    """The command line of a detector recipe experiment:
+
+        python experiments/NAME.py OUT SEED [LABS [ARG]]   # train and measure the folds
+        python experiments/NAME.py OUT summary            # the table and the keep rule
+
+    Each fold's recipe is `evaluate labs --pbc-paste 0.5`'s detector without the group
+    classifier (detection figures only), one CPU thread, then `change(recipe, lab, *ARG)`."""
+    import sys
+
+    import torch
+
+    from leukodiff.evaluation.labs import DETECTION_LABS, LabsConfig, available_labs
+    from leukodiff.models.detector import DetectorSpec
+
+    out = Path(sys.argv[1])
+    if sys.argv[2] == "summary":
+        detector_rule(out)
+        return
+    seed = int(sys.argv[2])
+    labs = sys.argv[3].split(",") if len(sys.argv) > 3 else list(DETECTION_LABS)
+    torch.set_num_threads(1)
+    config = LabsConfig(augmentation="lab", stain="reinhard", pbc_paste=0.5, seed=seed)
+    present = available_labs(None)
+    for lab in (x for x in labs if present[x]):
+        sources = tuple(x for x in DETECTION_LABS if x != lab and present[x])
+        recipe = DetectorConfig(sources=sources, epochs=config.detector_epochs,
+                                mono_oversample=config.mono_oversample, group_epochs=0,
+                                seed=seed, pbc_paste=config.pbc_paste,
+                                spec=DetectorSpec(group_stain=config.stain))
+        detector_fold(change(recipe, lab, *sys.argv[4:5]),
+                      out / f"seed-{seed}" / f"without-{lab}" / "detector", lab)

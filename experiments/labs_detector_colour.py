@@ -48,18 +48,13 @@ stain.
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-import torch
-from common import detector_fold, detector_rule
+from common import detector_experiment
 
 from leukodiff.data.crops import field_image
-from leukodiff.evaluation.labs import DETECTION_LABS, LabsConfig, available_labs
-from leukodiff.models.detector import DetectorSpec
 from leukodiff.training.detector import DetectorConfig, prepare_fields
 
 
@@ -75,27 +70,12 @@ def training_colours(recipe: DetectorConfig) -> tuple[tuple[float, ...], tuple[f
     return tuple(round(float(x), 4) for x in means), tuple(round(float(x), 4) for x in spreads)
 
 
-def run(out: Path, seed: int, labs: list[str]) -> None:
-    torch.set_num_threads(1)
-    config = LabsConfig(augmentation="lab", stain="reinhard", pbc_paste=0.5, seed=seed)
-    present = available_labs(None)
-    for lab in (x for x in labs if present[x]):
-        sources = [x for x in DETECTION_LABS if x != lab and present[x]]
-        recipe = DetectorConfig(sources=tuple(sources), epochs=config.detector_epochs,
-                                mono_oversample=config.mono_oversample, group_epochs=0,
-                                seed=seed, pbc_paste=config.pbc_paste,
-                                spec=DetectorSpec(group_stain=config.stain))
-        mean, spread = training_colours(recipe)
-        print(f"without {lab}: colour target mean {mean} spread {spread}")
-        recipe = replace(recipe, spec=replace(recipe.spec, colour_standardise=True,
-                                              colour_mean=mean, colour_std=spread))
-        detector_fold(recipe, out / f"seed-{seed}" / f"without-{lab}" / "detector", lab)
+def change(recipe: DetectorConfig, lab: str) -> DetectorConfig:
+    mean, spread = training_colours(recipe)
+    print(f"without {lab}: colour target mean {mean} spread {spread}")
+    return replace(recipe, spec=replace(recipe.spec, colour_standardise=True,
+                                        colour_mean=mean, colour_std=spread))
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1])
-    if sys.argv[2] == "summary":
-        detector_rule(target)
-    else:
-        run(target, int(sys.argv[2]), sys.argv[3].split(",") if len(sys.argv) > 3
-            else list(DETECTION_LABS))
+    detector_experiment(change)

@@ -58,38 +58,20 @@ runs/labs-v5's recipe: precision 0.338-0.456, AP50 0.579-0.743). Both stay as op
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from dataclasses import replace
 
-import torch
-from common import detector_fold, detector_rule
+from common import detector_experiment
 
-from leukodiff.evaluation.labs import DETECTION_LABS, LabsConfig, available_labs
-from leukodiff.models.detector import DetectorSpec
 from leukodiff.training.detector import DetectorConfig
 
 VARIANTS = {"pig+cell": (True, "cell"), "pig": (True, "ignore"), "cell": (False, "cell")}
 
 
-def run(out: Path, seed: int, labs: list[str], variant: str = "pig+cell") -> None:
+def change(recipe: DetectorConfig, lab: str, variant: str = "pig+cell") -> DetectorConfig:
     pig, unknown_group = VARIANTS[variant]
-    torch.set_num_threads(1)
-    config = LabsConfig(augmentation="lab", stain="reinhard", pbc_paste=0.5, seed=seed)
-    present = available_labs(None)
-    for lab in (x for x in labs if present[x]):
-        sources = [x for x in DETECTION_LABS if x != lab and present[x]] + ["pig"] * pig
-        recipe = DetectorConfig(sources=tuple(sources), epochs=config.detector_epochs,
-                                mono_oversample=config.mono_oversample, group_epochs=0,
-                                seed=seed, pbc_paste=config.pbc_paste,
-                                unknown_group=unknown_group,
-                                spec=DetectorSpec(group_stain=config.stain))
-        detector_fold(recipe, out / f"seed-{seed}" / f"without-{lab}" / "detector", lab)
+    return replace(recipe, sources=recipe.sources + ("pig",) * pig,
+                   unknown_group=unknown_group)
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1])
-    if sys.argv[2] == "summary":
-        detector_rule(target)
-    else:
-        run(target, int(sys.argv[2]), sys.argv[3].split(",") if len(sys.argv) > 3
-            else list(DETECTION_LABS), *sys.argv[4:5])
+    detector_experiment(change)
