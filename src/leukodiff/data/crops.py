@@ -42,11 +42,10 @@ def crop_cell(image: Image.Image, box: Box, scale: float) -> Image.Image:
 
 def cells_from_fields(fields: Iterable[Field]) -> list[Cell]:
     """One Cell per white-cell box whose type is known, keyed to its field (its box in the
-    file's own pixels: a Cell is cut from the file as it is)."""
+    file's own pixels, `Field.in_file`)."""
     return [
         Cell(field.image, field.source, box.cell_type, field.group_key, field.sha256,
-             box=box.scaled(1 / field.zoom) if field.zoom != 1.0 else box,
-             subset=field.subset)
+             box=field.in_file(box), subset=field.subset)
         for field in fields
         for box in field.wbc_boxes
         if box.cell_type is not None

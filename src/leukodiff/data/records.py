@@ -82,6 +82,11 @@ class Field:
     # other labs' scale (the pig fields), so its cells meet the detector at their size.
     zoom: float = 1.0
 
+    def in_file(self, box: Box) -> Box:
+        """One of this field's boxes in its image file's own pixels (a Cell is cut from
+        the file as it is)."""
+        return box if self.zoom == 1.0 else box.scaled(1 / self.zoom)
+
     @property
     def wbc_boxes(self) -> tuple[Box, ...]:
         return tuple(b for b in self.boxes if b.kind is ObjectKind.WBC)

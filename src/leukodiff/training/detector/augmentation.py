@@ -280,11 +280,10 @@ class Augmenter:
         image, target = v2.SanitizeBoundingBoxes(min_size=8)(image, target)
         boxes, labels = target["boxes"].as_subclass(torch.Tensor).float(), target["labels"]
         known = (labels > 0) & (labels != UNKNOWN_GROUP)
-        cells = labels == UNKNOWN_GROUP
-        if self.config.unknown_group == "cell":  # taught as white cells of no group
-            return (image.as_subclass(torch.Tensor).float().div_(255),
-                    {"boxes": boxes[known], "labels": labels[known], "cells": boxes[cells],
-                     "ignore": boxes[labels < 0]})
-        return (image.as_subclass(torch.Tensor).float().div_(255),
-                {"boxes": boxes[known], "labels": labels[known], "ignore": boxes[~known]})
+        as_cells = self.config.unknown_group == "cell"  # taught as white cells of no group
+        target = {"boxes": boxes[known], "labels": labels[known],
+                  "ignore": boxes[labels < 0] if as_cells else boxes[~known]}
+        if as_cells:
+            target["cells"] = boxes[labels == UNKNOWN_GROUP]
+        return image.as_subclass(torch.Tensor).float().div_(255), target
 

@@ -79,7 +79,7 @@ class DetectorData:
                 "dropped (unknown group)": count(self.dropped)}
 
 
-def _bccd_parts(source: str, config: DetectorConfig, data_root, track: Track
+def _bccd_parts(config: DetectorConfig, data_root, track: Track
                 ) -> dict[str, list[Field]]:
     """BCCD by its VOC lists (or a grouped split of train+val). White cells that BCCD
     leaves unboxed in train and val fields are added as boxes (`unboxed_white_cells`):
@@ -136,9 +136,12 @@ def prepare_fields(config: DetectorConfig, data_root: str | Path | None = None,
     """The training, selection and test fields of every source in `config.sources`."""
     by_part: dict[str, list[Field]] = {"train": [], "val": [], "test": []}
     for source in config.sources:
-        reader = {"bccd": _bccd_parts, PIG: _boxes_only_parts}.get(source)
-        parts = (reader(source, config, data_root, track) if reader is not None
-                 else _holdout_parts(source, config, data_root, track))
+        if source == "bccd":
+            parts = _bccd_parts(config, data_root, track)
+        elif source == PIG:
+            parts = _boxes_only_parts(source, config, data_root, track)
+        else:
+            parts = _holdout_parts(source, config, data_root, track)
         for name, records in parts.items():
             by_part[name].extend(records)
     train, val = by_part["train"], by_part["val"]

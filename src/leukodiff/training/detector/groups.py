@@ -51,8 +51,7 @@ def group_cells(records: Sequence[Field]) -> tuple[list[Cell], list[int]]:
             if cell_type is None:
                 continue
             cells.append(Cell(record.image, record.source, cell_type, record.group_key,
-                              record.sha256, box=box.scaled(1 / record.zoom),
-                              subset=record.subset))  # cut from the file as it is
+                              record.sha256, box=record.in_file(box), subset=record.subset))
             targets.append(0 if box.group == Group.MONONUCLEAR else 1)
     return cells, targets
 
