@@ -19,6 +19,7 @@ from leukodiff.metrics.detection import OPERATING_THRESHOLDS, detection_metrics,
 from leukodiff.models.detector import (
     CELL_OF_NO_GROUP,
     DetectorSpec,
+    balance_on_glass,
     build_detector,
     cell_aware_loss,
     parameter_count,
@@ -424,6 +425,51 @@ def test_colour_standardisation_gives_the_reference_statistics():
     out = standardise_colour(image, (0.7, 0.6, 0.65), (0.05, 0.1, 0.08))
     assert torch.allclose(out.flatten(1).mean(1), torch.tensor([0.7, 0.6, 0.65]), atol=1e-4)
     assert torch.allclose(out.flatten(1).std(1), torch.tensor([0.05, 0.1, 0.08]), atol=1e-4)
+
+
+def test_glass_white_balance_makes_a_cast_glass_grey_and_keeps_the_cells_order():
+    """A pink-cast field (glass 0.72 / 0.56 / 0.64, Chula's) with a dark cell: its glass
+    becomes grey 0.8, whatever share of the field the cell covers, and the cell stays
+    darker than the glass."""
+    for radius in (5, 20):
+        image = torch.tensor([0.72, 0.56, 0.64])[:, None, None].repeat(1, 90, 120)
+        yy, xx = torch.meshgrid(torch.arange(90), torch.arange(120), indexing="ij")
+        cell = (yy - 45) ** 2 + (xx - 60) ** 2 < radius ** 2
+        image[:, cell] = torch.tensor([0.35, 0.25, 0.45])[:, None]
+        out = balance_on_glass(image, 0.8)
+        assert torch.allclose(out[:, 0, 0], torch.tensor([0.8, 0.8, 0.8]), atol=1e-4)
+        assert (out[:, 45, 60] < out[:, 0, 0]).all()
+    dark = torch.full((3, 40, 40), 0.05)  # no glass at all: the gain stops at 2x
+    assert torch.allclose(balance_on_glass(dark, 0.8), torch.full((3, 40, 40), 0.1))
+
+
+def test_glass_balanced_detector_runs_alike_on_onnxruntime(bccd, tmp_path):
+    """The white balance is inside the network: the ONNX graph balances a field of any
+    size as torch does."""
+    import onnxruntime
+
+    from leukodiff.models.export import _export
+
+    if not shipped("detector").exists():
+        pytest.skip("no shipped detector")
+    model, _ = load_detector("detector")
+    model.transform.glass_grey = 0.8
+    path = tmp_path / "glass.onnx"
+    _export(model, ([torch.rand(3, 480, 640)],), path, ["image"], ["boxes", "labels", "scores"],
+            {"image": {1: "height", 2: "width"}, "boxes": {0: "cells"},
+             "labels": {0: "cells"}, "scores": {0: "cells"}})
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pixels = np.asarray(load_image(bccd[0].image), dtype=np.float32).transpose(2, 0, 1) / 255
+    pink = pixels * np.array([1.0, 0.7, 0.8], dtype=np.float32)[:, None, None]
+    for image in (pink, pixels[:, 64:416, 96:512]):
+        image = np.ascontiguousarray(image)
+        with torch.no_grad():
+            expected = model([torch.from_numpy(image)])[0]
+        boxes, labels, scores = session.run(None, {"image": image})
+        assert len(scores) == len(expected["scores"])
+        assert np.allclose(scores, expected["scores"].numpy(), atol=1e-3)
+        assert (labels == expected["labels"].numpy()).all()
+        assert np.allclose(boxes, expected["boxes"].numpy(), atol=0.5)
 
 
 def test_detection_metrics_perfect_wrong_and_missing(bccd):

@@ -117,6 +117,11 @@ class DetectorSpec:
     # contrast is reduced to the reference but raised at most this much: a region holding
     # only red cells has little spread, and stretching it makes red cells look like nuclei
     colour_max_gain: float = 1.0
+    # Per-image white balance on the glass: each channel scaled so that the field's
+    # brightest tenth (the glass between cells) becomes this grey level (0: off). A lab's
+    # lamp and camera cast shows in its glass however crowded the field is, unlike the
+    # whole-field statistics of colour_standardise, which are mostly red cells.
+    glass_grey: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict) -> DetectorSpec:
@@ -145,21 +150,41 @@ def standardise_colour(image: torch.Tensor, mean: Sequence[float], std: Sequence
     return (image - own_mean[:, None, None]) * scale[:, None, None] + target_mean[:, None, None]
 
 
+GLASS_GRID = 64  # the image is sampled on a 64x64 grid to find its glass
+GLASS_SHARE = 0.1  # the brightest tenth of those samples is taken for glass
+
+
+def balance_on_glass(image: torch.Tensor, grey: float) -> torch.Tensor:
+    """A (3, H, W) image in [0, 1] with each channel scaled (x0.5-2) so that its glass,
+    the mean colour of its brightest tenth, is `grey`. Sampled on a fixed grid with a
+    fixed count so that the ONNX graph needs no data-dependent sizes."""
+    grid = nn.functional.interpolate(image[None], size=(GLASS_GRID, GLASS_GRID),
+                                     mode="bilinear", align_corners=False)[0].flatten(1)
+    brightest = grid.mean(0).topk(int(GLASS_GRID * GLASS_GRID * GLASS_SHARE)).indices
+    glass = grid[:, brightest].mean(1).clamp(min=1e-3)
+    gain = (grey / glass).clamp(0.5, 2.0)
+    return (image * gain[:, None, None]).clamp(0.0, 1.0)
+
+
 class NativeResolutionTransform(GeneralizedRCNNTransform):
     """torchvision's RCNN transform without resizing or mean/std normalisation.
 
     Images keep their size (scaling is the caller's explicit choice) and are
     only padded to a multiple of 32 for batching; the MobileNet backbone does
     its own input normalisation. With `colour` = (mean, std), each image's colours
-    are standardised to those statistics first (per image, before padding).
+    are standardised to those statistics first (per image, before padding); with
+    `glass_grey` > 0 each image is white-balanced on its glass (`balance_on_glass`).
     """
 
     def __init__(self, *args, colour: tuple[Sequence[float], Sequence[float], float] | None
-                 = None, **kwargs) -> None:
+                 = None, glass_grey: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.colour = colour
+        self.glass_grey = glass_grey
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if self.glass_grey > 0:
+            image = balance_on_glass(image, self.glass_grey)
         if self.colour is None:
             return image
         return standardise_colour(image, *self.colour)
@@ -380,7 +405,8 @@ def build_detector(
     colour = ((spec.colour_mean, spec.colour_std, spec.colour_max_gain)
               if spec.colour_standardise else None)
     model.transform = NativeResolutionTransform(spec.min_size, spec.max_size,
-                                                [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], colour=colour)
+                                                [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], colour=colour,
+                                                glass_grey=spec.glass_grey)
     model.spec = spec  # type: ignore[attr-defined]
     return model
 
@@ -397,6 +423,7 @@ __all__ = [
     "DetectorSpec",
     "MobileNetFeatures",
     "NativeResolutionTransform",
+    "balance_on_glass",
     "build_detector",
     "parameter_count",
     "standardise_colour",

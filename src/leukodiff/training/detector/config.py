@@ -87,6 +87,8 @@ class DetectorConfig:
             raise DetectorTrainingError("pbc_paste is a probability: 0 to 1")
         if self.spec.score not in SCORES:
             raise DetectorTrainingError(f"score must be one of {', '.join(SCORES)}")
+        if not 0.0 <= self.spec.glass_grey <= 1.0:
+            raise DetectorTrainingError("glass_grey is a grey level: 0 (off) to 1")
         if self.spec.group_stain not in STAIN_NORMALISATIONS:
             raise DetectorTrainingError(f"unknown stain normalisation {self.spec.group_stain!r}"
                                         f"; choose one of {', '.join(STAIN_NORMALISATIONS)}")
