@@ -81,13 +81,17 @@ def otsu(values: np.ndarray, bins: int = BINS) -> float:
     return float(edges[1:-1][np.argmax(between)])
 
 
-def batch_threshold(found: list[Detections], own: float) -> float:
-    """The rule: Otsu's cut of the batch's box scores (as logits), never below `own`."""
+def otsu_score(found: list[Detections]) -> float:
+    """Otsu's cut of the batch's box scores, taken on their logits, as a score."""
     scores = np.clip(np.concatenate([d.scores for d in found]), 1e-4, 1 - 1e-4)
     if len(scores) < 2:
-        return own
-    cut = otsu(np.log(scores / (1 - scores)))
-    return max(own, round(float(1 / (1 + np.exp(-cut))), 4))
+        return 0.0
+    return round(float(1 / (1 + np.exp(-otsu(np.log(scores / (1 - scores)))))), 4)
+
+
+def batch_threshold(found: list[Detections], own: float) -> float:
+    """The rule: Otsu's cut of the batch's box scores (as logits), never below `own`."""
+    return max(own, otsu_score(found))
 
 
 def row(found: list[Detections], fields: list[Field], threshold: float, ignore) -> dict:
@@ -115,7 +119,8 @@ def measure_fold(folder: Path, lab: str) -> dict:
             found = [analyzer.detect(analyzer.check(field_image(r))) for r in fields]
             chosen = batch_threshold(found, own)  # fixed before any label is read below
             out[name] = {"own": row(found, fields, own, ignore),
-                         "batch": row(found, fields, chosen, ignore)}
+                         "batch": row(found, fields, chosen, ignore),
+                         "otsu": otsu_score(found), "boxes": sum(len(d) for d in found)}
             Console().print(f"{folder.name} {name}: own {out[name]['own']}\n  batch "
                             f"{out[name]['batch']}")
     (folder / "batch_threshold.json").write_text(json.dumps(out, indent=1))
