@@ -117,18 +117,22 @@ def detector_fold(recipe: DetectorConfig, folder: Path, lab: str) -> dict:
     return measured
 
 
-def detector_rule(out: Path) -> bool:
-    """Every OUT/seed-S/without-LAB/result.json against runs/labs-v5's fold of the same lab
-    and seed, as a table, and the detector keep rule: over every (lab, seed), mean AP50
-    +0.03, mean exact count +3 points, mean recall no worse than -0.02, no lab's mean exact
-    count down by more than 5 points."""
+def detector_rule(out: Path, base: Path | None = None) -> bool:
+    """Every OUT/seed-S/without-LAB/result.json against the fold of the same lab and seed
+    in `base` (its result.json: the unchanged recipe trained on the same code) or, without
+    `base`, runs/labs-v5's, as a table, and the detector keep rule: over every (lab, seed),
+    mean AP50 +0.03, mean exact count +3 points, mean recall no worse than -0.02, no lab's
+    mean exact count down by more than 5 points."""
     rows = []
     for path in sorted(out.glob("seed-*/without-*/result.json")):
         seed = int(path.parts[-3].removeprefix("seed-"))
         lab = path.parts[-2].removeprefix("without-")
-        if (before := labs_v5_detector(lab, seed)) is not None:
+        before = (labs_v5_detector(lab, seed) if base is None else
+                  json.loads(p.read_text()) if (p := base / path.relative_to(out)).exists()
+                  else None)
+        if before is not None:
             rows.append((lab, seed, before, json.loads(path.read_text())))
-    print("| held-out lab | seed | runs/labs-v5 P / R / AP50 / exact | changed |")
+    print(f"| held-out lab | seed | {base or 'runs/labs-v5'} P / R / AP50 / exact | changed |")
     print("|---|---|---|---|")
     for lab, seed, before, after in rows:
         cells = [" / ".join(f"{d[k]:.3f}" if k != "exact_count" else f"{100 * d[k]:.1f}%"
@@ -155,7 +159,7 @@ def detector_experiment(change: Callable[..., DetectorConfig]) -> None:
     """The command line of a detector recipe experiment:
 
         python experiments/NAME.py OUT SEED [LABS [ARG]]   # train and measure the folds
-        python experiments/NAME.py OUT summary            # the table and the keep rule
+        python experiments/NAME.py OUT summary [BASE]     # the table and the keep rule
 
     Each fold's recipe is `evaluate labs --pbc-paste 0.5`'s detector without the group
     classifier (detection figures only), one CPU thread, then `change(recipe, lab, *ARG)`."""
@@ -168,7 +172,7 @@ def detector_experiment(change: Callable[..., DetectorConfig]) -> None:
 
     out = Path(sys.argv[1])
     if sys.argv[2] == "summary":
-        detector_rule(out)
+        detector_rule(out, Path(sys.argv[3]) if len(sys.argv) > 3 else None)
         return
     seed = int(sys.argv[2])
     labs = sys.argv[3].split(",") if len(sys.argv) > 3 else list(DETECTION_LABS)

@@ -2,7 +2,7 @@
 
     python experiments/labs_detector_batch_threshold.py runs/labs-det-base 0  # ~50 min
     python experiments/labs_detector_batch_threshold.py runs/labs-det-base 1  # another shell
-    python experiments/labs_detector_batch_threshold.py runs/labs-det-base measure
+    python experiments/labs_detector_batch_threshold.py runs/labs-det-base measure [SEED]
 
 The folds: runs/labs-v5's detector recipe as it is (`common.detector_experiment`, no
 change: 10 epochs, a PBC cell pasted into half the training fields, scored
@@ -127,9 +127,9 @@ def measure_fold(folder: Path, lab: str) -> dict:
     return out
 
 
-def measure(out: Path) -> None:
+def measure(out: Path, seeds: str = "*") -> None:
     results = {}
-    for folder in sorted(out.glob("seed-*/without-*")):
+    for folder in sorted(out.glob(f"seed-{seeds}/without-*")):
         if not (folder / "detector" / "detector.onnx.json").exists():
             continue
         seed = int(folder.parent.name.removeprefix("seed-"))
@@ -168,6 +168,6 @@ def measure(out: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[2] == "measure":
-        measure(Path(sys.argv[1]))
+        measure(Path(sys.argv[1]), *sys.argv[3:4])
     else:
         detector_experiment(unchanged)

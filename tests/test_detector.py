@@ -538,6 +538,31 @@ def test_bcd_scale_from_red_cell_sizes(bccd, shared_data):
     assert 1.6 < scale_between([r for r in bccd if r.subset == "train"], tiles) < 2.4
 
 
+def test_weight_averaged_detector_is_the_mean_of_its_last_epochs_across_a_resume(
+        tmp_path, shared_data):
+    """`average_last`: the detector written is the mean of its weights after each of its
+    last epochs; a run stopped after the first and resumed averages each epoch once."""
+    config = DetectorConfig(spec=replace(LIGHT, group_classifier=False), epochs=2,
+                            batch_size=2, max_train_fields=2, max_val_fields=2,
+                            warmup_steps=1, mono_oversample=1, average_last=2)
+    data = prepare_fields(config, shared_data)
+    data = replace(data, test=data.test[:1])
+    train_detector(config, tmp_path, data_root=shared_data, data=data, time_limit_minutes=0.0)
+    first = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
+    manifest = train_detector(config, tmp_path, data_root=shared_data, data=data, resume=True)
+    assert manifest["training"]["averaged_epochs"] == [1, 2]
+    second = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
+    model, _ = load_detector(tmp_path / "detector.pt")
+    written = model.state_dict()
+    trained = [k for k in first if first[k].is_floating_point()
+               and not torch.equal(first[k], second[k])]
+    assert trained  # the epochs moved the weights
+    for key in trained:
+        assert torch.allclose(written[key], (first[key] + second[key]) / 2, atol=1e-6), key
+    with pytest.raises(DetectorTrainingError, match="average_last"):
+        DetectorConfig(epochs=2, average_last=3).check()
+
+
 def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_data):
     # scored by group (the shipped detector's first scoring): rescored at the end
     config = DetectorConfig(spec=DetectorSpec(rpn_post_nms_test=50, score="group"), epochs=2,

@@ -52,6 +52,11 @@ class DetectorConfig:
     # probability that a window cut from a field larger than the detector's native one
     # holds a white cell (the rest are anywhere: that lab's background as negatives)
     window_on_cell: float = 0.75
+    # > 0: the detector is the mean of its weights after each of its last `average_last`
+    # epochs (stochastic weight averaging; Izmailov et al. 2018, and for a domain never seen
+    # Cha et al. 2021, SWAD) instead of its best validated epoch: the training labs'
+    # validation saturates (AP50 ~0.98-1.0) and cannot choose among epochs for a new lab
+    average_last: int = 0
     max_train_fields: int = 0  # > 0: only this many training fields (tests, quick runs)
     max_val_fields: int = 0
     # group classifier (when spec.group_classifier): training fields' cells + PBC cells
@@ -87,6 +92,8 @@ class DetectorConfig:
             raise DetectorTrainingError("pbc_paste is a probability: 0 to 1")
         if self.spec.score not in SCORES:
             raise DetectorTrainingError(f"score must be one of {', '.join(SCORES)}")
+        if not 0 <= self.average_last <= self.epochs:
+            raise DetectorTrainingError("average_last is a number of epochs: 0 to epochs")
         if not 0.0 <= self.spec.glass_grey <= 1.0:
             raise DetectorTrainingError("glass_grey is a grey level: 0 (off) to 1")
         if self.spec.group_stain not in STAIN_NORMALISATIONS:

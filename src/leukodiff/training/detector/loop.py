@@ -13,6 +13,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.models.detector import CLASSES, build_detector, parameter_count
@@ -67,6 +68,33 @@ def detector_step(model: torch.nn.Module, config: DetectorConfig, total_steps: i
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, config.warmup_steps, total_steps))
     return Step(optimizer, scheduler, clip_norm=10.0)
+
+
+class WeightAverage:
+    """The running mean of a model's weights and buffers over chosen epochs
+    (torch's AveragedModel), kept in `path` after each so that a resumed run averages
+    each epoch once."""
+
+    def __init__(self, model: torch.nn.Module, path: Path, resume: bool) -> None:
+        self.path = path
+        self.averaged = AveragedModel(model, use_buffers=True)
+        self.epochs: list[int] = []
+        if resume and path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            self.averaged.load_state_dict(saved["average"])
+            self.epochs = list(saved["epochs"])
+
+    def add(self, model: torch.nn.Module, epoch: int) -> None:
+        if epoch in self.epochs:
+            return
+        self.averaged.update_parameters(model)
+        self.epochs.append(epoch)
+        partial = self.path.with_suffix(".tmp")
+        torch.save({"average": self.averaged.state_dict(), "epochs": self.epochs}, partial)
+        partial.replace(self.path)
+
+    def state_dict(self) -> dict:
+        return self.averaged.module.state_dict()
 
 
 def field_batch_loss(model: torch.nn.Module, augment: Augmenter,
@@ -146,6 +174,7 @@ def train_detector(
     if resume:
         state = folder.resume(model, optimizer, scheduler, generator)
         log(f"resumed after epoch {state['epoch']}")
+    average = WeightAverage(model, out_dir / "average.pt", resume)
 
     def one_epoch(epoch: int) -> dict:
         order = epoch_order(data.train, config.mono_oversample, generator)
@@ -153,6 +182,8 @@ def train_detector(
                                                                  config.batch_size)]
         done = train_epoch(model, batches, loss_of, step, track=track,
                            description=f"epoch {epoch}/{config.epochs}")
+        if epoch > config.epochs - config.average_last:
+            average.add(model, epoch)
         seconds = done.pop("seconds")
         del done["samples"]
         return {**done, "seconds": seconds, "fields": len(order),
@@ -187,7 +218,11 @@ def train_detector(
     if not finished:
         return {"finished": False, "epoch": state["epoch"], "best_epoch": state["best_epoch"]}
 
-    folder.load_best(model, run_device)
+    if config.average_last:
+        model.load_state_dict(average.state_dict())
+        log(f"the detector is the mean of epochs {average.epochs}")
+    else:
+        folder.load_best(model, run_device)
     group_info: dict = {}
     if config.spec.group_classifier:
         group_info = train_group_classifier(model, config, data, out_dir, device=run_device,
@@ -210,6 +245,7 @@ def train_detector(
         "training": {**asdict(config), "fields": data.counts(),
                      "dropped_fields": [r.image.stem for r in data.dropped],
                      "best_epoch": state["best_epoch"], "history": state["history"],
+                     "averaged_epochs": average.epochs,
                      "train_minutes": state["seconds"] / 60, "device": str(run_device),
                      "imagenet_backbone": "mobilenet_v1_0.5_160_quant.tflite",
                      "pbc_pasted_cells": {t: sum(d.cell_type == t for d in donors)
