@@ -185,6 +185,9 @@ def train_detector_command(
     init_weights: str = typer.Option(Detector("init_weights"), help="Start from this "
                                      "detector.pt (fine-tuning) [default: ImageNet "
                                      "backbone only]."),
+    average_last: int = typer.Option(Detector("average_last"), help="The detector is the mean "
+                                     "of its weights after each of its last N epochs (SWA) "
+                                     "instead of its best validated epoch [0: the best]."),
     max_train_fields: int = typer.Option(Detector("max_train_fields"), help="Only this many "
                                          "training fields (quick runs)."),
     max_val_fields: int = typer.Option(Detector("max_val_fields"), help="Only this many "
@@ -234,7 +237,7 @@ def train_detector_command(
                             group_pbc_per_type=group_pbc_per_type,
                             group_bccd_repeat=group_bccd_repeat,
                             group_augmentation=group_augmentation,
-                            init_weights=init_weights,
+                            init_weights=init_weights, average_last=average_last,
                             max_train_fields=max_train_fields,
                             max_val_fields=max_val_fields,
                             sources=_split_list(sources))
