@@ -55,7 +55,8 @@ class DetectorConfig:
     # > 0: the detector is the mean of its weights after each of its last `average_last`
     # epochs (stochastic weight averaging; Izmailov et al. 2018, and for a domain never seen
     # Cha et al. 2021, SWAD) instead of its best validated epoch: the training labs'
-    # validation saturates (AP50 ~0.98-1.0) and cannot choose among epochs for a new lab
+    # validation saturates (AP50 ~0.98-1.0) and cannot choose among epochs for a new lab.
+    # Off: left out, Chula lost (experiments/labs_detector_average.py)
     average_last: int = 0
     max_train_fields: int = 0  # > 0: only this many training fields (tests, quick runs)
     max_val_fields: int = 0
