@@ -130,9 +130,11 @@ def detector_rule(out: Path, base: Path | None = None) -> bool:
         before = (labs_v5_detector(lab, seed) if base is None else
                   json.loads(p.read_text()) if (p := base / path.relative_to(out)).exists()
                   else None)
-        if before is not None:
-            rows.append((lab, seed, before, json.loads(path.read_text())))
-    print(f"| held-out lab | seed | {base or 'runs/labs-v5'} P / R / AP50 / exact | changed |")
+        if before is None:
+            print(f"no baseline for {lab} seed {seed} in {base or BASELINE}: no verdict")
+            return False
+        rows.append((lab, seed, before, json.loads(path.read_text())))
+    print(f"| held-out lab | seed | {base or BASELINE} P / R / AP50 / exact | changed |")
     print("|---|---|---|---|")
     for lab, seed, before, after in rows:
         cells = [" / ".join(f"{d[k]:.3f}" if k != "exact_count" else f"{100 * d[k]:.1f}%"

@@ -33,11 +33,11 @@ precision / recall / AP50 / exact count on held-out Chula):
     1     0.234 / 0.525 / 0.389 / 46.3%        0.173 / 0.595 / 0.447 / 34.8%
 
 **Not kept**, stopped after the Chula folds: mean AP50 -0.09, mean exact count -10.5
-points (the rule allows 5 for any lab). The averaged models still split by seed as widely
-(AP50 0.51 / 0.45 against 0.75 / 0.39): on 10 epochs of a cosine schedule the last five
-lie close together, so their mean is one more model of the same kind, not a flatter one.
-SWAD averages densely at a constant rate over many more steps; a schedule that long is
-not affordable on 2 CPU cores per fold.
+points (the rule allows 5 for any lab). The two averaged models are closer together
+(AP50 0.51 / 0.45 against 0.75 / 0.39) but worse on average; two seeds cannot say whether
+that steadiness holds. On 10 epochs of a cosine schedule the last five lie close
+together; SWAD averages densely at a constant rate over many more steps, a schedule not
+affordable on 2 CPU cores per fold.
 """
 
 from __future__ import annotations

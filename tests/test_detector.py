@@ -561,6 +561,12 @@ def test_weight_averaged_detector_is_the_mean_of_its_last_epochs_across_a_resume
         assert torch.allclose(written[key], (first[key] + second[key]) / 2, atol=1e-6), key
     with pytest.raises(DetectorTrainingError, match="average_last"):
         DetectorConfig(epochs=2, average_last=3).check()
+    # a stopped run whose average is gone is refused, not averaged anew from what is left
+    again = tmp_path / "again"
+    train_detector(config, again, data_root=shared_data, data=data, time_limit_minutes=0.0)
+    (again / "average.pt").unlink()
+    with pytest.raises(DetectorTrainingError, match=r"mean of epochs \[1\]"):
+        train_detector(config, again, data_root=shared_data, data=data, resume=True)
 
 
 def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_data):

@@ -212,8 +212,9 @@ def adapt_detector(lab_fields: Sequence[Field], out_dir: Path,
     log(f"detector: {len(fit)} lab fields to learn from, {len(val)} to choose, "
         f"{len(held)} held out; {len(replay)} replay fields of "
         f"{', '.join(base_config.sources)}")
+    # the lab's own validation chooses the epoch: no weight averaging (`average_last`)
     recipe = replace(base_config, init_weights=str(base_path), epochs=config.epochs,
-                     lr=config.lr, batch_size=config.batch_size,
+                     average_last=0, lr=config.lr, batch_size=config.batch_size,
                      frozen_blocks=config.frozen_blocks, warmup_steps=0, val_every=1,
                      group_epochs=config.group_epochs if val else 0,
                      group_lr=config.group_lr,

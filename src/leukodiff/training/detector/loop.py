@@ -71,18 +71,26 @@ def detector_step(model: torch.nn.Module, config: DetectorConfig, total_steps: i
 
 
 class WeightAverage:
-    """The running mean of a model's weights and buffers over chosen epochs
-    (torch's AveragedModel), kept in `path` after each so that a resumed run averages
-    each epoch once."""
+    """The running mean of a model's weights and buffers over its last epochs (torch's
+    AveragedModel), kept in `path` after each so that a resumed run goes on with it; a
+    resume whose average is missing or short is refused rather than averaged anew."""
 
-    def __init__(self, model: torch.nn.Module, path: Path, resume: bool) -> None:
+    def __init__(self, model: torch.nn.Module, path: Path, first: int, done: int) -> None:
+        """Epochs after `first` are averaged; `done` epochs were trained before (resume)."""
         self.path = path
         self.averaged = AveragedModel(model, use_buffers=True)
         self.epochs: list[int] = []
-        if resume and path.exists():
+        expected = list(range(first + 1, done + 1))
+        if done and path.exists():  # a new run starts a new average
             saved = torch.load(path, map_location="cpu", weights_only=True)
             self.averaged.load_state_dict(saved["average"])
             self.epochs = list(saved["epochs"])
+        # one epoch more than `done`: stopped between this file and last.pt; that epoch is
+        # trained again and its first weights stay in the mean
+        if self.epochs[:len(expected)] != expected:
+            raise DetectorTrainingError(
+                f"{path} should hold the mean of epochs {expected} to resume, but holds "
+                f"{self.epochs or 'nothing'}: train again in a new folder")
 
     def add(self, model: torch.nn.Module, epoch: int) -> None:
         if epoch in self.epochs:
@@ -174,7 +182,9 @@ def train_detector(
     if resume:
         state = folder.resume(model, optimizer, scheduler, generator)
         log(f"resumed after epoch {state['epoch']}")
-    average = WeightAverage(model, out_dir / "average.pt", resume)
+    first_averaged = config.epochs - config.average_last
+    average = (WeightAverage(model, out_dir / "average.pt", first_averaged, state["epoch"])
+               if config.average_last else None)
 
     def one_epoch(epoch: int) -> dict:
         order = epoch_order(data.train, config.mono_oversample, generator)
@@ -182,7 +192,7 @@ def train_detector(
                                                                  config.batch_size)]
         done = train_epoch(model, batches, loss_of, step, track=track,
                            description=f"epoch {epoch}/{config.epochs}")
-        if epoch > config.epochs - config.average_last:
+        if average is not None and epoch > first_averaged:
             average.add(model, epoch)
         seconds = done.pop("seconds")
         del done["samples"]
@@ -218,7 +228,7 @@ def train_detector(
     if not finished:
         return {"finished": False, "epoch": state["epoch"], "best_epoch": state["best_epoch"]}
 
-    if config.average_last:
+    if average is not None:
         model.load_state_dict(average.state_dict())
         log(f"the detector is the mean of epochs {average.epochs}")
     else:
@@ -245,7 +255,7 @@ def train_detector(
         "training": {**asdict(config), "fields": data.counts(),
                      "dropped_fields": [r.image.stem for r in data.dropped],
                      "best_epoch": state["best_epoch"], "history": state["history"],
-                     "averaged_epochs": average.epochs,
+                     "averaged_epochs": average.epochs if average else [],
                      "train_minutes": state["seconds"] / 60, "device": str(run_device),
                      "imagenet_backbone": "mobilenet_v1_0.5_160_quant.tflite",
                      "pbc_pasted_cells": {t: sum(d.cell_type == t for d in donors)
