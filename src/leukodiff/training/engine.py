@@ -1,7 +1,8 @@
 """The one training engine: what every loop here shares, written once.
 
 Seeding, the learning-rate shape, a run's folder (refuse an occupied one, resume an
-interrupted one, `last.pt` and `best.pt`), the optimiser step, an epoch of steps with
+interrupted one, `last.pt` and `best.pt`), a mean of the last epochs' weights
+(`WeightAverage`), the optimiser step, an epoch of steps with
 its progress bar, and the epochs themselves (validate, keep the best, checkpoint, stop
 at a time limit). The level-2 classifier, the detector, its group classifier, the
 adaptation loops and the protocol heads train through it, and the benchmarks time it.
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from leukodiff.data.scan import Track, no_progress
 
@@ -69,6 +71,13 @@ def new_state() -> dict:
             "seconds": 0.0}
 
 
+def save_atomic(obj: Any, path: Path) -> None:
+    """`torch.save` through a temporary file, so a kill never leaves half a file."""
+    partial = path.with_suffix(".tmp")
+    torch.save(obj, partial)
+    partial.replace(path)
+
+
 class RunFolder:
     """A training run's folder: `last.pt` (everything needed to resume, every epoch) and
     `best.pt` (the best epoch's weights).
@@ -98,13 +107,11 @@ class RunFolder:
                   scheduler: Any, generator: torch.Generator, state: dict) -> None:
         """Everything needed to resume, written atomically so a kill never leaves half a
         file. `scheduler` None: a constant learning rate (adaptation)."""
-        partial = self.last.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": None if scheduler is None else scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "state": state,
-                    "config": self.config}, partial)
-        partial.replace(self.last)
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": None if scheduler is None else scheduler.state_dict(),
+                     "generator": generator.get_state(),
+                     "torch_rng": torch.get_rng_state(), "state": state,
+                     "config": self.config}, self.last)
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: Any, generator: torch.Generator) -> dict:
@@ -144,6 +151,39 @@ class KeptBest:
     def restore(self) -> None:
         if self.state is not None:
             self.module.load_state_dict(self.state)
+
+
+class WeightAverage:
+    """The running mean of a model's weights and buffers over its last epochs (torch's
+    AveragedModel), kept in `path` after each so that a resumed run goes on with it; a
+    resume whose average is missing or short is refused rather than averaged anew."""
+
+    def __init__(self, model: torch.nn.Module, path: Path, first: int, done: int, *,
+                 error: Callable[[str], Exception]) -> None:
+        """Epochs after `first` are averaged; `done` epochs were trained before (resume)."""
+        self.path = path
+        self.averaged = AveragedModel(model, use_buffers=True)
+        self.epochs: list[int] = []
+        expected = list(range(first + 1, done + 1))
+        if done and path.exists():  # a new run starts a new average
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            self.averaged.load_state_dict(saved["average"])
+            self.epochs = list(saved["epochs"])
+        # one epoch more than `done`: stopped between this file and last.pt; that epoch is
+        # trained again and its first weights stay in the mean
+        if self.epochs[:len(expected)] != expected:
+            raise error(f"{path} should hold the mean of epochs {expected} to resume, but "
+                        f"holds {self.epochs or 'nothing'}: train again in a new folder")
+
+    def add(self, model: torch.nn.Module, epoch: int) -> None:
+        if epoch in self.epochs:
+            return
+        self.averaged.update_parameters(model)
+        self.epochs.append(epoch)
+        save_atomic({"average": self.averaged.state_dict(), "epochs": self.epochs}, self.path)
+
+    def state_dict(self) -> dict:
+        return self.averaged.module.state_dict()
 
 
 class Step:

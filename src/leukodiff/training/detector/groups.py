@@ -31,6 +31,7 @@ from leukodiff.training.engine import (
     classifier_epochs,
     new_state,
     run_epochs,
+    save_atomic,
     seed_everything,
 )
 
@@ -172,8 +173,7 @@ def train_group_classifier(model, config: DetectorConfig, data: DetectorData, ou
                       "polymorphonuclear (train)": int((train_y == 1).sum())},
             "geometry": asdict(geometry), "history": state["history"],
             "best_epoch": state["best_epoch"]}
-    torch.save({"model": classifier.state_dict(), "info": info}, saved.with_suffix(".tmp"))
-    saved.with_suffix(".tmp").replace(saved)
+    save_atomic({"model": classifier.state_dict(), "info": info}, saved)
     return info
 
 

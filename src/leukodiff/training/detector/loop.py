@@ -13,7 +13,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from torch.optim.swa_utils import AveragedModel
 
 from leukodiff.data.scan import Track, no_progress
 from leukodiff.models.detector import CLASSES, build_detector, parameter_count
@@ -44,6 +43,7 @@ from leukodiff.training.engine import (
     BatchLoss,
     RunFolder,
     Step,
+    WeightAverage,
     new_state,
     run_epochs,
     seed_everything,
@@ -68,41 +68,6 @@ def detector_step(model: torch.nn.Module, config: DetectorConfig, total_steps: i
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, config.warmup_steps, total_steps))
     return Step(optimizer, scheduler, clip_norm=10.0)
-
-
-class WeightAverage:
-    """The running mean of a model's weights and buffers over its last epochs (torch's
-    AveragedModel), kept in `path` after each so that a resumed run goes on with it; a
-    resume whose average is missing or short is refused rather than averaged anew."""
-
-    def __init__(self, model: torch.nn.Module, path: Path, first: int, done: int) -> None:
-        """Epochs after `first` are averaged; `done` epochs were trained before (resume)."""
-        self.path = path
-        self.averaged = AveragedModel(model, use_buffers=True)
-        self.epochs: list[int] = []
-        expected = list(range(first + 1, done + 1))
-        if done and path.exists():  # a new run starts a new average
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            self.averaged.load_state_dict(saved["average"])
-            self.epochs = list(saved["epochs"])
-        # one epoch more than `done`: stopped between this file and last.pt; that epoch is
-        # trained again and its first weights stay in the mean
-        if self.epochs[:len(expected)] != expected:
-            raise DetectorTrainingError(
-                f"{path} should hold the mean of epochs {expected} to resume, but holds "
-                f"{self.epochs or 'nothing'}: train again in a new folder")
-
-    def add(self, model: torch.nn.Module, epoch: int) -> None:
-        if epoch in self.epochs:
-            return
-        self.averaged.update_parameters(model)
-        self.epochs.append(epoch)
-        partial = self.path.with_suffix(".tmp")
-        torch.save({"average": self.averaged.state_dict(), "epochs": self.epochs}, partial)
-        partial.replace(self.path)
-
-    def state_dict(self) -> dict:
-        return self.averaged.module.state_dict()
 
 
 def field_batch_loss(model: torch.nn.Module, augment: Augmenter,
@@ -183,8 +148,8 @@ def train_detector(
         state = folder.resume(model, optimizer, scheduler, generator)
         log(f"resumed after epoch {state['epoch']}")
     first_averaged = config.epochs - config.average_last
-    average = (WeightAverage(model, out_dir / "average.pt", first_averaged, state["epoch"])
-               if config.average_last else None)
+    average = (WeightAverage(model, out_dir / "average.pt", first_averaged, state["epoch"],
+                             error=DetectorTrainingError) if config.average_last else None)
 
     def one_epoch(epoch: int) -> dict:
         order = epoch_order(data.train, config.mono_oversample, generator)
