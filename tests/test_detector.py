@@ -18,6 +18,7 @@ from leukodiff.imaging import load_image
 from leukodiff.metrics.detection import OPERATING_THRESHOLDS, detection_metrics, match
 from leukodiff.models.detector import (
     CELL_OF_NO_GROUP,
+    OTHER_CELL,
     DetectorSpec,
     balance_on_glass,
     build_detector,
@@ -46,6 +47,7 @@ from leukodiff.training.detector import (
     train_detector,
     unknown_group_boxes,
 )
+from leukodiff.training.detector.augmentation import OTHER
 
 LIGHT = DetectorSpec(group_classifier=False)
 
@@ -88,10 +90,13 @@ def test_cell_score_is_one_minus_background_whatever_the_group():
         build_detector(replace(LIGHT, score="background"), pretrained=False)
 
 
-def test_cell_scored_detector_exports_and_runs_any_field_on_onnxruntime(bccd, tmp_path):
+@pytest.mark.parametrize("other_cell_class", [False, True])
+def test_cell_scored_detector_exports_and_runs_any_field_on_onnxruntime(bccd, tmp_path,
+                                                                        other_cell_class):
     """The shipped detector scored as a white cell: the ONNX trace keeps the number of
     proposals and boxes dynamic (a field of another size, another count), and onnxruntime
-    finds what torch finds."""
+    finds what torch finds; also with a fourth, other-cell class (its row of the box head
+    drawn at random), scored P(either group)."""
     import onnxruntime
 
     from leukodiff.models.export import _export
@@ -100,6 +105,18 @@ def test_cell_scored_detector_exports_and_runs_any_field_on_onnxruntime(bccd, tm
         pytest.skip("no shipped detector")
     model, _ = load_detector("detector")
     model.roi_heads.cell_score = True
+    if other_cell_class:
+        state = model.state_dict()
+        model = build_detector(replace(model.spec, other_cell_class=True),
+                               pretrained=False).eval()
+        torch.manual_seed(0)
+        for name, extra in (("cls_score.weight", torch.randn(1, 256) * 0.05),
+                            ("cls_score.bias", torch.zeros(1)),
+                            ("bbox_pred.weight", torch.zeros(4, 256)),
+                            ("bbox_pred.bias", torch.zeros(4))):
+            key = f"roi_heads.box_predictor.{name}"
+            state[key] = torch.cat([state[key], extra])
+        model.load_state_dict(state)
     path = tmp_path / "cell.onnx"
     _export(model, ([torch.rand(3, 480, 640)],), path, ["image"], ["boxes", "labels", "scores"],
             {"image": {1: "height", 2: "width"}, "boxes": {0: "cells"},
@@ -294,6 +311,75 @@ def test_a_white_cell_of_no_group_trains_the_box_head_towards_a_cell():
     # about as much a cell as when its group is known (0.446 and 0.453 when written)
     assert as_cells == pytest.approx(trained({"boxes": cell, "labels": torch.full((6,), 2)}),
                                      abs=0.05)
+
+
+def test_other_cells_are_hard_negatives_of_their_own_class_and_never_reported():
+    """With the other-cell class, proposals on a red cell are taught as OTHER_CELL but drawn
+    from the background's share (the white cells keep their quarter of the samples), and
+    a box is scored P(either group): a box the head calls an other cell scores low as a
+    white cell however sure it is that the box is no background, and is never reported."""
+    spec = replace(LIGHT, other_cell_class=True)
+    heads = build_detector(spec, pretrained=False).roi_heads
+    white = torch.tensor([[10.0, 20, 90, 100]])
+    red = torch.tensor([[x, y, x + 60, y + 60] for x in range(100, 600, 70)
+                        for y in (20, 150, 300)], dtype=torch.float32)
+    jitter = torch.arange(-12, 13, 4, dtype=torch.float32)
+    proposals = torch.stack([b + d for b in (*white, *red) for d in jitter])  # 7 a cell
+    target = {"boxes": white, "labels": torch.tensor([1]), "others": red}
+    torch.manual_seed(0)
+    merged = [{**target, "boxes": torch.cat([white, red]),
+               "labels": torch.tensor([1] + [OTHER_CELL] * len(red))}]
+    _, _, labels, _ = heads.select_training_samples([proposals], merged)
+    labels = labels[0]
+    assert int((labels == OTHER_CELL).sum()) > 32  # more than the positives' quarter
+    assert 0 < int(((labels == 1) | (labels == 2)).sum()) <= 32
+    # scored as a white cell: the head sure of "other cell" gives a low score
+    logits = torch.tensor([[0.0, 4.0, 1.0, 0.0],    # a mononuclear white cell
+                           [0.0, 1.0, 0.0, 5.0]])   # an other cell
+    boxes, scores, found = heads.postprocess_detections(
+        logits, torch.zeros(2, 16), [torch.tensor([[10.0, 10, 90, 90], [200, 200, 280, 280]])],
+        [(480, 640)])
+    # the other cell: 1 - P(background) 0.99, P(either group) 0.02, under box_score_thresh
+    assert len(scores[0]) == 1 and float(scores[0][0]) > 0.9 and found[0].tolist() == [1]
+    model = build_detector(spec, pretrained=False).train()  # the whole model takes "others"
+    image = torch.rand(3, 480, 640)
+    losses = model([image], [{**target, "others": red}])
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="score 'cell'"):
+        build_detector(replace(spec, score="group"), pretrained=False)
+
+
+def test_other_cells_follow_the_augmentation_and_never_become_ignore_boxes(shared_data):
+    """BCCD's red cells and platelets come out as "others" when the head has that class,
+    inside the field; no white cell is lost to them; a cut one is dropped, never ignored."""
+    config = DetectorConfig(max_train_fields=6, copy_paste=1.0,
+                            spec=replace(LIGHT, other_cell_class=True))
+    data = prepare_fields(config, shared_data)
+    plain, other = (Augmenter(c, FieldImages(data.train))
+                    for c in (replace(config, spec=LIGHT), config))
+    for index in range(len(data.train)):
+        torch.manual_seed(index)
+        _, without = plain(index, 1, 0.8)
+        torch.manual_seed(index)
+        image, target = other(index, 1, 0.8)
+        assert "others" not in without and len(target["others"]) > 0
+        # the same draws: the white cells and ignore boxes are those made without them
+        assert torch.equal(target["boxes"], without["boxes"])
+        assert torch.equal(target["ignore"], without["ignore"])
+        height, width = image.shape[-2:]
+        others = target["others"]
+        assert (others[:, 2] <= width).all() and (others[:, 3] <= height).all()
+        assert len(others) <= sum(b.kind != "wbc" for b in data.train[index].boxes)
+    # a field wider than the window, red cells all along it: cut ones go, none is ignored
+    red = torch.tensor([[x, 200.0, x + 90, 290] for x in range(0, 1200, 100)])
+    counts = set()
+    for seed in range(10):
+        torch.manual_seed(seed)
+        _, kept, kept_labels = other.cut_window(torch.zeros(3, 480, 1280), red,
+                                                torch.full((len(red),), OTHER))
+        assert (kept_labels == OTHER).all() and (kept[:, 2] - kept[:, 0] >= 0.6 * 90).all()
+        counts.add(len(kept))
+    assert max(counts) < len(red)
 
 
 def test_augmentation_keeps_boxes_inside_and_pastes_mononuclear_cells(shared_data):

@@ -60,8 +60,11 @@ LABEL_OF: dict[Group, int] = DETECTOR_LABEL_OF
 GROUP_OF_LABEL: dict[int, Group] = GROUP_OF_DETECTOR_LABEL
 #: How a box is scored (`DetectorSpec.score`)
 SCORES = ("group", "cell")
-# a training label past the groups: a white cell whose group is unknown (`cell_aware_loss`)
-CELL_OF_NO_GROUP = len(LABEL_OF) + 1
+#: The box head's class past the groups when `DetectorSpec.other_cell_class`: an annotated
+#: red cell or platelet, never reported (a box's white-cell score is P(either group)).
+OTHER_CELL = len(LABEL_OF) + 1
+# a training label past every class: a white cell whose group is unknown (`cell_aware_loss`)
+CELL_OF_NO_GROUP = OTHER_CELL + 1
 
 # MobileNetV1 conv blocks (stem + 13 depthwise/pointwise pairs) that end at each stride.
 _BLOCKS_TO_STRIDE = {8: 1 + 2 * 5, 16: 1 + 2 * 11, 32: 1 + 2 * 13}
@@ -122,6 +125,12 @@ class DetectorSpec:
     # lamp and camera cast shows in its glass however crowded the field is, unlike the
     # whole-field statistics of colour_standardise, which are mostly red cells.
     glass_grey: float = 0.0
+    # A fourth box-head class, "other cell", taught on the red cells and platelets a
+    # training lab boxes (BCCD, BCD): what a new lab's detector mistakes for white cells
+    # is red-cell clusters, which otherwise are only background among glass and debris.
+    # The RPN still learns white cells only; a box is scored P(mononuclear) +
+    # P(polymorphonuclear) (score "cell" only).
+    other_cell_class: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> DetectorSpec:
@@ -203,6 +212,16 @@ def _discard_near(labels: torch.Tensor, boxes: torch.Tensor, ignore: torch.Tenso
     labels[near & (labels == 0)] = -1
 
 
+def _with_labelled(target: dict, key: str, label: int) -> dict:
+    """`target` with its optional boxes under `key` appended to its boxes, as `label`."""
+    extra = target.get(key)
+    if extra is None or not len(extra):
+        return target
+    return {**target, "boxes": torch.cat([target["boxes"], extra.to(target["boxes"].dtype)]),
+            "labels": torch.cat([target["labels"], target["labels"].new_full((len(extra),),
+                                                                            label)])}
+
+
 def _with_boxes(target: dict, *keys: str) -> dict:
     """`target` with its optional boxes under `keys` appended to its "boxes"."""
     extra = [target[k].to(target["boxes"].dtype) for k in keys
@@ -229,11 +248,12 @@ def cell_aware_loss(class_logits: torch.Tensor, box_regression: torch.Tensor,
     box the cell score keeps). With no such sample it is torchvision's loss."""
     labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
     cell = labels == CELL_OF_NO_GROUP
+    groups = slice(1, 1 + len(LABEL_OF))
     log_p = torch.log_softmax(class_logits, -1)
     grouped = -log_p[~cell].gather(1, labels[~cell, None]).sum()
-    ungrouped = -torch.logsumexp(log_p[cell, 1:], 1).sum()
+    ungrouped = -torch.logsumexp(log_p[cell, groups], 1).sum()
     classifier = (grouped + ungrouped) / max(1, labels.numel())
-    head = torch.where(cell, class_logits[:, 1:].argmax(1) + 1, labels)
+    head = torch.where(cell, class_logits[:, groups].argmax(1) + 1, labels)
     positive = torch.where(labels > 0)[0]
     box_regression = box_regression.reshape(class_logits.shape[0], -1, 4)
     box = nn.functional.smooth_l1_loss(box_regression[positive, head[positive]],
@@ -245,11 +265,14 @@ def cell_aware_loss(class_logits: torch.Tensor, box_regression: torch.Tensor,
 class IgnoringRoIHeads(RoIHeads):
     """torchvision's RoI heads, except that proposals on a target's "ignore" boxes are
     taught neither as a group nor as background, proposals on its "cells" boxes as a
-    white cell of either group (`cell_aware_loss`), and that with `cell_score`
-    (`DetectorSpec.score == "cell"`) a box is scored as a white cell, whatever its group."""
+    white cell of either group (`cell_aware_loss`), proposals on its "others" boxes (red
+    cells, platelets) as `OTHER_CELL` when the head has that class, sampled as background
+    is, and that with `cell_score` (`DetectorSpec.score == "cell"`) a box is scored as a
+    white cell, whatever its group."""
 
     _ignore: list | tuple = ()  # per image, set only inside select_training_samples
     cell_score: bool = False
+    other_cells: bool = False  # the head has the OTHER_CELL class
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
         """torchvision's, or with `cell_score` one box per proposal: scored 1 - P(background),
@@ -263,14 +286,16 @@ class IgnoringRoIHeads(RoIHeads):
         decoded = self.box_coder.decode(box_regression, proposals).reshape(
             -1, class_logits.shape[-1], 4)
         probabilities = torch.softmax(class_logits, -1)
+        groups = slice(1, 1 + len(LABEL_OF))
         out_boxes, out_scores, out_labels = [], [], []
         for boxes, p, shape in zip(decoded.split(counts), probabilities.split(counts),
                                    image_shapes, strict=True):
-            labels = p[:, 1:].argmax(1) + 1
+            labels = p[:, groups].argmax(1) + 1
             # gather, not arange indexing: the ONNX trace keeps the number of boxes dynamic
             boxes = boxes.gather(1, labels[:, None, None].expand(-1, 1, 4)).squeeze(1)
             boxes = box_ops.clip_boxes_to_image(boxes, shape)
-            scores = 1 - p[:, 0]
+            # P(a white cell of either group): 1 - P(background), less P(other cell)
+            scores = 1 - p[:, 0] - (p[:, OTHER_CELL] if self.other_cells else 0)
             keep = torch.where(scores > self.score_thresh)[0]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
@@ -282,11 +307,11 @@ class IgnoringRoIHeads(RoIHeads):
         return out_boxes, out_scores, out_labels
 
     def forward(self, features, proposals, image_shapes, targets=None):
+        if self.training and targets and self.other_cells:
+            targets = [_with_labelled(t, "others", OTHER_CELL) for t in targets]
         if not (self.training and targets and any(len(t.get("cells", ())) for t in targets)):
             return super().forward(features, proposals, image_shapes, targets)
-        targets = [{**_with_boxes(t, "cells"), "labels": torch.cat([
-            t["labels"], t["labels"].new_full((len(t.get("cells", ())),), CELL_OF_NO_GROUP)])}
-            for t in targets]
+        targets = [_with_labelled(t, "cells", CELL_OF_NO_GROUP) for t in targets]
         proposals, _, labels, regression_targets = self.select_training_samples(proposals,
                                                                                 targets)
         features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
@@ -299,6 +324,13 @@ class IgnoringRoIHeads(RoIHeads):
             return super().select_training_samples(proposals, targets)
         finally:
             self._ignore = ()
+
+    def subsample(self, labels):
+        """torchvision's, with other cells drawn from the background's share: they are
+        hard negatives, not positives crowding out the white cells' quarter."""
+        if self.other_cells:
+            labels = [torch.where(x == OTHER_CELL, 0, x) for x in labels]
+        return super().subsample(labels)
 
     def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
         matched, labels = super().assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
@@ -384,7 +416,8 @@ def build_detector(
         rpn_batch_size_per_image=spec.rpn_batch_per_image,
         box_roi_pool=roi_pool,
         box_head=box_head,
-        box_predictor=FastRCNNPredictor(spec.representation, len(CLASSES)),
+        box_predictor=FastRCNNPredictor(spec.representation,
+                                        len(CLASSES) + spec.other_cell_class),
         box_score_thresh=spec.box_score_thresh,
         box_nms_thresh=spec.box_nms_thresh,
         box_detections_per_img=spec.detections_per_image,
@@ -396,6 +429,10 @@ def build_detector(
     if spec.score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {spec.score!r}")
     model.roi_heads.cell_score = spec.score == "cell"
+    if spec.other_cell_class and spec.score != "cell":
+        raise ValueError("other_cell_class needs score 'cell': torchvision's per-group "
+                         "scores would report other cells as a third group")
+    model.roi_heads.other_cells = spec.other_cell_class
     if spec.group_classifier:
         classifier = MobileNetClassifier(2, width=spec.width, hidden=spec.group_hidden)
         if pretrained:

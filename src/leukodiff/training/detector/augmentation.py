@@ -26,7 +26,12 @@ from leukodiff.pipeline.analyzer import Analyzer
 from leukodiff.taxonomy import GROUP_OF, Group
 from leukodiff.training.cells import StainJitter
 from leukodiff.training.detector.config import DetectorConfig
-from leukodiff.training.detector.fields import FieldImages, field_target, unknown_group_boxes
+from leukodiff.training.detector.fields import (
+    FieldImages,
+    field_target,
+    other_cell_boxes,
+    unknown_group_boxes,
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,9 @@ def _ellipse_mask(height: int, width: int, feather: float = 0.12) -> torch.Tenso
 # RoI heads); under WINDOW_DROPPED, its sliver is left as background.
 WINDOW_VISIBLE, WINDOW_DROPPED = 0.6, 0.25
 UNKNOWN_GROUP = 99  # label of a whole white cell of unknown group, until the target is made
+# label of an annotated red cell or platelet (`DetectorSpec.other_cell_class`), until then;
+# one cut by a window is kept while WINDOW_VISIBLE of it shows, else dropped
+OTHER = 98
 
 
 class Augmenter:
@@ -143,8 +151,9 @@ class Augmenter:
             return image, boxes, labels
         x0, y0 = int(torch.randint(width - win_w + 1, ())), int(torch.randint(height - win_h + 1,
                                                                              ()))
-        if len(boxes) and torch.rand(()) < self.config.window_on_cell:
-            bx0, by0, bx1, by1 = boxes[int(torch.randint(len(boxes), ()))].tolist()
+        white = boxes[labels != OTHER]
+        if len(white) and torch.rand(()) < self.config.window_on_cell:
+            bx0, by0, bx1, by1 = white[int(torch.randint(len(white), ()))].tolist()
             # any window position that holds the whole cell (or as much as fits)
             low_x, high_x = max(0.0, bx1 - win_w), min(bx0, width - win_w)
             low_y, high_y = max(0.0, by1 - win_h), min(by0, height - win_h)
@@ -160,8 +169,10 @@ class Augmenter:
                                shifted[:, 2].clamp(0, win_w), shifted[:, 3].clamp(0, win_h)], 1)
         area = (shifted[:, 2:] - shifted[:, :2]).clamp(min=1e-6).prod(1)
         visible = (clipped[:, 2:] - clipped[:, :2]).clamp(min=0).prod(1) / area
-        labels = torch.where(visible >= WINDOW_VISIBLE, labels, torch.full_like(labels, -1))
-        keep = visible >= WINDOW_DROPPED
+        other = labels == OTHER
+        labels = torch.where((visible >= WINDOW_VISIBLE) | other, labels,
+                             torch.full_like(labels, -1))
+        keep = torch.where(other, visible >= WINDOW_VISIBLE, visible >= WINDOW_DROPPED)
         return image, clipped[keep], labels[keep]
 
     def paste(self, index: int, image: torch.Tensor, boxes: torch.Tensor,
@@ -198,7 +209,8 @@ class Augmenter:
                boxes: torch.Tensor, labels: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`patch` (float, 0-255) flipped, turned and blended (feathered ellipse) into a
-        free spot of `image`, touching no white cell already there; its box added."""
+        free spot of `image`, touching no white cell already there; its box added, and
+        the other cells it covers by a fifth or more of their box removed."""
         if torch.rand(()) < 0.5:
             patch = patch.flip(-1)
         patch = torch.rot90(patch, int(torch.randint(4, ())), dims=(1, 2))
@@ -206,18 +218,26 @@ class Augmenter:
         _, height, width = image.shape
         if ph >= height or pw >= width:
             return image, boxes, labels
+        white = boxes[labels != OTHER]
         for _ in range(20):  # a free spot: no overlap with any white cell already there
             px, py = int(torch.randint(width - pw, ())), int(torch.randint(height - ph, ()))
             new = torch.tensor([[px, py, px + pw, py + ph]], dtype=torch.float32)
-            if not len(boxes):
+            if not len(white):
                 break
-            low, high = torch.maximum(boxes[:, :2], new[:, :2]), torch.minimum(boxes[:, 2:],
+            low, high = torch.maximum(white[:, :2], new[:, :2]), torch.minimum(white[:, 2:],
                                                                                new[:, 2:])
             overlap = (high > low).all(dim=1)
             if not bool(overlap.any()):
                 break
         else:
             return image, boxes, labels
+        if len(boxes):
+            low, high = torch.maximum(boxes[:, :2], new[:, :2]), torch.minimum(boxes[:, 2:],
+                                                                               new[:, 2:])
+            covered = (high - low).clamp(min=0).prod(1) / (boxes[:, 2:] - boxes[:, :2]).clamp(
+                min=1e-6).prod(1)
+            kept = (labels != OTHER) | (covered < 0.2)
+            boxes, labels = boxes[kept], labels[kept]
         alpha = _ellipse_mask(ph, pw)
         image = image.clone()
         region = image[:, py:py + ph, px:px + pw].float()
@@ -235,6 +255,10 @@ class Augmenter:
         boxes = torch.cat([boxes, unknown])
         labels = torch.cat([labels, torch.full((len(unknown),), UNKNOWN_GROUP,
                                                dtype=torch.int64)])
+        if self.config.spec.other_cell_class:
+            others = other_cell_boxes(self.images.records[index])
+            boxes = torch.cat([boxes, others])
+            labels = torch.cat([labels, torch.full((len(others),), OTHER, dtype=torch.int64)])
         image, boxes, labels = self.cut_window(image, boxes, labels)
         if self.config.copy_paste and torch.rand(()) < self.config.copy_paste:
             image, boxes, labels = self.paste(index, image, boxes, labels)
@@ -279,11 +303,14 @@ class Augmenter:
             image = TF.gaussian_blur(image, [7, 7], [uniform(0.3, 1.5)])
         image, target = v2.SanitizeBoundingBoxes(min_size=8)(image, target)
         boxes, labels = target["boxes"].as_subclass(torch.Tensor).float(), target["labels"]
-        known = (labels > 0) & (labels != UNKNOWN_GROUP)
+        other = labels == OTHER
+        known = (labels > 0) & (labels != UNKNOWN_GROUP) & ~other
         as_cells = self.config.unknown_group == "cell"  # taught as white cells of no group
         target = {"boxes": boxes[known], "labels": labels[known],
-                  "ignore": boxes[labels < 0] if as_cells else boxes[~known]}
+                  "ignore": boxes[labels < 0] if as_cells else boxes[~known & ~other]}
         if as_cells:
             target["cells"] = boxes[labels == UNKNOWN_GROUP]
+        if self.config.spec.other_cell_class:
+            target["others"] = boxes[other]
         return image.as_subclass(torch.Tensor).float().div_(255), target
 

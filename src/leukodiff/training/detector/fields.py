@@ -21,7 +21,7 @@ from leukodiff.data.sources.unboxed import unboxed_white_cells
 from leukodiff.data.splits import holdout, monte_carlo
 from leukodiff.imaging import load_image
 from leukodiff.models.detector import LABEL_OF
-from leukodiff.taxonomy import Group
+from leukodiff.taxonomy import Group, ObjectKind
 from leukodiff.training.detector.config import DetectorConfig, DetectorTrainingError
 
 
@@ -32,6 +32,13 @@ def has_unknown_group(record: Field) -> bool:
 def unknown_group_boxes(record: Field) -> torch.Tensor:
     """(N, 4) float xyxy: the field's white-cell boxes whose group is unknown."""
     boxes = [b.xyxy for b in record.wbc_boxes if b.group is None]
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+
+
+def other_cell_boxes(record: Field) -> torch.Tensor:
+    """(N, 4) float xyxy: the field's red-cell and platelet boxes (none where its lab
+    boxes white cells only)."""
+    boxes = [b.xyxy for b in record.boxes if b.kind is not ObjectKind.WBC]
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
