@@ -336,7 +336,7 @@ def test_other_cells_are_hard_negatives_of_their_own_class_and_never_reported():
     # scored as a white cell: the head sure of "other cell" gives a low score
     logits = torch.tensor([[0.0, 4.0, 1.0, 0.0],    # a mononuclear white cell
                            [0.0, 1.0, 0.0, 5.0]])   # an other cell
-    boxes, scores, found = heads.postprocess_detections(
+    _, scores, found = heads.postprocess_detections(
         logits, torch.zeros(2, 16), [torch.tensor([[10.0, 10, 90, 90], [200, 200, 280, 280]])],
         [(480, 640)])
     # the other cell: 1 - P(background) 0.99, P(either group) 0.02, under box_score_thresh

@@ -92,8 +92,9 @@ class DetectorSpec:
     detections_per_image: int = 20
     agnostic_nms_iou: float = 0.5  # a cell is reported once, whatever its group scores
     score_threshold: float = 0.5  # what counts as a found cell (recall/precision, counts)
-    # How a box's white-cell score is read off the box head's 3-way softmax (background,
-    # mononuclear, polymorphonuclear): "cell", one box per proposal scored 1 - P(background),
+    # How a box's white-cell score is read off the box head's softmax (background,
+    # mononuclear, polymorphonuclear[, other cell]): "cell", one box per proposal scored
+    # 1 - P(background) (less P(other cell)),
     # labelled with the likelier group, its operating threshold chosen on validation F1;
     # "group", torchvision's, one box per group scored by that group's probability, so a
     # cell whose group is uncertain (a lab it never saw) scores ~0.5 at most. "cell" won
@@ -244,8 +245,10 @@ def cell_aware_loss(class_logits: torch.Tensor, box_regression: torch.Tensor,
                     ) -> dict[str, torch.Tensor]:
     """torchvision's `fastrcnn_loss`, except that a sample of label `CELL_OF_NO_GROUP` (a
     white cell whose group is unknown) is taught as a cell of either group: its loss is
-    -log(1 - P(background)), and its box is regressed by the likelier group's head (the
-    box the cell score keeps). With no such sample it is torchvision's loss."""
+    -log(P(mononuclear) + P(polymorphonuclear)), and its box is regressed by the likelier
+    group's head (the box the cell score keeps). With no such sample it is torchvision's
+    loss. Other cells (`OTHER_CELL`) are a class like the groups: their boxes are regressed
+    too, by a row of the head that inference never reads."""
     labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
     cell = labels == CELL_OF_NO_GROUP
     groups = slice(1, 1 + len(LABEL_OF))
@@ -275,8 +278,9 @@ class IgnoringRoIHeads(RoIHeads):
     other_cells: bool = False  # the head has the OTHER_CELL class
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
-        """torchvision's, or with `cell_score` one box per proposal: scored 1 - P(background),
-        the box and label of the likelier group, one class-agnostic NMS."""
+        """torchvision's, or with `cell_score` one box per proposal: scored as a white cell
+        (1 - P(background), less P(other cell) when the head has that class), the box and
+        label of the likelier group, one class-agnostic NMS."""
         if not self.cell_score:
             return super().postprocess_detections(class_logits, box_regression, proposals,
                                                   image_shapes)
@@ -294,8 +298,9 @@ class IgnoringRoIHeads(RoIHeads):
             # gather, not arange indexing: the ONNX trace keeps the number of boxes dynamic
             boxes = boxes.gather(1, labels[:, None, None].expand(-1, 1, 4)).squeeze(1)
             boxes = box_ops.clip_boxes_to_image(boxes, shape)
-            # P(a white cell of either group): 1 - P(background), less P(other cell)
-            scores = 1 - p[:, 0] - (p[:, OTHER_CELL] if self.other_cells else 0)
+            scores = 1 - p[:, 0]  # P(a white cell of either group) ...
+            if self.other_cells:  # ... which is no other cell either
+                scores = scores - p[:, OTHER_CELL]
             keep = torch.where(scores > self.score_thresh)[0]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)

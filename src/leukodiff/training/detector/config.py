@@ -93,6 +93,8 @@ class DetectorConfig:
             raise DetectorTrainingError("pbc_paste is a probability: 0 to 1")
         if self.spec.score not in SCORES:
             raise DetectorTrainingError(f"score must be one of {', '.join(SCORES)}")
+        if self.spec.other_cell_class and self.spec.score != "cell":
+            raise DetectorTrainingError("other_cell_class needs score 'cell'")
         if not 0 <= self.average_last <= self.epochs:
             raise DetectorTrainingError("average_last is a number of epochs: 0 to epochs")
         if not 0.0 <= self.spec.glass_grey <= 1.0:
