@@ -18,6 +18,7 @@ from leukodiff.imaging import load_image
 from leukodiff.models.mobilenet import (
     MobileNetClassifier,
     MobileNetV1,
+    fused_for_inference,
     keras_parameter_counts,
     layer_rows,
     parameter_table,
@@ -106,6 +107,22 @@ def test_head_on_features_equals_forward() -> None:
         features = model.features(x)
         assert features.shape == (2, 512)
         torch.testing.assert_close(model.head(features), model(x))
+
+
+def test_batchnorm_folded_in_gives_the_same_logits_and_leaves_the_model() -> None:
+    torch.manual_seed(0)
+    model = MobileNetClassifier(num_classes=3).train()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # not identity
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    fused = fused_for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert model.training and sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 27
+    x = torch.rand(4, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model.eval()(x), atol=1e-4, rtol=1e-4)
 
 
 def test_frozen_backbone_stays_frozen_in_train_mode() -> None:

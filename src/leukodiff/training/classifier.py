@@ -40,7 +40,7 @@ from leukodiff.models.files import (
     sha256_of,
 )
 from leukodiff.models.io import load_classifier, save_model
-from leukodiff.models.mobilenet import MobileNetClassifier
+from leukodiff.models.mobilenet import MobileNetClassifier, fused_for_inference
 from leukodiff.models.tflite import load_imagenet_backbone
 from leukodiff.taxonomy import CELL_TYPES_OF, CellType, Group, parse_cell_type
 from leukodiff.training.cells import (
@@ -225,8 +225,10 @@ def build_model(config: ClassifierConfig, weights_dir: str | Path | None = None
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
                    ) -> torch.Tensor:
-    """Logits for uint8 images (N, 3, S, S); the model's own normalisation applies."""
+    """Logits for uint8 images (N, 3, S, S); the model's own normalisation applies (run on
+    a copy with BatchNorm folded in, `fused_for_inference`; the model is put in eval mode)."""
     model.eval()
+    model = fused_for_inference(model)
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].float().div_(255)
