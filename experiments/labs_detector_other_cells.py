@@ -4,6 +4,8 @@ red-cell clusters white cells?
     python experiments/labs_detector_other_cells.py runs/labs-det-other 0 chula  # ~25 min
     python experiments/labs_detector_other_cells.py runs/labs-det-other 1 chula  # another shell
     python experiments/labs_detector_other_cells.py runs/labs-det-other summary runs/labs-det-base
+    python experiments/labs_detector_other_cells.py runs/labs-det-other false 0 bccd \
+        runs/labs-det-base  # where the false cells lie, both recipes
 
 Why: on a lab it never saw, a fold detector's false white cells are red cells: Chula's
 pale, ring-edged ones and their clusters, BCD's red cells and platelets when BCD is held
@@ -48,8 +50,11 @@ AP50, the changed recipe's 0.68-0.85), so the BCCD and BCD folds follow, seed 0.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 from common import detector_experiment
 
 from leukodiff.training.detector import DetectorConfig
@@ -59,5 +64,41 @@ def change(recipe: DetectorConfig, lab: str) -> DetectorConfig:
     return replace(recipe, spec=replace(recipe.spec, other_cell_class=True))
 
 
+def false_cells(runs: list[Path], seed: int, lab: str) -> None:
+    """Where each fold detector's false cells on the held-out `lab` lie: per field, and the
+    share that covers half or more of a red cell or platelet the lab boxes (BCCD, BCD)."""
+    from leukodiff.data.crops import field_image
+    from leukodiff.data.sources import load_fields
+    from leukodiff.data.sources.unboxed import unboxed_white_cells
+    from leukodiff.evaluation.labs import FoldModels
+    from leukodiff.pipeline.boxes import box_area, box_iou, intersection
+
+    fields = sorted(load_fields(lab).records, key=lambda r: r.image.name)
+    ignore = unboxed_white_cells(lab)
+    for run in runs:
+        model = run / f"seed-{seed}" / f"without-{lab}" / "detector" / "detector.pt"
+        false, on_other = 0, 0
+        with FoldModels(detector=model).analyzer(1) as analyzer:  # its own threshold
+            for record in fields:
+                found = analyzer.detect(analyzer.check(field_image(record)))
+                cells = np.array([b.xyxy for b in record.wbc_boxes]
+                                 + [b.xyxy for b in ignore.get(record.image.stem, ())],
+                                 dtype=np.float32).reshape(-1, 4)
+                others = np.array([b.xyxy for b in record.boxes if b.kind != "wbc"],
+                                  dtype=np.float32).reshape(-1, 4)
+                wrong = found.boxes[(box_iou(found.boxes, cells).max(1, initial=0) < 0.5)]
+                false += len(wrong)
+                if len(wrong) and len(others):
+                    covered = intersection(wrong, others) / box_area(others)[None]
+                    on_other += int((covered.max(1) >= 0.5).sum())
+        print(f"{model}: {false} false cells on {len(fields)} fields "
+              f"({false / len(fields):.2f} a field), {on_other} of them on a boxed red cell "
+              f"or platelet")
+
+
 if __name__ == "__main__":
-    detector_experiment(change)
+    if sys.argv[2] == "false":
+        false_cells([Path(sys.argv[1]), *map(Path, sys.argv[5:])], int(sys.argv[3]),
+                    sys.argv[4])
+    else:
+        detector_experiment(change)
