@@ -126,7 +126,10 @@ class ConvBlock(nn.Module):
 def fused_for_inference(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with each conv block's BatchNorm folded into its
     convolution (torch's `fuse_conv_bn_eval`): the same outputs, ~30% less CPU time, as the
-    ONNX export does it. The model itself is left as it was."""
+    ONNX export does it. The model itself is left as it was; one with no BatchNorm left
+    (already fused) is returned as it is, in eval mode."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model.eval()
     fused = copy.deepcopy(model).eval()
     for block in fused.modules():
         if isinstance(block, ConvBlock) and isinstance(block.bn, nn.BatchNorm2d):

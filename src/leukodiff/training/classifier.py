@@ -245,7 +245,7 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, views: int = L
     check_views(views)
     if not len(images):
         return torch.empty((0, 0))
-    pixels = images.numpy()
+    pixels, model = images.numpy(), fused_for_inference(model.eval())  # folded once
     return torch.stack([predict_logits(model, torch.from_numpy(orientation(pixels, view)))
                         .softmax(1) for view in range(views)]).mean(0)
 
