@@ -164,7 +164,11 @@ def detector_experiment(change: Callable[..., DetectorConfig]) -> None:
         python experiments/NAME.py OUT summary [BASE]     # the table and the keep rule
 
     Each fold's recipe is `evaluate labs --pbc-paste 0.5`'s detector without the group
-    classifier (detection figures only), one CPU thread, then `change(recipe, lab, *ARG)`."""
+    classifier (detection figures only), one CPU thread, then `change(recipe, lab, *ARG)`.
+    Since the other-cell class became the default (issue #14), that recipe has it; the
+    experiments measured before it (everything but labs_detector_other_cells.py and
+    labs_detector_batch_threshold.py's `unchanged`) ran without it: `git checkout a7b2a05`
+    reruns them as measured."""
     import sys
 
     import torch

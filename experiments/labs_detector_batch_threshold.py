@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +83,10 @@ BINS = 256
 
 
 def unchanged(recipe: DetectorConfig, lab: str) -> DetectorConfig:
-    """The folds are runs/labs-v5's detector recipe as it is (the threshold is the change)."""
-    return recipe
+    """The folds are runs/labs-v5's detector recipe as it is (the threshold is the change):
+    without the other-cell class, which came after (runs/labs-det-base, the baseline of
+    labs_detector_other_cells.py)."""
+    return replace(recipe, spec=replace(recipe.spec, other_cell_class=False))
 
 
 def otsu(values: np.ndarray, bins: int = BINS) -> float:

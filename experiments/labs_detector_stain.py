@@ -63,7 +63,8 @@ for lab in (x for x in labs if present[x]):
                             stain_jitter=stain, gamma=gamma,
                             # scored by group, as these folds were measured (the
                             # shipped score since: labs_detector_cell_score.py rescores)
-                            spec=DetectorSpec(group_stain=config.stain, score="group"))
+                            spec=DetectorSpec(group_stain=config.stain, score="group",
+                                              other_cell_class=False))
     if not (folder / "detector.pt").exists():
         train_detector(recipe, folder, resume=(folder / "last.pt").exists(), log=console.print)
     if not (folder / "detector.onnx").exists():

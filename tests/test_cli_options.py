@@ -38,13 +38,14 @@ class Settable:
 
 
 NESTED_SPEC = ("the detector's network (DetectorSpec): its shape and inference settings are "
-               "a spec, not a training setting; the three a recipe changes are options")
+               "a spec, not a training setting; the ones a recipe changes are options")
 SETTABLE = [
     Settable(("train", "classifier"), ClassifierConfig),
     Settable(("train", "detector"), DetectorConfig,
              options={"color_jitter": "colour_jitter", "spec.group_classifier":
                       "group_classifier", "spec.colour_standardise": "colour_standardise",
-                      "spec.group_stain": "group_stain"},
+                      "spec.group_stain": "group_stain", "spec.score": "score",
+                      "spec.other_cell_class": "other_cell_class"},
              not_options={"spec": NESTED_SPEC}),
     Settable(("evaluate", "labs"), LabsConfig),
     Settable(("evaluate", "adaptation"), AdaptationConfig,
@@ -137,3 +138,14 @@ def test_an_option_reaches_the_config(tmp_path):
     assert result.exit_code == 1, result.output
     assert "unknown augmentation 'nonesuch'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_scoring_by_group_asks_to_leave_out_the_other_cell_class(tmp_path):
+    # the other-cell class is on by default and needs the cell score: one clear message
+    # naming the way out, before any data is read
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "detector", "--out", str(out),
+                                      "--score", "group"])
+    assert result.exit_code == 1, result.output
+    assert "--no-other-cells" in result.output and "Traceback" not in result.output
+    assert not out.exists()

@@ -58,6 +58,20 @@ def test_a_cell_larger_than_the_overlap_is_joined_from_its_pieces():
     assert len(merged.scores) == 1
 
 
+def test_a_low_scored_box_of_a_nucleus_inside_a_cut_cell_does_not_take_the_cell():
+    """The shipped detector also boxes a cell's nucleus, far below any threshold (0.06): a
+    tile that sees that box whole does not make the cut cell around it a piece of it (on a
+    2x2 mosaic of BCCD test fields, a cell at the seam was lost so)."""
+    tiles = [(0, 0, 640, 480), (480, 0, 1120, 480)]
+    left = (400, 100, 640, 300)   # cut at tile 1's right edge
+    right = (0, 100, 160, 300)    # cut at tile 2's left edge
+    nucleus = (500, 150, 580, 250)  # inside the cell, clear of tile 1's edges: "whole"
+    first = Detections.of([left, nucleus], [2, 2], [0.95, 0.06])
+    merged = merge_tiles([first, _found(right, score=0.9)], tiles, (1120, 480))
+    assert merged.boxes[0].tolist() == [400.0, 100.0, 640.0, 300.0]
+    assert merged.scores[0] == np.float32(0.95) and merged.above(0.5).boxes.shape == (1, 4)
+
+
 def test_cells_at_the_outer_image_border_are_kept():
     tiles = [(0, 0, 640, 480), (480, 0, 1120, 480)]
     merged = merge_tiles([_found((0, 0, 50, 50)), _found((560, 430, 640, 480))], tiles,

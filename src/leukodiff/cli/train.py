@@ -174,6 +174,11 @@ def train_detector_command(
     score: str = typer.Option(Detector("spec.score"), help="A box's white-cell score: group "
                               "(its best group's probability) | cell (1 - P(background); "
                               "operating threshold then chosen on validation F1)."),
+    other_cell_class: bool = typer.Option(Detector("spec.other_cell_class"),
+                                          "--other-cells/--no-other-cells",
+                                          help="Teach the box head the training labs' "
+                                          "boxed red cells and platelets as a class of "
+                                          "their own (needs --score cell)."),
     colour_standardise: bool = typer.Option(Detector("spec.colour_standardise"),
                                             "--colour-standardise/--raw-colours",
                                             help="Standardise each field's colours to BCCD's "
@@ -212,7 +217,8 @@ def train_detector_command(
     from leukodiff.training.familiarity import write_familiarity
 
     spec = DetectorSpec(group_classifier=group_classifier, colour_standardise=colour_standardise,
-                        group_stain=group_stain, score=score)
+                        group_stain=group_stain, score=score,
+                        other_cell_class=other_cell_class)
     try:
         scales = tuple(float(v) for v in _split_list(scale_range))
         jitter = tuple(float(v) for v in _split_list(colour_jitter))
@@ -350,7 +356,7 @@ def _fires(report: dict) -> str:
 @train_app.command("familiarity")
 def train_familiarity_command(
     sources: str = typer.Option(..., help="The detector's training labs, comma-separated "
-                                "(the shipped detector: bccd)."),
+                                "(the shipped detector: bccd,bcd,chula)."),
     detector: str = typer.Option("detector", help="Detector (name or detector.pt) whose "
                                  "reference this is; written beside it."),
     seed: int = typer.Option(0, help="Seed of the labs' splits (as the detector's)."),

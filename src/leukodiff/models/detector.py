@@ -130,13 +130,15 @@ class DetectorSpec:
     # training lab boxes (BCCD, BCD): what a new lab's detector mistakes for white cells
     # is red-cell clusters, which otherwise are only background among glass and debris.
     # The RPN still learns white cells only; a box is scored P(mononuclear) +
-    # P(polymorphonuclear) (score "cell" only).
-    other_cell_class: bool = False
+    # P(polymorphonuclear) (score "cell" only). It won leaving one lab out (issue #14,
+    # experiments/labs_detector_other_cells.py); manifests written before it read False.
+    other_cell_class: bool = True
 
     @classmethod
     def from_dict(cls, data: dict) -> DetectorSpec:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known.setdefault("score", "group")  # manifests written before the choice existed
+        known.setdefault("other_cell_class", False)  # ... and before the other-cell class
         for key in ("anchor_sizes", "aspect_ratios", "colour_mean", "colour_std"):
             if key in known:
                 known[key] = tuple(known[key])

@@ -22,6 +22,7 @@ from leukodiff.pipeline.boxes import (
     Detections,
     box_area,
     box_iou,
+    intersection,
     intersection_over_smaller,
     nms,
 )
@@ -147,7 +148,10 @@ def _merge_group(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,
     whole = _drop_pieces_seen_whole(boxes, tile_of, windows, whole)
     pieces = np.flatnonzero(cut)
     if len(pieces) and len(whole):  # pieces of cells some tile saw whole
-        covered = intersection_over_smaller(boxes[pieces], boxes[whole]).max(1) >= 0.5
+        # half the piece inside a whole box: not half the smaller box, or a whole box of a
+        # nucleus inside a cut cell (scored far below any threshold) would take the cell
+        covered = (intersection(boxes[pieces], boxes[whole])
+                   / np.maximum(box_area(boxes[pieces]), 1e-6)[:, None]).max(1) >= 0.5
         pieces = pieces[~covered]
     merged = [(boxes[i], labels[i], scores[i]) for i in whole]
     if len(pieces):  # cells larger than the overlap: join their pieces

@@ -94,7 +94,9 @@ class DetectorConfig:
         if self.spec.score not in SCORES:
             raise DetectorTrainingError(f"score must be one of {', '.join(SCORES)}")
         if self.spec.other_cell_class and self.spec.score != "cell":
-            raise DetectorTrainingError("other_cell_class needs score 'cell'")
+            raise DetectorTrainingError("the other-cell class (on by default) needs score "
+                                        "'cell': train with --no-other-cells to score by "
+                                        "group")
         if not 0 <= self.average_last <= self.epochs:
             raise DetectorTrainingError("average_last is a number of epochs: 0 to epochs")
         if not 0.0 <= self.spec.glass_grey <= 1.0:
