@@ -29,6 +29,42 @@ def exact_share(detections: Sequence[Detections], fields: Sequence[Field], thres
                           for found, f in zip(detections, fields, strict=True)]))
 
 
+def fold_detectors(runs_folders: Sequence[str]):
+    """(RUNS, lab, detector.pt, its operating point) of each fold detector under each of
+    `runs_folders` (`RUNS/without-LAB/detector/detector.pt`), labs in DETECTION_LABS order."""
+    from leukodiff.evaluation.labs import DETECTION_LABS
+
+    for runs in map(Path, runs_folders):
+        for lab in DETECTION_LABS:
+            model = runs / f"without-{lab}" / "detector" / "detector.pt"
+            if model.exists():
+                manifest = json.loads(model.with_suffix(".json").read_text())
+                yield runs, lab, model, manifest["training"]["operating_point"]
+
+
+def held_out_at_thresholds(model: Path, lab: str, thresholds: Mapping[str, float],
+                           threads: int = 1) -> dict[str, dict[str, float]]:
+    """A fold detector on every labelled field of its held-out `lab`, detected once through
+    onnxruntime as `evaluate labs` does (down to score 0), measured at each named threshold:
+    precision, recall, AP50 and exact count (reviewed unboxed cells ignored and counted)."""
+    from leukodiff.data.sources import load_fields
+    from leukodiff.data.sources.unboxed import unboxed_white_cells
+    from leukodiff.evaluation.labs import FoldModels
+    from leukodiff.imaging import load_image
+
+    fields = sorted(load_fields(lab).records, key=lambda r: r.image.name)
+    ignore = unboxed_white_cells(lab)
+    with FoldModels(detector=model).analyzer(threads, detection_threshold=0.0) as analyzer:
+        found = [analyzer.detect(load_image(r.image)) for r in fields]
+    figures = {}
+    for name, threshold in thresholds.items():
+        m = detection_scores(found, fields, threshold, ignore)
+        figures[name] = {"threshold": threshold, "precision": m["precision"],
+                         "recall": m["recall"], "ap50": m["ap50"],
+                         "exact_count": exact_share(found, fields, threshold, ignore)}
+    return figures
+
+
 def per_lab(records: Sequence[Field], most: int, seed: int = 0) -> list[Field]:
     """At most `most` fields of each source, drawn with `seed` (for CPU time)."""
     rng = random.Random(seed)

@@ -34,19 +34,11 @@ false ones: no threshold chosen on the training labs separates them there.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
-from common import exact_share
+from common import fold_detectors, held_out_at_thresholds
 from rich.console import Console
-
-from leukodiff.data.sources import load_fields
-from leukodiff.data.sources.unboxed import unboxed_white_cells
-from leukodiff.evaluation.labs import DETECTION_LABS, FoldModels
-from leukodiff.imaging import load_image
-from leukodiff.metrics.detection import detection_scores
 
 MARGIN = 0.005
 
@@ -58,24 +50,14 @@ def margin_threshold(val_f1: dict[str, float]) -> float:
 
 console = Console()
 rows = []
-for runs in map(Path, sys.argv[1:]):
-    for lab in DETECTION_LABS:
-        model = runs / f"without-{lab}" / "detector" / "detector.pt"
-        if not model.exists():
-            continue
-        point = json.loads(model.with_suffix(".json").read_text())["training"]["operating_point"]
-        own, margin = point["threshold"], margin_threshold(point["val_f1"])
-        fields = sorted(load_fields(lab).records, key=lambda r: r.image.name)
-        ignore = unboxed_white_cells(lab)
-        with FoldModels(detector=model).analyzer(1, detection_threshold=0.0) as analyzer:
-            found = [analyzer.detect(load_image(r.image)) for r in fields]
-        for rule, t in (("own", own), ("margin", margin)):
-            m = detection_scores(found, fields, t, ignore)
-            exact = exact_share(found, fields, t, ignore)
-            rows.append((str(runs), lab, rule, t, m["precision"], m["recall"], exact))
-            console.print(f"{runs} held out {lab}, {rule} threshold {t}: precision "
-                          f"{m['precision']:.3f} recall {m['recall']:.3f} AP50 "
-                          f"{m['ap50']:.3f} exact count {exact:.1%}")
+for runs, lab, model, point in fold_detectors(sys.argv[1:]):
+    thresholds = {"own": point["threshold"], "margin": margin_threshold(point["val_f1"])}
+    for rule, m in held_out_at_thresholds(model, lab, thresholds).items():
+        rows.append((str(runs), lab, rule, m["threshold"], m["precision"], m["recall"],
+                     m["exact_count"]))
+        console.print(f"{runs} held out {lab}, {rule} threshold {m['threshold']}: precision "
+                      f"{m['precision']:.3f} recall {m['recall']:.3f} AP50 "
+                      f"{m['ap50']:.3f} exact count {m['exact_count']:.1%}")
 for rule in ("own", "margin"):
     picked = [r for r in rows if r[2] == rule]
     console.print(f"{rule}: mean precision {np.mean([r[4] for r in picked]):.3f}, mean recall "

@@ -39,17 +39,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
-from common import exact_share
+from common import fold_detectors, held_out_at_thresholds
 from rich.console import Console
-
-from leukodiff.data.sources import load_fields
-from leukodiff.data.sources.unboxed import unboxed_white_cells
-from leukodiff.evaluation.labs import DETECTION_LABS, FoldModels
-from leukodiff.imaging import load_image
-from leukodiff.metrics.detection import detection_scores
 
 MARGIN = 0.005
 
@@ -63,32 +56,23 @@ def plateau_threshold(val_f1: dict[str, float]) -> float:
 def main() -> None:
     console = Console()
     rows = []
-    for runs in map(Path, sys.argv[1:]):
-        for lab in DETECTION_LABS:
-            model = runs / f"without-{lab}" / "detector" / "detector.pt"
-            if not model.exists():
-                continue
-            point = json.loads(model.with_suffix(".json").read_text())["training"][
-                "operating_point"]
-            own, lowest = point["threshold"], plateau_threshold(point["val_f1"])
-            if lowest == own:  # the same threshold: the fold's own figures, measured already
-                same = json.loads((model.parents[1] / "result.json").read_text())
-                for rule in ("own", "plateau"):
-                    rows.append((str(runs), lab, rule, own, same["precision"], same["recall"],
-                                 same["exact_count"]))
-                console.print(f"{runs} held out {lab}: threshold {own} either way")
-                continue
-            fields = sorted(load_fields(lab).records, key=lambda r: r.image.name)
-            ignore = unboxed_white_cells(lab)
-            with FoldModels(detector=model).analyzer(2, detection_threshold=0.0) as analyzer:
-                found = [analyzer.detect(load_image(r.image)) for r in fields]
-            for rule, t in (("own", own), ("plateau", lowest)):
-                m = detection_scores(found, fields, t, ignore)
-                exact = exact_share(found, fields, t, ignore)
-                rows.append((str(runs), lab, rule, t, m["precision"], m["recall"], exact))
-                console.print(f"{runs} held out {lab}, {rule} threshold {t}: precision "
-                              f"{m['precision']:.3f} recall {m['recall']:.3f} AP50 "
-                              f"{m['ap50']:.3f} exact count {exact:.1%}")
+    for runs, lab, model, point in fold_detectors(sys.argv[1:]):
+        own, lowest = point["threshold"], plateau_threshold(point["val_f1"])
+        if lowest == own:  # the same threshold: the fold's own figures, measured already
+            same = json.loads((model.parents[1] / "result.json").read_text())
+            for rule in ("own", "plateau"):
+                rows.append((str(runs), lab, rule, own, same["precision"], same["recall"],
+                             same["exact_count"]))
+            console.print(f"{runs} held out {lab}: threshold {own} either way")
+            continue
+        measured = held_out_at_thresholds(model, lab, {"own": own, "plateau": lowest},
+                                          threads=2)
+        for rule, m in measured.items():
+            rows.append((str(runs), lab, rule, m["threshold"], m["precision"],
+                         m["recall"], m["exact_count"]))
+            console.print(f"{runs} held out {lab}, {rule} threshold {m['threshold']}: "
+                          f"precision {m['precision']:.3f} recall {m['recall']:.3f} AP50 "
+                          f"{m['ap50']:.3f} exact count {m['exact_count']:.1%}")
     means = {}
     for rule in ("own", "plateau"):
         picked = [r for r in rows if r[2] == rule]
