@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from leukodiff.data.records import Box, Field
-from leukodiff.pipeline.boxes import Detections, box_area, box_iou, intersection
+from leukodiff.pipeline.boxes import Detections, box_iou, share_inside
 from leukodiff.taxonomy import Group
 
 MONO, POLY = 1, 2  # label indices of leukodiff.models.detector.CLASSES
@@ -40,13 +40,6 @@ def match(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray, iou: float =
     return pairs
 
 
-def _inside(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    """For each box, the largest share of its own area lying in one of `regions`."""
-    if not len(boxes) or not len(regions):
-        return np.zeros(len(boxes))
-    return (intersection(boxes, regions) / np.maximum(box_area(boxes), 1e-6)[:, None]).max(1)
-
-
 def _at_threshold(field: Detections, truth: np.ndarray, regions: np.ndarray,
                   threshold: float, iou: float
                   ) -> tuple[Detections, list[tuple[int, int]], int, int]:
@@ -56,7 +49,7 @@ def _at_threshold(field: Detections, truth: np.ndarray, regions: np.ndarray,
     kept = field.above(threshold)
     pairs = match(kept.boxes, kept.scores, truth, iou)
     unmatched = sorted(set(range(len(kept.boxes))) - {d for d, _ in pairs})
-    ignored = int((_inside(kept.boxes[unmatched], regions) >= iou).sum())
+    ignored = int((share_inside(kept.boxes[unmatched], regions) >= iou).sum())
     return kept, pairs, len(unmatched) - ignored, ignored
 
 

@@ -72,6 +72,14 @@ def intersection_over_smaller(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return intersection(a, b) / np.maximum(smaller, 1e-6)
 
 
+def share_inside(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """For each box, the largest share of its own area lying in one of `regions` (0 with
+    no regions)."""
+    if not len(boxes) or not len(regions):
+        return np.zeros(len(boxes))
+    return (intersection(boxes, regions) / np.maximum(box_area(boxes), 1e-6)[:, None]).max(1)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Indices of the boxes kept by greedy non-maximum suppression, best score first."""
     order = np.argsort(-scores, kind="stable")

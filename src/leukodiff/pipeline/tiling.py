@@ -22,9 +22,9 @@ from leukodiff.pipeline.boxes import (
     Detections,
     box_area,
     box_iou,
-    intersection,
     intersection_over_smaller,
     nms,
+    share_inside,
 )
 
 # Pixels: a box this close to an inner tile edge is cut by it. The detector boxes a cut
@@ -150,8 +150,7 @@ def _merge_group(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,
     if len(pieces) and len(whole):  # pieces of cells some tile saw whole
         # half the piece inside a whole box: not half the smaller box, or a whole box of a
         # nucleus inside a cut cell (scored far below any threshold) would take the cell
-        covered = (intersection(boxes[pieces], boxes[whole])
-                   / np.maximum(box_area(boxes[pieces]), 1e-6)[:, None]).max(1) >= 0.5
+        covered = share_inside(boxes[pieces], boxes[whole]) >= 0.5
         pieces = pieces[~covered]
     merged = [(boxes[i], labels[i], scores[i]) for i in whole]
     if len(pieces):  # cells larger than the overlap: join their pieces
