@@ -688,6 +688,13 @@ def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_
     assert loaded.sha256 == manifest["sha256"] and model.spec.rpn_post_nms_test == 50
     with pytest.raises(DetectorTrainingError, match="finished"):
         train_detector(config, tmp_path, data_root=shared_data, data=data, resume=True)
+    # fine-tuning it into a head with a class more is refused before any field is read
+    other = replace(config, init_weights=str(tmp_path / "detector.pt"),
+                    spec=replace(config.spec, other_cell_class=True, score="cell"))
+    with pytest.raises(DetectorTrainingError, match=r"without the other-cell class.*"
+                       r"--no-other-cells"):
+        train_detector(other, tmp_path / "fine-tuned", data_root=shared_data)
+    assert not (tmp_path / "fine-tuned").exists()
 
     # the group classifier alone, trained again with stain normalisation: boxes unchanged
     again = retrain_group_classifier(tmp_path / "detector.pt", tmp_path / "group",
@@ -728,6 +735,13 @@ def test_training_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, shared_
     with pytest.raises(DetectorTrainingError, match="already scored"):
         rescore_detector(tmp_path / "cell" / "detector.pt", tmp_path / "again",
                          data_root=shared_data)
+    # its group classifier trained again: the operating threshold stays the chosen one
+    regrouped = retrain_group_classifier(tmp_path / "cell" / "detector.pt",
+                                         tmp_path / "cell-group", augmentation="basic",
+                                         stain="none", data_root=shared_data)
+    assert regrouped["architecture"]["score_threshold"] == point["threshold"]
+    assert load_detector(tmp_path / "cell-group" / "detector.pt")[0].spec.score_threshold \
+        == point["threshold"]
 
 
 def test_altered_detector_file_is_refused(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from leukodiff.data.scan import Track, no_progress
-from leukodiff.models.detector import CLASSES, build_detector, parameter_count
+from leukodiff.models.detector import CLASSES, DetectorSpec, build_detector, parameter_count
 from leukodiff.models.files import invoked_command, read_checked, resolve
 from leukodiff.models.io import load_detector, save_model
 from leukodiff.pipeline.familiarity import familiarity_path
@@ -111,6 +111,8 @@ def train_detector(
     with `resume=True` to go on.
     """
     config.check()
+    if config.init_weights:
+        _check_start(config)
     out_dir = Path(out_dir)
     # fields given by the caller (adaptation) are part of what a resume must match
     record = asdict(config) if data is None else {**asdict(config), "fields": data.digest()}
@@ -212,7 +214,7 @@ def train_detector(
         "architecture": {"name": "fasterrcnn_mobilenet_v1", **model.spec.to_dict(),
                          "parameters": parameter_count(model)},
         "task": "level 1: white-cell detection and group",
-        "classes": list(CLASSES),
+        "classes": [*CLASSES, *(["other cell"] if model.spec.other_cell_class else [])],
         "input": {"pixels": "RGB float in [0, 1]; the backbone normalises to (p*255 - 128) / "
                   "128 itself", "resolution": "native: no resize inside the model; BCCD "
                   "640x480 fields go in as they are; rescale other sources so a white cell "
@@ -246,6 +248,17 @@ def train_detector(
     return save_model(model, manifest, out_dir / "detector.pt")
 
 
+def _check_start(config: DetectorConfig) -> None:
+    """The detector fine-tuned from must have the box head `config` builds, or its weights
+    cannot load: refused before any field is read, with the option that matches it."""
+    start = DetectorSpec.from_dict(read_checked(config.init_weights)[1].architecture)
+    if start.other_cell_class != config.spec.other_cell_class:
+        option = "--other-cells" if start.other_cell_class else "--no-other-cells"
+        raise DetectorTrainingError(
+            f"{config.init_weights} was trained {'with' if start.other_cell_class else 'without'}"
+            f" the other-cell class; fine-tune it with {option}")
+
+
 def retrain_group_classifier(
     detector: str | Path,
     out_dir: Path,
@@ -271,8 +284,10 @@ def retrain_group_classifier(
     trained = DetectorConfig.from_dict(manifest.training.settings)
     if not trained.spec.group_classifier:
         raise DetectorTrainingError(f"{source} has no group classifier")
+    # the loaded spec, not the training settings': it holds the operating threshold chosen
+    # after training (the settings keep the spec training started from)
     config = replace(trained, group_augmentation=augmentation,
-                     spec=replace(trained.spec, group_stain=stain))
+                     spec=replace(model.spec, group_stain=stain))
     config.check()
     out_dir.mkdir(parents=True, exist_ok=True)
     restart_group_classifier(model, config, weights_dir)
