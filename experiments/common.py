@@ -116,8 +116,9 @@ def level2_fold(recipe: ClassifierConfig, folder: Path) -> Path:
 # --- a detector recipe change, fold by fold, against runs/labs-v5 seed for seed -----------
 
 # runs/labs-v5's labs.json where that run is on this machine, else its copy in docs/
-BASELINE = next((p for p in (Path("runs/labs-v5/labs.json"), Path("docs/labs.json"))
-                 if p.exists()), Path("docs/labs.json"))
+# (docs/labs.json is the section's current table, runs/labs-v6 since 2026-12-08)
+BASELINE = next((p for p in (Path("runs/labs-v5/labs.json"), Path("docs/labs-v5.json"))
+                 if p.exists()), Path("docs/labs-v5.json"))
 FIGURES = ("precision", "recall", "ap50", "exact_count")
 
 

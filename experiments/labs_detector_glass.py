@@ -6,7 +6,7 @@ it never saw?
     python experiments/labs_detector_glass.py runs/labs-det-glass summary
 
 Leave one lab out, detector alone, against runs/labs-v5 (`evaluate labs`' folds; its
-labs.json is docs/labs.json) seed for seed (`common.detector_fold`,
+labs.json is docs/labs-v5.json) seed for seed (`common.detector_fold`,
 `common.detector_rule`). Each fold's detector learns from the other detection labs with
 the schedule of `leukodiff evaluate labs --pbc-paste 0.5` (10 epochs, mononuclear fields
 drawn 2x, a PBC cell pasted into half the training fields, selected and thresholded on

@@ -18,6 +18,7 @@ from leukodiff.metrics.labs import (
     LabTyping,
     TrainedOn,
 )
+from leukodiff.metrics.records import to_plain
 from leukodiff.reports.labs import END, START, insert_section, render_section, write_labs_report
 from leukodiff.reports.study import keep_marked_sections
 
@@ -151,3 +152,21 @@ def test_the_shipped_models_labs_come_from_their_manifests():
 
     assert _shipped_sources() == {"bccd", "bcd", "chula", "pbc"}
     assert not set(LABS) - _shipped_sources()
+
+
+def test_a_table_made_before_the_other_cell_class_is_not_merged_into_one_with_it(tmp_path):
+    """labs.json files written before `other_cells` existed ran without the class: a run
+    with it starts its own table, one with `--no-other-cells` keeps their folds, and each
+    section's command line says which recipe it measured."""
+    old = LabRun(skipped="data absent")
+    config = {k: v for k, v in LabsConfig().__dict__.items() if k != "other_cells"}
+    before = LabsResults(config=config | {"labs": ["pbc"]}, labs_present={"pbc": True},
+                         shipped={}, folds={"pbc": old})
+    (tmp_path / "labs.json").write_text(json.dumps(to_plain(before)))
+    assert "--no-other-cells" in render_section(before)
+    kept = evaluate_labs(tmp_path, LabsConfig(labs=(), other_cells=False))
+    assert kept.folds == {"pbc": old}
+    fresh = evaluate_labs(tmp_path, LabsConfig(labs=()))
+    assert fresh.folds == {}
+    section = render_section(replace(fresh, folds={"pbc": old}))
+    assert "--no-other-cells" not in section and "`--other-cells`" in section

@@ -259,6 +259,10 @@ def evaluate_labs_command(
                                            "evenly over its types."),
     pbc_paste: float = typer.Option(Labs("pbc_paste"), help="Detectors: probability of "
                                     "pasting a PBC cell (any type) into a training field."),
+    other_cells: bool = typer.Option(Labs("other_cells"), "--other-cells/--no-other-cells",
+                                     help="Detectors: red cells and platelets as a class "
+                                     "of their own (--no-other-cells: the recipe before "
+                                     "2026-12-07)."),
     max_train_fields: int = typer.Option(Labs("max_train_fields"), help="Training fields "
                                          "per detector (0: all; quick runs)."),
     max_measured: int = typer.Option(Labs("max_measured"), help="Measured images per lab "
@@ -291,8 +295,9 @@ def evaluate_labs_command(
         detector_epochs=detector_epochs, mono_oversample=mono_oversample,
         group_epochs=group_epochs, group_pbc_per_type=group_pbc_per_type,
         max_per_class=max_per_class, augmentation=augmentation, stain=stain,
-        balance_by_source=balance_by_source, pbc_paste=pbc_paste, threads=threads or None,
-        max_train_fields=max_train_fields, max_measured=max_measured)
+        balance_by_source=balance_by_source, pbc_paste=pbc_paste,
+        other_cells=other_cells, threads=threads or None, max_train_fields=max_train_fields,
+        max_measured=max_measured)
     try:
         results = evaluate_labs(out, config, data_root=data_root, weights_dir=weights_dir,
                                 track=_track, log=console.print)

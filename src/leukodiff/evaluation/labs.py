@@ -74,6 +74,8 @@ LABS = ("bccd", "pbc", "chula", "bcd")
 MARKER = {"bccd": "BCCD/Annotations", "pbc": "", "chula": "WBC_Samples",
           "bcd": "annotations.csv"}
 TYPES = tuple(str(t) for t in CellType)
+# LabsConfig settings a labs.json written before they existed ran with (not their default)
+ABSENT_BEFORE = {"other_cells": False}
 FEATURES = FeatureCache()  # how each field looks, shared by the folds' familiarity fits
 
 
@@ -97,6 +99,9 @@ class LabsConfig:
     group_epochs: int = 6  # shipped: 8
     group_pbc_per_type: int = 400  # shipped: 800
     pbc_paste: float = 0.0  # detectors: DetectorConfig.pbc_paste
+    # detectors: red cells and platelets as a box-head class of their own
+    # (DetectorSpec.other_cell_class; labs.json files from before it read as False)
+    other_cells: bool = True
     threads: int | None = None
     # quick runs and tests only: training fields per detector, measured images per lab
     max_train_fields: int = 0
@@ -206,7 +211,8 @@ def _train_detector(lab: str, sources: Sequence[str], config: LabsConfig, fold_d
                             group_pbc_per_type=config.group_pbc_per_type,
                             group_augmentation=config.augmentation,
                             pbc_paste=config.pbc_paste,
-                            spec=DetectorSpec(group_stain=config.stain))
+                            spec=DetectorSpec(group_stain=config.stain,
+                                              other_cell_class=config.other_cells))
     _train_once(model, recipe, train_detector, export_detector,
                 f"without {lab}: detector on {', '.join(sources)}", data_root, weights_dir,
                 track, log)
@@ -419,7 +425,8 @@ def _earlier_results(path: Path, config: LabsConfig) -> LabsResults | None:
     earlier = json.loads(path.read_text())
     loose = ("labs", "threads", "repeat_seeds")  # none changes a figure
     mine = {k: v for k, v in _settings(config).items() if k not in loose}
-    default = _settings(LabsConfig())  # a setting added since: its default
+    # a setting added since: its default, or what the runs before it did
+    default = {**_settings(LabsConfig()), **ABSENT_BEFORE}
     theirs = {k: earlier.get("config", {}).get(k, default[k]) for k in mine}
     return from_plain(LabsResults, earlier) if mine == theirs else None
 

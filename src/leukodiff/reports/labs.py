@@ -140,6 +140,7 @@ def render_section(results: LabsResults, figure: str = "figures/labs.png") -> st
         f"`leukodiff evaluate labs --augmentation {config['augmentation']} --stain "
         f"{config.get('stain', 'none')}"
         + (f" --pbc-paste {config['pbc_paste']:g}" if config.get("pbc_paste") else "")
+        + ("" if config.get("other_cells") else " --no-other-cells")
         + " --docs docs/` (the "
         "fold models are kept in `--out` and reused; `--labs` runs some folds and adds them "
         "to the table). For each lab, the detector and the level-2 models are trained on the "
@@ -152,6 +153,8 @@ def render_section(results: LabsResults, figure: str = "figures/labs.png") -> st
         f"{config['mono_oversample']}x"
         + (f", a PBC cell of any type pasted into {config['pbc_paste']:.0%} of training "
            "fields" if config.get("pbc_paste") else "")
+        + (", the training labs' boxed red cells and platelets taught to the box head as a "
+           "class of their own, `--other-cells`" if config.get("other_cells") else "")
         + "; shipped: all cells, 40 epochs), selected "
         "on those labs' validation parts (the detector's boxes scored 1 - P(background), "
         "its operating threshold the F1-best on the same validation fields), exported to "
