@@ -1,5 +1,5 @@
-"""Does training the detector on larger cells keep it finding them under a stronger
-objective, without losing a lab it never saw?
+"""Does training the detector on larger cells keep it finding them when a lab's objective
+or camera enlarges them, without losing a lab it never saw?
 
     python experiments/labs_detector_scale.py runs/labs-det-scale 0 chula    # ~28 min a fold
     python experiments/labs_detector_scale.py runs/labs-det-scale 1 chula    # (another shell)
