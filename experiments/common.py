@@ -154,12 +154,10 @@ def detector_fold(recipe: DetectorConfig, folder: Path, lab: str) -> dict:
     return measured
 
 
-def detector_rule(out: Path, base: Path | None = None) -> bool:
-    """Every OUT/seed-S/without-LAB/result.json against the fold of the same lab and seed
-    in `base` (its result.json: the unchanged recipe trained on the same code) or, without
-    `base`, runs/labs-v5's, as a table, and the detector keep rule: over every (lab, seed),
-    mean AP50 +0.03, mean exact count +3 points, mean recall no worse than -0.02, no lab's
-    mean exact count down by more than 5 points."""
+def paired_folds(out: Path, base: Path | None = None) -> list[tuple[str, int, dict, dict]] | None:
+    """(lab, seed, before, after) for every OUT/seed-S/without-LAB/result.json, `before` the
+    fold of the same lab and seed in `base` (its result.json) or, without `base`,
+    runs/labs-v5's; None (said) when one has no baseline."""
     rows = []
     for path in sorted(out.glob("seed-*/without-*/result.json")):
         seed = int(path.parts[-3].removeprefix("seed-"))
@@ -169,16 +167,14 @@ def detector_rule(out: Path, base: Path | None = None) -> bool:
                   else None)
         if before is None:
             print(f"no baseline for {lab} seed {seed} in {base or BASELINE}: no verdict")
-            return False
+            return None
         rows.append((lab, seed, before, json.loads(path.read_text())))
-    print(f"| held-out lab | seed | {base or BASELINE} P / R / AP50 / exact | changed |")
-    print("|---|---|---|---|")
-    for lab, seed, before, after in rows:
-        cells = [" / ".join(f"{d[k]:.3f}" if k != "exact_count" else f"{100 * d[k]:.1f}%"
-                            for k in FIGURES) for d in (before, after)]
-        print(f"| {lab} | {seed} | {cells[0]} | {cells[1]} |")
-    if not rows:
-        return False
+    return rows
+
+
+def mean_changes(rows: Sequence[tuple[str, int, dict, dict]]
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean after - before of each figure over `rows`, and of the exact count by lab."""
 
     def mean(key: str, which: int, lab: str | None = None) -> float:
         values = [r[2 + which][key] for r in rows if lab is None or r[0] == lab]
@@ -187,6 +183,27 @@ def detector_rule(out: Path, base: Path | None = None) -> bool:
     gains = {k: round(mean(k, 1) - mean(k, 0), 4) for k in FIGURES}
     by_lab = {lab: round(mean("exact_count", 1, lab) - mean("exact_count", 0, lab), 4)
               for lab in sorted({r[0] for r in rows})}
+    return gains, by_lab
+
+
+def detector_rule(out: Path, base: Path | None = None) -> bool:
+    """Every OUT/seed-S/without-LAB/result.json against the fold of the same lab and seed
+    in `base` (its result.json: the unchanged recipe trained on the same code) or, without
+    `base`, runs/labs-v5's, as a table, and the detector keep rule: over every (lab, seed),
+    mean AP50 +0.03, mean exact count +3 points, mean recall no worse than -0.02, no lab's
+    mean exact count down by more than 5 points."""
+    rows = paired_folds(out, base)
+    if rows is None:
+        return False
+    print(f"| held-out lab | seed | {base or BASELINE} P / R / AP50 / exact | changed |")
+    print("|---|---|---|---|")
+    for lab, seed, before, after in rows:
+        cells = [" / ".join(f"{d[k]:.3f}" if k != "exact_count" else f"{100 * d[k]:.1f}%"
+                            for k in FIGURES) for d in (before, after)]
+        print(f"| {lab} | {seed} | {cells[0]} | {cells[1]} |")
+    if not rows:
+        return False
+    gains, by_lab = mean_changes(rows)
     kept = (gains["ap50"] >= 0.03 and gains["exact_count"] >= 0.03
             and gains["recall"] >= -0.02 and min(by_lab.values()) >= -0.05)
     print(f"{len(rows)} folds; mean change {gains}; exact count by lab {by_lab}; "

@@ -59,7 +59,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common import FIGURES, detector_experiment
+from common import FIGURES, detector_experiment, mean_changes, paired_folds
 
 from leukodiff.training.detector import DetectorConfig
 
@@ -116,29 +116,19 @@ def zoom_rule(out: Path, base: Path) -> bool:
 
 def no_loss_rule(out: Path, base: Path) -> bool:
     """Rule (2): held-out figures no worse than `base`'s beyond the stated margins."""
-    rows = []
-    for path in sorted(out.glob("seed-*/without-*/result.json")):
-        if (other := base / path.relative_to(out)).exists():
-            rows.append((path.parts[-2].removeprefix("without-"),
-                         json.loads(other.read_text()), json.loads(path.read_text())))
+    rows = paired_folds(out, base)
     if not rows:
         print("no fold measured in both runs: no verdict")
         return False
-    for lab, before, after in rows:
+    for lab, _, before, after in rows:
         print(lab, " / ".join(f"{before[k]:.3f}" for k in FIGURES), "->",
               " / ".join(f"{after[k]:.3f}" for k in FIGURES))
-
-    def change_of(key: str, lab: str | None = None) -> float:
-        chosen = [r for r in rows if lab is None or r[0] == lab]
-        return sum(r[2][key] - r[1][key] for r in chosen) / len(chosen)
-
-    by_lab = {lab: change_of("exact_count", lab) for lab in {r[0] for r in rows}}
-    kept = (change_of("ap50") >= -0.02 and change_of("exact_count") >= -0.03
-            and change_of("recall") >= -0.02 and min(by_lab.values()) >= -0.05)
-    print(f"{len(rows)} folds: mean change AP50 {change_of('ap50'):+.3f}, exact count "
-          f"{change_of('exact_count'):+.3f}, recall {change_of('recall'):+.3f}; by lab "
-          f"{ {k: round(v, 3) for k, v in by_lab.items()} }; rule (2) "
-          f"{'holds' if kept else 'fails'}")
+    gains, by_lab = mean_changes(rows)
+    kept = (gains["ap50"] >= -0.02 and gains["exact_count"] >= -0.03
+            and gains["recall"] >= -0.02 and min(by_lab.values()) >= -0.05)
+    print(f"{len(rows)} folds: mean change AP50 {gains['ap50']:+.3f}, exact count "
+          f"{gains['exact_count']:+.3f}, recall {gains['recall']:+.3f}; by lab {by_lab}; "
+          f"rule (2) {'holds' if kept else 'fails'}")
     return kept
 
 
