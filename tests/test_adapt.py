@@ -155,7 +155,7 @@ def test_adaptation_curve_and_its_results_section(tmp_path, shared_data):
     """`evaluate adaptation` mechanics on BCCD, with the shipped models standing in for
     the fold trained without BCCD (the figures mean nothing here)."""
     from leukodiff.evaluation.adaptation import AdaptationConfig, evaluate_adaptation
-    from leukodiff.reports.adaptation import write_adaptation_report
+    from leukodiff.reports.adaptation import render_section, write_adaptation_report
 
     for task in ("mononuclear", "polymorphonuclear"):
         fold = tmp_path / "labs" / "without-bccd" / task
@@ -181,6 +181,10 @@ def test_adaptation_curve_and_its_results_section(tmp_path, shared_data):
     assert text.index("labs:end") < text.index("adaptation:start") < text.index("## 1. Other")
     assert "| BCCD |" in text and "k = 5" in text
     assert (docs / "figures" / "adaptation.png").stat().st_size > 1000
+    assert "--layers" not in text and "fine-tuning every layer" in text
+    early = replace(results, config={**results.config,
+                                     "adapt": {**results.config["adapt"], "layers": "early"}})
+    assert "--layers early --lr 0.0001 --docs" in render_section(early)
 
 
 def test_adapt_command_prints_before_and_after_and_names_the_new_files(lab_folder, tmp_path):
@@ -276,3 +280,28 @@ def test_one_validation_case_is_too_few_to_choose_on(lab_folder, tmp_path, share
     mono = results["mononuclear"]["cells"]
     assert mono["validation"] == {} and mono["best_epoch"] == QUICK.epochs
     assert sum(mono["learnt"].values()) + sum(mono["held_out"].values()) == 28
+
+
+@pytest.mark.parametrize("layers", ["early", "head"])
+def test_only_the_chosen_layers_learn_the_lab(layers, lab_folder, tmp_path, shared_data):
+    from leukodiff.training.adapt import EARLY_BLOCKS
+
+    # no validation cases: the last epoch is kept, so the chosen layers have moved
+    config = replace(QUICK, layers=layers, lr=1e-3, validation=0)
+    adapt(["mylab"], tmp_path / layers, config, cells=_lab_cells(lab_folder),
+          data_root=shared_data, force=True)
+    base = load_classifier("mononuclear")[0].state_dict()
+    adapted = load_classifier(tmp_path / layers / "mononuclear.pt")[0].state_dict()
+    changed = {name for name, value in adapted.items() if not torch.equal(value, base[name])}
+    assert changed
+    if layers == "head":
+        assert all(name.startswith("head.") for name in changed)
+    else:
+        early = tuple(f"backbone.layers.{i}." for i in range(EARLY_BLOCKS))
+        assert all(name.startswith(early) for name in changed)
+        assert not any("running_" in name for name in changed)  # BN statistics kept
+
+
+def test_unknown_layers_to_adapt_are_refused():
+    with pytest.raises(AdaptError, match="early"):
+        AdaptConfig(layers="middle")

@@ -49,6 +49,8 @@ def adapt(
     epochs: int = typer.Option(Level2("epochs"), help="Passes over the lab's cells (and the "
                                "replay)."),
     lr: float = typer.Option(Level2("lr"), help="Level 2: Adam learning rate."),
+    layers: str = typer.Option(Level2("layers"), help="Level 2: the weights that learn the "
+                               "lab: all | early (the first conv blocks) | head."),
     batch_size: int = typer.Option(Level2("batch_size"), help="Level 2: cells per step."),
     replay_per_class: int = typer.Option(Level2("replay_per_class"), help="Cells per type "
                                          "from the base models' own training data, so "
@@ -142,7 +144,7 @@ def adapt(
                 config = AdaptConfig(epochs=epochs, lr=lr, batch_size=batch_size,
                                      replay_per_class=replay_per_class, held_out=held_out,
                                      validation=validation, min_per_type=min_per_type,
-                                     seed=seed)
+                                     seed=seed, layers=layers)
                 _adapt_from(sources, shown, out, mononuclear, polymorphonuclear, config,
                             group_by, force, data_root, resume and level2_stopped, limit)
             if field_sources:

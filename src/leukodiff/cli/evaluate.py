@@ -320,6 +320,10 @@ def evaluate_adaptation_command(
     seed: int = typer.Option(Adaptation("seed"), help="Seed of the draws and splits."),
     epochs: int = typer.Option(Adaptation("adapt.epochs"), help="Adaptation epochs (as "
                                "`leukodiff adapt`)."),
+    lr: float = typer.Option(Adaptation("adapt.lr"), help="Adaptation learning rate (as "
+                             "`leukodiff adapt`)."),
+    layers: str = typer.Option(Adaptation("adapt.layers"), help="Weights that learn the lab "
+                               "(as `leukodiff adapt`): all | early | head."),
     detector_labs: str = typer.Option(Adaptation("detector_labs"), help="Labs to adapt the "
                                       "fold detector to (e.g. chula,bccd,bcd; empty: level "
                                       "2 only). A run with --labs '' keeps the level-2 curve "
@@ -355,8 +359,12 @@ def evaluate_adaptation_command(
         detector_ks = tuple(int(k) for k in _split_list(detector_shots))
     except ValueError:
         raise _fail("--shots and --detector-shots take comma-separated whole numbers") from None
-    config = AdaptationConfig(labs=chosen, shots=ks, draws=draws, seed=seed,
-                              adapt=AdaptConfig(epochs=epochs), detector_labs=boxed,
+    try:
+        adapt = AdaptConfig(epochs=epochs, lr=lr, layers=layers)
+    except ValueError as error:
+        raise _fail(f"--layers: {error}") from None
+    config = AdaptationConfig(labs=chosen, shots=ks, draws=draws, seed=seed, adapt=adapt,
+                              detector_labs=boxed,
                               detector_shots=detector_ks, detector_draws=detector_draws)
     try:
         results = evaluate_adaptation(labs_dir, out, config, data_root=data_root,

@@ -8,19 +8,25 @@ from leukodiff.metrics.adaptation import AdaptationResults
 from leukodiff.reports.labs import NAMES, write_section_files
 
 SECTION = "adaptation"
+#: AdaptConfig.layers in words.
+LAYERS = {"all": "every layer", "early": "the first conv blocks (the rest frozen)",
+          "head": "the FC head on the frozen base"}
 
 
 def render_section(results: AdaptationResults, figure: str = "figures/adaptation.png") -> str:
     config = results.config
     shots = [k for k in config["shots"]]
     adapt = config["adapt"]
+    layers = adapt.get("layers", "all")  # absent from records written before it was
+    options = "" if layers == "all" else f" --layers {layers} --lr {adapt['lr']}"
     lines = [
         f"<!-- {SECTION}:start -->",
         "## 0b. Teaching it a lab: level-2 macro-F1 after k reviewed cells per type",
         "",
-        f"`leukodiff evaluate adaptation --labs-dir {results.labs_dir} --docs docs/`. "
-        "The level-2 models trained without each lab (its leave-one-lab-out fold, section "
-        "0) are adapted as `leukodiff adapt` does (fine-tuning with a replay sample of their "
+        f"`leukodiff evaluate adaptation --labs-dir {results.labs_dir}{options} --docs "
+        "docs/`. The level-2 models trained without each lab (its leave-one-lab-out fold, "
+        f"section 0) are adapted as `leukodiff adapt` does (fine-tuning {LAYERS[layers]} "
+        "with a replay sample of their "
         f"own training cells; {adapt['epochs']} epochs, lr {adapt['lr']}, "
         f"{adapt['replay_per_class']} replay cells per type; the epoch, the unadapted "
         f"model included, chosen on {adapt.get('validation', 0):.0%} of the drawn cells' "

@@ -96,6 +96,33 @@ class AdaptConfig:
     validation: float = 0.25
     min_per_type: int = MIN_REVIEWED_PER_TYPE  # fewer reviewed cells of a type: refused
     seed: int = 0
+    # which weights learn the lab: "all" (every layer but BatchNorm's statistics), "early"
+    # (the first EARLY_BLOCKS conv blocks: a lab's look is stain, optics and camera, an
+    # input-level change) or "head" (the FC layers on the base's features)
+    layers: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.layers not in ADAPTED_LAYERS:
+            raise AdaptError(f"layers is one of {', '.join(ADAPTED_LAYERS)}, not "
+                             f"{self.layers!r}")
+
+
+#: Conv blocks of MobileNetV1 that "early" adapts: the stem and the first three
+#: depthwise-separable pairs, everything before the 16-pixel stage (stride 8 at 128 px).
+EARLY_BLOCKS = 7
+ADAPTED_LAYERS = ("all", "early", "head")
+
+
+def learn_layers(model: torch.nn.Module, layers: str) -> None:
+    """Make only `layers` (AdaptConfig.layers) trainable; BatchNorm keeps its statistics."""
+    if layers == "all":
+        model.unfreeze_backbone(train_batchnorm=False)
+        return
+    model.freeze_backbone()
+    model.head.requires_grad_(layers == "head")
+    if layers == "early":
+        for block in list(model.backbone.blocks())[:EARLY_BLOCKS]:
+            block.requires_grad_(True)
 
 
 @dataclass
@@ -330,7 +357,7 @@ def adapt_task(task: str, base: str | Path, learn: Sequence[Cell], held: Sequenc
     aug = manifest.training.augmentation
     loader = DataLoader(CellTensorDataset(train_x, train_y, augmentation(aug, geometry.input_size)),
                         batch_size=config.batch_size, sampler=sampler)
-    model.unfreeze_backbone(train_batchnorm=False)
+    learn_layers(model, config.layers)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-7)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_y, len(classes)))
