@@ -32,6 +32,22 @@ Rule, fixed before any variant was measured: a variant replaces `all` when over 
 (lab, k in {10, 25}) points the mean macro-F1 (mean over draws, as the section's table)
 rises by >= 0.02 and no lab's mean over its two k falls by more than 0.02; if both pass,
 the larger gain.
+
+Result (2026-12-08, fold models trained here, seed 0; mean macro-F1 over 3 draws at
+k = 0 / 10 / 25 on each lab's test part):
+
+    layers   Chula                  BCCD                   PBC
+    all      0.714 / 0.754 / 0.751  0.897 / 0.856 / 0.727  0.270 / 0.482 / 0.616
+    early    0.714 / 0.745 / 0.758  0.897 / 0.923 / 0.762  0.270 / 0.448 / 0.453
+    head     0.714 / 0.714 / 0.706  0.897 / 0.841 / 0.701  0.270 / 0.401 / 0.395
+
+Neither replaces `all`: early -0.016 (Chula -0.001, BCCD +0.051, PBC -0.099), head
+-0.071 (every lab lower). PBC, the lab furthest from its fold's training labs, needs the
+whole network to move: with `early` its polymorphonuclear model kept the base on every
+draw at k = 25 (eosinophils and basophils 0% right), with `all` basophils 88%,
+monocytes 81%, but eosinophils still 13% (neutrophils 100% -> 65%). The last layer
+alone is worst everywhere: the base's features do not separate a new lab's types. Both
+stay as options (`leukodiff adapt --layers`), off.
 """
 
 from __future__ import annotations
