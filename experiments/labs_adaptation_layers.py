@@ -57,13 +57,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import level2_fold
 from rich.console import Console
 
+from leukodiff.data.scan import no_progress
 from leukodiff.evaluation.adaptation import AdaptationConfig, evaluate_adaptation
-from leukodiff.evaluation.labs import TYPED_LABS, LabsConfig, available_labs
+from leukodiff.evaluation.labs import TYPED_LABS, LabsConfig, available_labs, train_level2
 from leukodiff.training.adapt import AdaptConfig
-from leukodiff.training.classifier import ClassifierConfig
 
 VARIANTS = {"all": AdaptConfig(), "early": AdaptConfig(layers="early", lr=1e-3),
             "head": AdaptConfig(layers="head", lr=1e-3)}
@@ -78,16 +77,11 @@ if missing := [lab for lab in LABS if not present[lab]]:
     sys.exit(f"absent: {', '.join(missing)} (Chula: fetch singgihbekti/WBC_Dataset, README)")
 
 folds = out / "folds"
-labs_config = LabsConfig(augmentation="lab", stain="reinhard")
-for lab in LABS:
+for lab in LABS:  # as `evaluate labs` trains a fold's level 2 (reused when there)
     sources = [x for x in TYPED_LABS if x != lab and present[x]]
     for task in ("mononuclear", "polymorphonuclear"):
-        level2_fold(ClassifierConfig(task=task, sources=tuple(sources),
-                                     epochs=labs_config.classifier_epochs,
-                                     max_per_class=labs_config.max_per_class, seed=0,
-                                     augmentation=labs_config.augmentation,
-                                     stain=labs_config.stain),
-                    folds / f"without-{lab}" / task)
+        train_level2(lab, task, sources, LabsConfig(augmentation="lab", stain="reinhard"),
+                     folds / f"without-{lab}", None, None, no_progress, console.print)
 
 curves: dict[str, dict[str, dict[int, float]]] = {}
 for name in chosen:
